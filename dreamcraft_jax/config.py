@@ -1,0 +1,275 @@
+"""The config schema: defaults shared by every config file in ``configs/``, and validation.
+
+A config file in ``configs/`` defines ``get_config()`` returning :func:`base_config` with its own values set.
+The returned ConfigDict is locked: overriding a key that does not exist (``--config.render.smaples=1``) fails.
+:func:`validate` checks values before any compute and raises :class:`ConfigError` with one readable line.
+
+Schedules: a loss weight (or other scheduled value) is a number, or ``(a, v0, v1, b)``: linear from v0 at step a
+to v1 at step b, constant outside (threestudio's convention).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import ml_collections
+
+from dreamcraft_jax.fields.nerf import DENSITY_ACTIVATIONS, DENSITY_BIASES, NORMAL_TYPES
+from dreamcraft_jax.render.volume import SHADING_MODES
+
+TRAIN_MODES = ("alternate", "accumulate", "reference_only")
+KERNEL_BACKENDS = ("auto", "pallas", "xla")
+STAGES = ("coarse_nerf",)
+LOSS_NAMES = ("rgb", "mask", "depth_rel", "normal_smooth", "3d_normal_smooth", "orient", "sparsity", "opaque")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and what is allowed."""
+
+
+def schedule(value) -> ml_collections.FieldReference:
+    """A config field that holds a number or an (a, v0, v1, b) schedule (either may override the other)."""
+    return ml_collections.FieldReference(value, field_type=object)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults: the official coarse-NeRF (stage 1a) settings, see configs/coarse_nerf.py."""
+    c = ml_collections.ConfigDict()
+    c.stage = "coarse_nerf"
+    c.seed = 0
+    c.image = ""  # reference RGBA image; "" = the bundled example
+    c.prompt = ""  # used by the diffusion priors (issues [2], [4])
+    c.workdir = ""  # run folder; "" = <output_root>/<name>-<timestamp>
+    c.output_root = "outputs"
+    c.name = "coarse_nerf"
+    c.resume = ""  # a run folder (or a checkpoint step folder inside it) to continue from
+
+    c.data = ml_collections.ConfigDict()
+    c.data.heights = (128, 384)  # training resolution per phase; phases switch at resolution_milestones
+    c.data.widths = (128, 384)
+    c.data.resolution_milestones = (3000,)
+    c.data.recenter = True
+    c.data.border_ratio = 0.2
+    c.data.background = "alpha"  # "alpha": the image's alpha is the mask; "flat": remove a flat background
+    c.data.depth = ""  # optional depth map for the depth_rel loss; "example" = the bundled one
+    c.data.depth_is_disparity = True  # True: larger = nearer (MiDaS/DPT-like); False: larger = farther
+
+    c.camera = ml_collections.ConfigDict()
+    c.camera.elevation_deg = 0.0  # reference view
+    c.camera.azimuth_deg = 0.0
+    c.camera.distance = 3.8
+    c.camera.fovy_deg = 20.0
+    c.camera.ray_jitter = 2e-3
+    c.camera.elevation_range = (-10.0, 45.0)  # random views
+    c.camera.azimuth_range = (-180.0, 180.0)
+    c.camera.distance_range = (3.8, 3.8)
+    c.camera.fovy_range = (20.0, 20.0)
+    c.camera.progressive_until = 200
+
+    c.field = ml_collections.ConfigDict()
+    c.field.radius = 2.0
+    c.field.hashgrid = ml_collections.ConfigDict(dict(
+        n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16,
+        per_level_scale=1.447269237440378))
+    c.field.progressive = ml_collections.ConfigDict(dict(start_level=8, start_step=2000, update_steps=500))
+    c.field.mlp_width = 64
+    c.field.mlp_hidden_layers = 1
+    c.field.n_feature_dims = 3
+    c.field.density_activation = "softplus"
+    c.field.density_bias = "blob_magic3d"
+    c.field.density_blob_scale = 10.0
+    c.field.density_blob_std = 0.5
+    c.field.normal_type = "finite_difference"
+    c.field.finite_difference_eps = 0.01
+
+    c.render = ml_collections.ConfigDict()
+    c.render.num_samples_per_ray = 512
+    c.render.candidate_samples_per_ray = 96.0
+    c.render.samples_per_ray = 48.0
+    c.render.eval_samples_per_ray = 64.0  # budget for validation / video renders (no gradient)
+    c.render.alpha_threshold = 0.01
+    c.render.early_stop_eps = 1e-4
+    c.render.stratified = True
+    c.render.near_plane = 0.0
+    c.render.background = (1.0, 1.0, 1.0)
+    c.render.normal_perturb_std = 0.01
+    c.render.ambient = 0.1
+    c.render.diffuse = 0.9
+    c.render.shading = "albedo"
+    c.render.grid = ml_collections.ConfigDict(dict(
+        resolution=32, prune=True, update_every=16, warmup_steps=256, ema_decay=0.95, threshold=0.01))
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.lambda_rgb = schedule(1000.0)
+    c.loss.lambda_mask = schedule(100.0)
+    c.loss.lambda_depth_rel = schedule(0.05)
+    c.loss.lambda_normal_smooth = schedule(1.0)
+    c.loss.lambda_3d_normal_smooth = schedule((2000, 5.0, 1.0, 2001))
+    c.loss.lambda_orient = schedule((2000, 1.0, 10.0, 2001))
+    c.loss.lambda_sparsity = schedule((2000, 0.1, 10.0, 2001))
+    c.loss.lambda_opaque = schedule((2000, 0.1, 10.0, 2001))
+
+    c.optimizer = ml_collections.ConfigDict(dict(lr=0.01, b1=0.9, b2=0.99, eps=1e-8))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.max_steps = 5000
+    c.train.mode = "alternate"  # even steps reference losses, odd steps random views (guidance in [4])
+    c.train.ref_views_per_device = 1
+    c.train.random_views_per_device = 1
+    c.train.log_every = 10
+    c.train.val_every = 200
+    c.train.save_every = 1000
+    c.train.keep_checkpoints = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.height = 512
+    c.eval.width = 512
+    c.eval.n_video_views = 120
+    c.eval.elevation_deg = 0.0
+    c.eval.fps = 30
+    c.eval.video = True
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.data = -1  # devices on the `data` axis; -1 = all devices / fsdp
+    c.parallel.fsdp = 1
+    c.parallel.distributed = False  # call jax.distributed.initialize() (multi-host)
+
+    c.kernels = ml_collections.ConfigDict(dict(backend="auto"))
+    c.lock()
+    return c
+
+
+def schedule_value(value, step):
+    """A number, or (a, v0, v1, b) -> v0 + (v1 - v0) * clip((step - a) / (b - a), 0, 1). Works on traced steps."""
+    if isinstance(value, numbers.Number):
+        return float(value)
+    a, v0, v1, b = (float(v) for v in value)
+    import jax.numpy as jnp  # local: keep this module importable without touching jax at config time
+
+    frac = jnp.clip((jnp.asarray(step, jnp.float32) - a) / max(b - a, 1e-9), 0.0, 1.0)
+    return v0 + (v1 - v0) * frac
+
+
+def schedule_is_zero(value) -> bool:
+    """True when a schedule is zero at every step (the term is then skipped at trace time)."""
+    if isinstance(value, numbers.Number):
+        return float(value) == 0.0
+    return float(value[1]) == 0.0 and float(value[2]) == 0.0
+
+
+def resolution_at(cfg, step: int) -> tuple[int, int]:
+    """(height, width) of the training renders at ``step`` (host-side int)."""
+    phase = sum(int(step) >= int(m) for m in cfg.data.resolution_milestones)
+    return int(cfg.data.heights[phase]), int(cfg.data.widths[phase])
+
+
+def _fail(key: str, value, expected: str):
+    raise ConfigError(f"invalid config value {key}={value!r}: expected {expected}")
+
+
+def _check_choice(cfg, key: str, choices):
+    value = _get(cfg, key)
+    if value not in choices:
+        _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_number(cfg, key: str, *, low=None, high=None, integer=False, low_open=False):
+    value = _get(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Number):
+        _fail(key, value, "an integer" if integer else "a number")
+    if integer and not float(value).is_integer():
+        _fail(key, value, "an integer")
+    if low is not None and (value <= low if low_open else value < low):
+        _fail(key, value, f"a number {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        _fail(key, value, f"a number <= {high}")
+
+
+def _check_schedule(cfg, key: str):
+    value = _get(cfg, key)
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        if value < 0:
+            _fail(key, value, "a weight >= 0")
+        return
+    if (isinstance(value, (tuple, list)) and len(value) == 4
+            and all(isinstance(v, numbers.Number) and not isinstance(v, bool) for v in value)):
+        if value[3] < value[0]:
+            _fail(key, value, "(start_step, start_value, end_value, end_step) with end_step >= start_step")
+        return
+    _fail(key, value, "a number or a schedule (start_step, start_value, end_value, end_step)")
+
+
+def _check_pair(cfg, key: str):
+    value = _get(cfg, key)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, numbers.Number) for v in value) and value[0] <= value[1]):
+        _fail(key, value, "a pair (low, high) with low <= high")
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg) -> None:
+    """Check every value the code relies on; raise ConfigError naming the first bad key."""
+    _check_choice(cfg, "stage", STAGES)
+    _check_choice(cfg, "train.mode", TRAIN_MODES)
+    _check_choice(cfg, "kernels.backend", KERNEL_BACKENDS)
+    _check_choice(cfg, "data.background", ("alpha", "flat"))
+    _check_choice(cfg, "field.density_activation", DENSITY_ACTIVATIONS)
+    _check_choice(cfg, "field.density_bias", DENSITY_BIASES)
+    _check_choice(cfg, "field.normal_type", NORMAL_TYPES)
+    _check_choice(cfg, "render.shading", SHADING_MODES)
+    for key in ("train.max_steps", "train.log_every", "train.val_every", "train.save_every",
+                "train.keep_checkpoints", "render.num_samples_per_ray", "render.grid.resolution",
+                "render.grid.update_every", "field.mlp_width", "field.hashgrid.n_levels",
+                "field.hashgrid.n_features_per_level", "field.hashgrid.base_resolution", "eval.height",
+                "eval.width", "eval.fps"):
+        _check_number(cfg, key, low=1, integer=True)
+    for key in ("train.ref_views_per_device", "train.random_views_per_device", "field.mlp_hidden_layers",
+                "render.grid.warmup_steps", "eval.n_video_views", "camera.progressive_until", "seed",
+                "field.progressive.start_step"):
+        _check_number(cfg, key, low=0, integer=True)
+    _check_number(cfg, "field.hashgrid.log2_hashmap_size", low=4, high=30, integer=True)
+    _check_number(cfg, "field.progressive.update_steps", low=1, integer=True)
+    _check_number(cfg, "field.progressive.start_level", low=1, high=cfg.field.hashgrid.n_levels, integer=True)
+    _check_number(cfg, "field.hashgrid.per_level_scale", low=1.0)
+    for key in ("field.radius", "camera.distance", "camera.fovy_deg", "optimizer.lr",
+                "render.candidate_samples_per_ray", "render.samples_per_ray", "render.eval_samples_per_ray",
+                "field.finite_difference_eps"):
+        _check_number(cfg, key, low=0, low_open=True)
+    for key in ("optimizer.b1", "optimizer.b2", "render.grid.ema_decay"):
+        _check_number(cfg, key, low=0, high=1)
+    for key in ("render.alpha_threshold", "render.early_stop_eps", "camera.ray_jitter", "optimizer.eps",
+                "render.normal_perturb_std", "render.grid.threshold"):
+        _check_number(cfg, key, low=0)
+    _check_number(cfg, "data.border_ratio", low=0, high=0.49)
+    _check_number(cfg, "camera.fovy_deg", low=0, high=179, low_open=True)
+    for key in ("camera.elevation_range", "camera.azimuth_range", "camera.distance_range", "camera.fovy_range"):
+        _check_pair(cfg, key)
+    for name in LOSS_NAMES:
+        _check_schedule(cfg, f"loss.lambda_{name}")
+    n_phases = len(cfg.data.resolution_milestones) + 1
+    for key in ("data.heights", "data.widths"):
+        value = _get(cfg, key)
+        if not (isinstance(value, (tuple, list)) and len(value) == n_phases
+                and all(isinstance(v, int) and v >= 8 for v in value)):
+            _fail(key, value, f"{n_phases} integers >= 8 (one per phase of data.resolution_milestones)")
+    if list(cfg.data.resolution_milestones) != sorted(cfg.data.resolution_milestones):
+        _fail("data.resolution_milestones", cfg.data.resolution_milestones, "increasing steps")
+    if cfg.render.samples_per_ray > cfg.render.candidate_samples_per_ray:
+        _fail("render.samples_per_ray", cfg.render.samples_per_ray,
+              f"<= render.candidate_samples_per_ray ({cfg.render.candidate_samples_per_ray})")
+    if cfg.train.mode == "reference_only" and cfg.train.ref_views_per_device < 1:
+        _fail("train.ref_views_per_device", cfg.train.ref_views_per_device, ">= 1 in reference_only mode")
+    if cfg.train.mode != "reference_only" and cfg.train.random_views_per_device < 1:
+        _fail("train.random_views_per_device", cfg.train.random_views_per_device,
+              f">= 1 in {cfg.train.mode} mode (or train.mode='reference_only')")
+    if cfg.train.mode == "accumulate" and cfg.train.ref_views_per_device < 1:
+        _fail("train.ref_views_per_device", cfg.train.ref_views_per_device, ">= 1 in accumulate mode")
+    if cfg.parallel.data != -1:
+        _check_number(cfg, "parallel.data", low=1, integer=True)
+    _check_number(cfg, "parallel.fsdp", low=1, integer=True)

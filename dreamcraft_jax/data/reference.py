@@ -1,0 +1,431 @@
+"""Loading and preprocessing of the reference image (the single input view).
+
+Conventions of the returned :class:`ReferenceImage` (H, W = the requested size):
+
+* ``rgb``   (H, W, 3) float32 in [0, 1], *straight* (not premultiplied) colour. Where the
+  mask is 0 the colour is whatever the image has there (it is not composited onto any
+  background); areas of the canvas outside the source image are 0.
+* ``mask``  (H, W) float32 in [0, 1]: the alpha matte, anti-aliased values kept. The binary
+  foreground is ``mask > 0.5``.
+* ``depth`` (H, W) float32 or None: *disparity-like*, as monocular depth estimators output
+  it: larger = nearer to the camera. Min-max normalised to [0, 1] over ``mask > 0.5``
+  (1 = nearest point), 0 outside. Depth maps where larger = farther are flipped to this
+  convention when loaded with ``depth_is_disparity=False``.
+
+Foreground comes from one of two sources (``background=``):
+
+* ``"alpha"``: the image's alpha channel (an RGBA / LA / transparent-palette cut-out).
+* ``"flat"``: simple removal of a flat background for images without alpha: the background
+  colour is the per-channel median of a 2-pixel frame along the image border, and the
+  foreground is every pixel whose Euclidean RGB distance (in [0, 1] units) to it exceeds
+  ``flat_threshold``. No connected-component cleanup and no softening: the mask is binary.
+
+With ``recenter=True`` the object is re-centred as in DreamCraft3D / threestudio's
+preprocessing: the bounding box of ``mask > 0.5`` is scaled, keeping its aspect, so that its
+longer side is ``(1 - 2 * border_ratio) * min(H, W)``, and centred in an H x W canvas.
+Colour and alpha are resampled premultiplied (so the transparent surroundings cannot bleed
+into the edges) and then un-premultiplied; depth is resampled bilinearly, weighted by the
+binary mask so that the values outside the object do not leak in either.
+
+Every problem with the input (missing or unreadable file, no alpha, empty mask, bad sizes
+or arguments) raises :class:`ReferenceImageError` with a one-line message saying what was
+wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import math
+import numbers
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "ReferenceImage",
+    "ReferenceImageError",
+    "example_depth_path",
+    "example_image_path",
+    "load_reference",
+]
+
+MIN_SIZE = 8  # smallest accepted output height / width
+BACKGROUNDS = ("alpha", "flat")
+
+_FLAT_FRAME_PX = 2  # width of the border frame that estimates a flat background colour
+# A flat background may have a few border pixels off its colour (the object touching the
+# edge, noise); more than this fraction means the border is not one flat colour.
+_FLAT_MAX_OFF_FRACTION = 0.2
+# Below this resampled alpha the un-premultiplied colour is numerically meaningless, so the
+# straight-resampled colour is used instead (half an 8-bit alpha step).
+_ALPHA_EPS = 0.5 / 255
+_RGB_RESAMPLE = Image.Resampling.BICUBIC  # interpolating, with less ringing than LANCZOS
+_DEPTH_RESAMPLE = Image.Resampling.BILINEAR
+_FILTER_RADIUS = 2  # BICUBIC support in output pixels (BILINEAR needs 1)
+
+_INTEGER_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16/32-bit grayscale
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ReferenceImageError(ValueError):
+    """The reference image (or its depth map, or a loading argument) is unusable."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceImage:
+    """A preprocessed reference view; see the module docstring for the conventions.
+
+    Attributes:
+      rgb:    (H, W, 3) float32 in [0, 1], straight colour.
+      mask:   (H, W) float32 in [0, 1], alpha matte; binary foreground is ``mask > 0.5``.
+      depth:  (H, W) float32, disparity-like (larger = nearer), [0, 1] inside the mask and
+              0 outside; None when no depth map was given.
+      source: path of the image it was loaded from.
+    """
+
+    rgb: np.ndarray
+    mask: np.ndarray
+    depth: np.ndarray | None
+    source: str
+
+
+def example_image_path() -> str:
+    """Path of the bundled example reference image (256 x 256 RGBA PNG of a toy mushroom)."""
+    return str(importlib.resources.files("dreamcraft_jax") / "assets" / "example_rgba.png")
+
+
+def example_depth_path() -> str:
+    """Path of the bundled example's depth map (256 x 256 16-bit PNG, larger = nearer)."""
+    return str(importlib.resources.files("dreamcraft_jax") / "assets" / "example_depth.png")
+
+
+def load_reference(
+    path: str | Path,
+    height: int,
+    width: int,
+    *,
+    recenter: bool = True,
+    border_ratio: float = 0.2,
+    depth_path: str | Path | None = None,
+    background: str = "alpha",
+    flat_threshold: float = 0.1,
+    depth_is_disparity: bool = True,
+) -> ReferenceImage:
+    """Loads a reference image (PNG / JPG, any mode pillow opens) and preprocesses it.
+
+    Args:
+      path: the image file.
+      height, width: output size H, W (each >= 8).
+      recenter: re-centre and rescale the object (see the module docstring); if False the
+        whole image is resized to (H, W), aspect not kept.
+      border_ratio: with ``recenter``, the empty margin on each side as a fraction of
+        min(H, W); in [0, 0.5).
+      depth_path: optional depth map of the same size as the image: an 8- or 16-bit
+        grayscale image or a 2-D ``.npy`` float array, disparity-like (larger = nearer).
+      background: ``"alpha"`` (mask from the alpha channel) or ``"flat"`` (mask from a flat
+        background colour; the alpha channel, if any, is ignored).
+      flat_threshold: with ``background="flat"``, the RGB distance in [0, 1] units from the
+        background colour above which a pixel is foreground.
+      depth_is_disparity: True if the depth map is disparity-like (larger = nearer, as
+        MiDaS / DPT output it); False if larger = farther, in which case the normalised
+        values are flipped (1 - d inside the mask) to the disparity-like convention.
+
+    Returns:
+      A :class:`ReferenceImage` with rgb (H, W, 3), mask (H, W) and depth (H, W) or None.
+
+    Raises:
+      ReferenceImageError: on any unusable input, with a message saying what to do.
+    """
+    _check_arguments(height, width, border_ratio, background, flat_threshold)
+    height, width = int(height), int(width)
+    rgb, alpha = _read_image(path, background, flat_threshold)  # (h, w, 3), (h, w)
+    src_fg = alpha > 0.5
+    if not src_fg.any():
+        if background == "alpha":
+            raise ReferenceImageError(
+                f"reference image {path} is fully transparent (no pixel with alpha > 0.5); "
+                "the object must be opaque in the alpha channel"
+            )
+        raise ReferenceImageError(
+            f"reference image {path} has no foreground: no pixel differs from the border "
+            f"colour by more than flat_threshold={flat_threshold}; lower the threshold or "
+            "use an RGBA cut-out"
+        )
+    depth = None if depth_path is None else _read_depth(depth_path, src_fg)
+
+    src_hw = alpha.shape
+    if recenter:
+        place = _recenter_placement(src_fg, height, width, border_ratio)
+        outside = "constant"  # beyond the source image there is nothing: transparent
+    else:
+        place = _Placement(box=(0.0, 0.0, float(src_hw[1]), float(src_hw[0])),
+                           region=(0, 0, width, height))
+        outside = "edge"  # only the filter's reach beyond the image edge: repeat the edge
+
+    def resize(plane, resample=_RGB_RESAMPLE, pad=outside):
+        return _resize_plane(plane, place, (height, width), resample, pad)
+
+    # Premultiplied resampling: colour is weighted by coverage, so transparent pixels (of
+    # any stored colour) contribute nothing to the edges.
+    alpha_raw = resize(alpha)
+    premult = np.stack([resize(rgb[..., c] * alpha) for c in range(3)], axis=-1)
+    straight = np.stack([resize(rgb[..., c], pad="edge") for c in range(3)], axis=-1)
+    covered = alpha_raw > _ALPHA_EPS
+    ratio = premult / np.where(covered, alpha_raw, 1.0)[..., None]
+    out_rgb = np.clip(np.where(covered[..., None], ratio, straight), 0.0, 1.0)
+    out_mask = np.clip(alpha_raw, 0.0, 1.0)
+
+    fg = out_mask > 0.5
+    if not fg.any():
+        hint = "a larger size" if recenter else "recenter=True or a larger size"
+        raise ReferenceImageError(
+            f"the object in {path} is too thin or small to survive resizing to "
+            f"{height}x{width} (no pixel with mask > 0.5 left); use {hint}"
+        )
+    out_depth = None
+    if depth is not None:
+        out_depth = _resample_depth(depth, src_fg, fg, resize)
+        if not depth_is_disparity:
+            # A relative depth map has an unknown shift, so 1/depth is not available;
+            # flipping the order is the convention-preserving approximation.
+            out_depth = np.where(fg, 1.0 - out_depth, 0.0).astype(np.float32)
+
+    return ReferenceImage(
+        rgb=np.ascontiguousarray(out_rgb, np.float32),
+        mask=np.ascontiguousarray(out_mask, np.float32),
+        depth=out_depth,
+        source=str(path),
+    )
+
+
+# ----------------------------------------------------------------------------- checks / IO
+
+
+def _check_arguments(height, width, border_ratio, background, flat_threshold) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ReferenceImageError(f"{name} must be an integer, got {value!r}")
+        if value < MIN_SIZE:
+            raise ReferenceImageError(f"{name} must be at least {MIN_SIZE} pixels, got {value}")
+    if not isinstance(border_ratio, numbers.Real) or not 0.0 <= border_ratio < 0.5:
+        raise ReferenceImageError(
+            f"border_ratio must be in [0, 0.5) (the margin per side as a fraction of the "
+            f"image size), got {border_ratio!r}"
+        )
+    if background not in BACKGROUNDS:
+        raise ReferenceImageError(
+            f"background must be one of {BACKGROUNDS}, got {background!r}"
+        )
+    if not isinstance(flat_threshold, numbers.Real) or not flat_threshold > 0:
+        raise ReferenceImageError(f"flat_threshold must be > 0, got {flat_threshold!r}")
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    """Opens and fully decodes an image file, turning every failure into a clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReferenceImageError(f"{what} not found: {p} (check the path)")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            # Photos store their orientation in EXIF; apply it so the object is upright.
+            out = ImageOps.exif_transpose(im)
+            out.load()
+            return out
+    except Exception as exc:  # pillow raises many types; the user only needs the reason
+        raise ReferenceImageError(
+            f"could not read {what} {p}: {type(exc).__name__}: {exc} (expected a PNG or JPG)"
+        ) from None
+
+
+def _read_image(path, background: str, flat_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns straight rgb (h, w, 3) and alpha / mask (h, w), float32 in [0, 1]."""
+    im = _open(path, "reference image")
+    has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
+    if im.mode in _INTEGER_GRAY_MODES or im.mode == "F":
+        # High-bit-depth grayscale: pillow cannot convert it to RGBA without clipping.
+        scale = 1.0 if im.mode == "F" else 65535.0
+        gray = np.clip(np.asarray(im, np.float32) / scale, 0.0, 1.0)
+        rgb = np.repeat(gray[..., None], 3, axis=-1)
+        alpha = np.ones(gray.shape, np.float32)
+    else:
+        rgba = np.asarray(im.convert("RGBA"), np.float32) / 255.0
+        rgb, alpha = rgba[..., :3], rgba[..., 3]
+
+    if background == "flat":
+        return rgb, _flat_background_mask(rgb, flat_threshold, path)
+    if not has_alpha or alpha.min() >= 1.0:
+        raise ReferenceImageError(
+            f"reference image {path} has no alpha channel (or it is fully opaque), so the "
+            "object cannot be separated from the background; save an RGBA cut-out with a "
+            "transparent background, or pass --config.data.background=flat for an image "
+            "on a flat background"
+        )
+    return rgb, alpha
+
+
+def _flat_background_mask(rgb: np.ndarray, threshold: float, path) -> np.ndarray:
+    """Binary foreground (h, w) float32 of an image (h, w, 3) on a flat background."""
+    h, w = rgb.shape[:2]
+    b = _FLAT_FRAME_PX
+    if min(h, w) <= 2 * b:
+        raise ReferenceImageError(f"reference image {path} is too small ({w}x{h}) for background=flat")
+    frame = np.ones((h, w), bool)
+    frame[b:-b, b:-b] = False
+    border = rgb[frame]  # (n, 3)
+    bg = np.median(border, axis=0)
+    off = np.mean(np.linalg.norm(border - bg, axis=-1) > threshold)
+    if off > _FLAT_MAX_OFF_FRACTION:
+        raise ReferenceImageError(
+            f"reference image {path}: the background is not flat ({off:.0%} of the border "
+            f"pixels differ from its median colour by more than flat_threshold={threshold}); "
+            "background=flat needs a uniform background not touched by the object, so save "
+            "an RGBA cut-out instead (background=alpha)"
+        )
+    return (np.linalg.norm(rgb - bg, axis=-1) > threshold).astype(np.float32)
+
+
+def _read_depth(path, src_fg: np.ndarray) -> np.ndarray:
+    """Reads a depth map as float64 (h, w), checked against the image's foreground (h, w)."""
+    p = Path(path)
+    if p.suffix.lower() == ".npy":
+        if not p.is_file():
+            raise ReferenceImageError(f"depth map not found: {p} (check the path)")
+        try:
+            depth = np.load(p, allow_pickle=False)
+        except Exception as exc:
+            raise ReferenceImageError(
+                f"could not read depth map {p}: {type(exc).__name__}: {exc}"
+            ) from None
+        if depth.ndim == 3 and depth.shape[-1] == 1:
+            depth = depth[..., 0]
+        if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number) or np.iscomplexobj(depth):
+            raise ReferenceImageError(
+                f"depth map {p} must be a 2-D real array, got shape {depth.shape} dtype {depth.dtype}"
+            )
+        depth = depth.astype(np.float64)
+    else:
+        im = _open(p, "depth map")
+        if im.mode in ("RGB", "RGBA"):
+            arr = np.asarray(im)
+            # A grayscale map saved as RGB is fine; a colour-mapped visualisation is not.
+            if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+                raise ReferenceImageError(
+                    f"depth map {p} is a colour image; save the raw depth as a grayscale "
+                    "8/16-bit PNG or a .npy array, not a colour-mapped visualisation"
+                )
+            depth = arr[..., 0].astype(np.float64)
+        elif im.mode in ("L", "LA", "F") or im.mode in _INTEGER_GRAY_MODES:
+            depth = np.asarray(im.getchannel(0) if im.mode == "LA" else im).astype(np.float64)
+        else:
+            raise ReferenceImageError(
+                f"depth map {p} has unsupported mode {im.mode}; save it as a grayscale "
+                "8/16-bit PNG or a .npy array"
+            )
+
+    if depth.shape != src_fg.shape:
+        raise ReferenceImageError(
+            f"depth map {p} is {depth.shape[1]}x{depth.shape[0]} but the reference image is "
+            f"{src_fg.shape[1]}x{src_fg.shape[0]}; it must be estimated on the same image"
+        )
+    inside = depth[src_fg]
+    if not np.all(np.isfinite(inside)):
+        raise ReferenceImageError(f"depth map {p} has NaN or infinite values inside the object")
+    if inside.max() <= inside.min():
+        raise ReferenceImageError(
+            f"depth map {p} is constant inside the object, so it carries no depth; "
+            "check the file or leave depth_path unset"
+        )
+    # Outside the object the values are never used (zero weight); drop NaN / inf there.
+    return np.where(src_fg, depth, 0.0)
+
+
+# ------------------------------------------------------------------------------ resampling
+
+
+@dataclasses.dataclass(frozen=True)
+class _Placement:
+    """Maps the source rectangle ``box`` (x0, y0, x1, y1; float source pixel coordinates,
+    pixel i spans [i, i + 1]) onto the integer canvas rectangle ``region`` (X0, Y0, X1, Y1);
+    the canvas outside ``region`` stays 0."""
+
+    box: tuple[float, float, float, float]
+    region: tuple[int, int, int, int]
+
+
+def _recenter_placement(fg: np.ndarray, height: int, width: int, border_ratio: float) -> _Placement:
+    """Placement that scales the bbox of ``fg`` (h, w) so its longer side is
+    (1 - 2 * border_ratio) * min(height, width), centred in the canvas."""
+    rows = np.flatnonzero(fg.any(axis=1))
+    cols = np.flatnonzero(fg.any(axis=0))
+    y0, y1 = rows[0], rows[-1] + 1
+    x0, x1 = cols[0], cols[-1] + 1
+    scale = (1.0 - 2.0 * border_ratio) * min(height, width) / max(y1 - y0, x1 - x0)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+
+    # The region is the canvas ∩ the footprint of the whole source image, so the soft fringe
+    # around the bbox (alpha <= 0.5) is kept, while the work stays bounded by the source size.
+    h, w = fg.shape
+    X0 = max(0, math.floor((0 - cx) * scale + width / 2))
+    X1 = min(width, math.ceil((w - cx) * scale + width / 2))
+    Y0 = max(0, math.floor((0 - cy) * scale + height / 2))
+    Y1 = min(height, math.ceil((h - cy) * scale + height / 2))
+    box = (
+        (X0 - width / 2) / scale + cx,
+        (Y0 - height / 2) / scale + cy,
+        (X1 - width / 2) / scale + cx,
+        (Y1 - height / 2) / scale + cy,
+    )
+    return _Placement(box=box, region=(X0, Y0, X1, Y1))
+
+
+def _crop_padded(plane: np.ndarray, y0: int, y1: int, x0: int, x1: int, pad: str) -> np.ndarray:
+    """plane[y0:y1, x0:x1] (h, w) where the window may exceed the plane; filled by np.pad mode."""
+    h, w = plane.shape
+    inner = plane[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)]
+    widths = ((max(0, -y0), max(0, y1 - h)), (max(0, -x0), max(0, x1 - w)))
+    return np.pad(inner, widths, mode=pad)
+
+
+def _resize_plane(plane: np.ndarray, place: _Placement, out_hw: tuple[int, int],
+                  resample: Image.Resampling, pad: str) -> np.ndarray:
+    """Resamples one float plane (h, w) into an (H, W) float32 canvas, 0 outside the region."""
+    bx0, by0, bx1, by1 = place.box
+    X0, Y0, X1, Y1 = place.region
+    canvas = np.zeros(out_hw, np.float32)
+    if X1 <= X0 or Y1 <= Y0:
+        return canvas
+    # Pillow reads the filter's support beyond the box; crop a window with that much room
+    # (support widens by the downscale factor) so the box always lies inside the image.
+    reach = max(1.0, (bx1 - bx0) / (X1 - X0), (by1 - by0) / (Y1 - Y0))
+    margin = math.ceil(_FILTER_RADIUS * reach) + 1
+    ox, oy = math.floor(bx0) - margin, math.floor(by0) - margin
+    window = _crop_padded(plane.astype(np.float32), oy, math.ceil(by1) + margin,
+                          ox, math.ceil(bx1) + margin, pad)
+    out = Image.fromarray(window).resize(  # 2-D float32 -> pillow mode "F"
+        (X1 - X0, Y1 - Y0), resample, box=(bx0 - ox, by0 - oy, bx1 - ox, by1 - oy)
+    )
+    canvas[Y0:Y1, X0:X1] = np.asarray(out)
+    return canvas
+
+
+def _resample_depth(depth: np.ndarray, src_fg: np.ndarray, fg: np.ndarray, resize) -> np.ndarray:
+    """Depth (h, w) -> (H, W) float32 normalised to [0, 1] over ``fg`` (H, W), 0 outside.
+
+    Resampled as a mask-weighted average (sum of depth * weight / sum of weight), so that
+    the object's edge takes no values from outside the object.
+    """
+    weight = src_fg.astype(np.float32)
+    num = resize(depth * weight, _DEPTH_RESAMPLE, "constant")
+    den = resize(weight, _DEPTH_RESAMPLE, "constant")
+    valid = fg & (den > 1e-3)
+    out = np.zeros(fg.shape, np.float32)
+    if not valid.any():  # cannot happen for a non-empty source mask; kept as a safe fallback
+        return out
+    values = num[valid] / den[valid]
+    lo, hi = values.min(), values.max()
+    # Mask pixels with no depth support (a sliver of resampled alpha) count as the farthest.
+    out[valid] = (values - lo) / (hi - lo) if hi > lo else 1.0
+    return out

@@ -1,0 +1,70 @@
+"""Device mesh and sharding rules: the one place that decides what is split across devices.
+
+Mesh axes:
+  ``data``  views (and prompts): each device renders and scores its share of the step's views; gradients are
+            averaged with ``pmean`` over this axis.
+  ``fsdp``  parameter sharding of large guidance / fine-tuned UNets (issues [2], [4]); size 1 until used.
+
+Rules: the 3D scene (field params, optimiser state, occupancy grid, step, rng) is replicated; per-view arrays
+(cameras, per-view rng keys) are split along ``data`` on their leading axis. The same code runs on 1 and N
+devices: a step on N devices equals the 1-device step on the same views up to float summation order.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA = "data"
+FSDP = "fsdp"
+VIEWS = P(DATA)  # leading axis of per-view arrays
+REPLICATED = P()
+
+
+def maybe_initialize_distributed(cfg) -> None:
+    """Multi-host: ``jax.distributed.initialize()`` when ``cfg.parallel.distributed`` (cluster auto-detected)."""
+    if cfg.parallel.distributed:
+        jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp) mesh over ``devices`` (default: all). data = -1 takes all devices not used by fsdp.
+
+    Axes are Auto (not Explicit) so that jit propagates shardings from the inputs we place.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        if len(devices) % fsdp:
+            raise ValueError(f"parallel.fsdp={fsdp} does not divide the {len(devices)} devices")
+        data = len(devices) // fsdp
+    if data * fsdp > len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices; {len(devices)} available")
+    grid = np.asarray(devices[: data * fsdp], dtype=object).reshape(data, fsdp)
+    return Mesh(grid, (DATA, FSDP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def mesh_from_config(cfg) -> Mesh:
+    return make_mesh(int(cfg.parallel.data), int(cfg.parallel.fsdp))
+
+
+def data_size(mesh: Mesh) -> int:
+    return int(mesh.shape[DATA])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, REPLICATED)
+
+
+def along_views(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, VIEWS)
+
+
+def replicate(tree, mesh: Mesh):
+    """Place every array of ``tree`` on all devices of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def shard_map(fn, mesh: Mesh, in_specs, out_specs):
+    """``jax.shard_map`` with our mesh (kept here so every sharded call goes through one place)."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)

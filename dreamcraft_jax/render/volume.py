@@ -1,0 +1,406 @@
+"""Volume rendering, pure jnp: occupancy grid, fixed-budget marching, packed compositing, shading.
+
+This is the first-class reference path (the Pallas kernels of ``dreamcraft_jax.kernels`` accelerate it with the
+same contracts). No array shape depends on data: samples live in fixed-size *packed* arrays with a validity mask.
+
+Packed samples (:class:`Samples`): ``M`` slots sorted by ray; slot k holds ray ``ray_idx[k]`` and the interval
+``[t0[k], t1[k]]``; ``valid[k]`` says whether it is a real sample. Invalid slots carry ``ray_idx = n_rays`` (one
+past the last ray) so sortedness holds and segment sums drop them.
+
+Marching (nerfacc ``OccGridEstimator.sampling`` semantics): uniform steps ``dt`` from the ray's entry into the box
+[-r, r]^3 (start jittered by U(0, dt) per ray when stratified), an interval is a candidate when its midpoint lies
+in an occupied cell; candidates are compacted into a budget of ``M1`` slots. With ``alpha_threshold > 0`` or
+``early_stop_eps > 0`` a second pass evaluates density (no gradient), drops samples with alpha below the threshold
+or transmittance below ``early_stop_eps`` and compacts again into ``M2`` slots. Samples beyond a budget are dropped
+(the last rays in raster order lose theirs) and counted in the stats as overflow.
+
+Compositing: alpha_i = 1 - exp(-sigma_i dt_i); T_i = exp(-sum_{j<i} sigma_j dt_j) (exclusive *segmented* cumsum,
+never a cumulative product); w_i = T_i alpha_i; rgb = sum w c, opacity = sum w, depth = sum w t_mid; the image is
+rgb + background * (1 - opacity).
+
+Occupancy grid (nerfacc semantics): a G^3 grid (cell index x + y G + z G^2, x fastest) of EMA occupancies and a
+binary mask. Every ``update_every`` steps: during the first ``warmup_steps`` all cells, afterwards G^3/4 uniformly
+random cells plus G^3/4 cells drawn from the occupied ones, are evaluated at a jittered point of the cell;
+occ = sigma(x) * dt; occs = max(occs * decay, occ); binary = occs > min(mean(occs), threshold). Where a cell is
+drawn twice in one update it takes the larger value (nerfacc keeps the last write; the difference is immaterial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHADING_MODES = ("albedo", "lambertian", "textureless")
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSpec:
+    """Static renderer settings; build with :meth:`from_config` outside jit."""
+
+    radius: float = 2.0
+    num_samples_per_ray: int = 512  # defines the step: dt = 1.732 * 2 r / num_samples_per_ray (official)
+    candidate_samples_per_ray: float = 64.0  # budget M1 = ceil(n_rays * this) after occupancy skipping
+    samples_per_ray: float = 32.0  # budget M2 = ceil(n_rays * this) after alpha / transmittance pruning
+    alpha_threshold: float = 0.01
+    early_stop_eps: float = 1e-4
+    stratified: bool = True
+    near_plane: float = 0.0
+    grid_resolution: int = 32
+    grid_prune: bool = True
+    grid_update_every: int = 16
+    grid_warmup_steps: int = 256
+    grid_ema_decay: float = 0.95
+    grid_threshold: float = 0.01
+    background: tuple = (1.0, 1.0, 1.0)
+    normal_perturb_std: float = 0.01
+    ambient: float = 0.1
+    diffuse: float = 0.9
+
+    @classmethod
+    def from_config(cls, cfg, radius: float) -> "RenderSpec":
+        """cfg: the ``render`` ConfigDict (see configs/base.py)."""
+        return cls(
+            radius=float(radius),
+            num_samples_per_ray=int(cfg.num_samples_per_ray),
+            candidate_samples_per_ray=float(cfg.candidate_samples_per_ray),
+            samples_per_ray=float(cfg.samples_per_ray),
+            alpha_threshold=float(cfg.alpha_threshold),
+            early_stop_eps=float(cfg.early_stop_eps),
+            stratified=bool(cfg.stratified),
+            near_plane=float(cfg.near_plane),
+            grid_resolution=int(cfg.grid.resolution),
+            grid_prune=bool(cfg.grid.prune),
+            grid_update_every=int(cfg.grid.update_every),
+            grid_warmup_steps=int(cfg.grid.warmup_steps),
+            grid_ema_decay=float(cfg.grid.ema_decay),
+            grid_threshold=float(cfg.grid.threshold),
+            background=tuple(float(c) for c in cfg.background),
+            normal_perturb_std=float(cfg.normal_perturb_std),
+            ambient=float(cfg.ambient),
+            diffuse=float(cfg.diffuse),
+        )
+
+    @property
+    def step_size(self) -> float:
+        return 1.732 * 2.0 * self.radius / self.num_samples_per_ray
+
+    @property
+    def max_steps_per_ray(self) -> int:
+        """Candidate steps along one ray: enough to cross the box diagonal 2 sqrt(3) r."""
+        return int(math.ceil(2.0 * math.sqrt(3.0) * self.radius / self.step_size)) + 1
+
+    def budgets(self, n_rays: int) -> tuple[int, int]:
+        """(M1, M2) packed sizes for ``n_rays`` rays, never above the dense candidate count."""
+        dense = n_rays * self.max_steps_per_ray
+        m1 = min(dense, int(math.ceil(n_rays * self.candidate_samples_per_ray)))
+        m2 = min(m1, int(math.ceil(n_rays * self.samples_per_ray)))
+        return m1, m2
+
+    def replace(self, **kw) -> "RenderSpec":
+        return dataclasses.replace(self, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# occupancy grid
+
+
+@flax.struct.dataclass
+class OccupancyGrid:
+    """occs: (G^3,) float32 EMA occupancy; binary: (G^3,) bool occupied mask."""
+
+    occs: jax.Array
+    binary: jax.Array
+
+
+def init_occupancy_grid(spec: RenderSpec) -> OccupancyGrid:
+    """All cells start occupied (so the first renders see the whole box) with zero EMA."""
+    n = spec.grid_resolution ** 3
+    return OccupancyGrid(occs=jnp.zeros((n,), jnp.float32), binary=jnp.ones((n,), bool))
+
+
+def cell_coords(resolution: int) -> np.ndarray:
+    """(G^3, 3) integer cell coordinates in index order (x fastest)."""
+    g = np.arange(resolution)
+    z, y, x = np.meshgrid(g, g, g, indexing="ij")
+    return np.stack([x.ravel(), y.ravel(), z.ravel()], axis=-1).astype(np.int32)
+
+
+def cell_index(points: jax.Array, spec: RenderSpec) -> tuple[jax.Array, jax.Array]:
+    """(..., 3) world points -> (cell index (...) int32, inside-the-box mask (...))."""
+    g = spec.grid_resolution
+    unit = (points + spec.radius) / (2.0 * spec.radius)
+    inside = jnp.all((unit >= 0.0) & (unit <= 1.0), axis=-1)
+    c = jnp.clip(jnp.floor(unit * g).astype(jnp.int32), 0, g - 1)
+    return c[..., 0] + c[..., 1] * g + c[..., 2] * (g * g), inside
+
+
+def is_occupied(grid: OccupancyGrid, points: jax.Array, spec: RenderSpec) -> jax.Array:
+    idx, inside = cell_index(points, spec)
+    return inside & grid.binary[idx]
+
+
+def update_occupancy_grid(grid: OccupancyGrid, key, step, density_fn: Callable, spec: RenderSpec) -> OccupancyGrid:
+    """One nerfacc-style update if ``step % update_every == 0`` (traced ``step`` ok); see the module doc.
+
+    density_fn: (N, 3) world points -> (N,) sigma (evaluated without gradient).
+    """
+    if not spec.grid_prune:
+        return grid
+    n_cells = spec.grid_resolution ** 3
+    coords = jnp.asarray(cell_coords(spec.grid_resolution), jnp.float32)
+    step = jnp.asarray(step, jnp.int32)
+
+    def evaluate(indices, k):
+        jitter = jax.random.uniform(k, (indices.shape[0], 3))
+        unit = (coords[indices] + jitter) / spec.grid_resolution
+        x = unit * (2.0 * spec.radius) - spec.radius
+        occ = jax.lax.stop_gradient(density_fn(x)) * spec.step_size
+        return _ema_update(grid, indices, occ, spec)
+
+    def warmup(k):
+        return evaluate(jnp.arange(n_cells, dtype=jnp.int32), k)
+
+    def sampled(k):
+        k_uniform, k_occupied, k_eval = jax.random.split(k, 3)
+        n = max(n_cells // 4, 1)
+        uniform = jax.random.randint(k_uniform, (n,), 0, n_cells, dtype=jnp.int32)
+        occupied_count = jnp.sum(grid.binary)
+        # Draw from the occupied cells; with none occupied fall back to uniform draws.
+        p = jnp.where(occupied_count > 0, grid.binary.astype(jnp.float32), 1.0)
+        occupied = jax.random.choice(k_occupied, n_cells, (n,), p=p / jnp.sum(p)).astype(jnp.int32)
+        return evaluate(jnp.concatenate([uniform, occupied]), k_eval)
+
+    def update(k):
+        return jax.lax.cond(step < spec.grid_warmup_steps, warmup, sampled, k)
+
+    return jax.lax.cond(step % spec.grid_update_every == 0, update, lambda k: grid, key)
+
+
+def _ema_update(grid: OccupancyGrid, indices, occ, spec: RenderSpec) -> OccupancyGrid:
+    fresh = jnp.full_like(grid.occs, -jnp.inf).at[indices].max(occ)
+    touched = fresh > -jnp.inf
+    occs = jnp.where(touched, jnp.maximum(grid.occs * spec.grid_ema_decay, fresh), grid.occs)
+    threshold = jnp.minimum(jnp.mean(occs), spec.grid_threshold)
+    return OccupancyGrid(occs=occs, binary=occs > threshold)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# marching
+
+
+@flax.struct.dataclass
+class Samples:
+    """Packed samples, M slots sorted by ray (see the module doc).
+
+    ray_idx (M,) int32 (n_rays on invalid slots); t0, t1 (M,) float32; valid (M,) bool;
+    n_wanted () int32: how many samples wanted a slot (overflow = max(0, n_wanted - M)).
+    """
+
+    ray_idx: jax.Array
+    t0: jax.Array
+    t1: jax.Array
+    valid: jax.Array
+    n_wanted: jax.Array
+
+    @property
+    def t_mid(self) -> jax.Array:
+        return 0.5 * (self.t0 + self.t1)
+
+    @property
+    def overflow(self) -> jax.Array:
+        return jnp.maximum(self.n_wanted - self.valid.shape[0], 0)
+
+
+def ray_box_intersect(rays_o: jax.Array, rays_d: jax.Array, radius: float):
+    """Slab test against [-r, r]^3: (R, 3), (R, 3) -> (t_near (R,), t_far (R,)); a miss has t_far <= t_near."""
+    inv = 1.0 / jnp.where(jnp.abs(rays_d) < 1e-10, jnp.where(rays_d < 0, -1e-10, 1e-10), rays_d)
+    ta = (-radius - rays_o) * inv
+    tb = (radius - rays_o) * inv
+    t_near = jnp.max(jnp.minimum(ta, tb), axis=-1)
+    t_far = jnp.min(jnp.maximum(ta, tb), axis=-1)
+    return t_near, t_far
+
+
+def compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Positions of the first ``size`` True entries of a flat mask, in order.
+
+    Returns (positions (size,) int32 with 0 on empty slots, valid (size,) bool, count () int32 of all True).
+    """
+    count = jnp.sum(mask, dtype=jnp.int32)
+    (pos,) = jnp.nonzero(mask, size=size, fill_value=0)
+    valid = jnp.arange(size, dtype=jnp.int32) < count
+    return pos.astype(jnp.int32), valid, count
+
+
+def march(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, spec: RenderSpec,
+          budget: int) -> Samples:
+    """Occupancy-grid marching into ``budget`` packed slots. rays_o, rays_d: (R, 3), rays_d unit length."""
+    n_rays = rays_o.shape[0]
+    n_steps = spec.max_steps_per_ray
+    dt = spec.step_size
+    t_near, t_far = ray_box_intersect(rays_o, rays_d, spec.radius)
+    t_near = jnp.maximum(t_near, spec.near_plane)
+    hit = t_far > t_near
+    if spec.stratified and key is not None:
+        t_near = t_near + jax.random.uniform(key, (n_rays,)) * dt
+    i = jnp.arange(n_steps, dtype=jnp.float32)
+    t0 = t_near[:, None] + i[None, :] * dt  # (R, S)
+    t_mid = t0 + 0.5 * dt
+    inside = hit[:, None] & (t0 + dt <= t_far[:, None])
+    mid_points = rays_o[:, None, :] + rays_d[:, None, :] * t_mid[..., None]
+    occupied = is_occupied(grid, mid_points, spec) if spec.grid_prune else jnp.ones_like(inside)
+    pos, valid, count = compact((inside & occupied).reshape(-1), budget)
+    ray = pos // n_steps
+    t0_packed = t_near[ray] + (pos % n_steps).astype(jnp.float32) * dt
+    return Samples(ray_idx=jnp.where(valid, ray, n_rays), t0=t0_packed, t1=t0_packed + dt,
+                   valid=valid, n_wanted=count)
+
+
+def select(samples: Samples, keep: jax.Array, budget: int, n_rays: int) -> Samples:
+    """Re-pack the kept samples (keep (M,) bool, implies valid) into ``budget`` slots, order preserved."""
+    pos, valid, count = compact(keep & samples.valid, budget)
+    return Samples(ray_idx=jnp.where(valid, samples.ray_idx[pos], n_rays), t0=samples.t0[pos],
+                   t1=samples.t1[pos], valid=valid, n_wanted=count)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compositing
+
+
+def segment_starts(ray_idx: jax.Array) -> jax.Array:
+    """(M,) sorted ray ids -> (M,) bool, True at the first slot of each ray."""
+    return jnp.concatenate([jnp.ones((1,), bool), ray_idx[1:] != ray_idx[:-1]])
+
+
+def segmented_exclusive_cumsum(x: jax.Array, starts: jax.Array) -> jax.Array:
+    """Exclusive cumsum of x (M,) restarting at every True of ``starts`` (M,); parallel associative scan."""
+
+    def combine(a, b):
+        a_start, a_sum = a
+        b_start, b_sum = b
+        return a_start | b_start, jnp.where(b_start, b_sum, a_sum + b_sum)
+
+    _, inclusive = jax.lax.associative_scan(combine, (starts, x))
+    return inclusive - x
+
+
+def compositing_weights(sigma: jax.Array, samples: Samples):
+    """(M,) densities -> (weights, transmittance, alpha), each (M,); invalid slots get 0 weight."""
+    dt = samples.t1 - samples.t0
+    tau = jnp.where(samples.valid, sigma * dt, 0.0)
+    trans = jnp.exp(-segmented_exclusive_cumsum(tau, segment_starts(samples.ray_idx)))
+    alpha = 1.0 - jnp.exp(-tau)
+    return trans * alpha, trans, alpha
+
+
+def accumulate(weights: jax.Array, values: jax.Array | None, samples: Samples, n_rays: int) -> jax.Array:
+    """sum over each ray of w (and w * values): (M,), (M, C) -> (R,) or (R, C)."""
+    if values is None:
+        v = weights
+    else:
+        v = weights.reshape(weights.shape + (1,) * (values.ndim - 1)) * values
+    return jax.ops.segment_sum(v, samples.ray_idx, num_segments=n_rays, indices_are_sorted=True)
+
+
+def shade(albedo, normal, points, light_pos, mode: str, spec: RenderSpec):
+    """Per-sample colour: albedo | lambertian albedo (ambient + diffuse max(0, n.l)) | textureless (albedo = 1)."""
+    if mode == "albedo":
+        return albedo
+    light_dir = light_pos - points
+    light_dir = light_dir / jnp.maximum(jnp.linalg.norm(light_dir, axis=-1, keepdims=True), 1e-12)
+    lit = spec.ambient + spec.diffuse * jnp.maximum(jnp.sum(normal * light_dir, axis=-1, keepdims=True), 0.0)
+    if mode == "lambertian":
+        return albedo * lit
+    if mode == "textureless":
+        return jnp.broadcast_to(lit, albedo.shape)
+    raise ValueError(f"unknown shading mode {mode!r}; expected one of {SHADING_MODES}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rendering
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldFns:
+    """The field as closures over its params: density (N,3)->(N,), radiance (N,3)->((N,), (N,3)), normal."""
+
+    density: Callable
+    radiance: Callable
+    normal: Callable
+
+
+def sample_rays(rays_o, rays_d, grid, key, fns: FieldFns, spec: RenderSpec) -> tuple[Samples, dict]:
+    """March and (optionally) prune by alpha / transmittance: the samples the field is evaluated on.
+
+    Returns (samples, stats) with stats ``n_candidates`` (occupied intervals before the first budget),
+    ``overflow`` (samples dropped by either budget).
+    """
+    n_rays = rays_o.shape[0]
+    m1, m2 = spec.budgets(n_rays)
+    samples = march(rays_o, rays_d, grid, key, spec, m1)
+    if spec.alpha_threshold > 0 or spec.early_stop_eps > 0:
+        points = rays_o[jnp.minimum(samples.ray_idx, n_rays - 1)] + \
+            rays_d[jnp.minimum(samples.ray_idx, n_rays - 1)] * samples.t_mid[:, None]
+        sigma = jax.lax.stop_gradient(fns.density(points))
+        _, trans, alpha = compositing_weights(sigma, samples)
+        keep = (alpha > spec.alpha_threshold) & (trans > spec.early_stop_eps)
+        pruned = select(samples, keep, m2, n_rays)
+        stats = {"n_candidates": samples.n_wanted, "overflow": samples.overflow + pruned.overflow}
+        return pruned, stats
+    return samples, {"n_candidates": samples.n_wanted, "overflow": samples.overflow}
+
+
+def render_rays(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, fns: FieldFns,
+                spec: RenderSpec, *, need_normals: bool = False, need_normal_perturb: bool = False,
+                shading: str = "albedo", light_pos: jax.Array | None = None) -> dict:
+    """Render R rays. rays_o, rays_d: (R, 3). Returns a dict:
+
+    per ray: ``rgb`` (R, 3) composited over the background, ``opacity`` (R,), ``depth`` (R,) (expected t),
+    ``normal`` (R, 3) = (n + 1) / 2 * opacity for display and losses (n the normalised weighted sum of normals;
+    zeros when not requested), ``normal_world`` (R, 3);
+    per sample (packed, M2 slots): ``weights``, ``valid``, ``ray_idx``, ``dirs`` (M2, 3), ``sample_normal`` and
+    ``sample_normal_perturb`` (M2, 3) when requested;
+    stats: ``n_samples`` (valid samples), ``n_candidates``, ``overflow`` (see :func:`sample_rays`).
+    """
+    n_rays = rays_o.shape[0]
+    k_march, k_perturb = jax.random.split(key) if key is not None else (None, None)
+    samples, stats = sample_rays(rays_o, rays_d, grid, k_march, fns, spec)
+    ray = jnp.minimum(samples.ray_idx, n_rays - 1)
+    dirs = rays_d[ray]
+    points = rays_o[ray] + dirs * samples.t_mid[:, None]
+    sigma, albedo = fns.radiance(points)
+    weights, _, _ = compositing_weights(sigma, samples)
+    out = {"weights": weights, "valid": samples.valid, "ray_idx": samples.ray_idx, "dirs": dirs,
+           "n_samples": jnp.sum(samples.valid, dtype=jnp.int32), **stats}
+    normal = None
+    if need_normals or shading != "albedo":
+        normal = fns.normal(points)
+        out["sample_normal"] = normal
+    if need_normal_perturb:
+        noise = spec.normal_perturb_std * jax.random.normal(k_perturb, points.shape)
+        out["sample_normal_perturb"] = fns.normal(points + noise)
+    if shading != "albedo":
+        light = jnp.broadcast_to(light_pos, points.shape)
+        color = shade(albedo, normal, points, light, shading, spec)
+    else:
+        color = albedo
+    opacity = accumulate(weights, None, samples, n_rays)
+    rgb_fg = accumulate(weights, color, samples, n_rays)
+    background = jnp.asarray(spec.background, jnp.float32)
+    out["rgb"] = rgb_fg + background * (1.0 - opacity[:, None])
+    out["opacity"] = opacity
+    out["depth"] = accumulate(weights, samples.t_mid, samples, n_rays)
+    if normal is not None:
+        n_sum = accumulate(weights, normal, samples, n_rays)
+        n_world = n_sum / jnp.maximum(jnp.linalg.norm(n_sum, axis=-1, keepdims=True), 1e-12)
+    else:
+        n_world = jnp.zeros_like(rgb_fg)
+    out["normal_world"] = n_world
+    out["normal"] = (n_world + 1.0) * 0.5 * opacity[:, None]
+    return out

@@ -1,0 +1,299 @@
+"""Stage 1a, coarse NeRF: state, losses, one jitted sharded step, evaluation renders.
+
+Data path of one step (see DESIGN.md):
+  step_key = fold_in(rng, step)
+  grid     = occupancy-grid update (every N steps, replicated)
+  views    = reference cameras (ray jitter per view) and/or random cameras, split along mesh axis ``data``
+  per device: render its views, losses, grads; grads and metrics pmean'd over ``data``
+  Adam update (skipped, and counted, when the loss or a gradient is not finite)
+
+Which views a step renders depends on ``train.mode``: ``alternate`` (official) renders the reference view on even
+steps and random views on odd steps; ``accumulate`` both every step; ``reference_only`` only the reference view.
+The Python loop picks the step *kind* from the step number, and each (kind, resolution) compiles once.
+The random-view step carries the regularisers now; the diffusion guidance of issue [4] plugs in there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dreamcraft_jax import cameras as cam
+from dreamcraft_jax import losses, parallel
+from dreamcraft_jax.config import resolution_at, schedule_is_zero, schedule_value
+from dreamcraft_jax.fields import nerf
+from dreamcraft_jax.render import volume
+
+REF = "ref"
+RANDOM = "random"
+BOTH = "both"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue identically: one pytree, saved whole by orbax."""
+
+    params: Any
+    opt_state: Any
+    grid: volume.OccupancyGrid
+    step: jax.Array  # () int32
+    rng: jax.Array  # (2,) uint32 raw PRNG key; per-step keys are fold_in(rng, step)
+    nonfinite_skips: jax.Array  # () int32, updates skipped because of NaN / Inf
+
+
+@flax.struct.dataclass
+class Targets:
+    """Reference-view supervision at one resolution: rgb (H, W, 3), mask (H, W), depth (H, W) (zeros if none)."""
+
+    rgb: jax.Array
+    mask: jax.Array
+    depth: jax.Array
+
+
+def targets_from_reference(ref) -> Targets:
+    depth = ref.depth if ref.depth is not None else np.zeros_like(ref.mask)
+    return Targets(rgb=jnp.asarray(ref.rgb), mask=jnp.asarray(ref.mask), depth=jnp.asarray(depth))
+
+
+def step_kind(mode: str, step: int) -> str:
+    """Which views step ``step`` renders (host-side)."""
+    if mode == "reference_only":
+        return REF
+    if mode == "accumulate":
+        return BOTH
+    return REF if step % 2 == 0 else RANDOM
+
+
+@dataclasses.dataclass(frozen=True)
+class CoarseNerf:
+    """Static description of the stage built once from the config; its methods build pure jitted functions."""
+
+    cfg: Any  # the ml_collections ConfigDict (read at trace time only)
+    field: nerf.NerfFieldSpec
+    render: volume.RenderSpec
+    mesh: Any
+
+    @classmethod
+    def from_config(cls, cfg, mesh) -> "CoarseNerf":
+        field = nerf.NerfFieldSpec.from_config(cfg.field)
+        return cls(cfg=cfg, field=field, render=volume.RenderSpec.from_config(cfg.render, field.radius), mesh=mesh)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        o = self.cfg.optimizer
+        return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
+
+    def init_state(self, seed: int | None = None) -> TrainState:
+        seed = self.cfg.seed if seed is None else seed
+        key = jax.random.PRNGKey(seed)
+        k_params, k_run = jax.random.split(key)
+        params = nerf.init_field(k_params, self.field)
+        state = TrainState(params=params, opt_state=self.optimizer.init(params),
+                           grid=volume.init_occupancy_grid(self.render), step=jnp.zeros((), jnp.int32),
+                           rng=k_run, nonfinite_skips=jnp.zeros((), jnp.int32))
+        return parallel.replicate(state, self.mesh)
+
+    # ------------------------------------------------------------------ field as closures
+
+    def field_fns(self, params, mask) -> volume.FieldFns:
+        spec = self.field
+        return volume.FieldFns(
+            density=lambda x: nerf.density(params, x, spec, mask),
+            radiance=lambda x: nerf.density_and_albedo(params, x, spec, mask),
+            normal=lambda x: nerf.normals(params, x, spec, mask),
+        )
+
+    def _needs(self, kind: str) -> tuple[bool, bool]:
+        """(need_normals, need_normal_perturb) for a step kind, decided at trace time from the loss weights."""
+        loss = self.cfg.loss
+        normals = any(not schedule_is_zero(loss[k]) for k in
+                      ("lambda_normal_smooth", "lambda_3d_normal_smooth", "lambda_orient"))
+        normals = normals or self.cfg.render.shading != "albedo"
+        return normals, not schedule_is_zero(loss.lambda_3d_normal_smooth)
+
+    # ------------------------------------------------------------------ losses of one view
+
+    def view_terms(self, params, grid, camera, key, step, targets: Targets, is_ref: bool, height: int, width: int):
+        """Render one view and return ({loss name: unweighted value}, {stat: value})."""
+        k_rays, k_render, k_light = jax.random.split(key, 3)
+        jitter = self.cfg.camera.ray_jitter if is_ref else 0.0
+        rays_o, rays_d = cam.get_rays(camera, height, width, k_rays, jitter)
+        need_normals, need_perturb = self._needs(REF if is_ref else RANDOM)
+        mask = nerf.level_mask(step, self.field)
+        light = cam.light_directions(k_light, camera) if self.cfg.render.shading != "albedo" else None
+        out = volume.render_rays(rays_o.reshape(-1, 3), rays_d.reshape(-1, 3), grid, k_render,
+                                 self.field_fns(params, mask), self.render, need_normals=need_normals,
+                                 need_normal_perturb=need_perturb, shading=self.cfg.render.shading,
+                                 light_pos=light)
+        rgb = out["rgb"].reshape(height, width, 3)
+        opacity = out["opacity"].reshape(height, width)
+        w = self.cfg.loss
+        terms = {}
+        if is_ref:
+            terms["rgb"] = losses.rgb_mse(rgb, targets.rgb, targets.mask, self.render.background)
+            terms["mask"] = losses.mask_mse(opacity, targets.mask)
+            if self.cfg.data.depth and not schedule_is_zero(w.lambda_depth_rel):
+                terms["depth_rel"] = losses.depth_pearson(out["depth"].reshape(height, width), targets.depth,
+                                                          targets.mask, self.cfg.data.depth_is_disparity)
+        if not schedule_is_zero(w.lambda_normal_smooth):
+            terms["normal_smooth"] = losses.normal_smooth_2d(out["normal"].reshape(height, width, 3))
+        if need_perturb:
+            terms["3d_normal_smooth"] = losses.normal_smooth_3d(out["sample_normal"], out["sample_normal_perturb"],
+                                                                out["valid"])
+        if not schedule_is_zero(w.lambda_orient):
+            terms["orient"] = losses.orientation(out["weights"], out["sample_normal"], out["dirs"], out["valid"],
+                                                 out["opacity"])
+        if not is_ref and not schedule_is_zero(w.lambda_sparsity):
+            terms["sparsity"] = losses.sparsity(opacity)
+        if not schedule_is_zero(w.lambda_opaque):
+            terms["opaque"] = losses.opaque_entropy(opacity)
+        n_rays = height * width
+        stats = {"samples_per_ray": out["n_samples"] / n_rays,
+                 "candidates_per_ray": out["n_candidates"] / n_rays,
+                 "overflow": out["overflow"].astype(jnp.float32),
+                 "opacity_mean": jnp.mean(opacity)}
+        if is_ref:
+            target = targets.rgb * targets.mask[..., None] + jnp.asarray(self.render.background) * (
+                1.0 - targets.mask[..., None])
+            stats["psnr"] = losses.psnr(rgb, target)
+        return terms, stats
+
+    def weighted_total(self, terms: dict, step) -> jax.Array:
+        return sum(schedule_value(self.cfg.loss[f"lambda_{name}"], step) * value for name, value in terms.items())
+
+    # ------------------------------------------------------------------ per-device loss and grads
+
+    def _local_loss(self, params, grid, ref_views, rand_views, step, targets, kind, height, width):
+        """Mean loss over this device's views; ref and random parts are each averaged, then added."""
+        total = 0.0
+        metrics = {}
+        for is_ref, views, prefix in ((True, ref_views, "ref"), (False, rand_views, "random")):
+            if views is None:
+                continue
+            cams, keys = views
+
+            def one(args, is_ref=is_ref):
+                camera, key = args
+                terms, stats = self.view_terms(params, grid, camera, key, step, targets, is_ref, height, width)
+                return self.weighted_total(terms, step), terms, stats
+
+            loss, terms, stats = jax.lax.map(one, (cams, keys))
+            total = total + jnp.mean(loss)
+            metrics[f"{prefix}/loss"] = jnp.mean(loss)
+            metrics.update({f"{prefix}/{k}": jnp.mean(v) for k, v in terms.items()})
+            metrics.update({f"{prefix}/{k}": jnp.mean(v) for k, v in stats.items()})
+        return total, metrics
+
+    def _view_batches(self, state: TrainState, kind: str):
+        """Global view batches (ref, random) for this step: cameras + per-view keys, or None."""
+        n_dev = parallel.data_size(self.mesh)
+        t = self.cfg.train
+        step_key = jax.random.fold_in(state.rng, state.step)
+        k_ref, k_cams, k_rand = jax.random.split(jax.random.fold_in(step_key, 1), 3)
+        ref = rand = None
+        if kind in (REF, BOTH):
+            n = n_dev * t.ref_views_per_device
+            camera = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), cam.reference_camera(self.cfg.camera))
+            ref = (camera, jax.random.split(k_ref, n))
+        if kind in (RANDOM, BOTH):
+            n = n_dev * t.random_views_per_device
+            rand = (cam.sample_cameras(k_cams, n, state.step, self.cfg.camera), jax.random.split(k_rand, n))
+        return ref, rand
+
+    def _grads(self, state: TrainState, targets: Targets, kind: str, height: int, width: int, grid):
+        ref, rand = self._view_batches(state, kind)
+        local = partial(self._local_loss, kind=kind, height=height, width=width)
+
+        def per_device(params, grid, ref_views, rand_views, step, targets):
+            (loss, metrics), grads = jax.value_and_grad(local, has_aux=True)(
+                params, grid, ref_views, rand_views, step, targets)
+            metrics["loss"] = loss
+            return jax.lax.pmean(grads, parallel.DATA), jax.lax.pmean(metrics, parallel.DATA)
+
+        sharded = parallel.shard_map(
+            per_device, self.mesh,
+            in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.VIEWS, parallel.VIEWS,
+                      parallel.REPLICATED, parallel.REPLICATED),
+            out_specs=(parallel.REPLICATED, parallel.REPLICATED))
+        return sharded(state.params, grid, ref, rand, state.step, targets)
+
+    def update_grid(self, state: TrainState) -> volume.OccupancyGrid:
+        mask = nerf.level_mask(state.step, self.field)
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+        return volume.update_occupancy_grid(state.grid, key, state.step,
+                                            self.field_fns(state.params, mask).density, self.render)
+
+    def grads_fn(self, kind: str, height: int, width: int):
+        """jit (state, targets) -> (grads, metrics): the sharded gradient of one step (for tests and benches)."""
+        return jax.jit(lambda state, targets: self._grads(state, targets, kind, height, width,
+                                                          self.update_grid(state)))
+
+    def step_fn(self, kind: str, height: int, width: int):
+        """jit (state, targets) -> (new_state, metrics): one full training step."""
+
+        def step(state: TrainState, targets: Targets):
+            grid = self.update_grid(state)
+            grads, metrics = self._grads(state, targets, kind, height, width, grid)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
+                [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            metrics["grad_norm"] = optax.global_norm(grads)
+            metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
+            metrics["active_levels"] = jnp.sum(nerf.level_mask(state.step, self.field))
+            metrics["grid_occupancy"] = jnp.mean(grid.binary.astype(jnp.float32))
+            new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                                   grid=grid, step=state.step + 1, rng=state.rng,
+                                   nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
+            return new_state, metrics
+
+        return jax.jit(step, donate_argnums=(0,))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def render_fn(self, height: int, width: int, chunk_rays: int = 1 << 15):
+        """jit (params, grid, camera, step) -> {rgb (H,W,3), normal (H,W,3), depth (H,W), opacity (H,W)}.
+
+        Deterministic (no jitter, no stratification), rays in chunks so memory is bounded at any resolution.
+        """
+        spec = self.render.replace(stratified=False,
+                                   samples_per_ray=self.cfg.render.eval_samples_per_ray,
+                                   candidate_samples_per_ray=max(self.cfg.render.candidate_samples_per_ray,
+                                                                 2 * self.cfg.render.eval_samples_per_ray))
+        n_rays = height * width
+        chunk = min(chunk_rays, n_rays)
+        n_chunks = -(-n_rays // chunk)
+
+        def render(params, grid, camera, step):
+            mask = nerf.level_mask(step, self.field)
+            fns = self.field_fns(params, mask)
+            rays_o, rays_d = cam.get_rays(camera, height, width)
+            pad = n_chunks * chunk - n_rays
+            rays_o = jnp.pad(rays_o.reshape(-1, 3), ((0, pad), (0, 0)))
+            rays_d = jnp.pad(rays_d.reshape(-1, 3), ((0, pad), (0, 0)), constant_values=1.0)
+            rays_d = rays_d / jnp.linalg.norm(rays_d, axis=-1, keepdims=True)
+
+            def one(args):
+                o, d = args
+                out = volume.render_rays(o, d, grid, None, fns, spec, need_normals=True)
+                return {k: out[k] for k in ("rgb", "normal", "depth", "opacity")}
+
+            outs = jax.lax.map(one, (rays_o.reshape(n_chunks, chunk, 3), rays_d.reshape(n_chunks, chunk, 3)))
+            return {k: v.reshape((n_chunks * chunk,) + v.shape[2:])[:n_rays].reshape((height, width) + v.shape[2:])
+                    for k, v in outs.items()}
+
+        return jax.jit(render)
+
+
+def training_resolution(cfg, step: int) -> tuple[int, int]:
+    return resolution_at(cfg, step)
