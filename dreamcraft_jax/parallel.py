@@ -65,6 +65,18 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
+def as_varying(tree, axis: str = DATA):
+    """Mark replicated values as device-varying along ``axis`` inside shard_map.
+
+    Differentiating a loss w.r.t. a replicated (invariant) input inside shard_map makes JAX psum the gradient
+    implicitly. Taking the gradient w.r.t. a varying copy instead keeps per-device gradients, which the caller
+    averages explicitly with ``pmean``: the mean over all views whatever the device count.
+    """
+    if hasattr(jax.lax, "pcast"):  # jax >= 0.12
+        return jax.tree.map(lambda x: jax.lax.pcast(x, axis, to="varying"), tree)
+    return jax.tree.map(lambda x: jax.lax.pvary(x, axis), tree)
+
+
 def shard_map(fn, mesh: Mesh, in_specs, out_specs):
     """``jax.shard_map`` with our mesh (kept here so every sharded call goes through one place)."""
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)

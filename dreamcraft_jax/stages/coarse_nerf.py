@@ -215,7 +215,7 @@ class CoarseNerf:
 
         def per_device(params, grid, ref_views, rand_views, step, targets):
             (loss, metrics), grads = jax.value_and_grad(local, has_aux=True)(
-                params, grid, ref_views, rand_views, step, targets)
+                parallel.as_varying(params), grid, ref_views, rand_views, step, targets)
             metrics["loss"] = loss
             return jax.lax.pmean(grads, parallel.DATA), jax.lax.pmean(metrics, parallel.DATA)
 
@@ -261,34 +261,43 @@ class CoarseNerf:
 
     # ------------------------------------------------------------------ evaluation
 
-    def render_fn(self, height: int, width: int, chunk_rays: int = 1 << 15):
+    def render_fn(self, height: int, width: int, chunk_rays: int = 4096):
         """jit (params, grid, camera, step) -> {rgb (H,W,3), normal (H,W,3), depth (H,W), opacity (H,W)}.
 
-        Deterministic (no jitter, no stratification), rays in chunks so memory is bounded at any resolution.
+        Deterministic (no jitter, no stratification). Rays go in chunks of ``chunk_rays`` so memory is bounded
+        at any resolution, and the chunks are split over the ``data`` axis so every device renders its share.
         """
         spec = self.render.replace(stratified=False,
                                    samples_per_ray=self.cfg.render.eval_samples_per_ray,
                                    candidate_samples_per_ray=max(self.cfg.render.candidate_samples_per_ray,
                                                                  2 * self.cfg.render.eval_samples_per_ray))
+        n_dev = parallel.data_size(self.mesh)
         n_rays = height * width
-        chunk = min(chunk_rays, n_rays)
-        n_chunks = -(-n_rays // chunk)
+        chunk = min(chunk_rays, -(-n_rays // n_dev))
+        n_chunks = -(-n_rays // (chunk * n_dev)) * n_dev
 
-        def render(params, grid, camera, step):
-            mask = nerf.level_mask(step, self.field)
-            fns = self.field_fns(params, mask)
-            rays_o, rays_d = cam.get_rays(camera, height, width)
-            pad = n_chunks * chunk - n_rays
-            rays_o = jnp.pad(rays_o.reshape(-1, 3), ((0, pad), (0, 0)))
-            rays_d = jnp.pad(rays_d.reshape(-1, 3), ((0, pad), (0, 0)), constant_values=1.0)
-            rays_d = rays_d / jnp.linalg.norm(rays_d, axis=-1, keepdims=True)
+        def render_chunks(params, grid, rays_o, rays_d, step):
+            fns = self.field_fns(params, nerf.level_mask(step, self.field))
 
             def one(args):
                 o, d = args
                 out = volume.render_rays(o, d, grid, None, fns, spec, need_normals=True)
                 return {k: out[k] for k in ("rgb", "normal", "depth", "opacity")}
 
-            outs = jax.lax.map(one, (rays_o.reshape(n_chunks, chunk, 3), rays_d.reshape(n_chunks, chunk, 3)))
+            return jax.lax.map(one, (rays_o, rays_d))
+
+        sharded = parallel.shard_map(
+            render_chunks, self.mesh,
+            in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.VIEWS, parallel.VIEWS, parallel.REPLICATED),
+            out_specs=parallel.VIEWS)
+
+        def render(params, grid, camera, step):
+            rays_o, rays_d = cam.get_rays(camera, height, width)
+            pad = n_chunks * chunk - n_rays
+            rays_o = jnp.pad(rays_o.reshape(-1, 3), ((0, pad), (0, 0)))
+            rays_d = jnp.pad(rays_d.reshape(-1, 3), ((0, pad), (0, 0)), constant_values=1.0)
+            rays_d = rays_d / jnp.linalg.norm(rays_d, axis=-1, keepdims=True)
+            outs = sharded(params, grid, rays_o.reshape(n_chunks, chunk, 3), rays_d.reshape(n_chunks, chunk, 3), step)
             return {k: v.reshape((n_chunks * chunk,) + v.shape[2:])[:n_rays].reshape((height, width) + v.shape[2:])
                     for k, v in outs.items()}
 

@@ -1,0 +1,49 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and small shared configs."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+
+def tiny_config(**overrides):
+    """A config small enough for unit tests of the full step (16 px views, 4-level grid)."""
+    from dreamcraft_jax.config import base_config
+
+    c = base_config()
+    c.field.hashgrid.n_levels = 4
+    c.field.hashgrid.log2_hashmap_size = 12
+    c.field.hashgrid.per_level_scale = 2.0
+    c.field.progressive.start_level = 2
+    c.field.progressive.start_step = 2
+    c.field.progressive.update_steps = 1
+    c.data.heights = (16,)
+    c.data.widths = (16,)
+    c.data.resolution_milestones = ()
+    c.render.num_samples_per_ray = 64
+    c.render.candidate_samples_per_ray = 24.0
+    c.render.samples_per_ray = 12.0
+    c.render.eval_samples_per_ray = 12.0
+    c.render.grid.warmup_steps = 2
+    c.render.grid.update_every = 2
+    c.train.log_every = 1
+    c.train.val_every = 1000
+    c.eval.height = 16
+    c.eval.width = 16
+    c.eval.video = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config()

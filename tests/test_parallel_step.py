@@ -1,0 +1,83 @@
+"""The sharded step on 8 simulated devices equals the 1-device step on the same 8 views."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from dreamcraft_jax import parallel
+from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
+from dreamcraft_jax.stages.coarse_nerf import BOTH, CoarseNerf, targets_from_reference
+
+N_DEV = 8
+
+
+def _setup(n_devices, per_device, cfg_overrides=()):
+    cfg = tiny_config(**{"train.ref_views_per_device": per_device, "train.random_views_per_device": per_device,
+                         "data.depth": "example", **dict(cfg_overrides)})
+    mesh = parallel.make_mesh(n_devices, 1, devices=jax.devices()[:n_devices])
+    stage = CoarseNerf.from_config(cfg, mesh)
+    ref = load_reference(example_image_path(), 16, 16, depth_path=example_depth_path())
+    targets = parallel.replicate(targets_from_reference(ref), mesh)
+    return stage, stage.init_state(), targets
+
+
+def _relative_error(a, b):
+    a, b = jax.device_get(a), jax.device_get(b)
+    num = sum(float(np.sum((np.asarray(x, np.float64) - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    den = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree.leaves(b))
+    return (num / den) ** 0.5
+
+
+# The per-sample normal terms are ill-conditioned at float32: 3D normal smoothness is an L1 of differences of
+# nearly equal normals (sign flips under 1e-7 perturbations) and normals normalise small finite-difference
+# gradients. Different XLA fusion on 1 vs 8 devices perturbs them at the 1e-7 level, which those terms amplify
+# to ~1e-3 relative in the gradient. They are checked separately with a tolerance that reflects that.
+WELL_CONDITIONED = {"loss.lambda_3d_normal_smooth": 0.0, "loss.lambda_orient": 0.0}
+
+
+@pytest.mark.skipif(len(jax.devices()) < N_DEV, reason="needs 8 (simulated) devices")
+def test_eight_devices_equal_one_device_grads_and_step():
+    # rgb, mask, depth (reference views); 2D normal smoothness, sparsity, opacity entropy (random views).
+    stage8, state8, targets8 = _setup(N_DEV, 1, WELL_CONDITIONED)
+    stage1, state1, targets1 = _setup(1, N_DEV, WELL_CONDITIONED)
+    assert state8.params["encoding"].sharding.mesh.devices.size == N_DEV
+
+    grads8, metrics8 = stage8.grads_fn(BOTH, 16, 16)(state8, targets8)
+    grads1, metrics1 = stage1.grads_fn(BOTH, 16, 16)(state1, targets1)
+    assert float(metrics1["loss"]) > 0
+    for name in ("ref/rgb", "ref/mask", "ref/depth_rel", "random/normal_smooth", "random/sparsity",
+                 "random/opaque"):
+        assert name in metrics1
+    np.testing.assert_allclose(float(metrics8["loss"]), float(metrics1["loss"]), rtol=1e-5)
+    assert _relative_error(grads8, grads1) <= 1e-5
+    for g8, g1 in zip(jax.tree.leaves(grads8), jax.tree.leaves(grads1)):
+        assert _relative_error(g8, g1) <= 1e-5 or float(np.max(np.abs(jax.device_get(g1)))) < 1e-12
+
+    # Two full steps (Adam + occupancy grid update) stay equal too.
+    step8, step1 = stage8.step_fn(BOTH, 16, 16), stage1.step_fn(BOTH, 16, 16)
+    for _ in range(2):
+        state8, _ = step8(state8, targets8)
+        state1, _ = step1(state1, targets1)
+    assert int(state8.step) == int(state1.step) == 2
+    assert _relative_error(state8.params, state1.params) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(state8.grid.binary), np.asarray(state1.grid.binary))
+
+
+@pytest.mark.skipif(len(jax.devices()) < N_DEV, reason="needs 8 (simulated) devices")
+def test_eight_devices_match_one_device_with_normal_terms():
+    stage8, state8, targets8 = _setup(N_DEV, 1)
+    stage1, state1, targets1 = _setup(1, N_DEV)
+    grads8, metrics8 = stage8.grads_fn(BOTH, 16, 16)(state8, targets8)
+    grads1, metrics1 = stage1.grads_fn(BOTH, 16, 16)(state1, targets1)
+    assert "random/orient" in metrics1 and "random/3d_normal_smooth" in metrics1
+    np.testing.assert_allclose(float(metrics8["loss"]), float(metrics1["loss"]), rtol=1e-5)
+    # A missing or doubled pmean would be off by 8x; a wrong view split by O(1).
+    assert _relative_error(grads8, grads1) <= 2e-2
+
+
+def test_views_must_divide_evenly_over_devices():
+    """Each device gets views_per_device views: the global batch is devices x per-device by construction."""
+    stage, state, targets = _setup(2, 3)
+    ref, rand = stage._view_batches(state, BOTH)
+    assert ref[0].c2w.shape == (6, 4, 4) and rand[0].c2w.shape == (6, 4, 4)
