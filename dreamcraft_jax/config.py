@@ -81,11 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.field.density_blob_std = 0.5
     c.field.normal_type = "finite_difference"
     c.field.finite_difference_eps = 0.01
+    c.field.remat_encoding = True  # recompute the hash-grid gather in the backward pass (memory for time)
 
     c.render = ml_collections.ConfigDict()
     c.render.num_samples_per_ray = 512
-    c.render.candidate_samples_per_ray = 96.0
-    c.render.samples_per_ray = 48.0
+    # Budgets (average slots per ray, static shapes): measured on a fitted object at 512 steps per ray,
+    # ~40 occupied candidates and ~11 kept samples per ray; overflow is counted in the metrics.
+    c.render.candidate_samples_per_ray = 64.0
+    c.render.samples_per_ray = 24.0
     c.render.eval_samples_per_ray = 64.0  # budget for validation / video renders (no gradient)
     c.render.alpha_threshold = 0.01
     c.render.early_stop_eps = 1e-4

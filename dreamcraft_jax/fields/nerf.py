@@ -44,6 +44,7 @@ class NerfFieldSpec:
     progressive_start_level: int = 8
     progressive_start_step: int = 2000
     progressive_update_steps: int = 500
+    remat_encoding: bool = True
 
     @classmethod
     def from_config(cls, cfg) -> "NerfFieldSpec":
@@ -63,6 +64,7 @@ class NerfFieldSpec:
             progressive_start_level=int(cfg.progressive.start_level),
             progressive_start_step=int(cfg.progressive.start_step),
             progressive_update_steps=int(cfg.progressive.update_steps),
+            remat_encoding=bool(cfg.remat_encoding),
         )
 
     @property
@@ -112,6 +114,11 @@ def _activate(raw: jax.Array, spec: NerfFieldSpec) -> jax.Array:
 
 
 def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask) -> jax.Array:
+    if spec.remat_encoding:
+        # The gather keeps (N, L, 8) rows, weights and corner features for the backward pass (~2 KB per
+        # point at L=16); recomputing them from x in the backward pass bounds memory at 384 px with normals.
+        return jax.checkpoint(hashgrid.encode, static_argnums=(2,))(params["encoding"], _unit(x, spec),
+                                                                    spec.grid, mask)
     return hashgrid.encode(params["encoding"], _unit(x, spec), spec.grid, mask)
 
 
