@@ -1,0 +1,1 @@
+"""Flax diffusion models (UNet, VAE, CLIP) loading diffusers / transformers weights; see loading.py."""
