@@ -1,0 +1,129 @@
+"""PyTorch diffusers baseline for the SDS benchmarks (run on the GPU machine; never imported by the package).
+
+The path threestudio / DreamCraft3D run: diffusers UNet2DConditionModel + AutoencoderKL in fp16, eager, SDPA
+attention, random weights with the real SD 2.1-base and Zero123 shapes. One SDS step = VAE-encode the rendered
+images (gradient to the images, VAE parameters frozen), noise to a random t, UNet forward for the conditional and
+unconditional halves in one batch (no grad), grad = w(t) (eps_hat - eps), backward into the images.
+
+    python benchmarks/torch_sds_baseline.py --out torch.json
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+SD21_BASE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+    use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+ZERO123_UNET = dict(
+    sample_size=32, in_channels=8, out_channels=4, layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
+    use_linear_projection=False, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215)
+
+
+def timed(fn, repeats, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        out.append(start.elapsed_time(end))
+    return statistics.median(out)
+
+
+def make_models(unet_cfg, device):
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_cfg).to(device, torch.float16).eval().requires_grad_(False)
+    vae = AutoencoderKL(**SD_VAE).to(device, torch.float16).eval().requires_grad_(False)
+    unet.set_attn_processor(__import__("diffusers.models.attention_processor", fromlist=["x"]).AttnProcessor2_0())
+    return unet, vae
+
+
+def sds_step_fn(unet, vae, n_views, res, context, image_channels_extra=None):
+    alphas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device="cuda") ** 2
+    alphas_cumprod = torch.cumprod(1 - alphas, 0)
+    images = torch.rand(n_views, 3, res, res, device="cuda", dtype=torch.float16, requires_grad=True)
+
+    def step():
+        latents = vae.encode(images * 2 - 1).latent_dist.sample() * 0.18215
+        t = torch.randint(20, 980, (n_views,), device="cuda")
+        noise = torch.randn_like(latents)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1).half()
+        with torch.no_grad():
+            x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+            x_in = torch.cat([x_t, x_t])
+            if image_channels_extra is not None:
+                x_in = torch.cat([x_in, image_channels_extra.expand(x_in.shape[0], -1, -1, -1)], 1)
+            eps = unet(x_in, torch.cat([t, t]), encoder_hidden_states=context).sample
+            eps_c, eps_u = eps.chunk(2)
+            grad = (1 - a) * (eps_u + 7.5 * (eps_c - eps_u) - noise)
+        loss = 0.5 * F.mse_loss(latents.float(), (latents - grad).detach().float(), reduction="sum") / n_views
+        loss.backward()
+        images.grad = None
+
+    return step
+
+
+def unet_flops(unet, x, t, context):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, t, encoder_hidden_states=context)
+    return counter.get_total_flops()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    res = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+           "device": torch.cuda.get_device_name(), "mode": "eager fp16 + SDPA, VAE frozen (grad to images only)"}
+    unet, vae = make_models(SD21_BASE_UNET, "cuda")
+    for n in (1, 4):
+        ctx = torch.randn(2 * n, 77, 1024, device="cuda", dtype=torch.float16)
+        res[f"sd_sds_512_views{n}_ms"] = timed(sds_step_fn(unet, vae, n, 512, ctx), args.repeats)
+    x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
+    ctx = torch.randn(2, 77, 1024, device="cuda", dtype=torch.float16)
+    res["sd_unet_fwd_batch2_ms"] = timed(lambda: unet(x, torch.tensor([500, 500], device="cuda"),
+                                                      encoder_hidden_states=ctx), args.repeats)
+    res["sd_unet_fwd_batch2_flops"] = unet_flops(unet, x, torch.tensor([500, 500], device="cuda"), ctx)
+    del unet, vae
+    torch.cuda.empty_cache()
+    unet, vae = make_models(ZERO123_UNET, "cuda")
+    for n in (1, 4):
+        ctx = torch.randn(2 * n, 1, 768, device="cuda", dtype=torch.float16)
+        cond = torch.randn(1, 4, 32, 32, device="cuda", dtype=torch.float16)
+        res[f"zero123_sds_256_views{n}_ms"] = timed(sds_step_fn(unet, vae, n, 256, ctx, cond), args.repeats)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = timed(lambda: a @ b, args.repeats)
+    res["bf16_matmul_8192_tflops"] = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+    print(json.dumps(res, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
