@@ -115,15 +115,29 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     raise WeightLoadingError(f"no {'fp16 ' if variant else ''}safetensors weights in {folder}{hint}")
 
 
-def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def _read_one(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
 
+    out = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for key in f.keys():
+            try:
+                out[key] = f.get_tensor(key)
+            except TypeError:
+                # numpy has no bfloat16: read that tensor through the flax backend (ml_dtypes) instead.
+                from safetensors.flax import load_file as load_flax
+
+                return {k: np.asarray(v) for k, v in load_flax(str(path)).items()}
+    return out
+
+
+def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            state.update(_read_one(f))
         except Exception as e:  # corrupt or truncated files
-            raise WeightLoadingError(f"cannot read {f}: {e}") from None
+            raise WeightLoadingError(f"cannot read {f} ({type(e).__name__}: {e}): re-download or re-export it") from None
     return state
 
 
