@@ -187,6 +187,173 @@ def bench_render(args) -> dict:
     }
 
 
+# ---------------------------------------------------------------------------------------------- SDS steps
+
+SD21_BASE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+    use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
+ZERO123_UNET = dict(SD21_BASE_UNET, sample_size=32, in_channels=8, attention_head_dim=8, cross_attention_dim=768,
+                    use_linear_projection=False)
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+              block_out_channels=[128, 256, 512, 512], scaling_factor=0.18215)
+# CPU smoke-test sizes: same code path, tiny widths.
+TINY_UNET = dict(SD21_BASE_UNET, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[2, 4],
+                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8, cross_attention_dim=32)
+TINY_VAE = dict(SD_VAE, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+
+
+def _flops(compiled) -> float | None:
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float(analysis.get("flops", 0.0)) or None
+
+
+def matmul_peak_tflops(repeats: int, n: int = 8192) -> float:
+    """Measured bf16 matmul throughput (the peak MFU is quoted against)."""
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    t = _time(mm, a, b, repeats=repeats)
+    return 2 * n ** 3 / (t["median_ms"] * 1e-3) / 1e12
+
+
+def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype):
+    """(grad_fn, args) for one SDS step: d loss / d images for ``views`` renders."""
+    from dreamcraft_jax.guidance.sds import sd_sds_from_images
+    from dreamcraft_jax.guidance.zero123 import zero123_sds_loss
+    from dreamcraft_jax.models.clip import Zero123CameraProjection
+    from dreamcraft_jax.models.schedules import default_schedule
+    from dreamcraft_jax.models.unet import UNet2DConditionModel
+    from dreamcraft_jax.models.vae import AutoencoderKL
+
+    unet_cfg = dict(TINY_UNET if tiny else (SD21_BASE_UNET if kind == "sd" else ZERO123_UNET))
+    if kind == "zero123":
+        unet_cfg.update(in_channels=8, use_linear_projection=False,
+                        cross_attention_dim=32 if tiny else 768, attention_head_dim=2 if tiny else 8)
+    unet = UNet2DConditionModel.from_config(unet_cfg, dtype=dtype, attention_impl=attention_impl)
+    vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=attention_impl)
+    k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(0), 5)
+    unet_params = jax.jit(unet.init)(k1, *unet.dummy_inputs())["params"]
+    vae_params = jax.jit(vae.init)(k2, jnp.zeros((1, 32, 32, 3)))["params"]
+    schedule = default_schedule()
+    resolution = (64 if tiny else 512) if kind == "sd" else (32 if tiny else 256)
+    images = jax.random.uniform(k3, (views, resolution, resolution, 3))
+    ctx_dim = unet_cfg["cross_attention_dim"]
+
+    def encode_fn(x, vp, key):
+        mean, logvar = vae.apply({"params": vp}, x, method=AutoencoderKL.encode)
+        return AutoencoderKL.sample(mean, logvar, key) * vae.scaling_factor
+
+    if kind == "sd":
+        context = jax.random.normal(k4, (2 * views, 77, ctx_dim), dtype)  # [cond; uncond] text embeddings
+
+        def loss(images, key, up, vp, context):
+            k_enc, k_sds = jax.random.split(key)
+
+            def eps_fn(x_t, t):
+                out = unet.apply({"params": up}, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), context)
+                return tuple(jnp.split(out, 2))
+
+            value, _ = sd_sds_from_images(images, k_sds, 0, encode_fn=lambda x: encode_fn(x, vp, k_enc),
+                                          eps_fn=eps_fn, schedule=schedule, guidance_scale=7.5,
+                                          resolution=resolution, min_step_percent=0.02, max_step_percent=0.98)
+            return value
+
+        args = (images, k5, unet_params, vae_params, context)
+    else:
+        from dreamcraft_jax import cameras as cam
+
+        proj = Zero123CameraProjection(in_features=ctx_dim + 4, out_features=ctx_dim)
+        proj_params = proj.init(k4, jnp.zeros((1, ctx_dim + 4)))["params"]
+        embedding = jax.random.normal(k4, (1, ctx_dim))
+        f = vae.downsample_factor
+        ref_latent = jax.random.normal(k4, (1, resolution // f, resolution // f, 4))
+        camera = cam.make_camera(jnp.full((views,), 15.0), jnp.linspace(-90, 90, views), 3.8, 20.0)
+
+        def loss(images, key, up, vp, pp):
+            k_enc, k_sds = jax.random.split(key)
+            value, _ = zero123_sds_loss(
+                images, camera, k_sds, 0,
+                unet_fn=lambda x, t, c: unet.apply({"params": up}, x, t, c.astype(dtype)),
+                encode_fn=lambda x: encode_fn(x, vp, k_enc), image_embedding=embedding, ref_latent=ref_latent,
+                cc_projection_fn=lambda e: proj.apply({"params": pp}, e), resolution=resolution)
+            return value
+
+        args = (images, k5, unet_params, vae_params, proj_params)
+    return jax.jit(jax.grad(loss)), args
+
+
+def bench_sds(args) -> dict:
+    gpu = jax.devices()[0].platform == "gpu"
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    impls = ["cudnn", None] if (gpu and args.compare_attention) else ["cudnn" if gpu else None]
+    results = {}
+    for kind in args.kinds:
+        for views in args.views:
+            for impl in impls:
+                if impl is None and gpu and views != args.views[0]:
+                    continue  # the XLA-attention comparison at one batch size is enough
+                name = f"{kind}_views{views}" + ("" if impl == impls[0] else "_xla_attention")
+                try:
+                    t0 = time.perf_counter()
+                    grad_fn, fn_args = _sds_case(kind, views, args.tiny, impl, dtype)
+                    jax.block_until_ready(fn_args)
+                    t1 = time.perf_counter()
+                    lowered = grad_fn.lower(*fn_args)
+                    t2 = time.perf_counter()
+                    compiled = lowered.compile()
+                    t_compile = time.perf_counter() - t2
+                    print(f"{name}: init {t1 - t0:.1f} s, trace+lower {t2 - t1:.1f} s, compile {t_compile:.1f} s",
+                          file=sys.stderr, flush=True)
+                    timing = _time(compiled, *fn_args, repeats=args.repeats)
+                except Exception as e:  # record and go on (e.g. out of memory)
+                    results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                    print(f"{name}: {results[name]['error']}", file=sys.stderr)
+                    continue
+                flops = _flops(compiled)
+                results[name] = {"views": views, "attention": impl or "xla", "compile_s": t_compile, **timing,
+                                 "views_per_s": views / (timing["median_ms"] * 1e-3), "flops": flops,
+                                 "tflops_per_s": flops / (timing["median_ms"] * 1e-3) / 1e12 if flops else None}
+                print(f"{name:<28} {timing['median_ms']:9.2f} ms  {results[name]['views_per_s']:7.1f} views/s",
+                      flush=True)
+    peak = matmul_peak_tflops(args.repeats) if gpu else None
+    for r in results.values():
+        if peak and r.get("tflops_per_s"):
+            r["fraction_of_peak"] = r["tflops_per_s"] / peak
+    torch_ref = json.loads(Path(args.torch_json).read_text()) if args.torch_json else None
+    return {"benchmark": "sds", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "dtype": jnp.dtype(dtype).name, "tiny": args.tiny, "bf16_matmul_peak_tflops": peak,
+            "results": results, "torch": torch_ref}
+
+
+def print_sds_table(report: dict) -> None:
+    torch_ref = report.get("torch") or {}
+    print(f"SDS step (d loss / d images), {report['device']}, jax {report['jax']}, {report['dtype']}; "
+          f"bf16 matmul peak {report['bf16_matmul_peak_tflops'] or float('nan'):.0f} TFLOP/s")
+    print(f"{'case':<28} {'ms':>9} {'views/s':>8} {'TFLOP/s':>8} {'of peak':>8} {'torch ms':>9} {'speedup':>8}")
+    for name, r in report["results"].items():
+        if "error" in r:
+            print(f"{name:<28} {r['error']}")
+            continue
+        base = name.split("_xla")[0].replace("sd_views", "sd_sds_512_views").replace("zero123_views",
+                                                                                      "zero123_sds_256_views")
+        t_ms = torch_ref.get(base + "_ms")
+        tf = r.get("tflops_per_s") or float("nan")
+        print(f"{name:<28} {r['median_ms']:9.2f} {r['views_per_s']:8.1f} {tf:8.1f} "
+              f"{r.get('fraction_of_peak', float('nan')):8.2%} {t_ms or float('nan'):9.2f} "
+              f"{(t_ms / r['median_ms']) if t_ms else float('nan'):7.2f}x")
+
+
 def print_table(report: dict) -> None:
     r = report["results"]
     print(f"render fwd+bwd, {report['resolution']}x{report['resolution']}, {report['device']}, jax {report['jax']}")
@@ -214,12 +381,24 @@ def main(argv=None) -> int:
     p.add_argument("--fit_steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", default="")
+    q = sub.add_parser("sds", help="SD SDS at 512 and Zero123 SDS at 256 (real shapes, random weights)")
+    q.add_argument("--kinds", nargs="+", default=["sd", "zero123"], choices=["sd", "zero123"])
+    q.add_argument("--views", nargs="+", type=int, default=[1, 4])
+    q.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke test of the same code path)")
+    q.add_argument("--compare_attention", action="store_true", help="also time XLA attention on GPU")
+    q.add_argument("--torch_json", default="", help="JSON of benchmarks/torch_sds_baseline.py to compare with")
+    q.add_argument("--repeats", type=int, default=10)
+    q.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    if not Path(args.config).exists():
-        print(f"error: config file {args.config} not found", file=sys.stderr)
-        return 2
-    report = bench_render(args)
-    print_table(report)
+    if args.what == "sds":
+        report = bench_sds(args)
+        print_sds_table(report)
+    else:
+        if not Path(args.config).exists():
+            print(f"error: config file {args.config} not found", file=sys.stderr)
+            return 2
+        report = bench_render(args)
+        print_table(report)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
