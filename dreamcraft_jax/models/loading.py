@@ -64,8 +64,9 @@ def hub_cache_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
 
 
-def resolve_component_dir(path: str | Path, subfolder: str) -> Path:
-    """Find the folder holding ``config.json`` of one component (e.g. ``unet``).
+def resolve_component_dir(path: str | Path, subfolder: str, config_names: tuple[str, ...] = ("config.json",)) -> Path:
+    """Find the folder holding the config of one component (e.g. ``unet``; a scheduler's is
+    ``scheduler_config.json``, a tokenizer's ``tokenizer_config.json``).
 
     ``path``: a pipeline folder, the component folder itself, a hub cache entry, or a hub id ``org/name``
     already in the local cache. Raises WeightLoadingError naming what is missing.
@@ -84,17 +85,19 @@ def resolve_component_dir(path: str | Path, subfolder: str) -> Path:
                                  f"folder holding {subfolder}/config.json")
     p = _snapshot_dir(p)
     for candidate in (p / subfolder, p):
-        if (candidate / "config.json").is_file():
+        if any((candidate / name).is_file() for name in config_names):
             return candidate
-    raise WeightLoadingError(f"no {subfolder}/config.json under {path}: expected a diffusers pipeline folder "
+    raise WeightLoadingError(f"no {subfolder}/{config_names[0]} under {path}: expected a diffusers pipeline folder "
                              f"(with {subfolder}/) or the {subfolder} folder itself")
 
 
-def read_config(folder: Path) -> dict:
+def read_config(folder: Path, config_names: tuple[str, ...] = ("config.json",)) -> dict:
+    """The first of ``config_names`` present in ``folder``, parsed."""
+    path = next((folder / n for n in config_names if (folder / n).is_file()), folder / config_names[0])
     try:
-        return json.loads((folder / "config.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise WeightLoadingError(f"cannot read {folder / 'config.json'}: {e}") from None
+        raise WeightLoadingError(f"cannot read {path}: {e}") from None
 
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
@@ -257,3 +260,46 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
             node = node.setdefault(p, {})
         node[path[-1]] = value
     return tree
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+# Module attributes that are Python lists in diffusers / transformers (``down_blocks.0``); every other
+# ``name_N`` (``linear_1``, ``conv2``) is a plain attribute name.
+LIST_ATTRIBUTES = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+                             "transformer_blocks", "to_out", "net", "layers"})
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+    """Inverse of :func:`flax_path` for non-leaf parts: ("down_blocks_0", "resnets_1") -> "down_blocks.0.resnets.1"."""
+    parts = []
+    for part in path:
+        m = re.fullmatch(r"(.+)_(\d+)", part)
+        parts.extend([m.group(1), m.group(2)] if m and m.group(1) in LIST_ATTRIBUTES else [part])
+    return ".".join(parts)
+
+
+def to_state_dict(params) -> dict[str, np.ndarray]:
+    """A Flax params tree -> PyTorch-named, PyTorch-laid-out float32 tensors (the inverse of
+    :func:`convert_state_dict`); used to write diffusers-format folders of the demo priors."""
+    out = {}
+    for path, leaf in _flatten(params):
+        value = np.asarray(leaf, np.float32)
+        name = path[-1]
+        if name == "kernel":
+            value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
+            name = "weight"
+        elif name in ("scale", "embedding"):
+            name = "weight"
+        out[f"{torch_key(path[:-1])}.{name}" if path[:-1] else name] = np.ascontiguousarray(value)
+    return out
+
+
+def save_component(folder: Path, config: dict, params, weights_name: str = "diffusion_pytorch_model") -> Path:
+    """Write ``config.json`` + ``<weights_name>.safetensors`` (float32) for one component."""
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(to_state_dict(params), str(folder / f"{weights_name}.safetensors"))
+    return folder

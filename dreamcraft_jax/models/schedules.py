@@ -119,10 +119,12 @@ def default_schedule() -> NoiseSchedule:
 
 
 def load_schedule(path: str | Path) -> NoiseSchedule:
-    """Read ``scheduler/config.json`` of a diffusers pipeline folder (or the scheduler folder, or a hub id)."""
+    """Read ``scheduler/scheduler_config.json`` (diffusers' name; ``config.json`` accepted too) of a pipeline
+    folder, the scheduler folder itself, or a cached hub id."""
     from dreamcraft_jax.models.loading import read_config, resolve_component_dir
 
-    return NoiseSchedule.from_config(read_config(resolve_component_dir(path, "scheduler")))
+    names = ("scheduler_config.json", "config.json")
+    return NoiseSchedule.from_config(read_config(resolve_component_dir(path, "scheduler", names), names))
 
 
 def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:

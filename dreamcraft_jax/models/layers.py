@@ -1,0 +1,406 @@
+"""Flax Linen building blocks shared by the diffusers-compatible UNet and VAE.
+
+Every submodule is named after the diffusers attribute it mirrors, with list indices glued on by "_"
+(``resnets_0``, ``to_out_0``, ``net_2``), so that :func:`dreamcraft_jax.models.loading.convert_state_dict` maps a
+diffusers state dict onto these modules with renames and transposes only. Images are NHWC.
+
+Numerics:
+
+* parameters are created in float32 (``param_dtype``); activations are computed in the module's ``dtype``
+  (bfloat16 on GPU, float32 in tests);
+* GroupNorm and LayerNorm run in float32 (input cast up, output cast back);
+* attention goes through :func:`jax.nn.dot_product_attention`: its XLA path accumulates the logits in float32
+  and takes the softmax in float32; cuDNN flash attention (``attention_impl="cudnn"``) does the same on chip.
+
+LoRA (``lora_rank > 0`` on :class:`Attention`): each of ``to_q``, ``to_k``, ``to_v``, ``to_out_0`` gets a sibling
+``<proj>_lora`` holding ``down/kernel`` (in, r), initialised N(0, 1/r), and ``up/kernel`` (r, out), initialised to
+zero; the projection returns ``proj(x) + lora_scale * up(down(x))``. A diffusers checkpoint has no such keys: load
+with ``allow_missing=("*_lora/*",)`` and then :func:`init_lora` (the loader fills allowed-missing leaves with
+zeros, which would leave the down-projections dead).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+LORA_SUFFIX = "_lora"
+LORA_ALLOW_MISSING = ("*" + LORA_SUFFIX + "/*",)
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+# ---------------------------------------------------------------------------------------------- primitives
+
+
+def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True, **kw) -> nn.Dense:
+    """A linear layer (diffusers ``nn.Linear``): float32 params, computed in ``dtype``."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
+
+
+def conv(features: int, name: str | None, dtype: Dtype, kernel_size: int = 3, stride: int = 1,
+         padding: int | None = None) -> nn.Conv:
+    """A 2-D convolution on NHWC input (diffusers ``nn.Conv2d``); padding defaults to "same" for odd kernels.
+
+    name None: for ``setup``, where the attribute name names the module.
+    """
+    pad = (kernel_size - 1) // 2 if padding is None else padding
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                   dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def group_norm(x: jax.Array, num_groups: int, eps: float, name: str) -> jax.Array:
+    """GroupNorm over the channel axis of (..., C), statistics and affine in float32, result in x.dtype.
+
+    Groups are contiguous channel ranges, as in PyTorch. Two-pass variance (not E[x^2] - E[x]^2) for accuracy.
+    """
+    norm = nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+    return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float, name: str) -> jax.Array:
+    """LayerNorm over the last axis in float32, result in x.dtype."""
+    norm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+                        name=name)
+    return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+def nearest_resize(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """Nearest-neighbour resize of (B, H, W, C) to (B, *size, C) as torch ``F.interpolate(mode="nearest")``.
+
+    Source index = floor(dst * in / out); for an exact factor 2 this is a plain repeat.
+    """
+    _, h, w, _ = x.shape
+    oh, ow = int(size[0]), int(size[1])
+    if (oh, ow) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = np.floor(np.arange(oh) * (h / oh)).astype(np.int32)
+    cols = np.floor(np.arange(ow) * (w / ow)).astype(np.int32)
+    return x[:, rows][:, :, cols]
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, as diffusers ``get_timestep_embedding``."""
+    half = dim // 2
+    exponent = -np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def resolve_attention_impl(requested: str | None, dtype: Dtype, head_dim: int) -> str | None:
+    """The ``implementation`` to pass to :func:`jax.nn.dot_product_attention`, decided statically.
+
+    ``"cudnn"`` is honoured only where cuDNN flash attention can run: GPU backend, bf16/fp16 compute and a head
+    dim that is a multiple of 8 and at most 128; anything else falls back to XLA (None). ``"xla"`` and None
+    both mean XLA.
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {requested!r}")
+    if requested != "cudnn":
+        return None
+    ok = (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim % 8 == 0 and head_dim <= 128)
+    return "cudnn" if ok else None
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
+                         implementation: str | None = None) -> jax.Array:
+    """Scaled dot-product attention of projected tokens.
+
+    q: (B, T, heads * D); k, v: (B, S, heads * D) -> (B, T, heads * D). Logits scaled by 1/sqrt(D); logits
+    accumulate in float32 and the softmax is float32 whatever the input dtype.
+    """
+    b, t, inner = q.shape
+    s = k.shape[1]
+    d = inner // heads
+    out = jax.nn.dot_product_attention(q.reshape(b, t, heads, d), k.reshape(b, s, heads, d),
+                                       v.reshape(b, s, heads, d), implementation=implementation)
+    return out.reshape(b, t, inner)
+
+
+class LoRA(nn.Module):
+    """Low-rank residual ``up(down(x))``: down (in -> rank) ~ N(0, 1/rank), up (rank -> features) = 0."""
+
+    features: int
+    rank: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        down = dense(self.rank, "down", self.dtype, use_bias=False,
+                     kernel_init=nn.initializers.normal(stddev=1.0 / self.rank))(x)
+        return dense(self.features, "up", self.dtype, use_bias=False, kernel_init=nn.initializers.zeros)(down)
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention``: to_q / to_k / to_v / to_out_0, optional GroupNorm and residual (VAE style).
+
+    Call with x (B, T, C) and optional context (B, S, Dc) (self-attention when None) -> (B, T, C); or with a
+    spatial x (B, H, W, C) -> (B, H, W, C). ``norm_num_groups`` adds ``group_norm`` before the projections;
+    ``residual_connection`` adds the input back; the result is divided by ``rescale_output_factor``.
+
+    ``upcast_attention`` (diffusers: cast q, k to float32 before q k^T) needs no extra work here: the logits of
+    half-precision q, k are accumulated in float32 (products of bf16/fp16 numbers are exact in float32) and the
+    softmax is float32 in both the XLA and the cuDNN paths. The flag is kept so the module mirrors the config.
+    """
+
+    heads: int
+    head_dim: int
+    qkv_bias: bool = False
+    norm_num_groups: int | None = None
+    norm_eps: float = 1e-5
+    residual_connection: bool = False
+    rescale_output_factor: float = 1.0
+    upcast_attention: bool = False
+    attention_impl: str | None = None
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    def _project(self, name: str, features: int, x: jax.Array, use_bias: bool) -> jax.Array:
+        y = dense(features, name, self.dtype, use_bias=use_bias)(x)
+        if self.lora_rank:
+            y = y + self.lora_scale * LoRA(features, self.lora_rank, self.dtype, name=name + LORA_SUFFIX)(x)
+        return y
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        residual = x
+        spatial_shape = x.shape if x.ndim == 4 else None
+        if spatial_shape is not None:
+            b, h, w, c = x.shape
+            x = x.reshape(b, h * w, c)
+        if self.norm_num_groups is not None:
+            x = group_norm(x, self.norm_num_groups, self.norm_eps, "group_norm")
+        context = x if context is None else context.astype(self.dtype)
+        inner = self.heads * self.head_dim
+        q = self._project("to_q", inner, x, self.qkv_bias)
+        k = self._project("to_k", inner, context, self.qkv_bias)
+        v = self._project("to_v", inner, context, self.qkv_bias)
+        impl = resolve_attention_impl(self.attention_impl, self.dtype, self.head_dim)
+        out = multi_head_attention(q, k, v, self.heads, impl)
+        out = self._project("to_out_0", residual.shape[-1], out, True)
+        if spatial_shape is not None:
+            out = out.reshape(spatial_shape)
+        if self.residual_connection:
+            out = out + residual
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out
+
+
+def init_lora(params: dict, key: jax.Array) -> dict:
+    """Re-initialise every ``*_lora`` subtree of a params tree: ``down`` ~ N(0, 1/rank), ``up`` = 0.
+
+    For trees that came out of the loader with the LoRA leaves allowed missing (filled with zeros). Each
+    subtree's key is folded from ``key`` and a hash of its path, so the result does not depend on tree order.
+    """
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for name, child in node.items():
+            child_path = path + (name,)
+            if name.endswith(LORA_SUFFIX) and isinstance(child, dict) and "down" in child:
+                down = child["down"]["kernel"]
+                sub = jax.random.fold_in(key, zlib.crc32("/".join(child_path).encode()))
+                rank = down.shape[-1]
+                out[name] = {
+                    "down": {"kernel": (jax.random.normal(sub, down.shape, jnp.float32) / rank).astype(down.dtype)},
+                    "up": {"kernel": jnp.zeros_like(child["up"]["kernel"])},
+                }
+            else:
+                out[name] = walk(child, child_path)
+        return out
+
+    return walk(params, ())
+
+
+# ---------------------------------------------------------------------------------------------- conv blocks
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D`` (pre-norm, "default" time embedding: added after conv1).
+
+    x (B, H, W, Cin), temb (B, Dt) or None (VAE: no ``time_emb_proj``) -> (B, H, W, out_channels).
+    ``conv_shortcut`` (1x1) appears when Cin != out_channels.
+    """
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-6
+    output_scale_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = jax.nn.silu(group_norm(x, self.groups, self.eps, "norm1"))
+        h = conv(self.out_channels, "conv1", self.dtype)(h)
+        if temb is not None:
+            h = h + dense(self.out_channels, "time_emb_proj", self.dtype)(jax.nn.silu(temb))[:, None, None, :]
+        h = jax.nn.silu(group_norm(h, self.groups, self.eps, "norm2"))
+        h = conv(self.out_channels, "conv2", self.dtype)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, "conv_shortcut", self.dtype, kernel_size=1)(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+def resnet_cls(remat: bool):
+    """ResnetBlock2D, rematerialised (activations recomputed in the backward pass) when ``remat``."""
+    return nn.remat(ResnetBlock2D) if remat else ResnetBlock2D
+
+
+class Downsample2D(nn.Module):
+    """3x3 conv, stride 2 (``downsamplers_0/conv``). (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), out_channels).
+
+    ``padding`` 1 pads all sides (UNet); ``padding`` 0 pads one row/column at the bottom/right only, as
+    diffusers does for the VAE encoder.
+    """
+
+    out_channels: int
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.out_channels, "conv", self.dtype, stride=2, padding=self.padding)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest upsampling (x2, or to ``output_size``) then a 3x3 conv (``upsamplers_0/conv``)."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, output_size: Sequence[int] | None = None) -> jax.Array:
+        size = (2 * x.shape[1], 2 * x.shape[2]) if output_size is None else output_size
+        return conv(self.out_channels, "conv", self.dtype)(nearest_resize(x, size))
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers ``TimestepEmbedding``: linear_1 -> SiLU -> linear_2. (B, Din) -> (B, features)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.features, "linear_1", self.dtype)(x.astype(self.dtype))
+        return dense(self.features, "linear_2", self.dtype)(jax.nn.silu(x))
+
+
+# ---------------------------------------------------------------------------------------------- transformer
+
+
+class GEGLU(nn.Module):
+    """``proj`` to 2 * features, split into (value, gate), value * gelu(gate) (exact erf gelu)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value, gate = jnp.split(dense(2 * self.features, "proj", self.dtype)(x), 2, axis=-1)
+        return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers ``FeedForward`` with GEGLU: ``net_0`` (GEGLU to 4 * dim), ``net_2`` (back to dim)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, self.dtype, name="net_0")(x)
+        return dense(dim, "net_2", self.dtype)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention, GEGLU feed-forward, each pre-LayerNorm with a residual.
+
+    x (B, T, dim), context (B, S, Dc) -> (B, T, dim). dim = heads * head_dim.
+    """
+
+    heads: int
+    head_dim: int
+    norm_eps: float = 1e-5
+    upcast_attention: bool = False
+    attention_impl: str | None = None
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        attn = dict(heads=self.heads, head_dim=self.head_dim, upcast_attention=self.upcast_attention,
+                    attention_impl=self.attention_impl, lora_rank=self.lora_rank, lora_scale=self.lora_scale,
+                    dtype=self.dtype)
+        x = x + Attention(**attn, name="attn1")(layer_norm(x, self.norm_eps, "norm1"))
+        x = x + Attention(**attn, name="attn2")(layer_norm(x, self.norm_eps, "norm2"), context)
+        return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm(x, self.norm_eps, "norm3"))
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers ``Transformer2DModel`` on continuous input (the UNet's spatial transformer).
+
+    x (B, H, W, C), context (B, S, Dc) -> (B, H, W, C). GroupNorm (eps 1e-6), ``proj_in`` (Dense when
+    ``use_linear_projection``, else 1x1 conv), ``num_layers`` BasicTransformerBlocks, ``proj_out``, residual.
+    """
+
+    heads: int
+    head_dim: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    attention_impl: str | None = None
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        inner = self.heads * self.head_dim
+        residual = x
+        x = group_norm(x, self.norm_num_groups, 1e-6, "norm")
+        if self.use_linear_projection:
+            x = dense(inner, "proj_in", self.dtype)(x.reshape(b, h * w, c))
+        else:
+            x = conv(inner, "proj_in", self.dtype, kernel_size=1)(x).reshape(b, h * w, inner)
+        block = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+        for i in range(self.num_layers):
+            x = block(self.heads, self.head_dim, upcast_attention=self.upcast_attention,
+                      attention_impl=self.attention_impl, lora_rank=self.lora_rank, lora_scale=self.lora_scale,
+                      dtype=self.dtype, name=f"transformer_blocks_{i}")(x, context)
+        if self.use_linear_projection:
+            x = dense(c, "proj_out", self.dtype)(x).reshape(b, h, w, c)
+        else:
+            x = conv(c, "proj_out", self.dtype, kernel_size=1)(x.reshape(b, h, w, inner))
+        return x + residual

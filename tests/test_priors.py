@@ -1,0 +1,83 @@
+"""Demo priors (random, diffusers-format), Flax -> PyTorch-layout export, public loaders and txt2img."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dreamcraft_jax import models
+from dreamcraft_jax.models import demo_priors, loading
+
+
+@pytest.fixture(scope="module")
+def priors(tmp_path_factory):
+    return demo_priors.ensure_demo_priors(tmp_path_factory.mktemp("priors"))
+
+
+def test_torch_key_inverts_flax_path():
+    for key in ("down_blocks.0.resnets.1.conv1.weight", "time_embedding.linear_1.weight",
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.bias",
+                "up_blocks.0.attentions.2.transformer_blocks.0.ff.net.0.proj.weight",
+                "text_model.encoder.layers.11.mlp.fc2.bias", "mid_block.resnets.1.norm2.weight"):
+        parts = loading.flax_path(key)
+        assert loading.torch_key(parts[:-1]) + "." + parts[-1] == key
+
+
+def test_export_then_load_round_trips_exactly(priors):
+    sd, z123 = priors
+    unet, unet_params = models.load_unet(sd)
+    state = loading.to_state_dict(jax.device_get(unet_params))
+    # PyTorch layouts: conv OIHW, linear (out, in).
+    assert state["conv_in.weight"].shape == (32, 4, 3, 3)
+    assert state["time_embedding.linear_1.weight"].shape[1] == 32
+    back = loading.convert_state_dict(state, unet_params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unet_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_demo_priors_are_marked_random_and_load(priors):
+    sd, z123 = priors
+    assert demo_priors.is_random_demo(sd) and demo_priors.is_random_demo(z123)
+    assert demo_priors.is_random_demo(sd / "unet")
+    text, text_params = models.load_clip_text(sd)
+    vision, vision_params = models.load_clip_vision(z123)
+    proj, proj_params = models.load_camera_projection(z123)
+    unet, _ = models.load_unet(z123)
+    vae, _ = models.load_vae(z123)
+    assert unet.in_channels == 8 and vae.downsample_factor == 8
+    tok = models.load_tokenizer(sd)
+    ids = models.tokenize(tok, ["a red mushroom"], max_length=77)
+    hidden = text.apply({"params": text_params}, jnp.asarray(ids)).last_hidden_state
+    assert hidden.shape == (1, 77, demo_priors.TEXT_WIDTH)
+    emb = vision.apply({"params": vision_params}, jnp.zeros((1, 32, 32, 3))).image_embeds
+    ctx = proj.apply({"params": proj_params}, jnp.concatenate([emb, jnp.zeros((1, 4))], -1))
+    assert ctx.shape == (1, demo_priors.TEXT_WIDTH)
+    assert models.load_schedule(sd).num_train_timesteps == 1000
+
+
+def test_txt2img_is_deterministic_and_in_range(priors):
+    from dreamcraft_jax.models.txt2img import generate
+
+    sd, _ = priors
+    a = generate(sd, "a red mushroom", height=32, width=32, num_steps=3, seed=1)
+    b = generate(sd, "a red mushroom", height=32, width=32, num_steps=3, seed=1)
+    c = generate(sd, "a red mushroom", height=32, width=32, num_steps=3, seed=2)
+    assert a.shape == (1, 32, 32, 3) and a.min() >= 0 and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 0
+
+
+def test_txt2img_cli_writes_once_and_reports_missing_weights(priors, tmp_path):
+    sd, _ = priors
+    out = tmp_path / "ref.png"
+    args = [sys.executable, "-m", "dreamcraft_jax.models.txt2img", "--model", str(sd), "--prompt", "a cat",
+            "--out", str(out), "--height", "16", "--width", "16", "--steps", "2"]
+    assert subprocess.run(args, capture_output=True, text=True, timeout=300).returncode == 0 and out.exists()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr
+    missing = subprocess.run(args[:4] + [str(tmp_path / "nowhere")] + args[5:8] + [str(tmp_path / "x.png")],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
