@@ -184,14 +184,15 @@ def convert_state_dict(state: Mapping[str, np.ndarray], abstract_params, *, what
 
     abstract_params: the module's params (arrays or ShapeDtypeStructs, e.g. from ``jax.eval_shape``).
     ignore_unexpected / allow_missing: fnmatch patterns over dotted checkpoint keys / "/"-joined Flax paths.
-    Missing-but-allowed leaves are zero-initialised (LoRA up-projections start at zero).
+    Missing-but-allowed leaves are zero-initialised: a caller adding LoRA must re-initialise the down
+    projections (``layers.init_lora``, as ``load_unet`` does) or no gradient reaches either factor.
     """
     flat_target = {tuple(k): v for k, v in _flatten(abstract_params)}
     holders: dict[tuple[str, ...], dict] = {}
     for path, leaf in flat_target.items():
         holders.setdefault(path[:-1], {})[path[-1]] = leaf
     out: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, mismatched_paths = [], [], set()
     for key, value in state.items():
         parts = flax_path(key)
         holder = holders.get(parts[:-1])
@@ -208,11 +209,12 @@ def convert_state_dict(state: Mapping[str, np.ndarray], abstract_params, *, what
         if tuple(array.shape) != tuple(flat_target[path].shape):
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} -> {tuple(array.shape)}, "
                               f"model {tuple(flat_target[path].shape)}")
+            mismatched_paths.add(path)
             continue
         out[path] = array
     missing = []
     for path, leaf in flat_target.items():
-        if path in out:
+        if path in out or path in mismatched_paths:
             continue
         if any(fnmatch.fnmatch("/".join(path), p) for p in allow_missing):
             out[path] = np.zeros(leaf.shape, leaf.dtype)
