@@ -77,6 +77,30 @@ def as_varying(tree, axis: str = DATA):
     return jax.tree.map(lambda x: jax.lax.pvary(x, axis), tree)
 
 
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 1 << 16) -> P:
+    """FSDP rule for one parameter: split its largest axis divisible by the ``fsdp`` size, if it is big enough.
+
+    Small leaves (norm scales, biases, below ``min_size`` elements) and leaves with no divisible axis stay
+    replicated: sharding them saves nothing and costs a gather each.
+    """
+    size = 1
+    for d in shape:
+        size *= d
+    if fsdp_size <= 1 or size < min_size:
+        return REPLICATED
+    candidates = [i for i, d in enumerate(shape) if d % fsdp_size == 0]
+    if not candidates:
+        return REPLICATED
+    axis = max(candidates, key=lambda i: shape[i])
+    return P(*[FSDP if i == axis else None for i in range(len(shape))])
+
+
+def param_shardings(params, mesh: Mesh, min_size: int = 1 << 16):
+    """NamedShardings for a params tree: FSDP-split along ``fsdp`` where that axis has size > 1, else replicated."""
+    n = int(mesh.shape[FSDP]) if FSDP in mesh.axis_names else 1
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n, min_size)), params)
+
+
 def shard_map(fn, mesh: Mesh, in_specs, out_specs):
     """``jax.shard_map`` with our mesh (kept here so every sharded call goes through one place)."""
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)

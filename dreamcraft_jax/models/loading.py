@@ -236,13 +236,17 @@ def convert_state_dict(state: Mapping[str, np.ndarray], abstract_params, *, what
 
 
 def place(params, mesh=None, shardings=None):
-    """Put a host params tree on devices: replicated over ``mesh``, or with the given sharding tree."""
+    """Put a host params tree on devices, each device receiving only its shard.
+
+    With a ``mesh``: the rules of ``dreamcraft_jax.parallel.param_shardings`` (FSDP-split along ``fsdp`` when that
+    axis has size > 1, replicated otherwise); or an explicit ``shardings`` tree.
+    """
+    if shardings is None and mesh is not None:
+        from dreamcraft_jax.parallel import param_shardings
+
+        shardings = param_shardings(params, mesh)
     if shardings is not None:
         return jax.device_put(params, shardings)
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        return jax.device_put(params, NamedSharding(mesh, P()))
     return jax.tree.map(jnp.asarray, params)
 
 
