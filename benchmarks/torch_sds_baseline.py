@@ -17,22 +17,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-SD21_BASE_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-    use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
-ZERO123_UNET = dict(
-    sample_size=32, in_channels=8, out_channels=4, layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-    use_linear_projection=False, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215)
+from dreamcraft_jax.models.reference_configs import SD21_BASE_UNET, SD_VAE, ZERO123_UNET  # noqa: E402
+
+
+def _kwargs(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def timed(fn, repeats, warmup=3):
@@ -52,8 +41,8 @@ def timed(fn, repeats, warmup=3):
 
 def make_models(unet_cfg, device):
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_cfg).to(device, torch.float16).eval().requires_grad_(False)
-    vae = AutoencoderKL(**SD_VAE).to(device, torch.float16).eval().requires_grad_(False)
+    unet = UNet2DConditionModel(**_kwargs(unet_cfg)).to(device, torch.float16).eval().requires_grad_(False)
+    vae = AutoencoderKL(**_kwargs(SD_VAE)).to(device, torch.float16).eval().requires_grad_(False)
     unet.set_attn_processor(__import__("diffusers.models.attention_processor", fromlist=["x"]).AttnProcessor2_0())
     return unet, vae
 

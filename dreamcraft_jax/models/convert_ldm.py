@@ -22,16 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
-ZERO123_UNET = dict(
-    sample_size=32, in_channels=8, out_channels=4, layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, cross_attention_dim=768,
-    use_linear_projection=False, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0)
-SD_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512], sample_size=256, scaling_factor=0.18215)
+from dreamcraft_jax.models.reference_configs import SD_VAE, ZERO123_UNET  # noqa: E402
+
 SCHEDULER = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
              "beta_end": 0.012, "num_train_timesteps": 1000, "prediction_type": "epsilon", "clip_sample": False,
              "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
@@ -92,11 +84,11 @@ def convert(ckpt_path: Path, out: Path, image_encoder: Path | None) -> None:
     sd = load_checkpoint(ckpt_path)
     if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
         _fail(f"{ckpt_path} is not an LDM checkpoint (no model.diffusion_model.* keys)")
-    unet_cfg = dict(ZERO123_UNET, in_channels=int(sd["model.diffusion_model.input_blocks.0.0.weight"].shape[1]))
+    unet_cfg = dict({k: v for k, v in ZERO123_UNET.items() if not k.startswith('_')}, in_channels=int(sd["model.diffusion_model.input_blocks.0.0.weight"].shape[1]))
     unet = UNet2DConditionModel(**unet_cfg)
     unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
-    vae = AutoencoderKL(**SD_VAE)
+    vae = AutoencoderKL(**{k: v for k, v in SD_VAE.items() if not k.startswith('_')})
     vae.load_state_dict(convert_ldm_vae_checkpoint(sd, vae.config), strict=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
 
