@@ -1,0 +1,33 @@
+"""The bench CLI runs end to end on CPU (tiny sizes) and writes the JSON the README tables are made from."""
+
+import json
+
+from configs_loader import ROOT
+
+from dreamcraft_jax import bench
+
+
+def test_render_bench_writes_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "render.json"
+    assert bench.main(["render", "--config", "configs/demo.py", "--resolution", "16", "--fit_steps", "2",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    r = report["results"]
+    assert report["resolution"] == 16 and report["fit"]["steps"] == 2
+    for variant in ("rgb", "rgb+normals"):
+        assert r[variant]["forward_backward"]["median_ms"] > 0
+        # Field samples are a subset of the occupied candidates.
+        assert 0 < r[variant]["field_samples_per_ray"] <= r[variant]["candidates_per_ray"]
+    split = r["split_rgb_variant"]
+    assert split["valid_samples"] <= split["packed_slots"] <= split["candidate_slots"]
+
+
+def test_sds_bench_tiny_writes_json(tmp_path):
+    out = tmp_path / "sds.json"
+    assert bench.main(["sds", "--tiny", "--kinds", "zero123", "--views", "2", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    case = report["results"]["zero123_views2"]
+    assert case["views"] == 2 and case["median_ms"] > 0
+    assert abs(case["views_per_s"] - 2 / (case["median_ms"] * 1e-3)) < 1e-6 * case["views_per_s"]
