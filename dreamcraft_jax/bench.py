@@ -237,7 +237,7 @@ def random_params(module, *inputs, seed: int = 0, std: float = 0.02):
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype):
+def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype, param_dtype=jnp.float32):
     """(grad_fn, args) for one SDS step: d loss / d images for ``views`` renders."""
     from dreamcraft_jax.guidance.sds import sd_sds_from_images
     from dreamcraft_jax.guidance.zero123 import zero123_sds_loss
@@ -253,8 +253,9 @@ def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype):
     unet = UNet2DConditionModel.from_config(unet_cfg, dtype=dtype, attention_impl=attention_impl)
     vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=attention_impl)
     k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(0), 5)
-    unet_params = random_params(unet, *unet.dummy_inputs(), seed=1)
-    vae_params = random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2)
+    # Frozen priors can be stored in the compute dtype: no per-step cast of ~1e9 float32 weights.
+    unet_params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=1))
+    vae_params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2))
     schedule = default_schedule()
     resolution = (64 if tiny else 512) if kind == "sd" else (32 if tiny else 256)
     images = jax.random.uniform(k3, (views, resolution, resolution, 3))
@@ -316,7 +317,8 @@ def bench_sds(args) -> dict:
                 name = f"{kind}_views{views}" + ("" if impl == impls[0] else "_xla_attention")
                 try:
                     t0 = time.perf_counter()
-                    grad_fn, fn_args = _sds_case(kind, views, args.tiny, impl, dtype)
+                    grad_fn, fn_args = _sds_case(kind, views, args.tiny, impl, dtype,
+                                                 jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32)
                     jax.block_until_ready(fn_args)
                     t1 = time.perf_counter()
                     lowered = grad_fn.lower(*fn_args)
@@ -343,7 +345,7 @@ def bench_sds(args) -> dict:
             r["fraction_of_peak"] = r["tflops_per_s"] / peak
     torch_ref = json.loads(Path(args.torch_json).read_text()) if args.torch_json else None
     return {"benchmark": "sds", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "dtype": jnp.dtype(dtype).name, "tiny": args.tiny, "bf16_matmul_peak_tflops": peak,
+            "dtype": jnp.dtype(dtype).name, "param_dtype": args.param_dtype, "tiny": args.tiny, "bf16_matmul_peak_tflops": peak,
             "results": results, "torch": torch_ref}
 
 
@@ -398,6 +400,8 @@ def main(argv=None) -> int:
     q.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke test of the same code path)")
     q.add_argument("--compare_attention", action="store_true", help="also time XLA attention on GPU")
     q.add_argument("--torch_json", default="", help="JSON of benchmarks/torch_sds_baseline.py to compare with")
+    q.add_argument("--param_dtype", default="bf16", choices=["fp32", "bf16"],
+                   help="storage dtype of the frozen prior weights")
     q.add_argument("--repeats", type=int, default=10)
     q.add_argument("--out", default="")
     args = parser.parse_args(argv)
