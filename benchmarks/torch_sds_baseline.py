@@ -11,7 +11,6 @@ unconditional halves in one batch (no grad), grad = w(t) (eps_hat - eps), backwa
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F

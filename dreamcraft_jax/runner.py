@@ -17,20 +17,17 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
-import os
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from dreamcraft_jax import cameras as cam
 from dreamcraft_jax import parallel
-from dreamcraft_jax.config import ConfigError, resolution_at, validate
+from dreamcraft_jax.config import resolution_at, validate
 from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
 from dreamcraft_jax.export import media
 from dreamcraft_jax.stages.coarse_nerf import CoarseNerf, TrainState, step_kind, targets_from_reference

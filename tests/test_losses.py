@@ -140,7 +140,7 @@ def test_normal_smooth_3d_vs_numpy():
 
 def _orientation_case(seed=8):
     rng = _rng(seed)
-    m, r = 13, 5
+    m = 13
     w = rng.uniform(size=m)
     n = rng.normal(size=(m, 3))
     n /= np.linalg.norm(n, axis=-1, keepdims=True)

@@ -76,7 +76,6 @@ def openai_clip_visual_to_hf(sd: dict, prefix: str) -> dict:
 
 
 def convert(ckpt_path: Path, out: Path, image_encoder: Path | None) -> None:
-    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from safetensors.torch import save_file

@@ -27,7 +27,7 @@ import optax
 
 from dreamcraft_jax import cameras as cam
 from dreamcraft_jax import losses, parallel
-from dreamcraft_jax.config import resolution_at, schedule_is_zero, schedule_value
+from dreamcraft_jax.config import schedule_is_zero, schedule_value
 from dreamcraft_jax.fields import nerf
 from dreamcraft_jax.render import volume
 
@@ -302,7 +302,3 @@ class CoarseNerf:
                     for k, v in outs.items()}
 
         return jax.jit(render)
-
-
-def training_resolution(cfg, step: int) -> tuple[int, int]:
-    return resolution_at(cfg, step)
