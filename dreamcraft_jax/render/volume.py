@@ -345,8 +345,8 @@ def sample_rays(rays_o, rays_d, grid, key, fns: FieldFns, spec: RenderSpec) -> t
     m1, m2 = spec.budgets(n_rays)
     samples = march(rays_o, rays_d, grid, key, spec, m1)
     if spec.alpha_threshold > 0 or spec.early_stop_eps > 0:
-        points = rays_o[jnp.minimum(samples.ray_idx, n_rays - 1)] + \
-            rays_d[jnp.minimum(samples.ray_idx, n_rays - 1)] * samples.t_mid[:, None]
+        ray = jnp.minimum(samples.ray_idx, n_rays - 1)
+        points = rays_o[ray] + rays_d[ray] * samples.t_mid[:, None]
         sigma = jax.lax.stop_gradient(fns.density(points))
         _, trans, alpha = compositing_weights(sigma, samples)
         keep = (alpha > spec.alpha_threshold) & (trans > spec.early_stop_eps)
