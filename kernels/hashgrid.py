@@ -1,0 +1,496 @@
+"""Multi-resolution hash-grid encoding as a Pallas kernel (Triton backend), beside its pure-jnp reference.
+
+``encode_pallas`` computes exactly what :func:`dreamcraft_jax.fields.hashgrid.encode` computes (see that
+module for the tiny-cuda-nn conventions) with two hand-written kernels:
+
+* forward: one program per block of ``B`` points; the ``L`` levels and 8 corners are unrolled statically.
+  Per level ``l``: ``pos = scale_l * x + 0.5``, ``cell = max(floor(pos), 0)`` (uint32),
+  ``frac = pos - floor(pos)``, corner rows ``offset_l + idx_l(cell + b) % size_l`` (dense index or prime
+  hash in wrapping uint32), ``out[:, l*F:(l+1)*F] = mask_l * sum_b w_b * table[row_b]`` with
+  ``w_b = prod_d (frac_d if b_d else 1 - frac_d)``; the table rows are gathered straight from HBM.
+* backward (recomputes rows and weights from ``x``; nothing per corner is stored by the forward):
+  ``d_table[row_b] += w_b * mask_l * g_l`` by atomic scatter-add into a zero-initialised
+  ``(total_params, F)`` buffer, ``d_x_d = sum_l scale_l * sum_b (dw_b/dfrac_d) * <mask_l * g_l, table[row_b]>``
+  with ``dw_b/dfrac_d = (+1 if b_d else -1) * prod_{e != d} w_{b,e}`` (``floor`` has zero derivative,
+  exactly as the reference's autodiff), and per-block partial sums of the level-mask gradient
+  ``d_mask_l = sum_points <feat_l, g_l>`` (``feat_l`` the unmasked level feature), summed outside.
+
+The Triton-specific pieces (gather/scatter/atomics, compiler params) live in the small ``_gather``,
+``_scatter_add``, ``_load``, ``_store`` and ``_compiler_params`` helpers, so that a port to another Pallas
+GPU backend only replaces those.
+
+Interpret mode (CPU, tests): Pallas discharges ``atomic_add`` with an index array as
+``ref.at[idx].set(ref[idx] + val)``, which drops all but one update when ``idx`` has duplicates (common:
+neighbouring points share corners). ``_scatter_add`` therefore uses a functional ``.at[].add`` on the whole
+buffer in interpret mode and the hardware atomics only when lowering to Triton.
+
+Inside ``jax.shard_map``: with ``check_vma=True`` the operands are cast to their common varying mesh axes
+and the ``pallas_call`` outputs declared varying (so a replicated table's gradient is psum-ed by the
+transpose of that cast, as for jnp code); jax 0.12's Pallas *interpret* mode cannot lower a blocked
+``pallas_call`` under ``check_vma=True`` at all, so CPU runs inside shard_map need ``check_vma=False``
+(then the per-shard table gradient must be psum-ed by the caller).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dreamcraft_jax.fields import hashgrid as _ref
+from dreamcraft_jax.fields.hashgrid import HashGridSpec
+
+__all__ = ["encode_pallas", "encode_xla"]
+
+_HASH_PRIMES = tuple(np.uint32(p) for p in _ref._HASH_PRIMES)  # (1, 2654435761, 805459861)
+
+
+def encode_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec,
+               level_mask: jax.Array | None = None) -> jax.Array:
+    """Pure-jnp reference: :func:`dreamcraft_jax.fields.hashgrid.encode` (same signature and result).
+
+    Args:
+        table: (spec.total_params, F) flat parameter table.
+        x: (..., 3) points in [0, 1]^3.
+        spec: grid description (static).
+        level_mask: optional (L,) per-level multiplier.
+    Returns:
+        (..., L * F) level-major features.
+    """
+    return _ref.encode(table, x, spec, level_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend-specific helpers (Triton). A port to another Pallas GPU backend replaces only these.
+# ------------------------------------------------------------------------------------------------
+
+def _compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler parameters of both kernels."""
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _load(ref, idx):
+    """Load a block (static slices / scalar indices) from a ref.
+
+    Plain ref indexing (``get``), which Triton lowers to the same ``tt.load`` as ``plgpu.load``; the
+    latter's interpret-mode discharge rejects Python-int indices on jax 0.12.
+    """
+    return ref[idx]
+
+
+def _store(ref, idx, val):
+    """Store a block (static slices / scalar indices) into a ref (``swap``, lowered to ``tt.store``)."""
+    ref[idx] = val
+
+
+def _gather(table_ref, rows, cols):
+    """``table[rows, cols]`` for same-shape int32 index arrays: one pointer gather from HBM."""
+    return plgpu.load(table_ref.at[rows, cols])
+
+
+def _scatter_add(ref, rows, cols, vals, *, interpret: bool):
+    """``ref[rows, cols] += vals`` for same-shape int32 index arrays, correct under duplicate indices.
+
+    Triton: hardware float atomics (``plgpu.atomic_add``), any number of programs may hit the same row.
+    Interpret mode: Pallas discharges ``atomic_add`` with index arrays as a gather + scatter-*set*, which
+    loses duplicate indices, so the whole buffer is updated with a functional scatter-add instead
+    (programs run sequentially there, so this is exact).
+    """
+    if interpret:
+        ref[...] = ref[...].at[rows, cols].add(vals)
+    else:
+        plgpu.atomic_add(ref, (rows, cols), vals)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared per-level geometry (traced inside both kernels)
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static kernel configuration (hashable; a nondiff argument of the custom_vjp)."""
+
+    block_points: int
+    interpret: bool
+    num_warps: int
+    num_stages: int
+    grad_table_only: bool
+
+
+def _feature_chunks(F: int) -> tuple[int, int]:
+    """(chunk width, number of chunks): Triton tensors need power-of-two sizes, so a non-power-of-two
+    F is processed one feature at a time."""
+    fw = F if F & (F - 1) == 0 else 1
+    return fw, F // fw
+
+
+def _level_geometry(xs, spec: HashGridSpec, l: int):
+    """Per-dimension weights and index terms of level ``l`` for a block of points.
+
+    Args:
+        xs: three (B,) float32 coordinates.
+    Returns:
+        w: w[d][bit] (B,) float32 trilinear factor of dimension d (``1 - frac_d`` for bit 0, ``frac_d`` for 1).
+        terms: terms[d][bit] (B,) uint32 contribution of dimension d to the corner index, so that
+            ``idx = terms[0][b0] + terms[1][b1] + terms[2][b2]`` (dense) or ``^`` of them (hashed).
+    """
+    # Same float32 rounding of the per-level constants as the reference (jnp.asarray(spec.scales, f32)).
+    scale = np.float32(spec.scales[l])
+    dense = bool(spec.dense[l])
+    res = int(spec.resolutions[l])
+    if dense:
+        mults = (np.uint32(1), np.uint32(res % 2**32), np.uint32(res * res % 2**32))
+    else:
+        mults = _HASH_PRIMES
+    w, terms = [], []
+    for d in range(3):
+        pos = xs[d] * scale + np.float32(0.5)
+        pos_floor = jnp.floor(pos)
+        frac = pos - pos_floor
+        # Clamp like the reference so slightly negative inputs cannot wrap to huge uint32 cells.
+        cell = jnp.maximum(pos_floor, np.float32(0.0)).astype(jnp.uint32)
+        w.append((np.float32(1.0) - frac, frac))
+        # All index arithmetic in wrapping uint32, term by term (wrapping distributes over + and the
+        # per-dimension products are what the reference multiplies).
+        terms.append(tuple((cell + np.uint32(bit)) * mults[d] for bit in (0, 1)))
+    return w, terms
+
+
+def _corner_row(terms, bits, spec: HashGridSpec, l: int):
+    """(B,) int32 table row of corner ``bits`` of level ``l``: ``offset_l + idx % size_l``."""
+    t0, t1, t2 = (terms[d][bits[d]] for d in range(3))
+    size = int(spec.level_sizes[l])
+    if bool(spec.dense[l]):
+        idx = jax.lax.rem(t0 + t1 + t2, np.uint32(size))  # dense sizes are multiples of 8, not powers of 2
+    else:
+        idx = (t0 ^ t1 ^ t2) & np.uint32(size - 1)  # hashed levels: size = 2^log2_hashmap_size
+    return (idx + np.uint32(int(spec.offsets[l]))).astype(jnp.int32)  # < total_params <= 2^31 - 1
+
+
+_CORNERS = tuple(tuple((k >> d) & 1 for d in range(3)) for k in range(8))  # bit d of k = offset along d
+
+
+def _index_arrays(row, c: int, fw: int, B: int):
+    """(B, fw) int32 row / column index arrays of feature chunk ``c`` for a gather or scatter."""
+    rows = jnp.broadcast_to(row[:, None], (B, fw))
+    if fw == 1:
+        cols = jnp.full((B, 1), c, jnp.int32)
+    else:
+        cols = jnp.broadcast_to(c * fw + jnp.arange(fw, dtype=jnp.int32)[None, :], (B, fw))
+    return rows, cols
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+def _forward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool):
+    """Refs: x (B, 3) block, [mask (L,)], table (R, F) in HBM -> out (B, L*F) block."""
+    if use_mask:
+        x_ref, mask_ref, table_ref, out_ref = refs
+    else:
+        x_ref, table_ref, out_ref = refs
+        mask_ref = None
+    F = spec.n_features_per_level
+    fw, n_chunks = _feature_chunks(F)
+    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+    for l in range(spec.n_levels):
+        w, terms = _level_geometry(xs, spec, l)
+        acc = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]
+        for bits in _CORNERS:
+            row = _corner_row(terms, bits, spec, l)
+            weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order: (w0 * w1) * w2
+            for c in range(n_chunks):
+                rows, cols = _index_arrays(row, c, fw, B)
+                acc[c] = acc[c] + weight[:, None] * _gather(table_ref, rows, cols)
+        mask_l = _load(mask_ref, l) if use_mask else None
+        for c in range(n_chunks):
+            val = acc[c] * mask_l if use_mask else acc[c]
+            _store(out_ref, (slice(None), pl.ds(l * F + c * fw, fw)), val)
+
+
+def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, need_x: bool, interpret: bool):
+    """Refs: x (B, 3) block, [mask (L,)], table (R, F), g (B, L*F) block, zeros (R, F) (aliased to d_table)
+    -> [d_x (B, 3) block], [d_mask partial (L,) of this block], d_table (R, F) accumulated with atomics.
+
+    ``need_x`` False (``grad_table_only``) drops d_x and d_mask: only the scatter of d_table remains.
+    """
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    mask_ref = refs.pop(0) if use_mask else None
+    table_ref, g_ref, _zeros_ref = refs[:3]
+    refs = refs[3:]
+    dx_ref = refs.pop(0) if need_x else None
+    mask_grad = use_mask and need_x
+    dmask_ref = refs.pop(0) if mask_grad else None
+    (dtable_ref,) = refs
+    F = spec.n_features_per_level
+    fw, n_chunks = _feature_chunks(F)
+    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+    dx = [jnp.zeros((B,), jnp.float32) for _ in range(3)]
+    for l in range(spec.n_levels):
+        w, terms = _level_geometry(xs, spec, l)
+        g = [_load(g_ref, (slice(None), pl.ds(l * F + c * fw, fw))) for c in range(n_chunks)]
+        if use_mask:
+            mask_l = _load(mask_ref, l)
+            gm = [gc * mask_l for gc in g]
+        else:
+            gm = g
+        if mask_grad:
+            feat = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]
+        dfrac = [jnp.zeros((B,), jnp.float32) for _ in range(3)]
+        for bits in _CORNERS:
+            row = _corner_row(terms, bits, spec, l)
+            wd = [w[d][bits[d]] for d in range(3)]
+            weight = (wd[0] * wd[1]) * wd[2]
+            dot = jnp.zeros((B,), jnp.float32)  # <mask_l * g_l, table[row_b]>: cotangent of w_b
+            for c in range(n_chunks):
+                rows, cols = _index_arrays(row, c, fw, B)
+                _scatter_add(dtable_ref, rows, cols, weight[:, None] * gm[c], interpret=interpret)
+                if need_x:  # the gathers serve d_x and d_mask only; d_table alone is a pure scatter
+                    t = _gather(table_ref, rows, cols)
+                    dot = dot + jnp.sum(gm[c] * t, axis=1)
+                    if mask_grad:
+                        feat[c] = feat[c] + weight[:, None] * t
+            if need_x:
+                # d w_b / d frac_d = (+1 for bit 1, -1 for bit 0) * product of the other two factors.
+                partial = (wd[1] * wd[2], wd[0] * wd[2], wd[0] * wd[1])
+                for d in range(3):
+                    term = dot * partial[d]
+                    dfrac[d] = dfrac[d] + term if bits[d] else dfrac[d] - term
+        if need_x:
+            scale = np.float32(spec.scales[l])  # d frac / d x = scale_l
+            dx = [dx[d] + dfrac[d] * scale for d in range(3)]
+        if mask_grad:
+            total = jnp.float32(0.0)
+            for c in range(n_chunks):
+                total = total + jnp.sum(feat[c] * g[c])
+            _store(dmask_ref, l, total)
+    if need_x:
+        for d in range(3):
+            _store(dx_ref, (slice(None), d), dx[d])
+
+
+# ------------------------------------------------------------------------------------------------
+# pallas_call wrappers and custom_vjp
+# ------------------------------------------------------------------------------------------------
+
+def _full_hbm_spec():
+    """BlockSpec of an array the kernel indexes itself (the table): left in HBM, no blocking."""
+    return pl.BlockSpec(memory_space=pl.ANY)
+
+
+def _varying_axes(v) -> frozenset:
+    """Mesh axes along which ``v`` varies inside ``jax.shard_map(check_vma=True)`` (empty elsewhere).
+
+    jax 0.12 keeps them in ``aval.manual_axis_type.varying``, earlier versions in ``aval.vma``.
+    """
+    aval = jax.typeof(v)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def _cast_varying(v, axes: frozenset):
+    """Mark ``v`` as varying over ``axes`` (a no-op in value; its transpose is a psum over the added axes,
+    so the gradient of a replicated table comes out summed over the shards, as with the jnp reference)."""
+    missing = tuple(sorted(axes - _varying_axes(v)))
+    if not missing:
+        return v
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(v, missing, to="varying")
+    return jax.lax.pvary(v, missing)
+
+
+def _out_struct(shape, like) -> jax.ShapeDtypeStruct:
+    """float32 ``ShapeDtypeStruct`` varying over the same mesh axes as ``like``: ``pallas_call`` inside
+    ``shard_map(check_vma=True)`` needs the outputs' varying axes spelled out (``manual_axis_type`` on
+    jax 0.12, ``vma`` before); outside shard_map the field is ignored."""
+    params = inspect.signature(jax.ShapeDtypeStruct).parameters
+    aval = jax.typeof(like)
+    if "manual_axis_type" in params:
+        return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=aval.manual_axis_type)
+    if "vma" in params:
+        return jax.ShapeDtypeStruct(shape, jnp.float32, vma=aval.vma)
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _forward(table, x, mask, spec: HashGridSpec, cfg: _Config):
+    """(N, 3) x, N a multiple of the block -> (N, L*F) float32 features."""
+    N = x.shape[0]
+    B = cfg.block_points
+    L, F = spec.n_levels, spec.n_features_per_level
+    use_mask = mask is not None
+    in_specs = [pl.BlockSpec((B, 3), lambda i: (i, 0))]
+    args = [x]
+    if use_mask:
+        in_specs.append(pl.BlockSpec((L,), lambda i: (0,)))
+        args.append(mask)
+    in_specs.append(_full_hbm_spec())
+    args.append(table)
+    kernel = functools.partial(_forward_kernel, spec=spec, B=B, use_mask=use_mask)
+    return pl.pallas_call(
+        kernel,
+        out_shape=_out_struct((N, L * F), x),
+        grid=(N // B,),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((B, L * F), lambda i: (i, 0)),
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="hashgrid_encode_fwd",
+    )(*args)
+
+
+def _backward(table, x, mask, g, spec: HashGridSpec, cfg: _Config):
+    """Cotangents (d_table (R, F), d_x (N, 3), d_mask (L,) or None) of :func:`_forward` for ``g`` (N, L*F).
+
+    With ``cfg.grad_table_only`` d_x and d_mask are zeros (not computed by the kernel).
+    """
+    N = x.shape[0]
+    B = cfg.block_points
+    L, F = spec.n_levels, spec.n_features_per_level
+    R = spec.total_params
+    n_blocks = N // B
+    use_mask = mask is not None
+    need_x = not cfg.grad_table_only
+    in_specs = [pl.BlockSpec((B, 3), lambda i: (i, 0))]
+    args = [x]
+    if use_mask:
+        in_specs.append(pl.BlockSpec((L,), lambda i: (0,)))
+        args.append(mask)
+    in_specs += [_full_hbm_spec(), pl.BlockSpec((B, L * F), lambda i: (i, 0)), _full_hbm_spec()]
+    # The d_table output aliases a zero input: Triton outputs start uninitialised and programs cannot
+    # synchronise to zero it in-kernel; in interpret mode the alias likewise gives the initial value.
+    zeros_index = len(args) + 2
+    args += [table, g, _cast_varying(jnp.zeros((R, F), jnp.float32), _varying_axes(x))]
+    out_shape, out_specs = [], []
+    if need_x:
+        out_shape.append(_out_struct((N, 3), x))
+        out_specs.append(pl.BlockSpec((B, 3), lambda i: (i, 0)))
+    if use_mask and need_x:
+        out_shape.append(_out_struct((n_blocks, L), x))
+        out_specs.append(pl.BlockSpec((None, L), lambda i: (i, 0)))
+    out_shape.append(_out_struct((R, F), x))
+    out_specs.append(_full_hbm_spec())
+    kernel = functools.partial(_backward_kernel, spec=spec, B=B, use_mask=use_mask, need_x=need_x,
+                               interpret=cfg.interpret)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shape),
+        grid=(n_blocks,),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        input_output_aliases={zeros_index: len(out_shape) - 1},
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
+        interpret=cfg.interpret,
+        name="hashgrid_encode_bwd",
+    )(*args)
+    *outs, dtable = outs
+    # Cotangents the kernel does not compute (grad_table_only) are zeros.
+    dx = outs.pop(0) if need_x else jnp.zeros_like(x)
+    if mask is None:
+        dmask = None
+    elif need_x:
+        dmask = jnp.sum(outs.pop(0), axis=0)  # per-block partial sums -> (L,)
+    else:
+        dmask = jnp.zeros_like(mask)
+    return dtable, dx, dmask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _encode_core(table, x, mask, spec: HashGridSpec, cfg: _Config):
+    return _forward(table, x, mask, spec, cfg)
+
+
+def _encode_core_fwd(table, x, mask, spec, cfg):
+    # Residuals: the inputs only (the table is needed for d_x and is alive anyway); rows and weights are
+    # recomputed in the backward kernel.
+    return _forward(table, x, mask, spec, cfg), (table, x, mask)
+
+
+def _encode_core_bwd(spec, cfg, res, g):
+    table, x, mask = res
+    return _backward(table, x, mask, g.astype(jnp.float32), spec, cfg)
+
+
+_encode_core.defvjp(_encode_core_fwd, _encode_core_bwd)
+
+
+def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.Array | None = None,
+                  *, interpret: bool | None = None, block_points: int = 256, num_warps: int = 4,
+                  num_stages: int = 1, grad_table_only: bool = False) -> jax.Array:
+    """Hash-grid encoding with Pallas kernels; same result as :func:`encode_xla`, differentiable.
+
+    ``out[..., l*F:(l+1)*F] = mask_l * sum_{b in {0,1}^3} w_b * table[row_l(cell + b)]`` (see the module
+    docstring and :func:`dreamcraft_jax.fields.hashgrid.encode`). Gradients (``jax.custom_vjp``, backward
+    kernel recomputing rows and weights from ``x``): ``d_table`` (scatter-add with atomics), ``d_x``
+    (through the trilinear weights, ``d frac / d x = scale_l``) and the true ``d_level_mask``
+    (``sum_points <unmasked feat_l, g_l>``), all matching the reference's autodiff.
+
+    Computation is float32 throughout (the reference computes in float32 for float32 inputs).
+
+    Args:
+        table: (spec.total_params, F) float32 flat parameter table.
+        x: (..., 3) points in [0, 1]^3 (cast to float32); any leading batch shape.
+        spec: grid description (static).
+        level_mask: optional (L,) float per-level multiplier (may be traced); a zero entry zeroes that
+            level's features and its table gradient (exactly).
+        interpret: run the kernels in Pallas interpret mode; None means interpret unless the default
+            backend is GPU.
+        block_points: points per program, a power of two (Triton tensor sizes); N is padded up to a
+            multiple of it (capped at the next power of two >= N for small inputs).
+        num_warps: Triton warps per program.
+        num_stages: Triton software-pipelining stages (the kernels have no loops; 1 is enough).
+        grad_table_only: if True the backward computes only ``d_table`` (a pure scatter, no gathers) and
+            returns zero cotangents for ``x`` and ``level_mask``; for callers that differentiate the
+            table only (e.g. density/colour fields without analytic normals).
+    Returns:
+        (..., L * F) float32 level-major features.
+    """
+    table = jnp.asarray(table)
+    x = jnp.asarray(x)
+    L, F = spec.n_levels, spec.n_features_per_level
+    if table.shape != (spec.total_params, F):
+        raise ValueError(f"table shape {table.shape} != {(spec.total_params, F)}")
+    if table.dtype != jnp.float32:
+        raise TypeError(f"encode_pallas needs a float32 table (float atomics), got {table.dtype}")
+    if x.shape[-1] != 3:
+        raise ValueError(f"x must be (..., 3), got {x.shape}")
+    if block_points < 1 or block_points & (block_points - 1):
+        raise ValueError(f"block_points must be a power of two, got {block_points}")
+    if level_mask is not None:
+        level_mask = jnp.asarray(level_mask, jnp.float32)
+        if level_mask.shape != (L,):
+            raise ValueError(f"level_mask must be ({L},), got {level_mask.shape}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+
+    batch_shape = x.shape[:-1]
+    n = int(np.prod(batch_shape, dtype=np.int64))
+    x2 = x.reshape(n, 3).astype(jnp.float32)
+    # Small inputs get a smaller (still power-of-two) block rather than mostly padding.
+    block = min(block_points, max(16, 1 << (max(n, 1) - 1).bit_length()))
+    n_pad = -(-max(n, 1) // block) * block
+    # Padding points sit at the origin (valid rows) and get zero cotangents from the slice below, so
+    # they add nothing to any gradient.
+    x2 = jnp.pad(x2, ((0, n_pad - n), (0, 0)))
+    # Inside shard_map(check_vma=True): give all kernel operands the union of their varying mesh axes
+    # (what jnp ops do implicitly), so the custom_vjp cotangents have the primal types and a replicated
+    # table / mask gets its gradient psum-ed over the shards by the transpose of the cast.
+    axes = _varying_axes(table) | _varying_axes(x2)
+    if level_mask is not None:
+        axes |= _varying_axes(level_mask)
+    table, x2 = _cast_varying(table, axes), _cast_varying(x2, axes)
+    if level_mask is not None:
+        level_mask = _cast_varying(level_mask, axes)
+    cfg = _Config(block_points=block, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
+                  grad_table_only=grad_table_only)
+    out = _encode_core(table, x2, level_mask, spec, cfg)
+    return out[:n].reshape(*batch_shape, L * F)

@@ -1,0 +1,243 @@
+"""Pallas hash-grid kernel (interpret mode on CPU) against the pure-jnp reference encoder.
+
+The reference is compared under ``jax.jit``: eager op-by-op evaluation of the reference rounds
+``scale * x + 0.5`` differently from a fused one (up to ~1e-5 absolute on the finest levels), while the
+interpret-mode kernel body is compiled by XLA like the jitted reference.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dreamcraft_jax.kernels import hashgrid as hk
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from dreamcraft_jax.fields.hashgrid import HashGridSpec, progressive_level_mask
+
+# tests/conftest.py's tiny grid: level 0 dense (16^3 = 4096 rows = 2^12), levels 1..3 hashed.
+TINY = HashGridSpec(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=16,
+                    per_level_scale=2.0)
+# Levels 0 (32 rows) and 1 (216 rows: dense size not a power of two) dense, levels 2..5 hashed.
+MIXED = HashGridSpec(n_levels=6, n_features_per_level=2, log2_hashmap_size=10, base_resolution=3,
+                     per_level_scale=2.0)
+F1 = HashGridSpec(n_levels=3, n_features_per_level=1, log2_hashmap_size=9, base_resolution=4,
+                  per_level_scale=2.0)
+F4 = HashGridSpec(n_levels=3, n_features_per_level=4, log2_hashmap_size=9, base_resolution=4,
+                  per_level_scale=2.0)
+# F = 3 is not a power of two: the kernel goes feature by feature; dense level 1 has 736 rows.
+F3 = HashGridSpec(n_levels=3, n_features_per_level=3, log2_hashmap_size=10, base_resolution=5,
+                  per_level_scale=1.7)
+
+BLOCK = 128
+N = 1000  # not a multiple of BLOCK: exercises the padding
+
+
+def _inputs(spec, n=N, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    # O(1) table values so that absolute tolerances mean something (the real init is 1e-4).
+    table = jax.random.normal(k1, (spec.total_params, spec.n_features_per_level), jnp.float32)
+    x = jax.random.uniform(k2, (n, 3), jnp.float32)
+    g = jax.random.normal(k3, (n, spec.output_dim), jnp.float32)
+    return table, x, g
+
+
+def _boundary_points():
+    """All 27 combinations of {0, 0.5, 1}: 0.5 lies exactly on a cell boundary of every level of TINY and
+    of levels >= 1 of MIXED (scale * 0.5 + 0.5 is an exact integer there), 1 reaches the last corner."""
+    v = np.array([0.0, 0.5, 1.0], np.float32)
+    return jnp.asarray(np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(-1, 3))
+
+
+def _vjps(spec, table, x, mask, g, **kw):
+    """(value, cotangents) of the kernel and of the jitted reference, both through jax.vjp."""
+    def run(fn):
+        def f(t, x, m):
+            out, vjp = jax.vjp(lambda t, x, m: fn(t, x, spec, m), t, x, m)
+            return out, vjp(g)
+        return jax.jit(f)(table, x, mask)
+
+    ker = run(lambda t, x, s, m: hk.encode_pallas(t, x, s, m, block_points=BLOCK, **kw))
+    ref = run(hk.encode_xla)
+    return ker, ref
+
+
+def _close(a, b, rtol=1e-6, atol=1e-6):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * max(1.0, float(np.abs(b).max())))
+
+
+def _check_grads(ker, ref, *, mask_grad=True):
+    (out_k, (dt_k, dx_k, dm_k)), (out_r, (dt_r, dx_r, dm_r)) = ker, ref
+    _close(out_k, out_r)
+    _close(dt_k, dt_r)
+    # d_x sums up to 24 L products scaled by the grid scale: float32 summation order matters more.
+    _close(dx_k, dx_r, rtol=1e-5, atol=1e-6)
+    if mask_grad:
+        _close(dm_k, dm_r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", [TINY, MIXED, F1, F4, F3], ids=["tiny", "mixed", "F1", "F4", "F3"])
+def test_forward_and_vjp_match_reference(spec):
+    table, x, g = _inputs(spec)
+    x = jnp.concatenate([x, _boundary_points()])
+    g = jnp.concatenate([g, jnp.ones((27, spec.output_dim), jnp.float32)])
+    mask = jnp.ones((spec.n_levels,), jnp.float32).at[1].set(0.5)
+    ker, ref = _vjps(spec, table, x, mask, g)
+    _check_grads(ker, ref)
+
+
+def test_forward_eager_without_mask_and_batch_shape():
+    table, x, _ = _inputs(MIXED, n=600)
+    x = x.reshape(3, 200, 3)
+    out = hk.encode_pallas(table, x, MIXED, block_points=BLOCK)
+    assert out.shape == (3, 200, MIXED.output_dim) and out.dtype == jnp.float32
+    ref = jax.jit(hk.encode_xla, static_argnums=2)(table, x, MIXED)
+    _close(out, ref)
+
+
+def test_boundary_points_exact_cells():
+    """Points at 0, 1 and on cell boundaries (all rounding-free): values and all gradients."""
+    table, _, _ = _inputs(MIXED)
+    x = _boundary_points()
+    g = jax.random.normal(jax.random.key(3), (x.shape[0], MIXED.output_dim))
+    ker, ref = _vjps(MIXED, table, x, None, g)
+    (out_k, (dt_k, dx_k, dm_k)), (out_r, (dt_r, dx_r, _)) = ker, ref
+    assert dm_k is None
+    _close(out_k, out_r)
+    _close(dt_k, dt_r)
+    _close(dx_k, dx_r, rtol=1e-5)
+
+
+def test_masked_levels_get_exactly_zero_table_gradient():
+    spec = MIXED
+    table, x, g = _inputs(spec, n=500)
+    mask = progressive_level_mask(0, spec, start_level=3, start_step=0, update_steps=1)  # levels 3..5 off
+    ker, ref = _vjps(spec, table, x, mask, g)
+    _check_grads(ker, ref)
+    out_k, (dt_k, _, dm_k) = ker
+    out_k, dt_k = np.asarray(out_k), np.asarray(dt_k)
+    F = spec.n_features_per_level
+    for l in range(spec.n_levels):
+        rows = slice(int(spec.offsets[l]), int(spec.offsets[l] + spec.level_sizes[l]))
+        if l < 3:
+            assert np.any(dt_k[rows] != 0)
+        else:
+            assert np.all(dt_k[rows] == 0), l
+            assert np.all(out_k[:, l * F:(l + 1) * F] == 0), l
+    # The mask gradient of switched-off levels is still the true one (non-zero).
+    assert np.all(np.asarray(dm_k)[3:] != 0)
+
+
+def test_grad_table_only():
+    spec = TINY
+    table, x, g = _inputs(spec, n=300)
+    mask = jnp.array([1.0, 1.0, 0.0, 1.0])
+    ker, ref = _vjps(spec, table, x, mask, g, grad_table_only=True)
+    (out_k, (dt_k, dx_k, dm_k)), (out_r, (dt_r, _, _)) = ker, ref
+    _close(out_k, out_r)
+    _close(dt_k, dt_r)
+    assert np.all(np.asarray(dx_k) == 0) and dx_k.shape == x.shape
+    assert np.all(np.asarray(dm_k) == 0) and dm_k.shape == mask.shape
+
+
+def test_small_input_and_jit_grad_of_loss():
+    """N smaller than a block (block shrinks to a power of two) and jax.grad of a scalar loss under jit."""
+    spec = TINY
+    table, x, _ = _inputs(spec, n=37)
+
+    def loss(fn, t, x):
+        return jnp.sum(jnp.sin(fn(t, x, spec)))
+
+    gk = jax.jit(jax.grad(lambda t, x: loss(hk.encode_pallas, t, x), argnums=(0, 1)))(table, x)
+    gr = jax.jit(jax.grad(lambda t, x: loss(hk.encode_xla, t, x), argnums=(0, 1)))(table, x)
+    _close(gk[0], gr[0])
+    _close(gk[1], gr[1], rtol=1e-5)
+
+
+def _sharded_vjp(spec, check_vma):
+    """jit(shard_map) over 8 CPU devices: points and cotangents sharded, table and mask replicated;
+    returns (features, d_table, d_mask) with the replicated gradients summed over the shards: by the
+    transpose of the replicated -> varying cast under check_vma (as for jnp code), by hand without."""
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def local(t, m, x, g):
+        out, vjp = jax.vjp(lambda t, m: hk.encode_pallas(t, x, spec, m, block_points=64), t, m)
+        dt, dm = vjp(g)
+        if not check_vma:
+            dt, dm = jax.lax.psum((dt, dm), "d")
+        return out, dt, dm
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P("d"), P("d")),
+                                 out_specs=(P("d"), P(), P()), check_vma=check_vma))
+
+
+def test_shard_map_forward_and_grads():
+    """Sharded forward equals the unsharded kernel; psum of per-shard table / mask gradients equals the
+    unsharded gradients (check_vma=False: Pallas interpret mode cannot lower under check_vma, see below)."""
+    spec = TINY
+    table, x, g = _inputs(spec, n=8 * 64)
+    mask = jnp.array([1.0, 0.5, 1.0, 0.0])
+    out_s, dt_s, dm_s = _sharded_vjp(spec, check_vma=False)(table, mask, x, g)
+    out_u, vjp = jax.vjp(lambda t, m: hk.encode_pallas(t, x, spec, m, block_points=64), table, mask)
+    dt_u, dm_u = vjp(g)
+    _close(out_s, out_u)
+    _close(dt_s, dt_u)
+    _close(dm_s, dm_u, rtol=1e-5)
+
+
+def test_shard_map_check_vma_types():
+    """Under shard_map(check_vma=True) the kernel calls type-check: outputs vary with the points and the
+    replicated table / mask get replicated (psum-ed) gradients, else out_specs P() would be rejected.
+    Only traced: jax 0.12's Pallas interpret mode fails to lower any blocked pallas_call under
+    check_vma ("dynamic_slice requires varying manual axes to match"); the Triton lowering does not
+    re-trace the kernel with manual axis types."""
+    spec = TINY
+    table, x, g = _inputs(spec, n=8 * 64)
+    mask = jnp.array([1.0, 0.5, 1.0, 0.0])
+    traced = _sharded_vjp(spec, check_vma=True).trace(table, mask, x, g)
+    out, dt, dm = traced.out_info
+    assert out.shape == (8 * 64, spec.output_dim)
+    assert dt.shape == table.shape and dm.shape == mask.shape
+    assert "psum" in str(traced.jaxpr)
+
+
+def test_triton_atomic_path_indexing_in_interpret_mode():
+    """The Triton branch of ``_scatter_add`` (``plgpu.atomic_add`` with (rows, cols) index arrays) and
+    ``_gather``, run in interpret mode on duplicate-free rows (the only case interpret mode discharges
+    exactly), address the same elements as the jnp reference."""
+    R, F, B = 64, 4, 16
+    rows_np = np.random.default_rng(0).permutation(R)[:B].astype(np.int32)
+    table = jnp.arange(R * F, dtype=jnp.float32).reshape(R, F)
+    vals = jnp.arange(B * F, dtype=jnp.float32).reshape(B, F) + 0.5
+
+    def kernel(rows_ref, vals_ref, table_ref, zeros_ref, gathered_ref, acc_ref):
+        rows, cols = hk._index_arrays(rows_ref[...], 0, F, B)
+        gathered_ref[...] = hk._gather(table_ref, rows, cols)
+        hk._scatter_add(acc_ref, rows, cols, vals_ref[...], interpret=False)
+        hk._scatter_add(acc_ref, rows, cols, vals_ref[...], interpret=False)
+
+    gathered, acc = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((B, F), jnp.float32), jax.ShapeDtypeStruct((R, F), jnp.float32)),
+        grid=(1,),
+        in_specs=[pl.BlockSpec((B,), lambda i: (0,)), pl.BlockSpec((B, F), lambda i: (0, 0)),
+                  pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+        out_specs=(pl.BlockSpec((B, F), lambda i: (0, 0)), pl.BlockSpec(memory_space=pl.ANY)),
+        input_output_aliases={3: 1},
+        interpret=True,
+    )(jnp.asarray(rows_np), vals, table, jnp.zeros((R, F), jnp.float32))
+    np.testing.assert_array_equal(gathered, table[rows_np])
+    np.testing.assert_array_equal(acc, jnp.zeros((R, F)).at[rows_np].add(2 * vals))
+
+
+def test_argument_checks():
+    table, x, _ = _inputs(TINY, n=8)
+    with pytest.raises(ValueError, match="power of two"):
+        hk.encode_pallas(table, x, TINY, block_points=96)
+    with pytest.raises(TypeError, match="float32"):
+        hk.encode_pallas(table.astype(jnp.bfloat16), x, TINY)
+    with pytest.raises(ValueError, match="table shape"):
+        hk.encode_pallas(table[:-1], x, TINY)
+    with pytest.raises(ValueError, match="level_mask"):
+        hk.encode_pallas(table, x, TINY, jnp.ones(3))
