@@ -1,7 +1,10 @@
-"""CPU demo: fit the bundled example from the reference view in a few minutes on 2 cores.
+"""CPU demo: stage 1 end to end (coarse NeRF then coarse NeuS) on the bundled example in a few minutes on 2 cores.
 
-Same code path as configs/coarse_nerf.py, sized down: 8-level hash grid with a 2^15 table, 64 px training
-renders, 128 candidate steps per ray, reference-view losses only (no diffusion priors yet), 300 steps.
+Same code path as configs/dreamcraft3d.py, sized down: 8-level hash grid with a 2^15 table, 64 px training
+renders, 128 steps per ray, alternate reference / guidance steps, and TINY RANDOM-WEIGHT PRIORS (written once to
+outputs/demo_priors by dreamcraft_jax.models.demo_priors): their "guidance" is noise, so the unseen sides are not
+meaningful and the logs, the run folder (RANDOM_PRIORS.txt) and this note say so. Real priors: set
+guidance.sd.pretrained / guidance.zero123.pretrained and guidance.demo_priors="".
 """
 
 from dreamcraft_jax.config import base_config
@@ -10,6 +13,13 @@ from dreamcraft_jax.config import base_config
 def get_config():
     config = base_config()
     config.name = "demo"
+    config.stage = "all"
+    config.prompt = "a small toy figure"
+    config.guidance.demo_priors = "outputs/demo_priors"  # RANDOM weights, see the module doc
+    config.guidance.sd.resolution = 64
+    config.guidance.zero123.resolution = 64
+    config.loss.lambda_sd = 0.01  # random priors: keep their noise small next to the reference losses
+    config.loss.lambda_3d_sd = 0.01
     config.field.hashgrid.n_levels = 8
     config.field.hashgrid.log2_hashmap_size = 15
     config.field.hashgrid.per_level_scale = 1.6  # 16 -> ~430 over 8 levels
@@ -18,24 +28,34 @@ def get_config():
     config.data.widths = (64,)
     config.data.resolution_milestones = ()
     config.data.depth = "example"
+    config.camera.progressive_until = 50
     config.render.num_samples_per_ray = 128
     config.render.candidate_samples_per_ray = 24.0
     config.render.samples_per_ray = 12.0
     config.render.eval_samples_per_ray = 24.0
     config.render.grid.warmup_steps = 64
-    config.loss.lambda_normal_smooth = 0.0
+    config.loss.lambda_normal_smooth = 0.0  # no normals on the NeRF's random views: 4x cheaper on CPU
     config.loss.lambda_3d_normal_smooth = 0.0
     config.loss.lambda_orient = 0.0
-    config.loss.lambda_sparsity = 0.0
-    config.loss.lambda_opaque = 0.0
-    config.train.mode = "reference_only"
-    config.train.random_views_per_device = 0
+    config.loss.lambda_sparsity = (100, 0.1, 1.0, 101)
+    config.loss.lambda_opaque = (100, 0.1, 1.0, 101)
+    config.train.mode = "alternate"
     config.train.max_steps = 300
     config.train.log_every = 10
     config.train.val_every = 100
     config.train.save_every = 100
     config.eval.height = 128
     config.eval.width = 128
-    config.eval.n_video_views = 40
+    config.eval.n_video_views = 30
     config.eval.fps = 20
+    n = config.overrides.coarse_neus
+    n.data.heights = (64,)
+    n.data.widths = (64,)
+    n.render.samples_per_ray = 24.0
+    n.render.candidate_samples_per_ray = 24.0
+    n.loss.lambda_orient = 0.0
+    n.train.max_steps = 100
+    n.eval.height = 128
+    n.eval.width = 128
+    config.neus.cos_anneal_end_steps = 100
     return config

@@ -29,6 +29,7 @@ import numpy as np
 from dreamcraft_jax import cameras as cam
 from dreamcraft_jax import parallel
 from dreamcraft_jax.fields import hashgrid, nerf
+from dreamcraft_jax.config import schedule_is_zero
 from dreamcraft_jax.fields.mlp import apply_mlp
 from dreamcraft_jax.render import volume
 
@@ -67,6 +68,7 @@ def fit_scene(cfg, steps: int):
     from dreamcraft_jax.stages.coarse_nerf import REF, CoarseNerf, targets_from_reference
 
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    cfg = cfg.copy_and_resolve_references()  # the caller's config keeps its training mode
     with cfg.unlocked():
         cfg.train.mode = "reference_only"
     stage = CoarseNerf.from_config(cfg, mesh)
@@ -94,12 +96,20 @@ def bench_render(args) -> dict:
     fns = stage.field_fns(params, level_mask)
     results = {}
 
-    no_remat = dataclasses.replace(stage, field=dataclasses.replace(field, remat_encoding=not field.remat_encoding))
-    variants = (("rgb", False, False, stage), ("rgb+normals", True, True, stage),
-                (f"rgb remat={not field.remat_encoding}", False, False, no_remat))
+    def with_backend(backend, **field_kw):
+        return dataclasses.replace(stage, field=dataclasses.replace(field, backend=backend, **field_kw),
+                                   render=dataclasses.replace(spec, backend=backend))
+
+    xla, xla_no_remat = with_backend("xla"), with_backend("xla", remat_encoding=not field.remat_encoding)
+    variants = [("xla rgb", False, False, xla), ("xla rgb+normals", True, True, xla),
+                (f"xla rgb remat={not field.remat_encoding}", False, False, xla_no_remat)]
+    if args.pallas:
+        pallas = with_backend("pallas")
+        variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas)]
+    images = {}
     for variant, need_normals, need_perturb, st in variants:
         def loss(p, rays_o, rays_d, key, need_normals=need_normals, need_perturb=need_perturb, st=st):
-            out = volume.render_rays(rays_o, rays_d, grid, key, st.field_fns(p, level_mask), spec,
+            out = volume.render_rays(rays_o, rays_d, grid, key, st.field_fns(p, level_mask), st.render,
                                      need_normals=need_normals, need_normal_perturb=need_perturb)
             total = jnp.sum(out["rgb"]) + jnp.sum(out["opacity"])
             if need_normals:
@@ -115,6 +125,7 @@ def bench_render(args) -> dict:
             results[variant] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(f"{variant}: {results[variant]['error']}", file=sys.stderr)
             continue
+        images[variant] = out["rgb"]
         results[variant] = {
             "forward_backward": timing,
             "forward": _time(fwd, params, rays_o, rays_d, key, repeats=args.repeats),
@@ -123,6 +134,15 @@ def bench_render(args) -> dict:
             "overflow": int(out["overflow"]),
             "opacity_mean": float(jnp.mean(out["opacity"])),
         }
+
+    for name in list(images):
+        if name.startswith("pallas") and name.replace("pallas", "xla") in images:
+            diff = float(jnp.max(jnp.abs(images[name] - images[name.replace("pallas", "xla")])))
+            results[name]["max_abs_image_diff_vs_xla"] = diff
+            base = results[name.replace("pallas", "xla")]["forward_backward"]["median_ms"]
+            results[name]["speedup_vs_xla"] = base / results[name]["forward_backward"]["median_ms"]
+    fns = xla.field_fns(params, level_mask)
+    spec = xla.render
 
     # Split on the packed samples of one call: each component forward+backward on its own inputs.
     samples, stats = jax.jit(lambda o, d, k: volume.sample_rays(o, d, grid, k, fns, spec))(rays_o, rays_d, key)
@@ -349,6 +369,159 @@ def bench_sds(args) -> dict:
             "results": results, "torch": torch_ref}
 
 
+# ---------------------------------------------------------------------------------------------- full stage steps
+
+
+def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
+    """(Priors, params) with the real SD 2.1-base / Zero123 shapes (or tiny ones) and random weights."""
+    from dreamcraft_jax.guidance.priors import Priors, StableDiffusionPrior, Zero123Prior
+    from dreamcraft_jax.models.clip import Zero123CameraProjection
+    from dreamcraft_jax.models.schedules import default_schedule
+    from dreamcraft_jax.models.unet import UNet2DConditionModel
+    from dreamcraft_jax.models.vae import AutoencoderKL
+
+    gpu = jax.devices()[0].platform == "gpu"
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    impl = "cudnn" if gpu else None
+    vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=impl)
+    vae_params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2))
+    sd_cfg = dict(TINY_UNET if tiny else SD21_BASE_UNET)
+    z_cfg = dict(TINY_UNET if tiny else ZERO123_UNET)
+    z_cfg.update(in_channels=8, use_linear_projection=False, cross_attention_dim=32 if tiny else 768,
+                 attention_head_dim=2 if tiny else 8)
+    priors, params = {}, {}
+    g = cfg.guidance
+    common = lambda c: dict(guidance_scale=float(c.guidance_scale), weighting=c.weighting,  # noqa: E731
+                            min_step_percent=c.min_step_percent, max_step_percent=c.max_step_percent,
+                            grad_clip=c.grad_clip)
+    keys = jax.random.split(jax.random.PRNGKey(7), 4)
+    if not schedule_is_zero(cfg.loss.lambda_sd):
+        unet = UNet2DConditionModel.from_config(sd_cfg, dtype=dtype, attention_impl=impl)
+        up = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=1))
+        d = sd_cfg["cross_attention_dim"]
+        priors["sd"] = StableDiffusionPrior(
+            unet=unet, vae=vae, schedule=default_schedule(), perp_neg=bool(g.sd.perp_neg),
+            view_dependent=bool(g.sd.view_dependent), resolution=64 if tiny else int(g.sd.resolution),
+            thresholds=(45.0, 45.0, 60.0), random_weights=True, **common(g.sd))
+        params["sd"] = {"unet": up, "vae": vae_params, "text_vd": jax.random.normal(keys[0], (4, 77, d), dtype),
+                        "text": jax.random.normal(keys[1], (77, d), dtype),
+                        "uncond": jax.random.normal(keys[2], (77, d), dtype)}
+    if not schedule_is_zero(cfg.loss.lambda_3d_sd):
+        unet = UNet2DConditionModel.from_config(z_cfg, dtype=dtype, attention_impl=impl)
+        up = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=3))
+        d = z_cfg["cross_attention_dim"]
+        proj = Zero123CameraProjection(in_features=d + 4, out_features=d)
+        res = 32 if tiny else int(g.zero123.resolution)
+        priors["3d_sd"] = Zero123Prior(
+            unet=unet, vae=vae, proj=proj, schedule=default_schedule(), variant=g.zero123.variant,
+            resolution=res, ref_camera=(0.0, 0.0, 3.8), random_weights=True, **common(g.zero123))
+        params["3d_sd"] = {"unet": up, "vae": vae_params, "proj": proj.init(keys[3], jnp.zeros((1, d + 4)))["params"],
+                           "embedding": jax.random.normal(keys[3], (1, d)),
+                           "ref_latent": jax.random.normal(keys[3], (1, res // 8, res // 8, 4))}
+    return Priors(priors), params
+
+
+def bench_stage(args) -> dict:
+    """ms/step of full stage steps (render + both priors + update) with real-size random priors."""
+
+    from dreamcraft_jax.config import stage_config
+    from dreamcraft_jax.runner import load_targets, time_split
+    from dreamcraft_jax.stages.coarse_nerf import REF, targets_from_reference
+    from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+
+    cfg = _load_config(args.config)
+    with cfg.unlocked():
+        cfg.parallel.data, cfg.parallel.fsdp = -1, 1
+    t0 = time.perf_counter()
+    nerf_stage, fitted, _ = fit_scene(cfg, args.fit_steps)
+    print(f"fitted the scene in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    mesh = parallel.mesh_from_config(cfg)
+    priors, prior_params = random_priors(cfg, args.tiny)
+    results = {}
+    cases = [("coarse_nerf", r) for r in args.nerf_resolutions] + [("coarse_neus", r) for r in args.neus_resolutions]
+    for stage_name, res in cases:
+        for views in args.views:
+            name = f"{stage_name}_{res}px_views{views}"
+            try:
+                scfg = stage_config(cfg, stage_name)
+                with scfg.unlocked():
+                    scfg.train.random_views_per_device = views
+                    scfg.train.ref_views_per_device = 1
+                    scfg.data.heights, scfg.data.widths, scfg.data.resolution_milestones = (res,), (res,), ()
+                cls = CoarseNeus if stage_name == "coarse_neus" else type(nerf_stage)
+                stage = cls.from_config(scfg, mesh, priors.configured(scfg), prior_params)
+                pp = stage.place_prior_params(prior_params)
+                state = stage.init_state(previous=fitted) if stage_name == "coarse_neus" else parallel.replicate(
+                    jax.device_get(fitted), mesh)
+                state = state.replace(step=jnp.asarray(args.at_step, jnp.int32))
+                targets = parallel.replicate(targets_from_reference(load_targets(scfg, res, res)), mesh)
+                t1 = time.perf_counter()
+                split = time_split(stage, state, targets, pp, (res, res), repeats=args.repeats)
+                ref_step = stage.step_fn(REF, res, res)
+                ref_ms = _time(lambda s: ref_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
+                               repeats=args.repeats)["median_ms"]
+                n_views = views * parallel.view_shards(mesh)
+                results[name] = {"random_step": split, "ref_step_ms": ref_ms, "views_per_step": n_views,
+                                 "random_views_per_s": n_views / (split["step_ms"] * 1e-3),
+                                 "wall_incl_compile_s": time.perf_counter() - t1}
+                if args.out:  # partial results survive a time limit
+                    Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+                print(f"{name:<28} random {split['step_ms']:8.1f} ms (render {split['render_ms']:.1f}, guidance "
+                      f"{split['guidance_ms']:.1f}, update {split['update_ms']:.1f})  ref {ref_ms:8.1f} ms",
+                      flush=True)
+            except Exception as e:  # out of memory etc.: record and go on
+                results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
+    projection = _project_wall(cfg, results)
+    return {"benchmark": "stage", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "devices": len(jax.devices()), "tiny": args.tiny, "config": args.config, "at_step": args.at_step,
+            "kernels_backend": nerf_stage.render.backend, "results": results, "projection": projection,
+            "peak_memory_bytes": _peak_memory_bytes()}
+
+
+def _project_wall(cfg, results: dict) -> dict | None:
+    """Wall time of the official 5000 + 5000 steps (alternate: half reference, half random-view steps) from the
+    1-view step times: 1a at 128 px until step 3000 then 384, 1b at 256."""
+    from dreamcraft_jax.config import stage_config
+
+    def mean_step(stage, res):
+        r = results.get(f"{stage}_{res}px_views1")
+        if not r or "error" in r:
+            return None
+        return 0.5 * (r["random_step"]["step_ms"] + r["ref_step_ms"])
+
+    nerf_cfg, neus_cfg = stage_config(cfg, "coarse_nerf"), stage_config(cfg, "coarse_neus")
+    phases = []
+    milestones = [0, *nerf_cfg.data.resolution_milestones, nerf_cfg.train.max_steps]
+    for i, h in enumerate(nerf_cfg.data.heights):
+        phases.append(("coarse_nerf", h, milestones[i + 1] - milestones[i]))
+    phases.append(("coarse_neus", neus_cfg.data.heights[0], neus_cfg.train.max_steps))
+    total = 0.0
+    parts = {}
+    for stage, res, steps in phases:
+        ms = mean_step(stage, res)
+        if ms is None:
+            return None
+        parts[f"{stage}_{res}px_{steps}_steps_min"] = ms * steps / 60000.0
+        total += ms * steps / 60000.0
+    return {"minutes": total, "parts": parts}
+
+
+def print_stage_table(report: dict) -> None:
+    print(f"stage steps, {report['device']} x{report['devices']}, jax {report['jax']}, kernels "
+          f"{report['kernels_backend']}{' (TINY priors)' if report['tiny'] else ' (real-size random priors)'}")
+    print(f"{'case':<28} {'random ms':>10} {'render':>8} {'guide':>8} {'update':>8} {'ref ms':>8} {'views/s':>8}")
+    for name, r in report["results"].items():
+        if "error" in r:
+            print(f"{name:<28} {r['error']}")
+            continue
+        s = r["random_step"]
+        print(f"{name:<28} {s['step_ms']:>10.1f} {s['render_ms']:>8.1f} {s['guidance_ms']:>8.1f} "
+              f"{s['update_ms']:>8.1f} {r['ref_step_ms']:>8.1f} {r['random_views_per_s']:>8.1f}")
+    if report["projection"]:
+        print(f"projected 5000 + 5000 steps: {report['projection']['minutes']:.1f} min")
+
+
 def print_sds_table(report: dict) -> None:
     torch_ref = report.get("torch") or {}
     print(f"SDS step (d loss / d images), {report['device']}, jax {report['jax']}, {report['dtype']}; "
@@ -370,14 +543,16 @@ def print_sds_table(report: dict) -> None:
 def print_table(report: dict) -> None:
     r = report["results"]
     print(f"render fwd+bwd, {report['resolution']}x{report['resolution']}, {report['device']}, jax {report['jax']}")
-    print(f"{'variant':<14} {'fwd+bwd ms':>11} {'fwd ms':>8} {'samples/ray':>12} {'cand/ray':>9} {'overflow':>9}")
+    print(f"{'variant':<24} {'fwd+bwd ms':>11} {'fwd ms':>8} {'samples/ray':>12} {'cand/ray':>9} {'overflow':>9}")
     for name in [k for k in r if not k.startswith("split")]:
         v = r[name]
         if "error" in v:
-            print(f"{name:<14} {v['error']}")
+            print(f"{name:<24} {v['error']}")
             continue
-        print(f"{name:<14} {v['forward_backward']['median_ms']:>11.2f} {v['forward']['median_ms']:>8.2f} "
-              f"{v['field_samples_per_ray']:>12.2f} {v['candidates_per_ray']:>9.2f} {v['overflow']:>9d}")
+        extra = (f"  {v['speedup_vs_xla']:.2f}x vs xla, image diff {v['max_abs_image_diff_vs_xla']:.1e}"
+                 if "speedup_vs_xla" in v else "")
+        print(f"{name:<24} {v['forward_backward']['median_ms']:>11.2f} {v['forward']['median_ms']:>8.2f} "
+              f"{v['field_samples_per_ray']:>12.2f} {v['candidates_per_ray']:>9.2f} {v['overflow']:>9d}{extra}")
     s = r["split_rgb_variant"]
     print("split (rgb variant, each fwd+bwd on the same packed samples):")
     for k in ("march_occupancy_only", "march_with_density_pruning", "encode_fwd_bwd", "mlp_fwd_bwd",
@@ -393,6 +568,8 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, default=384)
     p.add_argument("--fit_steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--pallas", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the Pallas kernels (interpret mode off GPU: slow)")
     p.add_argument("--out", default="")
     q = sub.add_parser("sds", help="SD SDS at 512 and Zero123 SDS at 256 (real shapes, random weights)")
     q.add_argument("--kinds", nargs="+", default=["sd", "zero123"], choices=["sd", "zero123"])
@@ -404,8 +581,21 @@ def main(argv=None) -> int:
                    help="storage dtype of the frozen prior weights")
     q.add_argument("--repeats", type=int, default=10)
     q.add_argument("--out", default="")
+    t = sub.add_parser("stage", help="full coarse NeRF / NeuS steps with real-size random priors")
+    t.add_argument("--config", default="configs/dreamcraft3d.py")
+    t.add_argument("--nerf_resolutions", nargs="*", type=int, default=[128, 384])
+    t.add_argument("--neus_resolutions", nargs="*", type=int, default=[256])
+    t.add_argument("--views", nargs="+", type=int, default=[1, 4])
+    t.add_argument("--fit_steps", type=int, default=300)
+    t.add_argument("--at_step", type=int, default=1000, help="training step the timed steps run at")
+    t.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")
+    t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    if args.what == "sds":
+    if args.what == "stage":
+        report = bench_stage(args)
+        print_stage_table(report)
+    elif args.what == "sds":
         report = bench_sds(args)
         print_sds_table(report)
     else:

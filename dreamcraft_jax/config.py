@@ -19,8 +19,12 @@ from dreamcraft_jax.render.volume import SHADING_MODES
 
 TRAIN_MODES = ("alternate", "accumulate", "reference_only")
 KERNEL_BACKENDS = ("auto", "pallas", "xla")
-STAGES = ("coarse_nerf",)
-LOSS_NAMES = ("rgb", "mask", "depth_rel", "normal_smooth", "3d_normal_smooth", "orient", "sparsity", "opaque")
+STAGES = ("coarse_nerf", "coarse_neus")
+LOSS_NAMES = ("rgb", "mask", "depth_rel", "normal_smooth", "3d_normal_smooth", "orient", "sparsity", "opaque",
+              "sd", "3d_sd", "eikonal")
+SDS_WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+PRECISIONS = ("auto", "bf16", "fp32")
+ZERO123_VARIANTS = ("zero123", "stable_zero123")
 
 
 class ConfigError(ValueError):
@@ -33,9 +37,16 @@ def schedule(value) -> ml_collections.FieldReference:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults: the official coarse-NeRF (stage 1a) settings, see configs/coarse_nerf.py."""
+    """Defaults: the official coarse-NeRF (stage 1a) settings, see configs/coarse_nerf.py.
+
+    ``stage`` names the stage to run, or "all" for every stage of ``stages`` in order, each from the previous
+    stage's last checkpoint. ``overrides.<stage>`` holds the values that differ in that stage (a partial mirror
+    of this config, applied by :func:`stage_config`); NeuS-only settings live in ``neus``.
+    """
     c = ml_collections.ConfigDict()
     c.stage = "coarse_nerf"
+    c.stages = ("coarse_nerf", "coarse_neus")  # what stage="all" runs
+    c.init_from = ""  # a run folder (or stage folder) whose last checkpoint initialises a single later stage
     c.seed = 0
     c.image = ""  # reference RGBA image; "" = the bundled example
     c.prompt = ""  # used by the diffusion priors (issues [2], [4])
@@ -111,6 +122,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.lambda_orient = schedule((2000, 1.0, 10.0, 2001))
     c.loss.lambda_sparsity = schedule((2000, 0.1, 10.0, 2001))
     c.loss.lambda_opaque = schedule((2000, 0.1, 10.0, 2001))
+    c.loss.lambda_sd = schedule(0.1)  # 2D prior SDS (random-view steps)
+    c.loss.lambda_3d_sd = schedule(0.1)  # Zero123 SDS (random-view steps)
+    c.loss.lambda_eikonal = schedule(0.0)  # NeuS only
+
+    c.guidance = ml_collections.ConfigDict()
+    # The 2D prior. The official 1a/1b use DeepFloyd IF (CFG 20, Perp-Neg); SD 2.1-base takes its place here with
+    # the same CFG, Perp-Neg and timestep ranges.
+    c.guidance.sd = ml_collections.ConfigDict(dict(
+        pretrained="stabilityai/stable-diffusion-2-1-base", variant="", precision="auto", remat=False,
+        guidance_scale=20.0, perp_neg=True, view_dependent=True, negative_prompt="", weighting="sds",
+        min_step_percent=schedule((0, 0.7, 0.2, 200)), max_step_percent=schedule((0, 0.85, 0.5, 200)),
+        grad_clip=schedule(None), resolution=512, front_threshold=45.0, back_threshold=45.0,
+        overhead_threshold=60.0))
+    # The 3D prior: a diffusers-format Zero123 / Stable Zero123 folder (see models/convert_ldm.py).
+    c.guidance.zero123 = ml_collections.ConfigDict(dict(
+        pretrained="", variant="stable_zero123", precision="auto", remat=False, guidance_scale=5.0,
+        weighting="sds", min_step_percent=schedule((0, 0.7, 0.2, 200)),
+        max_step_percent=schedule((0, 0.85, 0.5, 200)), grad_clip=schedule(None), resolution=256))
+    c.guidance.demo_priors = ""  # a folder: write tiny RANDOM priors there and use them (CPU demo and tests)
+
+    c.neus = ml_collections.ConfigDict(dict(
+        sphere_radius=0.5, variance_init=0.3, cos_anneal_end_steps=5000, normal_type="finite_difference",
+        lr_encoding=0.01, lr_sdf=1e-3, lr_feature=1e-3, lr_variance=1e-3))
 
     c.optimizer = ml_collections.ConfigDict(dict(lr=0.01, b1=0.9, b2=0.99, eps=1e-8))
 
@@ -123,6 +157,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.val_every = 200
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3
+    c.train.time_split = True  # after each stage, time render / guidance / update of one step (timing.json)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.height = 512
@@ -134,12 +169,55 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data = -1  # devices on the `data` axis; -1 = all devices / fsdp
-    c.parallel.fsdp = 1
+    c.parallel.fsdp = 1  # devices that split each large frozen prior weight (FSDP); views use data x fsdp devices
+    c.parallel.fsdp_min_size = 1 << 16  # leaves smaller than this stay replicated
     c.parallel.distributed = False  # call jax.distributed.initialize() (multi-host)
 
     c.kernels = ml_collections.ConfigDict(dict(backend="auto"))
+
+    # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.
+    c.overrides = ml_collections.ConfigDict()
+    c.overrides.coarse_nerf = ml_collections.ConfigDict()
+    n = c.overrides.coarse_neus = ml_collections.ConfigDict()
+    n.name = "coarse_neus"
+    n.data = ml_collections.ConfigDict(dict(heights=(256,), widths=(256,), resolution_milestones=()))
+    n.render = ml_collections.ConfigDict(dict(alpha_threshold=0.0, early_stop_eps=0.0, samples_per_ray=64.0,
+                                              candidate_samples_per_ray=64.0))
+    n.render.grid = ml_collections.ConfigDict(dict(threshold=0.001))
+    n.loss = ml_collections.ConfigDict(dict(
+        lambda_normal_smooth=schedule(0.0), lambda_3d_normal_smooth=schedule(0.0), lambda_orient=schedule(10.0),
+        lambda_sparsity=schedule(0.1), lambda_opaque=schedule(0.1), lambda_eikonal=schedule(0.0)))
+    n.guidance = ml_collections.ConfigDict()
+    n.guidance.sd = ml_collections.ConfigDict(dict(min_step_percent=schedule(0.2), max_step_percent=schedule(0.5)))
+    n.guidance.zero123 = ml_collections.ConfigDict(dict(min_step_percent=schedule(0.2),
+                                                        max_step_percent=schedule(0.5)))
+    n.optimizer = ml_collections.ConfigDict(dict(eps=1e-15))
+    n.train = ml_collections.ConfigDict(dict(max_steps=5000))
+    n.eval = ml_collections.ConfigDict(dict(height=512, width=512))
     c.lock()
     return c
+
+
+def _leaves(node, prefix=()):
+    for key in node.keys():
+        value = node[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def stage_config(cfg, stage: str) -> ml_collections.ConfigDict:
+    """A copy of ``cfg`` with ``overrides.<stage>`` applied and ``stage`` set: the config one stage runs with."""
+    out = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+    for path, value in _leaves(cfg.overrides[stage]):
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    out.stage = stage
+    out.lock()
+    return out
 
 
 def schedule_value(value, step):
@@ -216,9 +294,62 @@ def _get(cfg, key: str):
     return node
 
 
+def _check_percent_schedule(cfg, key: str):
+    _check_schedule(cfg, key)
+    value = _get(cfg, key)
+    values = [value] if isinstance(value, numbers.Number) else [value[1], value[2]]
+    if not all(0.0 <= v <= 1.0 for v in values):
+        _fail(key, value, "a fraction of the training timesteps in [0, 1] (or a schedule of such)")
+
+
+def _check_guidance(cfg):
+    for prior in ("sd", "zero123"):
+        g = f"guidance.{prior}"
+        _check_choice(cfg, f"{g}.weighting", SDS_WEIGHTINGS)
+        _check_choice(cfg, f"{g}.precision", PRECISIONS)
+        _check_number(cfg, f"{g}.guidance_scale", low=0)
+        _check_number(cfg, f"{g}.resolution", low=8, integer=True)
+        if _get(cfg, f"{g}.resolution") % 8:
+            _fail(f"{g}.resolution", _get(cfg, f"{g}.resolution"), "a multiple of 8 (the VAE downsampling)")
+        _check_percent_schedule(cfg, f"{g}.min_step_percent")
+        _check_percent_schedule(cfg, f"{g}.max_step_percent")
+        if _get(cfg, f"{g}.grad_clip") is not None:
+            _check_schedule(cfg, f"{g}.grad_clip")
+    _check_choice(cfg, "guidance.zero123.variant", ZERO123_VARIANTS)
+    for key in ("guidance.sd.front_threshold", "guidance.sd.back_threshold"):
+        _check_number(cfg, key, low=0, high=180)
+    _check_number(cfg, "guidance.sd.overhead_threshold", low=-90, high=90)
+    _check_choice(cfg, "neus.normal_type", NORMAL_TYPES)
+    for key in ("neus.sphere_radius", "neus.lr_encoding", "neus.lr_sdf", "neus.lr_feature", "neus.lr_variance"):
+        _check_number(cfg, key, low=0, low_open=True)
+    _check_number(cfg, "neus.cos_anneal_end_steps", low=0, integer=True)
+    _check_number(cfg, "neus.variance_init")
+
+
 def validate(cfg) -> None:
-    """Check every value the code relies on; raise ConfigError naming the first bad key."""
-    _check_choice(cfg, "stage", STAGES)
+    """Check every value the code relies on (every stage's config); raise ConfigError naming the first bad key."""
+    _check_choice(cfg, "stage", STAGES + ("all",))
+    stages = tuple(cfg.stages)
+    if not stages or any(s not in STAGES for s in stages):
+        _fail("stages", cfg.stages, "a non-empty tuple of " + ", ".join(repr(s) for s in STAGES))
+    for stage in stages if cfg.stage == "all" else (cfg.stage,):
+        try:
+            resolved = stage_config(cfg, stage)
+        except (KeyError, AttributeError) as e:
+            raise ConfigError(f"overrides.{stage} names a key that the config does not have: {e}") from None
+        _validate_stage(resolved, prefix="" if stage == "coarse_nerf" else f"(in stage {stage}, after "
+                        f"overrides.{stage}) ")
+
+
+def _validate_stage(cfg, prefix: str) -> None:
+    try:
+        _validate_one(cfg)
+    except ConfigError as e:
+        raise ConfigError(prefix + str(e)) from None
+
+
+def _validate_one(cfg) -> None:
+    _check_guidance(cfg)
     _check_choice(cfg, "train.mode", TRAIN_MODES)
     _check_choice(cfg, "kernels.backend", KERNEL_BACKENDS)
     _check_choice(cfg, "data.background", ("alpha", "flat"))
@@ -276,3 +407,4 @@ def validate(cfg) -> None:
     if cfg.parallel.data != -1:
         _check_number(cfg, "parallel.data", low=1, integer=True)
     _check_number(cfg, "parallel.fsdp", low=1, integer=True)
+    _check_number(cfg, "parallel.fsdp_min_size", low=1, integer=True)

@@ -1,13 +1,15 @@
 """Device mesh and sharding rules: the one place that decides what is split across devices.
 
 Mesh axes:
-  ``data``  views (and prompts): each device renders and scores its share of the step's views; gradients are
-            averaged with ``pmean`` over this axis.
-  ``fsdp``  parameter sharding of large guidance / fine-tuned UNets (issues [2], [4]); size 1 until used.
+  ``data``  views (and prompts): each device renders and scores its share of the step's views.
+  ``fsdp``  parameter sharding of large guidance / fine-tuned UNets: a leaf split along ``fsdp`` is all-gathered
+            inside the step just before use (:func:`gather_fsdp`), so each device stores 1/fsdp of it.
 
 Rules: the 3D scene (field params, optimiser state, occupancy grid, step, rng) is replicated; per-view arrays
-(cameras, per-view rng keys) are split along ``data`` on their leading axis. The same code runs on 1 and N
-devices: a step on N devices equals the 1-device step on the same views up to float summation order.
+(cameras, per-view rng keys) are split over *all* devices (axes ``data`` x ``fsdp``) on their leading axis, and
+gradients and metrics are averaged with ``pmean`` over both axes (:data:`VIEW_AXES`); frozen prior params are
+replicated or FSDP-split (:func:`fsdp_spec`). The same code runs on 1 and N devices: a step on N devices equals
+the 1-device step on the same views up to float summation order.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
 FSDP = "fsdp"
-VIEWS = P(DATA)  # leading axis of per-view arrays
+VIEW_AXES = (DATA, FSDP)  # views are split over every device; grads are pmean'd over both axes
+VIEWS = P(VIEW_AXES)  # leading axis of per-view arrays
 REPLICATED = P()
 
 
@@ -48,8 +51,9 @@ def mesh_from_config(cfg) -> Mesh:
     return make_mesh(int(cfg.parallel.data), int(cfg.parallel.fsdp))
 
 
-def data_size(mesh: Mesh) -> int:
-    return int(mesh.shape[DATA])
+def view_shards(mesh: Mesh) -> int:
+    """Number of devices the views of one step are split over (data x fsdp)."""
+    return int(mesh.shape[DATA]) * int(mesh.shape[FSDP])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -65,7 +69,7 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
-def as_varying(tree, axis: str = DATA):
+def as_varying(tree, axis=VIEW_AXES):
     """Mark replicated values as device-varying along ``axis`` inside shard_map.
 
     Differentiating a loss w.r.t. a replicated (invariant) input inside shard_map makes JAX psum the gradient
@@ -99,6 +103,24 @@ def param_shardings(params, mesh: Mesh, min_size: int = 1 << 16):
     """NamedShardings for a params tree: FSDP-split along ``fsdp`` where that axis has size > 1, else replicated."""
     n = int(mesh.shape[FSDP]) if FSDP in mesh.axis_names else 1
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n, min_size)), params)
+
+
+def fsdp_specs(params, mesh: Mesh, min_size: int = 1 << 16):
+    """PartitionSpecs of :func:`param_shardings` (for shard_map in_specs)."""
+    return jax.tree.map(lambda s: s.spec, param_shardings(params, mesh, min_size))
+
+
+def gather_fsdp(params, specs):
+    """Inside shard_map: all-gather every leaf split along ``fsdp`` (its spec names FSDP) back to full size."""
+
+    def gather(x, spec):
+        for axis, name in enumerate(spec):
+            if name == FSDP:
+                return jax.lax.all_gather(x, FSDP, axis=axis, tiled=True)
+        return x
+
+    # specs first: a PartitionSpec is a tuple, which must stay a leaf here.
+    return jax.tree.map(lambda spec, x: gather(x, spec), specs, params, is_leaf=lambda s: isinstance(s, P))
 
 
 def shard_map(fn, mesh: Mesh, in_specs, out_specs):

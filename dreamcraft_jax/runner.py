@@ -1,12 +1,16 @@
 """The training loop around a stage: run folder, checkpoints, metrics, validation renders, turntable video.
 
-Run folder layout::
+Run folder layout (one sub-folder per stage: coarse_nerf/, coarse_neus/)::
 
-    <workdir>/config.json          the resolved config (config.resume-<step>.json for each resume)
-    <workdir>/metrics.jsonl        one JSON object per logged step
-    <workdir>/checkpoints/<step>/  orbax checkpoints of the whole TrainState
-    <workdir>/val/step_<n>.png     reference view + a random view: rgb | normal | depth | opacity
-    <workdir>/video/turntable.mp4  final orbit (gif where no mp4 encoder exists)
+    <workdir>/config.json                  the config as given (config.resume.json when resumed)
+    <workdir>/<stage>/config.json          the stage's resolved config (config.resume-<step>.json per resume)
+    <workdir>/<stage>/metrics.jsonl        one JSON object per logged step
+    <workdir>/<stage>/checkpoints/<step>/  orbax checkpoints of the whole TrainState
+    <workdir>/<stage>/val/step_<n>.png     reference view + a side view: rgb | normal | depth | opacity
+    <workdir>/<stage>/video/turntable.mp4  final orbit (gif where no mp4 encoder exists)
+    <workdir>/<stage>/timing.json          ms per step split into render / guidance / update
+    <workdir>/<stage>/DONE                 the step the stage finished at (a resumed pipeline skips the stage
+                                           unless its max_steps is now larger)
 
 An existing, non-empty run folder is never reused unless ``--config.resume`` names it. Ctrl-C writes a last
 checkpoint before exiting. Only process 0 writes (multi-host).
@@ -21,16 +25,18 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from dreamcraft_jax import cameras as cam
 from dreamcraft_jax import parallel
-from dreamcraft_jax.config import resolution_at, validate
+from dreamcraft_jax.config import STAGES, resolution_at, schedule_is_zero, stage_config, validate
 from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
 from dreamcraft_jax.export import media
 from dreamcraft_jax.stages.coarse_nerf import CoarseNerf, TrainState, step_kind, targets_from_reference
+from dreamcraft_jax.stages.coarse_neus import CoarseNeus
 
 log = logging.getLogger("dreamcraft_jax")
 
@@ -49,8 +55,11 @@ def resolve_workdir(cfg) -> tuple[Path, bool]:
         path = Path(cfg.resume)
         if path.name.isdigit() and path.parent.name == "checkpoints":  # a step folder was given
             path = path.parent.parent
-        if not (path / "checkpoints").is_dir():
-            raise RunFolderError(f"--config.resume={cfg.resume}: no checkpoints/ folder there to resume from")
+        if (path / "checkpoints").is_dir() and path.name in STAGES:  # a stage folder was given
+            path = path.parent
+        if not any((path / stage / "checkpoints").is_dir() for stage in STAGES):
+            raise RunFolderError(f"--config.resume={cfg.resume}: no <stage>/checkpoints/ folder there to resume "
+                                 f"from (stages: {', '.join(STAGES)})")
         return path, True
     if cfg.workdir:
         path = Path(cfg.workdir)
@@ -82,9 +91,10 @@ def load_targets(cfg, height: int, width: int):
 class Checkpointer:
     """Thin wrapper over an orbax CheckpointManager for a TrainState."""
 
-    def __init__(self, directory: Path, keep: int):
-        self.manager = ocp.CheckpointManager(
-            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    def __init__(self, directory: Path, keep: int | None, read_only: bool = False):
+        options = ocp.CheckpointManagerOptions(read_only=True) if read_only else ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True)
+        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
 
     def save(self, state: TrainState, force: bool = False) -> None:
         step = int(state.step)
@@ -127,40 +137,140 @@ def render_panel(render, state: TrainState, camera) -> np.ndarray:
     return media.panel(out)
 
 
+STAGE_CLASSES = {"coarse_nerf": CoarseNerf, "coarse_neus": CoarseNeus}
+DONE = "DONE"  # written into a stage folder when the stage has reached its last step
+
+
+def stages_to_run(cfg) -> list[str]:
+    return list(cfg.stages) if cfg.stage == "all" else [cfg.stage]
+
+
+def _stage_dir(path: Path, stage: str) -> Path:
+    """A run folder or a stage folder -> the folder of ``stage`` inside it."""
+    if (path / stage / "checkpoints").is_dir():
+        return path / stage
+    if path.name == stage or (path / "checkpoints").is_dir():
+        return path
+    raise RunFolderError(f"{path} holds no {stage}/checkpoints folder to start from")
+
+
 def train(cfg, progress: bool = True) -> Path:
-    """Run the configured stage to ``cfg.train.max_steps``; returns the run folder."""
+    """Run the configured stage(s) (``cfg.stage``: one stage, or "all" = ``cfg.stages`` in order); returns the
+    run folder. Each stage writes into ``<run folder>/<stage>/``; a later stage starts from the previous
+    stage's last checkpoint (``cfg.init_from`` for a single later stage)."""
     validate(cfg)
     parallel.maybe_initialize_distributed(cfg)
     workdir, resuming = resolve_workdir(cfg)
-    # Load the reference before creating anything on disk: a bad image must not leave an empty run folder.
-    phases = sorted({resolution_at(cfg, s) for s in [0, *cfg.data.resolution_milestones]})
-    references = {hw: load_targets(cfg, *hw) for hw in phases}
-    eval_ref = load_targets(cfg, cfg.eval.height, cfg.eval.width)
+    names = stages_to_run(cfg)
+    previous_dir = None
+    if names[0] != "coarse_nerf":  # a later stage starts from the last checkpoint of the stage before it
+        if cfg.init_from:
+            previous_dir = _stage_dir(Path(cfg.init_from), _previous_stage(names[0]))
+        elif not (resuming and (workdir / names[0] / "checkpoints").is_dir()):
+            raise RunFolderError(
+                f"stage {names[0]} starts from a {_previous_stage(names[0])} checkpoint: pass "
+                f"--config.init_from=<run folder of that stage> (or --config.stage=all to run both)")
+    # Everything that can fail on bad input happens before anything is written.
     mesh = parallel.mesh_from_config(cfg)
-    stage = CoarseNerf.from_config(cfg, mesh)
-    targets = {hw: parallel.replicate(targets_from_reference(r), mesh) for hw, r in references.items()}
-
+    first_cfg = stage_config(cfg, names[0])
+    references = _load_references(first_cfg)
+    priors, prior_params = _load_priors(cfg, mesh)
     if is_writer():
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "val").mkdir(exist_ok=True)
-    checkpointer = Checkpointer(workdir / "checkpoints", cfg.train.keep_checkpoints)
-    state = stage.init_state()
-    if resuming and checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state)
-        log.info("resumed %s at step %d", workdir, int(state.step))
+        (workdir / ("config.json" if not resuming else "config.resume.json")).write_text(
+            cfg.to_json_best_effort(indent=2))
+    for name in names:
+        stage_dir = workdir / name
+        scfg = stage_config(cfg, name)
+        done = stage_dir / DONE
+        if done.is_file() and int(done.read_text().split()[0]) >= scfg.train.max_steps:
+            log.info("stage %s already finished in %s", name, stage_dir)
+            previous_dir = stage_dir
+            continue
+        run_stage(scfg, STAGE_CLASSES[name], stage_dir, previous_dir, mesh, priors, prior_params, progress,
+                  references if name == names[0] else None)
+        previous_dir = stage_dir
+    return workdir
+
+
+def _previous_stage(name: str) -> str:
+    order = list(STAGE_CLASSES)
+    return order[max(order.index(name) - 1, 0)]
+
+
+def _load_references(cfg) -> dict:
+    phases = sorted({resolution_at(cfg, s) for s in [0, *cfg.data.resolution_milestones]})
+    refs = {hw: load_targets(cfg, *hw) for hw in phases}
+    refs["eval"] = load_targets(cfg, cfg.eval.height, cfg.eval.width)
+    return refs
+
+
+def _load_priors(cfg, mesh):
+    """Load the priors once for all stages (their per-stage settings are applied by ``Priors.configured``)."""
+    from dreamcraft_jax.guidance.priors import demo_prior_paths, load_priors, reference_rgb_on_white
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+    if cfg.guidance.demo_priors:
+        cfg.guidance.sd.pretrained, cfg.guidance.zero123.pretrained = demo_prior_paths(cfg.guidance.demo_priors)
+    uses = any(not schedule_is_zero(stage_config(cfg, n).loss[k]) for n in stages_to_run(cfg)
+               for k in ("lambda_sd", "lambda_3d_sd"))
+    if not uses:
+        return None, None
+    ref = load_targets(cfg, cfg.guidance.zero123.resolution, cfg.guidance.zero123.resolution)
+    priors, params = load_priors(cfg, reference_rgb_on_white(ref.rgb, ref.mask), mesh)
+    if priors.random_weights:
+        log.warning("=" * 100)
+        log.warning("RANDOM PRIORS: the diffusion priors of this run are tiny random stand-ins; their guidance is "
+                    "noise. Real runs set --config.guidance.sd.pretrained / --config.guidance.zero123.pretrained.")
+        log.warning("=" * 100)
+    return priors, params
+
+
+def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, priors, prior_params,
+              progress: bool, references: dict | None = None) -> Path:
+    """Run one stage to ``cfg.train.max_steps`` in ``stage_dir`` (resuming from its checkpoints if any)."""
+    references = references or _load_references(cfg)
+    eval_ref = references["eval"]
+    stage_priors = priors.configured(cfg) if priors is not None else None
+    stage = stage_cls.from_config(cfg, mesh, stage_priors, prior_params)
+    prior_params = stage.place_prior_params(prior_params)
+    targets = {hw: parallel.replicate(targets_from_reference(r), mesh) for hw, r in references.items()
+               if hw != "eval"}
+    previous = None
+    if previous_dir is not None:
+        prev_cfg = stage_config(cfg, previous_dir.name) if previous_dir.name in STAGE_CLASSES else cfg
+        prev_stage = STAGE_CLASSES[previous_dir.name if previous_dir.name in STAGE_CLASSES else "coarse_nerf"]
+        template = prev_stage.from_config(prev_cfg, mesh).init_state()
+        ckpt = Checkpointer(previous_dir / "checkpoints", None, read_only=True)
+        previous = ckpt.restore(template)
+        ckpt.close()
+        log.info("%s starts from %s at step %d", stage.name, previous_dir, int(previous.step))
+
     if is_writer():
-        name = "config.json" if not resuming else f"config.resume-{int(state.step)}.json"
-        (workdir / name).write_text(cfg.to_json_best_effort(indent=2))
-        media.save_image(workdir / "reference.png", media.panel(
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "val").mkdir(exist_ok=True)
+    checkpointer = Checkpointer(stage_dir / "checkpoints", cfg.train.keep_checkpoints)
+    state = stage.init_state(previous=previous)
+    resumed = checkpointer.latest_step() is not None
+    if resumed:
+        state = checkpointer.restore(state)
+        log.info("resumed %s at step %d", stage_dir, int(state.step))
+    if is_writer():
+        name = "config.json" if not resumed else f"config.resume-{int(state.step)}.json"
+        (stage_dir / name).write_text(cfg.to_json_best_effort(indent=2))
+        media.save_image(stage_dir / "reference.png", media.panel(
             {"rgb": eval_ref.rgb * eval_ref.mask[..., None] + (1 - eval_ref.mask[..., None]),
              "opacity": eval_ref.mask}, order=("rgb", "opacity")))
-    metrics_writer = MetricsWriter(workdir / "metrics.jsonl")
+        if stage_priors is not None and stage_priors.random_weights:
+            (stage_dir / "RANDOM_PRIORS.txt").write_text(
+                "The diffusion priors of this run were tiny RANDOM stand-ins: its guidance was noise.\n")
+    metrics_writer = MetricsWriter(stage_dir / "metrics.jsonl")
     render = stage.render_fn(cfg.eval.height, cfg.eval.width)
     ref_camera = cam.reference_camera(cfg.camera)
     steps_fns = {}
     start = int(state.step)
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (progress and is_writer()),
-               dynamic_ncols=True, desc=cfg.name)
+               dynamic_ncols=True, desc=stage.name)
     last_time, last_step = time.perf_counter(), start
     try:
         step = start
@@ -169,7 +279,7 @@ def train(cfg, progress: bool = True) -> Path:
             kind = step_kind(cfg.train.mode, step)
             if (kind, hw) not in steps_fns:
                 steps_fns[(kind, hw)] = stage.step_fn(kind, *hw)
-            state, metrics = steps_fns[(kind, hw)](state, targets[hw])
+            state, metrics = steps_fns[(kind, hw)](state, targets[hw], prior_params)
             step += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 record = _scalars(metrics)
@@ -181,12 +291,12 @@ def train(cfg, progress: bool = True) -> Path:
                 shown = {k: record[k] for k in ("loss", "ref/psnr") if k in record}
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
             if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
-                validate_views(cfg, render, state, ref_camera, workdir, step, eval_ref, metrics_writer)
+                validate_views(cfg, render, state, ref_camera, stage_dir, step, eval_ref, metrics_writer)
             if step % cfg.train.save_every == 0:
                 checkpointer.save(state)
             bar.update(1)
     except KeyboardInterrupt:
-        log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), workdir)
+        log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), stage_dir)
         checkpointer.save(state, force=True)
         checkpointer.wait()
         raise
@@ -195,9 +305,43 @@ def train(cfg, progress: bool = True) -> Path:
     checkpointer.save(state, force=True)
     checkpointer.wait()
     checkpointer.close()
+    if cfg.train.time_split and is_writer():
+        timing = time_split(stage, state, targets[resolution_at(cfg, cfg.train.max_steps)], prior_params,
+                            resolution_at(cfg, cfg.train.max_steps))
+        (stage_dir / "timing.json").write_text(json.dumps(timing, indent=2))
+        log.info("%s ms/step split: %s", stage.name, {k: round(v, 2) for k, v in timing.items()
+                                                       if isinstance(v, float)})
     if cfg.eval.video and cfg.eval.n_video_views > 0 and is_writer():
-        write_turntable(cfg, render, state, workdir / "video" / "turntable.mp4")
-    return workdir
+        write_turntable(cfg, render, state, stage_dir / "video" / "turntable.mp4")
+    if is_writer():
+        (stage_dir / DONE).write_text(f"{int(state.step)}\n")
+    return stage_dir
+
+
+def time_split(stage, state, targets, prior_params, hw, repeats: int = 5) -> dict:
+    """ms of one random-view step split into render (fwd+bwd of the renderer and the per-view losses),
+    guidance (the priors' share of the gradient) and update (grid update + Adam), medians of ``repeats``."""
+    import dataclasses
+    import statistics
+
+    def timed(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(1000.0 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    kind = "random" if stage.cfg.train.mode != "reference_only" else "ref"
+    no_priors = dataclasses.replace(stage, priors=None, prior_specs=None)
+    state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state)
+    render_ms = timed(no_priors.grads_fn(kind, *hw), state, targets, {})
+    grads_ms = timed(stage.grads_fn(kind, *hw), state, targets, prior_params)
+    step = stage.step_fn(kind, *hw)
+    step_ms = timed(lambda s: step(jax.tree.map(lambda x: x.copy(), s), targets, prior_params), state)
+    return {"kind": kind, "height": hw[0], "width": hw[1], "step_ms": step_ms, "render_ms": render_ms,
+            "guidance_ms": max(grads_ms - render_ms, 0.0), "update_ms": max(step_ms - grads_ms, 0.0)}
 
 
 def validate_views(cfg, render, state, ref_camera, workdir: Path, step: int, eval_ref, writer) -> float:

@@ -1,8 +1,27 @@
-"""Pallas kernels for the renderer (issue [3]); installed as ``dreamcraft_jax.kernels``.
+"""Pallas kernels for the renderer; installed as ``dreamcraft_jax.kernels`` (see kernels/README.md).
 
-Each kernel will sit beside its pure-jnp reference (``dreamcraft_jax.render`` / ``dreamcraft_jax.fields``)
-with the same signature, a ``custom_vjp`` and a CPU interpret-mode test. Until then the renderer uses the
-pure-jnp path only (``kernels.backend = "xla"``).
+Each kernel sits beside its pure-jnp reference with the same signature, has a ``custom_vjp`` where it is
+differentiated, and a CPU interpret-mode test. The renderer and the fields pick one through the config key
+``kernels.backend`` = ``auto`` (Pallas on GPU, XLA on CPU and TPU: no TPU lowering exists) | ``pallas`` | ``xla``,
+resolved once by :func:`resolve_backend` and stored in the static specs (``RenderSpec.backend``,
+``NerfFieldSpec.backend``).
+
+* :mod:`.march`: occupancy-grid marching into a fixed budget (count, scan, scatter; no (R, S) intermediate);
+* :mod:`.hashgrid`: hash-grid encoding forward, backward by atomic scatter-add;
+* :mod:`.composite`: packed compositing forward / backward (kept on the XLA path by default: slower on H100,
+  see kernels/README.md).
 """
 
-AVAILABLE_KERNELS: tuple[str, ...] = ()
+BACKENDS = ("auto", "pallas", "xla")
+AVAILABLE_KERNELS: tuple[str, ...] = ("march", "hashgrid", "composite")
+
+
+def resolve_backend(name: str) -> str:
+    """"auto" -> "pallas" on GPU, "xla" elsewhere; "pallas" / "xla" unchanged."""
+    if name not in BACKENDS:
+        raise ValueError(f"kernels.backend must be one of {BACKENDS}, got {name!r}")
+    if name != "auto":
+        return name
+    import jax
+
+    return "pallas" if jax.default_backend() == "gpu" else "xla"

@@ -121,6 +121,7 @@ class _Config:
     num_warps: int
     num_stages: int
     grad_table_only: bool
+    xla_backward: bool = False
 
 
 def _feature_chunks(F: int) -> tuple[int, int]:
@@ -417,6 +418,17 @@ def _encode_core_fwd(table, x, mask, spec, cfg):
 
 def _encode_core_bwd(spec, cfg, res, g):
     table, x, mask = res
+    if cfg.xla_backward:
+        # XLA's scatter-add of the reference: faster than float atomics when many points share rows (the
+        # samples of a real scene crowd into a few coarse cells; measured on H100, kernels/README.md).
+        g = g.astype(jnp.float32)
+        if cfg.grad_table_only:
+            (dtable,) = jax.vjp(lambda t: _ref.encode(t, x, spec, mask), table)[1](g)
+            return dtable, jnp.zeros_like(x), None if mask is None else jnp.zeros_like(mask)
+        if mask is None:
+            dtable, dx = jax.vjp(lambda t, p: _ref.encode(t, p, spec), table, x)[1](g)
+            return dtable, dx, None
+        return jax.vjp(lambda t, p, m: _ref.encode(t, p, spec, m), table, x, mask)[1](g)
     return _backward(table, x, mask, g.astype(jnp.float32), spec, cfg)
 
 
@@ -425,7 +437,7 @@ _encode_core.defvjp(_encode_core_fwd, _encode_core_bwd)
 
 def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.Array | None = None,
                   *, interpret: bool | None = None, block_points: int = 256, num_warps: int = 4,
-                  num_stages: int = 1, grad_table_only: bool = False) -> jax.Array:
+                  num_stages: int = 1, grad_table_only: bool = False, xla_backward: bool = False) -> jax.Array:
     """Hash-grid encoding with Pallas kernels; same result as :func:`encode_xla`, differentiable.
 
     ``out[..., l*F:(l+1)*F] = mask_l * sum_{b in {0,1}^3} w_b * table[row_l(cell + b)]`` (see the module
@@ -451,6 +463,8 @@ def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask
         grad_table_only: if True the backward computes only ``d_table`` (a pure scatter, no gathers) and
             returns zero cotangents for ``x`` and ``level_mask``; for callers that differentiate the
             table only (e.g. density/colour fields without analytic normals).
+        xla_backward: compute the backward with XLA (the reference's vjp: gather rows again, scatter-add)
+            instead of the atomic kernel; the forward stays Pallas.
     Returns:
         (..., L * F) float32 level-major features.
     """
@@ -491,6 +505,6 @@ def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask
     if level_mask is not None:
         level_mask = _cast_varying(level_mask, axes)
     cfg = _Config(block_points=block, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
-                  grad_table_only=grad_table_only)
+                  grad_table_only=grad_table_only, xla_backward=xla_backward)
     out = _encode_core(table, x2, level_mask, spec, cfg)
     return out[:n].reshape(*batch_shape, L * F)

@@ -35,6 +35,13 @@ def tiny_config(**overrides):
     c.eval.height = 16
     c.eval.width = 16
     c.eval.video = False
+    c.train.time_split = False
+    c.loss.lambda_sd = 0.0  # priors off unless a test turns them on (with guidance.demo_priors)
+    c.loss.lambda_3d_sd = 0.0
+    c.overrides.coarse_neus.data.heights = (16,)
+    c.overrides.coarse_neus.data.widths = (16,)
+    c.overrides.coarse_neus.render.samples_per_ray = 24.0
+    c.overrides.coarse_neus.render.candidate_samples_per_ray = 24.0
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")

@@ -15,10 +15,14 @@ def test_render_bench_writes_json(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     r = report["results"]
     assert report["resolution"] == 16 and report["fit"]["steps"] == 2
-    for variant in ("rgb", "rgb+normals"):
+    for variant in ("xla rgb", "xla rgb+normals", "pallas rgb", "pallas rgb+normals"):
         assert r[variant]["forward_backward"]["median_ms"] > 0
         # Field samples are a subset of the occupied candidates.
         assert 0 < r[variant]["field_samples_per_ray"] <= r[variant]["candidates_per_ray"]
+    # The Pallas kernels (interpret mode on CPU) render the fitted scene like the XLA path.
+    for variant in ("pallas rgb", "pallas rgb+normals"):
+        assert r[variant]["max_abs_image_diff_vs_xla"] <= 1e-3
+        assert r[variant]["field_samples_per_ray"] == r[variant.replace("pallas", "xla")]["field_samples_per_ray"]
     split = r["split_rgb_variant"]
     assert split["valid_samples"] <= split["packed_slots"] <= split["candidate_slots"]
 
@@ -31,3 +35,15 @@ def test_sds_bench_tiny_writes_json(tmp_path):
     case = report["results"]["zero123_views2"]
     assert case["views"] == 2 and case["median_ms"] > 0
     assert abs(case["views_per_s"] - 2 / (case["median_ms"] * 1e-3)) < 1e-6 * case["views_per_s"]
+
+
+def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "stage.json"
+    assert bench.main(["stage", "--config", "configs/demo.py", "--tiny", "--nerf_resolutions", "16",
+                       "--neus_resolutions", "16", "--views", "1", "--fit_steps", "2", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for case in ("coarse_nerf_16px_views1", "coarse_neus_16px_views1"):
+        split = report["results"][case]["random_step"]
+        assert split["step_ms"] > 0 and split["render_ms"] > 0 and split["guidance_ms"] >= 0

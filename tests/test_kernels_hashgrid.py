@@ -241,3 +241,17 @@ def test_argument_checks():
         hk.encode_pallas(table[:-1], x, TINY)
     with pytest.raises(ValueError, match="level_mask"):
         hk.encode_pallas(table, x, TINY, jnp.ones(3))
+
+
+@pytest.mark.parametrize("grad_table_only", [True, False])
+def test_xla_backward_option_matches_reference(grad_table_only):
+    spec = TINY
+    table, x, g = _inputs(spec, n=300)
+    mask = jnp.array([1.0, 1.0, 0.0, 1.0])
+    ker, ref = _vjps(spec, table, x, mask, g, grad_table_only=grad_table_only, xla_backward=True)
+    (out_k, (dt_k, dx_k, dm_k)), (out_r, (dt_r, dx_r, dm_r)) = ker, ref
+    _close(out_k, out_r)
+    _close(dt_k, dt_r)
+    if not grad_table_only:
+        _close(dx_k, dx_r)
+        _close(dm_k, dm_r)

@@ -45,11 +45,13 @@ class NerfFieldSpec:
     progressive_start_step: int = 2000
     progressive_update_steps: int = 500
     remat_encoding: bool = True
+    backend: str = "xla"  # hash-grid encoding: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.hashgrid)
 
     @classmethod
-    def from_config(cls, cfg) -> "NerfFieldSpec":
-        """cfg: the ``field`` ConfigDict (see configs/base.py)."""
+    def from_config(cls, cfg, backend: str = "xla") -> "NerfFieldSpec":
+        """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend."""
         return cls(
+            backend=backend,
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -113,13 +115,27 @@ def _activate(raw: jax.Array, spec: NerfFieldSpec) -> jax.Array:
     return jax.nn.softplus(raw)
 
 
-def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask) -> jax.Array:
-    if spec.remat_encoding:
+def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec, mask, *, backend: str,
+                  remat: bool, need_x_grad: bool) -> jax.Array:
+    """Hash-grid features of points in [0, 1]^3 through the chosen backend.
+
+    The Pallas kernel keeps only (table, x, mask) for its backward, so it needs no remat; its backward skips the
+    gradient w.r.t. x unless ``need_x_grad`` (analytic normals differentiate through x).
+    """
+    if backend == "pallas" and not need_x_grad:
+        from dreamcraft_jax.kernels.hashgrid import encode_pallas
+
+        return encode_pallas(table, unit, grid, mask, grad_table_only=True, block_points=128, xla_backward=True)
+    if remat:
         # The gather keeps (N, L, 8) rows, weights and corner features for the backward pass (~2 KB per
         # point at L=16); recomputing them from x in the backward pass bounds memory at 384 px with normals.
-        return jax.checkpoint(hashgrid.encode, static_argnums=(2,))(params["encoding"], _unit(x, spec),
-                                                                    spec.grid, mask)
-    return hashgrid.encode(params["encoding"], _unit(x, spec), spec.grid, mask)
+        return jax.checkpoint(hashgrid.encode, static_argnums=(2,))(table, unit, grid, mask)
+    return hashgrid.encode(table, unit, grid, mask)
+
+
+def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask) -> jax.Array:
+    return encode_points(params["encoding"], _unit(x, spec), spec.grid, mask, backend=spec.backend,
+                         remat=spec.remat_encoding, need_x_grad=spec.normal_type == "analytic")
 
 
 def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None) -> jax.Array:

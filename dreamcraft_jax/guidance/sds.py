@@ -13,6 +13,8 @@ Weightings w(t): "sds" 1 - alphabar_t (DreamFusion), "uniform" 1, "fantasia3d" s
 
 Randomness (reproducible from the key): ``k_t, k_noise = jax.random.split(key)``,
 ``t = jax.random.randint(k_t, (B,), min_step, max_step + 1)``, ``eps = jax.random.normal(k_noise, z.shape)``.
+With one key per sample (``key`` of shape (B, 2)) each sample draws its own t and eps from its key
+(:func:`draw_timesteps_and_noise`): a view's draws then do not depend on which device or batch it lands in.
 
 Model contract (``eps_fn(x_t, t)``, t int32 (B,)): see :mod:`dreamcraft_jax.models.sampling`: return
 ``(out_cond, out_uncond)`` and give ``guidance_scale``, or one already-guided output (e.g. Perp-Neg via
@@ -88,6 +90,28 @@ def sds_surrogate(latents: jax.Array, grad: jax.Array) -> jax.Array:
     return (linear - jax.lax.stop_gradient(linear)) + jax.lax.stop_gradient(value)
 
 
+def is_key_batch(key: jax.Array) -> bool:
+    """True for a batch of raw uint32 keys (B, 2) (one per sample), False for one key."""
+    return not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 2
+
+
+def draw_timesteps_and_noise(key: jax.Array, latents: jax.Array, min_step, max_step):
+    """(t (B,) int32 in [min_step, max_step], eps like latents) from one key or from one key per sample."""
+    batch = latents.shape[0]
+
+    def draw(k, shape):
+        k_t, k_noise = jax.random.split(k)
+        t = jax.random.randint(k_t, shape[:1], min_step, max_step + 1, dtype=jnp.int32)
+        return t, jax.random.normal(k_noise, shape, latents.dtype)
+
+    if is_key_batch(key):
+        if key.shape[0] != batch:
+            raise ValueError(f"{key.shape[0]} keys for a batch of {batch}")
+        t, noise = jax.vmap(lambda k: draw(k, (1,) + latents.shape[1:]))(key)
+        return t[:, 0], noise[:, 0]
+    return draw(key, latents.shape)
+
+
 def sds_loss(latents: jax.Array, key: jax.Array, step, *, eps_fn: EpsFn, schedule: NoiseSchedule, guidance_scale,
              weighting: str = "sds", min_step_percent=0.02, max_step_percent=0.98, grad_clip=None
              ) -> tuple[jax.Array, dict]:
@@ -99,9 +123,7 @@ def sds_loss(latents: jax.Array, key: jax.Array, step, *, eps_fn: EpsFn, schedul
     """
     batch = latents.shape[0]
     min_step, max_step = timestep_range(step, min_step_percent, max_step_percent, schedule.num_train_timesteps)
-    k_t, k_noise = jax.random.split(key)
-    t = jax.random.randint(k_t, (batch,), min_step, max_step + 1, dtype=jnp.int32)
-    noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
+    t, noise = draw_timesteps_and_noise(key, latents, min_step, max_step)
     x_t = add_noise(schedule, jax.lax.stop_gradient(latents), noise, t)
     out = model_output(eps_fn, x_t, t, guidance_scale)
     eps_hat = jax.lax.stop_gradient(predict_eps(schedule, out, x_t, t))

@@ -61,11 +61,13 @@ class RenderSpec:
     normal_perturb_std: float = 0.01
     ambient: float = 0.1
     diffuse: float = 0.9
+    backend: str = "xla"  # marching: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.march)
 
     @classmethod
-    def from_config(cls, cfg, radius: float) -> "RenderSpec":
-        """cfg: the ``render`` ConfigDict (see configs/base.py)."""
+    def from_config(cls, cfg, radius: float, backend: str = "xla") -> "RenderSpec":
+        """cfg: the ``render`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend."""
         return cls(
+            backend=backend,
             radius=float(radius),
             num_samples_per_ray=int(cfg.num_samples_per_ray),
             candidate_samples_per_ray=float(cfg.candidate_samples_per_ray),
@@ -328,11 +330,17 @@ def shade(albedo, normal, points, light_pos, mode: str, spec: RenderSpec):
 
 @dataclasses.dataclass(frozen=True)
 class FieldFns:
-    """The field as closures over its params: density (N,3)->(N,), radiance (N,3)->((N,), (N,3)), normal."""
+    """The field as closures over its params.
+
+    density (N,3) -> (N,) (the pruning pass); radiance (N,3) -> (sigma (N,), albedo (N,3)); normal (N,3) -> (N,3).
+    A direction-dependent field (NeuS) sets ``radiance_dir`` instead of using ``radiance`` for the main pass:
+    (points (N,3), dirs (N,3), dt (N,)) -> (sigma (N,), albedo (N,3), normal (N,3), aux dict of per-sample arrays).
+    """
 
     density: Callable
-    radiance: Callable
+    radiance: Callable | None
     normal: Callable
+    radiance_dir: Callable | None = None
 
 
 def sample_rays(rays_o, rays_d, grid, key, fns: FieldFns, spec: RenderSpec) -> tuple[Samples, dict]:
@@ -343,7 +351,12 @@ def sample_rays(rays_o, rays_d, grid, key, fns: FieldFns, spec: RenderSpec) -> t
     """
     n_rays = rays_o.shape[0]
     m1, m2 = spec.budgets(n_rays)
-    samples = march(rays_o, rays_d, grid, key, spec, m1)
+    if spec.backend == "pallas":
+        from dreamcraft_jax.kernels.march import march_pallas  # the kernels import this module
+
+        samples = march_pallas(rays_o, rays_d, grid, key, spec, m1)
+    else:
+        samples = march(rays_o, rays_d, grid, key, spec, m1)
     if spec.alpha_threshold > 0 or spec.early_stop_eps > 0:
         ray = jnp.minimum(samples.ray_idx, n_rays - 1)
         points = rays_o[ray] + rays_d[ray] * samples.t_mid[:, None]
@@ -365,7 +378,7 @@ def render_rays(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, 
     ``normal`` (R, 3) = (n + 1) / 2 * opacity for display and losses (n the normalised weighted sum of normals;
     zeros when not requested), ``normal_world`` (R, 3);
     per sample (packed, M2 slots): ``weights``, ``valid``, ``ray_idx``, ``dirs`` (M2, 3), ``sample_normal`` and
-    ``sample_normal_perturb`` (M2, 3) when requested;
+    ``sample_normal_perturb`` (M2, 3) when requested, ``sample_<name>`` for every aux array of ``radiance_dir``;
     stats: ``n_samples`` (valid samples), ``n_candidates``, ``overflow`` (see :func:`sample_rays`).
     """
     n_rays = rays_o.shape[0]
@@ -374,13 +387,18 @@ def render_rays(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, 
     ray = jnp.minimum(samples.ray_idx, n_rays - 1)
     dirs = rays_d[ray]
     points = rays_o[ray] + dirs * samples.t_mid[:, None]
-    sigma, albedo = fns.radiance(points)
+    normal = None
+    aux = {}
+    if fns.radiance_dir is not None:
+        sigma, albedo, normal, aux = fns.radiance_dir(points, dirs, samples.t1 - samples.t0)
+    else:
+        sigma, albedo = fns.radiance(points)
     weights, _, _ = compositing_weights(sigma, samples)
     out = {"weights": weights, "valid": samples.valid, "ray_idx": samples.ray_idx, "dirs": dirs,
-           "n_samples": jnp.sum(samples.valid, dtype=jnp.int32), **stats}
-    normal = None
+           "n_samples": jnp.sum(samples.valid, dtype=jnp.int32), **stats,
+           **{f"sample_{k}": v for k, v in aux.items()}}
     if need_normals or shading != "albedo":
-        normal = fns.normal(points)
+        normal = fns.normal(points) if normal is None else normal
         out["sample_normal"] = normal
     if need_normal_perturb:
         noise = spec.normal_perturb_std * jax.random.normal(k_perturb, points.shape)

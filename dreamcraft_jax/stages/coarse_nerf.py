@@ -10,7 +10,13 @@ Data path of one step (see DESIGN.md):
 Which views a step renders depends on ``train.mode``: ``alternate`` (official) renders the reference view on even
 steps and random views on odd steps; ``accumulate`` both every step; ``reference_only`` only the reference view.
 The Python loop picks the step *kind* from the step number, and each (kind, resolution) compiles once.
-The random-view step carries the regularisers now; the diffusion guidance of issue [4] plugs in there.
+Random views are rendered one at a time (``lax.map``, bounded memory) and then scored by the diffusion priors
+(:mod:`dreamcraft_jax.guidance.priors`) as one batch per device (``lambda_sd``: the 2D prior, ``lambda_3d_sd``:
+Zero123). The frozen prior params enter the step as an argument, replicated or FSDP-split along ``fsdp`` and
+all-gathered just before use.
+
+:class:`CoarseNerf` is written so that the NeuS stage (:mod:`dreamcraft_jax.stages.coarse_neus`) only swaps the
+field (params, field closures, optimiser, extra per-view terms).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import optax
 
 from dreamcraft_jax import cameras as cam
+from dreamcraft_jax import kernels
 from dreamcraft_jax import losses, parallel
 from dreamcraft_jax.config import schedule_is_zero, schedule_value
 from dreamcraft_jax.fields import nerf
@@ -76,14 +83,35 @@ class CoarseNerf:
     """Static description of the stage built once from the config; its methods build pure jitted functions."""
 
     cfg: Any  # the ml_collections ConfigDict (read at trace time only)
-    field: nerf.NerfFieldSpec
+    field: Any  # nerf.NerfFieldSpec (NeuS: neus.NeusFieldSpec)
     render: volume.RenderSpec
     mesh: Any
+    priors: Any = None  # guidance.priors.Priors or None (no guidance terms)
+    prior_specs: Any = None  # PartitionSpec tree of the prior params (replicated / FSDP)
+
+    name = "coarse_nerf"
 
     @classmethod
-    def from_config(cls, cfg, mesh) -> "CoarseNerf":
-        field = nerf.NerfFieldSpec.from_config(cfg.field)
-        return cls(cfg=cfg, field=field, render=volume.RenderSpec.from_config(cfg.render, field.radius), mesh=mesh)
+    def from_config(cls, cfg, mesh, priors=None, prior_params=None) -> "CoarseNerf":
+        """``priors``/``prior_params`` from :func:`dreamcraft_jax.guidance.priors.load_priors` (or None)."""
+        backend = kernels.resolve_backend(cfg.kernels.backend)
+        field = cls.field_spec(cfg, backend)
+        min_size = int(cfg.parallel.fsdp_min_size)
+        specs = parallel.fsdp_specs(prior_params, mesh, min_size) if prior_params is not None else None
+        return cls(cfg=cfg, field=field, render=volume.RenderSpec.from_config(cfg.render, field.radius, backend),
+                   mesh=mesh,
+                   priors=priors if priors is not None and priors.priors else None, prior_specs=specs)
+
+    @staticmethod
+    def field_spec(cfg, backend: str = "xla"):
+        return nerf.NerfFieldSpec.from_config(cfg.field, backend)
+
+    def place_prior_params(self, prior_params):
+        """Put the prior params on the mesh: FSDP-split where ``parallel.fsdp`` > 1, else replicated."""
+        if prior_params is None or self.priors is None:
+            return {}
+        return jax.device_put(prior_params, parallel.param_shardings(prior_params, self.mesh,
+                                                                     int(self.cfg.parallel.fsdp_min_size)))
 
     # ------------------------------------------------------------------ state
 
@@ -92,25 +120,42 @@ class CoarseNerf:
         o = self.cfg.optimizer
         return optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps)
 
-    def init_state(self, seed: int | None = None) -> TrainState:
+    def init_params(self, key, previous=None):
+        """Fresh field params (``previous``: the state of the stage before, unused here)."""
+        del previous
+        return nerf.init_field(key, self.field)
+
+    def init_grid(self, previous=None) -> volume.OccupancyGrid:
+        del previous
+        return volume.init_occupancy_grid(self.render)
+
+    def init_state(self, seed: int | None = None, previous: TrainState | None = None) -> TrainState:
         seed = self.cfg.seed if seed is None else seed
         key = jax.random.PRNGKey(seed)
         k_params, k_run = jax.random.split(key)
-        params = nerf.init_field(k_params, self.field)
-        state = TrainState(params=params, opt_state=self.optimizer.init(params),
-                           grid=volume.init_occupancy_grid(self.render), step=jnp.zeros((), jnp.int32),
-                           rng=k_run, nonfinite_skips=jnp.zeros((), jnp.int32))
+        params = self.init_params(k_params, previous)
+        state = TrainState(params=params, opt_state=self.optimizer.init(params), grid=self.init_grid(previous),
+                           step=jnp.zeros((), jnp.int32), rng=k_run, nonfinite_skips=jnp.zeros((), jnp.int32))
         return parallel.replicate(state, self.mesh)
 
     # ------------------------------------------------------------------ field as closures
 
-    def field_fns(self, params, mask) -> volume.FieldFns:
+    def level_mask(self, step):
+        return nerf.level_mask(step, self.field)
+
+    def field_fns(self, params, mask, step=None) -> volume.FieldFns:
+        del step
         spec = self.field
         return volume.FieldFns(
             density=lambda x: nerf.density(params, x, spec, mask),
             radiance=lambda x: nerf.density_and_albedo(params, x, spec, mask),
             normal=lambda x: nerf.normals(params, x, spec, mask),
         )
+
+    def extra_terms(self, out: dict, is_ref: bool) -> dict:
+        """Field-specific unweighted loss terms of one view (NeuS: eikonal)."""
+        del out, is_ref
+        return {}
 
     def _needs(self, kind: str) -> tuple[bool, bool]:
         """(need_normals, need_normal_perturb) for a step kind, decided at trace time from the loss weights."""
@@ -128,10 +173,10 @@ class CoarseNerf:
         jitter = self.cfg.camera.ray_jitter if is_ref else 0.0
         rays_o, rays_d = cam.get_rays(camera, height, width, k_rays, jitter)
         need_normals, need_perturb = self._needs(REF if is_ref else RANDOM)
-        mask = nerf.level_mask(step, self.field)
+        mask = self.level_mask(step)
         light = cam.light_directions(k_light, camera) if self.cfg.render.shading != "albedo" else None
         out = volume.render_rays(rays_o.reshape(-1, 3), rays_d.reshape(-1, 3), grid, k_render,
-                                 self.field_fns(params, mask), self.render, need_normals=need_normals,
+                                 self.field_fns(params, mask, step), self.render, need_normals=need_normals,
                                  need_normal_perturb=need_perturb, shading=self.cfg.render.shading,
                                  light_pos=light)
         rgb = out["rgb"].reshape(height, width, 3)
@@ -156,6 +201,7 @@ class CoarseNerf:
             terms["sparsity"] = losses.sparsity(opacity)
         if not schedule_is_zero(w.lambda_opaque):
             terms["opaque"] = losses.opaque_entropy(opacity)
+        terms.update(self.extra_terms(out, is_ref))
         n_rays = height * width
         stats = {"samples_per_ray": out["n_samples"] / n_rays,
                  "candidates_per_ray": out["n_candidates"] / n_rays,
@@ -165,15 +211,19 @@ class CoarseNerf:
             target = targets.rgb * targets.mask[..., None] + jnp.asarray(self.render.background) * (
                 1.0 - targets.mask[..., None])
             stats["psnr"] = losses.psnr(rgb, target)
-        return terms, stats
+        return terms, stats, rgb
 
     def weighted_total(self, terms: dict, step) -> jax.Array:
         return sum(schedule_value(self.cfg.loss[f"lambda_{name}"], step) * value for name, value in terms.items())
 
     # ------------------------------------------------------------------ per-device loss and grads
 
-    def _local_loss(self, params, grid, ref_views, rand_views, step, targets, kind, height, width):
-        """Mean loss over this device's views; ref and random parts are each averaged, then added."""
+    def _local_loss(self, params, grid, ref_views, rand_views, step, targets, prior_params, kind, height, width):
+        """Mean loss over this device's views; ref and random parts are each averaged, then added.
+
+        The random views' renders (V, H, W, 3) are scored by the priors as one batch; each prior's loss is already
+        the mean over the batch, so it adds to the mean of the per-view terms.
+        """
         total = 0.0
         metrics = {}
         for is_ref, views, prefix in ((True, ref_views, "ref"), (False, rand_views, "random")):
@@ -183,19 +233,26 @@ class CoarseNerf:
 
             def one(args, is_ref=is_ref):
                 camera, key = args
-                terms, stats = self.view_terms(params, grid, camera, key, step, targets, is_ref, height, width)
-                return self.weighted_total(terms, step), terms, stats
+                terms, stats, rgb = self.view_terms(params, grid, camera, key, step, targets, is_ref, height, width)
+                return self.weighted_total(terms, step), terms, stats, rgb
 
-            loss, terms, stats = jax.lax.map(one, (cams, keys))
-            total = total + jnp.mean(loss)
-            metrics[f"{prefix}/loss"] = jnp.mean(loss)
+            loss, terms, stats, rgbs = jax.lax.map(one, (cams, keys))
+            view_loss = jnp.mean(loss)
+            if not is_ref and self.priors is not None:
+                guide_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys)
+                g_terms, g_stats = self.priors.losses(prior_params, rgbs, cams, guide_keys, step)
+                view_loss = view_loss + self.weighted_total(g_terms, step)
+                metrics.update({f"{prefix}/{k}": v for k, v in g_terms.items()})
+                metrics.update({f"{prefix}/{k}": v for k, v in g_stats.items()})
+            total = total + view_loss
+            metrics[f"{prefix}/loss"] = view_loss
             metrics.update({f"{prefix}/{k}": jnp.mean(v) for k, v in terms.items()})
             metrics.update({f"{prefix}/{k}": jnp.mean(v) for k, v in stats.items()})
         return total, metrics
 
     def _view_batches(self, state: TrainState, kind: str):
         """Global view batches (ref, random) for this step: cameras + per-view keys, or None."""
-        n_dev = parallel.data_size(self.mesh)
+        n_dev = parallel.view_shards(self.mesh)
         t = self.cfg.train
         step_key = jax.random.fold_in(state.rng, state.step)
         k_ref, k_cams, k_rand = jax.random.split(jax.random.fold_in(step_key, 1), 3)
@@ -209,40 +266,44 @@ class CoarseNerf:
             rand = (cam.sample_cameras(k_cams, n, state.step, self.cfg.camera), jax.random.split(k_rand, n))
         return ref, rand
 
-    def _grads(self, state: TrainState, targets: Targets, kind: str, height: int, width: int, grid):
+    def _grads(self, state: TrainState, targets: Targets, prior_params, kind: str, height: int, width: int, grid):
         ref, rand = self._view_batches(state, kind)
         local = partial(self._local_loss, kind=kind, height=height, width=width)
+        uses_priors = self.priors is not None and kind in (RANDOM, BOTH)
+        prior_params = prior_params if uses_priors else {}
+        prior_specs = self.prior_specs if uses_priors else parallel.REPLICATED
 
-        def per_device(params, grid, ref_views, rand_views, step, targets):
+        def per_device(params, grid, ref_views, rand_views, step, targets, prior_params):
+            prior_params = parallel.gather_fsdp(prior_params, prior_specs) if uses_priors else prior_params
             (loss, metrics), grads = jax.value_and_grad(local, has_aux=True)(
-                parallel.as_varying(params), grid, ref_views, rand_views, step, targets)
+                parallel.as_varying(params), grid, ref_views, rand_views, step, targets, prior_params)
             metrics["loss"] = loss
-            return jax.lax.pmean(grads, parallel.DATA), jax.lax.pmean(metrics, parallel.DATA)
+            return jax.lax.pmean(grads, parallel.VIEW_AXES), jax.lax.pmean(metrics, parallel.VIEW_AXES)
 
         sharded = parallel.shard_map(
             per_device, self.mesh,
             in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.VIEWS, parallel.VIEWS,
-                      parallel.REPLICATED, parallel.REPLICATED),
+                      parallel.REPLICATED, parallel.REPLICATED, prior_specs),
             out_specs=(parallel.REPLICATED, parallel.REPLICATED))
-        return sharded(state.params, grid, ref, rand, state.step, targets)
+        return sharded(state.params, grid, ref, rand, state.step, targets, prior_params)
 
     def update_grid(self, state: TrainState) -> volume.OccupancyGrid:
-        mask = nerf.level_mask(state.step, self.field)
+        mask = self.level_mask(state.step)
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
         return volume.update_occupancy_grid(state.grid, key, state.step,
-                                            self.field_fns(state.params, mask).density, self.render)
+                                            self.field_fns(state.params, mask, state.step).density, self.render)
 
     def grads_fn(self, kind: str, height: int, width: int):
-        """jit (state, targets) -> (grads, metrics): the sharded gradient of one step (for tests and benches)."""
-        return jax.jit(lambda state, targets: self._grads(state, targets, kind, height, width,
-                                                          self.update_grid(state)))
+        """jit (state, targets, prior_params) -> (grads, metrics): the sharded gradient of one step."""
+        return jax.jit(lambda state, targets, prior_params=None: self._grads(
+            state, targets, prior_params, kind, height, width, self.update_grid(state)))
 
     def step_fn(self, kind: str, height: int, width: int):
-        """jit (state, targets) -> (new_state, metrics): one full training step."""
+        """jit (state, targets, prior_params) -> (new_state, metrics): one full training step."""
 
-        def step(state: TrainState, targets: Targets):
+        def step(state: TrainState, targets: Targets, prior_params=None):
             grid = self.update_grid(state)
-            grads, metrics = self._grads(state, targets, kind, height, width, grid)
+            grads, metrics = self._grads(state, targets, prior_params, kind, height, width, grid)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
@@ -250,7 +311,7 @@ class CoarseNerf:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             metrics["grad_norm"] = optax.global_norm(grads)
             metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
-            metrics["active_levels"] = jnp.sum(nerf.level_mask(state.step, self.field))
+            metrics["active_levels"] = jnp.sum(self.level_mask(state.step))
             metrics["grid_occupancy"] = jnp.mean(grid.binary.astype(jnp.float32))
             new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
                                    grid=grid, step=state.step + 1, rng=state.rng,
@@ -271,13 +332,13 @@ class CoarseNerf:
                                    samples_per_ray=self.cfg.render.eval_samples_per_ray,
                                    candidate_samples_per_ray=max(self.cfg.render.candidate_samples_per_ray,
                                                                  2 * self.cfg.render.eval_samples_per_ray))
-        n_dev = parallel.data_size(self.mesh)
+        n_dev = parallel.view_shards(self.mesh)
         n_rays = height * width
         chunk = min(chunk_rays, -(-n_rays // n_dev))
         n_chunks = -(-n_rays // (chunk * n_dev)) * n_dev
 
         def render_chunks(params, grid, rays_o, rays_d, step):
-            fns = self.field_fns(params, nerf.level_mask(step, self.field))
+            fns = self.field_fns(params, self.level_mask(step), step)
 
             def one(args):
                 o, d = args

@@ -1,0 +1,63 @@
+"""Stage 1b, coarse NeuS (dreamcraft3d-coarse-neus): the coarse NeRF's step with an SDF field.
+
+Everything but the field is :class:`~dreamcraft_jax.stages.coarse_nerf.CoarseNerf`: views, losses, priors,
+sharding, NaN guard. The field (:mod:`dreamcraft_jax.fields.neus`) starts from stage 1a's hash table and feature
+MLP with a fresh SDF MLP biased to a sphere of radius 0.5; the learned variance sharpens the surface, and the
+cosine annealing ratio follows the stage's step. Optimiser: Adam with per-group learning rates (encoding 0.01,
+SDF / feature MLPs and variance 1e-3; eps 1e-15 from ``overrides.coarse_neus.optimizer``). The occupancy grid
+starts fully occupied and is re-estimated from the SDF (isotropic NeuS alpha) during the warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import optax
+
+from dreamcraft_jax.config import schedule_is_zero
+from dreamcraft_jax.fields import neus
+from dreamcraft_jax.render import volume
+from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
+
+
+@dataclasses.dataclass(frozen=True)
+class CoarseNeus(CoarseNerf):
+    name = "coarse_neus"
+
+    @staticmethod
+    def field_spec(cfg, backend: str = "xla"):
+        return neus.NeusFieldSpec.from_config(cfg, backend)
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        o, n = self.cfg.optimizer, self.cfg.neus
+        lrs = {"encoding": n.lr_encoding, "sdf_net": n.lr_sdf, "feature_net": n.lr_feature,
+               "variance": n.lr_variance}
+        groups = {name: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps) for name, lr in lrs.items()}
+        return optax.multi_transform(groups, {name: name for name in lrs})
+
+    def init_params(self, key, previous=None):
+        """Fresh SDF MLP + variance; hash table and feature MLP from ``previous`` (a coarse-NeRF TrainState)."""
+        return neus.init_field(key, self.field, None if previous is None else previous.params)
+
+    def level_mask(self, step):
+        return neus.level_mask(step, self.field)
+
+    def field_fns(self, params, mask, step=None) -> volume.FieldFns:
+        spec, dt = self.field, self.render.step_size
+
+        def radiance_dir(points, dirs, dts):
+            sigma, albedo, normal, grad = neus.alpha_radiance(params, points, dirs, dts, step, spec, mask)
+            return sigma, albedo, normal, {"sdf_grad": grad}
+
+        return volume.FieldFns(
+            density=lambda x: neus.isotropic_density(params, x, spec, dt, mask),
+            radiance=None,
+            normal=lambda x: neus.normals(params, x, spec, mask),
+            radiance_dir=radiance_dir,
+        )
+
+    def extra_terms(self, out: dict, is_ref: bool) -> dict:
+        if schedule_is_zero(self.cfg.loss.lambda_eikonal):
+            return {}
+        return {"eikonal": neus.eikonal(out["sample_sdf_grad"], out["valid"])}
