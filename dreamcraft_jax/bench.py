@@ -412,12 +412,13 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
         d = z_cfg["cross_attention_dim"]
         proj = Zero123CameraProjection(in_features=d + 4, out_features=d)
         res = 32 if tiny else int(g.zero123.resolution)
+        f = vae.downsample_factor
         priors["3d_sd"] = Zero123Prior(
             unet=unet, vae=vae, proj=proj, schedule=default_schedule(), variant=g.zero123.variant,
             resolution=res, ref_camera=(0.0, 0.0, 3.8), random_weights=True, **common(g.zero123))
         params["3d_sd"] = {"unet": up, "vae": vae_params, "proj": proj.init(keys[3], jnp.zeros((1, d + 4)))["params"],
                            "embedding": jax.random.normal(keys[3], (1, d)),
-                           "ref_latent": jax.random.normal(keys[3], (1, res // 8, res // 8, 4))}
+                           "ref_latent": jax.random.normal(keys[3], (1, res // f, res // f, 4))}
     return Priors(priors), params
 
 
@@ -431,7 +432,7 @@ def bench_stage(args) -> dict:
 
     cfg = _load_config(args.config)
     with cfg.unlocked():
-        cfg.parallel.data, cfg.parallel.fsdp = -1, 1
+        cfg.parallel.data, cfg.parallel.fsdp = args.data, 1
     t0 = time.perf_counter()
     nerf_stage, fitted, _ = fit_scene(cfg, args.fit_steps)
     print(f"fitted the scene in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -589,6 +590,7 @@ def main(argv=None) -> int:
     t.add_argument("--fit_steps", type=int, default=300)
     t.add_argument("--at_step", type=int, default=1000, help="training step the timed steps run at")
     t.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")
+    t.add_argument("--data", type=int, default=-1, help="devices on the data axis (-1: all)")
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--out", default="")
     args = parser.parse_args(argv)

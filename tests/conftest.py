@@ -54,3 +54,13 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def demo_prior_root(tmp_path_factory):
+    """A folder holding the tiny random demo priors (demo-sd/, demo-zero123/), written once per session."""
+    from dreamcraft_jax.models.demo_priors import ensure_demo_priors
+
+    root = tmp_path_factory.mktemp("demo_priors")
+    ensure_demo_priors(root)
+    return root

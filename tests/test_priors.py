@@ -13,8 +13,8 @@ from dreamcraft_jax.models import demo_priors, loading
 
 
 @pytest.fixture(scope="module")
-def priors(tmp_path_factory):
-    return demo_priors.ensure_demo_priors(tmp_path_factory.mktemp("priors"))
+def priors(demo_prior_root):
+    return demo_priors.ensure_demo_priors(demo_prior_root)
 
 
 def test_torch_key_inverts_flax_path():

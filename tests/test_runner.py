@@ -55,19 +55,21 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
         train(tiny_config(**{"resume": str(workdir), "train.max_steps": 1}), progress=False)
 
 
-def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path):
+def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_root):
     """The CPU demo config, shortened: coarse NeRF then NeuS with the tiny RANDOM priors; the NeRF's
     reference-view PSNR (eval render, no jitter) reaches 24 dB, NeuS starts from it and keeps the object."""
     from configs_loader import load_config_file
 
     cfg = load_config_file("configs/demo.py")
     cfg.workdir = str(tmp_path / "demo")
-    cfg.guidance.demo_priors = str(tmp_path / "priors")
+    cfg.guidance.demo_priors = str(demo_prior_root)
     cfg.parallel.data = 1  # the suite simulates 8 CPU devices; the demo's numbers are for one device
     cfg.train.max_steps = 160
     cfg.train.val_every = 80
     cfg.train.time_split = False
-    cfg.eval.n_video_views = 4
+    cfg.eval.n_video_views = 2
+    cfg.eval.height = cfg.eval.width = 64
+    cfg.overrides.coarse_neus.eval.height = cfg.overrides.coarse_neus.eval.width = 64
     cfg.overrides.coarse_neus.train.max_steps = 20
     cfg.train.log_every = 10
     workdir = train(cfg, progress=False)

@@ -101,8 +101,8 @@ def test_missing_prior_weights_name_the_download_and_the_key(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo_priors(tmp_path_factory):
-    root = tmp_path_factory.mktemp("priors")
+def demo_priors(demo_prior_root):
+    root = demo_prior_root
     cfg = tiny_config(**{"loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1, "guidance.sd.resolution": 32,
                          "guidance.zero123.resolution": 32})
     sd, z123 = priors_mod.demo_prior_paths(root)
@@ -120,11 +120,13 @@ def test_prior_losses_do_not_depend_on_the_batch_a_view_is_in(demo_priors):
     images = jax.random.uniform(jax.random.PRNGKey(0), (3, 24, 24, 3))
     camera = cam.make_camera(jnp.asarray([10.0, 20.0, 70.0]), jnp.asarray([0.0, 100.0, -150.0]), 3.8, 20.0)
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    batch, _ = priors.losses(params, images, camera, keys, 50)
+    losses = jax.jit(lambda p, im, c, k: priors.losses(p, im, c, k, 50)[0])
+    batch = losses(params, images, camera, keys)
+    singles = [losses(params, images[i:i + 1], jax.tree.map(lambda a: a[i:i + 1], camera), keys[i:i + 1])
+               for i in range(3)]
     for name in ("sd", "3d_sd"):
-        singles = [priors.losses(params, images[i:i + 1], jax.tree.map(lambda a: a[i:i + 1], camera), keys[i:i + 1],
-                                 50)[0][name] for i in range(3)]
-        np.testing.assert_allclose(float(batch[name]), np.mean([float(v) for v in singles]), rtol=1e-4)
+        singles_name = [s[name] for s in singles]
+        np.testing.assert_allclose(float(batch[name]), np.mean([float(v) for v in singles_name]), rtol=1e-4)
 
 
 @pytest.mark.skipif(len(jax.devices()) < N_DEV, reason="needs 8 (simulated) devices")
