@@ -1,7 +1,8 @@
 """Train a DreamCraft3D stage from an ml_collections config.
 
     python train.py --config configs/demo.py
-    python train.py --config configs/coarse_nerf.py --config.image=my_rgba.png --config.train.max_steps=2000
+    python train.py --config configs/dreamcraft3d.py --config.image=my_rgba.png --config.prompt="a ..." \
+        --config.guidance.zero123.pretrained=path/to/zero123-diffusers
     python train.py --config configs/demo.py --config.resume=outputs/demo-20260101-120000
 
 Overrides are ``--config.a.b=value``. An unknown key or an invalid value stops with one error line (exit code 2)
@@ -72,12 +73,13 @@ def main(argv):
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")  # imageio-ffmpeg's encoder process
     from dreamcraft_jax.config import ConfigError
     from dreamcraft_jax.data.reference import ReferenceImageError
+    from dreamcraft_jax.guidance.priors import PriorUnavailableError
     from dreamcraft_jax.runner import RunFolderError, train
 
     cfg = _CONFIG.value
     try:
         workdir = train(cfg, progress=flags.FLAGS.progress)
-    except (ConfigError, ReferenceImageError, RunFolderError) as e:
+    except (ConfigError, ReferenceImageError, RunFolderError, PriorUnavailableError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         print("interrupted: a last checkpoint was written; continue with --config.resume=<run folder>",
