@@ -154,14 +154,18 @@ def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=Non
     return sigma, jax.nn.sigmoid(features[..., :3])
 
 
+def central_difference_gradient(fn, x: jax.Array, eps: float) -> jax.Array:
+    """(N, 3) -> (N, 3) gradient of a scalar field fn: (M, 3) -> (M,), by central differences with step eps
+    (one call of fn on the 6N shifted points)."""
+    offsets = eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)  # (6, 3): +x +y +z -x -y -z
+    values = fn((x[:, None, :] + offsets[None]).reshape(-1, 3)).reshape(x.shape[0], 6)
+    return (values[:, :3] - values[:, 3:]) / (2.0 * eps)
+
+
 def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None) -> jax.Array:
     """(N, 3) -> (N, 3) unit normals -grad(sigma) / |grad(sigma)|."""
     if spec.normal_type == "analytic":
         grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask)))(x)
     else:
-        eps = spec.finite_difference_eps
-        offsets = eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)  # (6, 3): +x +y +z -x -y -z
-        shifted = (x[:, None, :] + offsets[None]).reshape(-1, 3)
-        sig = density(params, shifted, spec, mask).reshape(x.shape[0], 6)
-        grad = (sig[:, :3] - sig[:, 3:]) / (2.0 * eps)
+        grad = central_difference_gradient(lambda p: density(params, p, spec, mask), x, spec.finite_difference_eps)
     return -grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
-from dreamcraft_jax.fields.nerf import NORMAL_TYPES, NerfFieldSpec, encode_points
+from dreamcraft_jax.fields.nerf import NORMAL_TYPES, NerfFieldSpec, _unit, central_difference_gradient, encode_points
 
 ALPHA_MAX = 1.0 - 1e-6  # keeps -log(1 - alpha) finite
 
@@ -92,14 +92,16 @@ def level_mask(step, spec: NeusFieldSpec) -> jax.Array:
 
 
 def _encode(params: dict, x: jax.Array, spec: NeusFieldSpec, mask) -> jax.Array:
-    unit = jnp.clip((x + spec.radius) / (2.0 * spec.radius), 0.0, 1.0)
-    return encode_points(params["encoding"], unit, spec.grid, mask, backend=spec.base.backend,
+    return encode_points(params["encoding"], _unit(x, spec.base), spec.grid, mask, backend=spec.base.backend,
                          remat=spec.base.remat_encoding, need_x_grad=spec.normal_type == "analytic")
 
 
 def sdf(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None) -> jax.Array:
     """(N, 3) world points -> (N,) signed distance (negative inside)."""
-    enc = _encode(params, x, spec, mask)
+    return _sdf_from_encoding(params, _encode(params, x, spec, mask), x, spec)
+
+
+def _sdf_from_encoding(params: dict, enc: jax.Array, x: jax.Array, spec: NeusFieldSpec) -> jax.Array:
     return apply_mlp(spec.sdf_net, params["sdf_net"], enc)[..., 0] + (
         jnp.linalg.norm(x, axis=-1) - spec.sphere_radius)
 
@@ -108,10 +110,7 @@ def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None) -> 
     """(N, 3) -> (N, 3) grad sdf (finite differences with step eps, or autodiff)."""
     if spec.normal_type == "analytic":
         return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask)))(x)
-    eps = spec.finite_difference_eps
-    offsets = eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)
-    values = sdf(params, (x[:, None, :] + offsets[None]).reshape(-1, 3), spec, mask).reshape(x.shape[0], 6)
-    return (values[:, :3] - values[:, 3:]) / (2.0 * eps)
+    return central_difference_gradient(lambda p: sdf(params, p, spec, mask), x, spec.finite_difference_eps)
 
 
 def normals(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None) -> jax.Array:
@@ -155,8 +154,7 @@ def alpha_radiance(params: dict, x: jax.Array, dirs: jax.Array, dt: jax.Array, s
     One encoding serves the SDF, the feature MLP and (analytic normals) the gradient.
     """
     enc = _encode(params, x, spec, mask)
-    sdf_values = apply_mlp(spec.sdf_net, params["sdf_net"], enc)[..., 0] + (
-        jnp.linalg.norm(x, axis=-1) - spec.sphere_radius)
+    sdf_values = _sdf_from_encoding(params, enc, x, spec)
     grad = sdf_gradient(params, x, spec, mask)
     normal = grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
     cos = jnp.sum(dirs * normal, axis=-1)
