@@ -105,7 +105,15 @@ def bench_render(args) -> dict:
                 (f"xla rgb remat={not field.remat_encoding}", False, False, xla_no_remat)]
     if args.pallas:
         pallas = with_backend("pallas")
-        variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas)]
+        atomic = with_backend("pallas", hashgrid_backward="atomic")
+        variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas),
+                     ("pallas-atomic rgb", False, False, atomic), ("pallas-atomic rgb+normals", True, True, atomic),
+                     ("pallas rgb+normals no-perturb", True, False, pallas)]
+    if args.variants:
+        unknown = set(args.variants) - {v[0] for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown --variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")
+        variants = [v for v in variants if v[0] in args.variants]
     images = {}
     for variant, need_normals, need_perturb, st in variants:
         def loss(p, rays_o, rays_d, key, need_normals=need_normals, need_perturb=need_perturb, st=st):
@@ -113,7 +121,9 @@ def bench_render(args) -> dict:
                                      need_normals=need_normals, need_normal_perturb=need_perturb)
             total = jnp.sum(out["rgb"]) + jnp.sum(out["opacity"])
             if need_normals:
-                total = total + jnp.sum(out["normal"]) + jnp.sum(out["sample_normal_perturb"])
+                total = total + jnp.sum(out["normal"])
+            if need_perturb:
+                total = total + jnp.sum(out["sample_normal_perturb"])
             return total, out
 
         fwd_bwd = jax.jit(jax.value_and_grad(loss, has_aux=True))
@@ -134,13 +144,18 @@ def bench_render(args) -> dict:
             "overflow": int(out["overflow"]),
             "opacity_mean": float(jnp.mean(out["opacity"])),
         }
+        if args.out:  # partial results survive a time limit
+            Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
 
     for name in list(images):
-        if name.startswith("pallas") and name.replace("pallas", "xla") in images:
-            diff = float(jnp.max(jnp.abs(images[name] - images[name.replace("pallas", "xla")])))
+        xla_name = "xla " + name.split(" ", 1)[1]
+        if name.startswith("pallas") and xla_name in images:
+            diff = float(jnp.max(jnp.abs(images[name] - images[xla_name])))
             results[name]["max_abs_image_diff_vs_xla"] = diff
-            base = results[name.replace("pallas", "xla")]["forward_backward"]["median_ms"]
+            base = results[xla_name]["forward_backward"]["median_ms"]
             results[name]["speedup_vs_xla"] = base / results[name]["forward_backward"]["median_ms"]
+    if not args.split:
+        return _render_report(args, cfg, field, spec, grid, fit_metrics, results)
     fns = xla.field_fns(params, level_mask)
     spec = xla.render
 
@@ -186,6 +201,10 @@ def bench_render(args) -> dict:
         "valid_samples": int(jnp.sum(samples.valid)),
         "candidate_slots": spec.budgets(n_rays)[0],
     }
+    return _render_report(args, cfg, field, spec, grid, fit_metrics, results)
+
+
+def _render_report(args, cfg, field, spec, grid, fit_metrics, results) -> dict:
     return {
         "benchmark": "render",
         "device": str(jax.devices()[0].device_kind),
@@ -193,7 +212,7 @@ def bench_render(args) -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "config": args.config,
-        "resolution": res,
+        "resolution": args.resolution,
         "settings": {"hashgrid": dict(cfg.field.hashgrid), "num_samples_per_ray": cfg.render.num_samples_per_ray,
                      "step_size": spec.step_size, "grid_resolution": spec.grid_resolution,
                      "alpha_threshold": spec.alpha_threshold, "early_stop_eps": spec.early_stop_eps,
@@ -201,7 +220,8 @@ def bench_render(args) -> dict:
                      "samples_per_ray": spec.samples_per_ray, "normal_type": field.normal_type,
                      "remat_encoding": field.remat_encoding},
         "fit": {"steps": args.fit_steps, "final_metrics": fit_metrics,
-                "grid_occupancy": float(jnp.mean(grid.binary))},
+                "grid_occupancy": float(jnp.mean(grid.binary)),
+                "active_levels": int(fit_metrics.get("active_levels", -1))},
         "results": results,
         "peak_memory_bytes": _peak_memory_bytes(),
     }
@@ -454,7 +474,8 @@ def bench_stage(args) -> dict:
                 pp = stage.place_prior_params(prior_params)
                 state = stage.init_state(previous=fitted) if stage_name == "coarse_neus" else parallel.replicate(
                     jax.device_get(fitted), mesh)
-                state = state.replace(step=jnp.asarray(args.at_step, jnp.int32))
+                at_step = args.at_step if args.at_step >= 0 else _phase_mid_step(cfg, stage_name, res)
+                state = state.replace(step=jnp.asarray(at_step, jnp.int32))
                 targets = parallel.replicate(targets_from_reference(load_targets(scfg, res, res)), mesh)
                 t1 = time.perf_counter()
                 split = time_split(stage, state, targets, pp, (res, res), repeats=args.repeats)
@@ -463,6 +484,7 @@ def bench_stage(args) -> dict:
                                repeats=args.repeats)["median_ms"]
                 n_views = views * parallel.view_shards(mesh)
                 results[name] = {"random_step": split, "ref_step_ms": ref_ms, "views_per_step": n_views,
+                                 "at_step": at_step, "active_levels": int(jnp.sum(stage.level_mask(at_step) != 0)),
                                  "random_views_per_s": n_views / (split["step_ms"] * 1e-3),
                                  "wall_incl_compile_s": time.perf_counter() - t1}
                 if args.out:  # partial results survive a time limit
@@ -478,6 +500,19 @@ def bench_stage(args) -> dict:
             "devices": len(jax.devices()), "tiny": args.tiny, "config": args.config, "at_step": args.at_step,
             "kernels_backend": nerf_stage.render.backend, "results": results, "projection": projection,
             "peak_memory_bytes": _peak_memory_bytes()}
+
+
+def _phase_mid_step(cfg, stage_name: str, res: int) -> int:
+    """The middle step of the steps a stage trains at resolution ``res`` (the progressive band switches hash
+    levels on with the step, so timings depend on it), or of the whole stage if it never uses ``res``."""
+    from dreamcraft_jax.config import stage_config
+
+    scfg = stage_config(cfg, stage_name)
+    milestones = [0, *scfg.data.resolution_milestones, scfg.train.max_steps]
+    for i, h in enumerate(scfg.data.heights):
+        if int(h) == res:
+            return (milestones[i] + milestones[i + 1]) // 2
+    return scfg.train.max_steps // 2
 
 
 def _project_wall(cfg, results: dict) -> dict | None:
@@ -554,6 +589,8 @@ def print_table(report: dict) -> None:
                  if "speedup_vs_xla" in v else "")
         print(f"{name:<24} {v['forward_backward']['median_ms']:>11.2f} {v['forward']['median_ms']:>8.2f} "
               f"{v['field_samples_per_ray']:>12.2f} {v['candidates_per_ray']:>9.2f} {v['overflow']:>9d}{extra}")
+    if "split_rgb_variant" not in r:
+        return
     s = r["split_rgb_variant"]
     print("split (rgb variant, each fwd+bwd on the same packed samples):")
     for k in ("march_occupancy_only", "march_with_density_pruning", "encode_fwd_bwd", "mlp_fwd_bwd",
@@ -571,6 +608,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--pallas", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the Pallas kernels (interpret mode off GPU: slow)")
+    p.add_argument("--variants", nargs="*", default=[], help="only these variants (names as in the table)")
+    p.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time march / encode / MLP / composite alone")
     p.add_argument("--out", default="")
     q = sub.add_parser("sds", help="SD SDS at 512 and Zero123 SDS at 256 (real shapes, random weights)")
     q.add_argument("--kinds", nargs="+", default=["sd", "zero123"], choices=["sd", "zero123"])
@@ -588,7 +628,8 @@ def main(argv=None) -> int:
     t.add_argument("--neus_resolutions", nargs="*", type=int, default=[256])
     t.add_argument("--views", nargs="+", type=int, default=[1, 4])
     t.add_argument("--fit_steps", type=int, default=300)
-    t.add_argument("--at_step", type=int, default=1000, help="training step the timed steps run at")
+    t.add_argument("--at_step", type=int, default=-1,
+                   help="training step the timed steps run at (-1: the middle of the steps at that resolution)")
     t.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")
     t.add_argument("--data", type=int, default=-1, help="devices on the data axis (-1: all)")
     t.add_argument("--repeats", type=int, default=5)

@@ -173,7 +173,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel.fsdp_min_size = 1 << 16  # leaves smaller than this stay replicated
     c.parallel.distributed = False  # call jax.distributed.initialize() (multi-host)
 
-    c.kernels = ml_collections.ConfigDict(dict(backend="auto"))
+    c.kernels = ml_collections.ConfigDict()
+    c.kernels.backend = "auto"  # auto: Pallas on GPU, XLA elsewhere
+    # Pallas hash-grid backward: "xla" (XLA's scatter-add) or "atomic" (the kernel's float atomics).
+    c.kernels.hashgrid_backward = "xla"
 
     # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.
     c.overrides = ml_collections.ConfigDict()
@@ -352,6 +355,7 @@ def _validate_one(cfg) -> None:
     _check_guidance(cfg)
     _check_choice(cfg, "train.mode", TRAIN_MODES)
     _check_choice(cfg, "kernels.backend", KERNEL_BACKENDS)
+    _check_choice(cfg, "kernels.hashgrid_backward", ("xla", "atomic"))
     _check_choice(cfg, "data.background", ("alpha", "flat"))
     _check_choice(cfg, "field.density_activation", DENSITY_ACTIVATIONS)
     _check_choice(cfg, "field.density_bias", DENSITY_BIASES)

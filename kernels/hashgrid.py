@@ -52,7 +52,7 @@ _HASH_PRIMES = tuple(np.uint32(p) for p in _ref._HASH_PRIMES)  # (1, 2654435761,
 
 
 def encode_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec,
-               level_mask: jax.Array | None = None) -> jax.Array:
+               level_mask: jax.Array | None = None, valid: jax.Array | None = None) -> jax.Array:
     """Pure-jnp reference: :func:`dreamcraft_jax.fields.hashgrid.encode` (same signature and result).
 
     Args:
@@ -60,10 +60,11 @@ def encode_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec,
         x: (..., 3) points in [0, 1]^3.
         spec: grid description (static).
         level_mask: optional (L,) per-level multiplier.
+        valid: optional bool of the batch shape (invalid points: zero features, no gradient).
     Returns:
         (..., L * F) level-major features.
     """
-    return _ref.encode(table, x, spec, level_mask)
+    return _ref.encode(table, x, spec, level_mask, valid)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,23 +90,30 @@ def _store(ref, idx, val):
     ref[idx] = val
 
 
-def _gather(table_ref, rows, cols):
-    """``table[rows, cols]`` for same-shape int32 index arrays: one pointer gather from HBM."""
-    return plgpu.load(table_ref.at[rows, cols])
+def _gather(table_ref, rows, cols, lanes=None):
+    """``table[rows, cols]`` for same-shape int32 index arrays: one pointer gather from HBM; where the bool
+    ``lanes`` (same shape) is False nothing is read and the value is 0."""
+    if lanes is None:
+        return plgpu.load(table_ref.at[rows, cols])
+    return plgpu.load(table_ref.at[rows, cols], mask=lanes, other=0.0)
 
 
-def _scatter_add(ref, rows, cols, vals, *, interpret: bool):
+def _scatter_add(ref, rows, cols, vals, *, interpret: bool, lanes=None):
     """``ref[rows, cols] += vals`` for same-shape int32 index arrays, correct under duplicate indices.
 
     Triton: hardware float atomics (``plgpu.atomic_add``), any number of programs may hit the same row.
     Interpret mode: Pallas discharges ``atomic_add`` with index arrays as a gather + scatter-*set*, which
     loses duplicate indices, so the whole buffer is updated with a functional scatter-add instead
-    (programs run sequentially there, so this is exact).
+    (programs run sequentially there, so this is exact). Where ``lanes`` is False nothing is added.
     """
     if interpret:
+        if lanes is not None:
+            vals = jnp.where(lanes, vals, 0.0)
         ref[...] = ref[...].at[rows, cols].add(vals)
-    else:
+    elif lanes is None:
         plgpu.atomic_add(ref, (rows, cols), vals)
+    else:
+        plgpu.atomic_add(ref, (rows, cols), vals, mask=lanes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,39 +199,65 @@ def _index_arrays(row, c: int, fw: int, B: int):
 # Kernels
 # ------------------------------------------------------------------------------------------------
 
-def _forward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool):
-    """Refs: x (B, 3) block, [mask (L,)], table (R, F) in HBM -> out (B, L*F) block."""
-    if use_mask:
-        x_ref, mask_ref, table_ref, out_ref = refs
-    else:
-        x_ref, table_ref, out_ref = refs
-        mask_ref = None
+def _valid_lanes(valid_ref, B: int, fw: int):
+    """(B, fw) bool lanes of the points of this block that are valid, or None without a valid mask."""
+    if valid_ref is None:
+        return None
+    return jnp.broadcast_to((_load(valid_ref, slice(None)) != 0)[:, None], (B, fw))
+
+
+def _level_lanes(lanes, mask_l, B: int, fw: int):
+    """Lanes that touch the table at a level: none where the level mask is 0 (its features are 0 and its
+    table gradient is 0, so the progressive band's switched-off levels cost no memory traffic)."""
+    if mask_l is None:
+        return lanes
+    on = jnp.broadcast_to(mask_l != 0, (B, fw))
+    return on if lanes is None else lanes & on
+
+
+def _forward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid: bool):
+    """Refs: x (B, 3) block, [valid (B,) int32 block], [mask (L,)], table (R, F) in HBM -> out (B, L*F) block.
+
+    Invalid points read nothing (masked gathers) and get zero features, so a block of unused slots costs
+    no memory traffic.
+    """
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    valid_ref = refs.pop(0) if use_valid else None
+    mask_ref = refs.pop(0) if use_mask else None
+    table_ref, out_ref = refs
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
+    lanes = _valid_lanes(valid_ref, B, fw)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     for l in range(spec.n_levels):
         w, terms = _level_geometry(xs, spec, l)
+        mask_l = _load(mask_ref, l) if use_mask else None
+        lanes_l = _level_lanes(lanes, mask_l, B, fw)
         acc = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]
         for bits in _CORNERS:
             row = _corner_row(terms, bits, spec, l)
             weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order: (w0 * w1) * w2
             for c in range(n_chunks):
                 rows, cols = _index_arrays(row, c, fw, B)
-                acc[c] = acc[c] + weight[:, None] * _gather(table_ref, rows, cols)
-        mask_l = _load(mask_ref, l) if use_mask else None
+                acc[c] = acc[c] + weight[:, None] * _gather(table_ref, rows, cols, lanes_l)
         for c in range(n_chunks):
             val = acc[c] * mask_l if use_mask else acc[c]
             _store(out_ref, (slice(None), pl.ds(l * F + c * fw, fw)), val)
 
 
-def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, need_x: bool, interpret: bool):
-    """Refs: x (B, 3) block, [mask (L,)], table (R, F), g (B, L*F) block, zeros (R, F) (aliased to d_table)
-    -> [d_x (B, 3) block], [d_mask partial (L,) of this block], d_table (R, F) accumulated with atomics.
+def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid: bool, need_x: bool,
+                     interpret: bool):
+    """Refs: x (B, 3) block, [valid (B,) int32 block], [mask (L,)], table (R, F), g (B, L*F) block, zeros (R, F)
+    (aliased to d_table) -> [d_x (B, 3) block], [d_mask partial (L,) of this block], d_table (R, F) accumulated
+    with atomics.
 
-    ``need_x`` False (``grad_table_only``) drops d_x and d_mask: only the scatter of d_table remains.
+    ``need_x`` False (``grad_table_only``) drops d_x and d_mask: only the scatter of d_table remains. Invalid
+    points issue no atomics and no gathers (their d_x is 0).
     """
     refs = list(refs)
     x_ref = refs.pop(0)
+    valid_ref = refs.pop(0) if use_valid else None
     mask_ref = refs.pop(0) if use_mask else None
     table_ref, g_ref, _zeros_ref = refs[:3]
     refs = refs[3:]
@@ -233,6 +267,7 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, need_x: 
     (dtable_ref,) = refs
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
+    lanes = _valid_lanes(valid_ref, B, fw)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     dx = [jnp.zeros((B,), jnp.float32) for _ in range(3)]
     for l in range(spec.n_levels):
@@ -242,7 +277,10 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, need_x: 
             mask_l = _load(mask_ref, l)
             gm = [gc * mask_l for gc in g]
         else:
-            gm = g
+            mask_l, gm = None, g
+        # Atomics skip switched-off levels (they would add exact zeros); the gathers keep them when the
+        # level-mask gradient (the unmasked features) is wanted.
+        scatter_lanes = _level_lanes(lanes, mask_l, B, fw)
         if mask_grad:
             feat = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]
         dfrac = [jnp.zeros((B,), jnp.float32) for _ in range(3)]
@@ -253,9 +291,10 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, need_x: 
             dot = jnp.zeros((B,), jnp.float32)  # <mask_l * g_l, table[row_b]>: cotangent of w_b
             for c in range(n_chunks):
                 rows, cols = _index_arrays(row, c, fw, B)
-                _scatter_add(dtable_ref, rows, cols, weight[:, None] * gm[c], interpret=interpret)
+                _scatter_add(dtable_ref, rows, cols, weight[:, None] * gm[c], interpret=interpret,
+                             lanes=scatter_lanes)
                 if need_x:  # the gathers serve d_x and d_mask only; d_table alone is a pure scatter
-                    t = _gather(table_ref, rows, cols)
+                    t = _gather(table_ref, rows, cols, lanes)
                     dot = dot + jnp.sum(gm[c] * t, axis=1)
                     if mask_grad:
                         feat[c] = feat[c] + weight[:, None] * t
@@ -323,20 +362,29 @@ def _out_struct(shape, like) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _forward(table, x, mask, spec: HashGridSpec, cfg: _Config):
+def _point_inputs(x, valid, B: int):
+    """BlockSpecs and arrays of the per-point kernel inputs: x (N, 3) and, if given, valid (N,) int32."""
+    in_specs = [pl.BlockSpec((B, 3), lambda i: (i, 0))]
+    args = [x]
+    if valid is not None:
+        in_specs.append(pl.BlockSpec((B,), lambda i: (i,)))
+        args.append(valid)
+    return in_specs, args
+
+
+def _forward(table, x, mask, valid, spec: HashGridSpec, cfg: _Config):
     """(N, 3) x, N a multiple of the block -> (N, L*F) float32 features."""
     N = x.shape[0]
     B = cfg.block_points
     L, F = spec.n_levels, spec.n_features_per_level
     use_mask = mask is not None
-    in_specs = [pl.BlockSpec((B, 3), lambda i: (i, 0))]
-    args = [x]
+    in_specs, args = _point_inputs(x, valid, B)
     if use_mask:
         in_specs.append(pl.BlockSpec((L,), lambda i: (0,)))
         args.append(mask)
     in_specs.append(_full_hbm_spec())
     args.append(table)
-    kernel = functools.partial(_forward_kernel, spec=spec, B=B, use_mask=use_mask)
+    kernel = functools.partial(_forward_kernel, spec=spec, B=B, use_mask=use_mask, use_valid=valid is not None)
     return pl.pallas_call(
         kernel,
         out_shape=_out_struct((N, L * F), x),
@@ -349,7 +397,7 @@ def _forward(table, x, mask, spec: HashGridSpec, cfg: _Config):
     )(*args)
 
 
-def _backward(table, x, mask, g, spec: HashGridSpec, cfg: _Config):
+def _backward(table, x, mask, valid, g, spec: HashGridSpec, cfg: _Config):
     """Cotangents (d_table (R, F), d_x (N, 3), d_mask (L,) or None) of :func:`_forward` for ``g`` (N, L*F).
 
     With ``cfg.grad_table_only`` d_x and d_mask are zeros (not computed by the kernel).
@@ -361,8 +409,7 @@ def _backward(table, x, mask, g, spec: HashGridSpec, cfg: _Config):
     n_blocks = N // B
     use_mask = mask is not None
     need_x = not cfg.grad_table_only
-    in_specs = [pl.BlockSpec((B, 3), lambda i: (i, 0))]
-    args = [x]
+    in_specs, args = _point_inputs(x, valid, B)
     if use_mask:
         in_specs.append(pl.BlockSpec((L,), lambda i: (0,)))
         args.append(mask)
@@ -380,8 +427,8 @@ def _backward(table, x, mask, g, spec: HashGridSpec, cfg: _Config):
         out_specs.append(pl.BlockSpec((None, L), lambda i: (i, 0)))
     out_shape.append(_out_struct((R, F), x))
     out_specs.append(_full_hbm_spec())
-    kernel = functools.partial(_backward_kernel, spec=spec, B=B, use_mask=use_mask, need_x=need_x,
-                               interpret=cfg.interpret)
+    kernel = functools.partial(_backward_kernel, spec=spec, B=B, use_mask=use_mask, use_valid=valid is not None,
+                               need_x=need_x, interpret=cfg.interpret)
     outs = pl.pallas_call(
         kernel,
         out_shape=tuple(out_shape),
@@ -405,31 +452,32 @@ def _backward(table, x, mask, g, spec: HashGridSpec, cfg: _Config):
     return dtable, dx, dmask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _encode_core(table, x, mask, spec: HashGridSpec, cfg: _Config):
-    return _forward(table, x, mask, spec, cfg)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _encode_core(table, x, mask, valid, spec: HashGridSpec, cfg: _Config):
+    return _forward(table, x, mask, valid, spec, cfg)
 
 
-def _encode_core_fwd(table, x, mask, spec, cfg):
+def _encode_core_fwd(table, x, mask, valid, spec, cfg):
     # Residuals: the inputs only (the table is needed for d_x and is alive anyway); rows and weights are
     # recomputed in the backward kernel.
-    return _forward(table, x, mask, spec, cfg), (table, x, mask)
+    return _forward(table, x, mask, valid, spec, cfg), (table, x, mask, valid)
 
 
 def _encode_core_bwd(spec, cfg, res, g):
-    table, x, mask = res
+    table, x, mask, valid = res
     if cfg.xla_backward:
-        # XLA's scatter-add of the reference: faster than float atomics when many points share rows (the
-        # samples of a real scene crowd into a few coarse cells; measured on H100, kernels/README.md).
+        # XLA's scatter-add of the reference (faster than float atomics when many points share rows,
+        # measured on H100, kernels/README.md).
         g = g.astype(jnp.float32)
+        keep = None if valid is None else valid != 0
         if cfg.grad_table_only:
-            (dtable,) = jax.vjp(lambda t: _ref.encode(t, x, spec, mask), table)[1](g)
-            return dtable, jnp.zeros_like(x), None if mask is None else jnp.zeros_like(mask)
+            (dtable,) = jax.vjp(lambda t: _ref.encode(t, x, spec, mask, keep, skip_masked_levels=True), table)[1](g)
+            return dtable, jnp.zeros_like(x), None if mask is None else jnp.zeros_like(mask), None
         if mask is None:
-            dtable, dx = jax.vjp(lambda t, p: _ref.encode(t, p, spec), table, x)[1](g)
-            return dtable, dx, None
-        return jax.vjp(lambda t, p, m: _ref.encode(t, p, spec, m), table, x, mask)[1](g)
-    return _backward(table, x, mask, g.astype(jnp.float32), spec, cfg)
+            dtable, dx = jax.vjp(lambda t, p: _ref.encode(t, p, spec, None, keep), table, x)[1](g)
+            return dtable, dx, None, None
+        return (*jax.vjp(lambda t, p, m: _ref.encode(t, p, spec, m, keep), table, x, mask)[1](g), None)
+    return (*_backward(table, x, mask, valid, g.astype(jnp.float32), spec, cfg), None)
 
 
 _encode_core.defvjp(_encode_core_fwd, _encode_core_bwd)
@@ -437,7 +485,8 @@ _encode_core.defvjp(_encode_core_fwd, _encode_core_bwd)
 
 def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.Array | None = None,
                   *, interpret: bool | None = None, block_points: int = 256, num_warps: int = 4,
-                  num_stages: int = 1, grad_table_only: bool = False, xla_backward: bool = False) -> jax.Array:
+                  num_stages: int = 1, grad_table_only: bool = False, xla_backward: bool = False,
+                  valid: jax.Array | None = None) -> jax.Array:
     """Hash-grid encoding with Pallas kernels; same result as :func:`encode_xla`, differentiable.
 
     ``out[..., l*F:(l+1)*F] = mask_l * sum_{b in {0,1}^3} w_b * table[row_l(cell + b)]`` (see the module
@@ -465,6 +514,9 @@ def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask
             table only (e.g. density/colour fields without analytic normals).
         xla_backward: compute the backward with XLA (the reference's vjp: gather rows again, scatter-add)
             instead of the atomic kernel; the forward stays Pallas.
+        valid: optional bool of the batch shape; invalid points get zero features and add nothing to any
+            gradient, and their gathers and atomics are masked off (the unused slots of a packed sample
+            buffer cost no memory traffic and do not pile atomics onto one row).
     Returns:
         (..., L * F) float32 level-major features.
     """
@@ -495,16 +547,26 @@ def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask
     # Padding points sit at the origin (valid rows) and get zero cotangents from the slice below, so
     # they add nothing to any gradient.
     x2 = jnp.pad(x2, ((0, n_pad - n), (0, 0)))
+    if valid is not None:
+        valid = jnp.asarray(valid, bool)
+        if valid.shape != batch_shape:
+            raise ValueError(f"valid must have the batch shape {batch_shape}, got {valid.shape}")
+        # Padding points are invalid too: no gathers, no atomics.
+        valid = jnp.pad(valid.reshape(n).astype(jnp.int32), (0, n_pad - n))
     # Inside shard_map(check_vma=True): give all kernel operands the union of their varying mesh axes
     # (what jnp ops do implicitly), so the custom_vjp cotangents have the primal types and a replicated
     # table / mask gets its gradient psum-ed over the shards by the transpose of the cast.
     axes = _varying_axes(table) | _varying_axes(x2)
     if level_mask is not None:
         axes |= _varying_axes(level_mask)
+    if valid is not None:
+        axes |= _varying_axes(valid)
     table, x2 = _cast_varying(table, axes), _cast_varying(x2, axes)
+    if valid is not None:
+        valid = _cast_varying(valid, axes)
     if level_mask is not None:
         level_mask = _cast_varying(level_mask, axes)
     cfg = _Config(block_points=block, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
                   grad_table_only=grad_table_only, xla_backward=xla_backward)
-    out = _encode_core(table, x2, level_mask, spec, cfg)
+    out = _encode_core(table, x2, level_mask, valid, spec, cfg)
     return out[:n].reshape(*batch_shape, L * F)

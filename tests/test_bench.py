@@ -11,7 +11,8 @@ def test_render_bench_writes_json(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "render.json"
     assert bench.main(["render", "--config", "configs/demo.py", "--resolution", "16", "--fit_steps", "2",
-                       "--repeats", "1", "--out", str(out)]) == 0
+                       "--repeats", "1", "--out", str(out), "--variants", "xla rgb", "xla rgb+normals",
+                       "pallas rgb", "pallas rgb+normals"]) == 0
     report = json.loads(out.read_text())
     r = report["results"]
     assert report["resolution"] == 16 and report["fit"]["steps"] == 2

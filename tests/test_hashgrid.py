@@ -306,3 +306,26 @@ def test_init_hashgrid():
     small = hashgrid.init_hashgrid(jax.random.key(1), SMALL, dtype=jnp.bfloat16)
     assert small.shape == (4344, 2) and small.dtype == jnp.bfloat16
     assert float(jnp.max(jnp.abs(small.astype(jnp.float32)))) <= 1e-4 * (1 + 2**-7)
+
+
+def test_skip_masked_levels_same_features_and_table_gradient():
+    """Skipping switched-off levels changes neither the features nor the table gradient (the mask gradient of
+    the skipped levels becomes 0, documented)."""
+    spec = HashGridSpec(n_levels=5, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
+                        per_level_scale=1.8)
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
+    table = jax.random.normal(k1, (spec.total_params, 2))
+    x = jax.random.uniform(k2, (200, 3))
+    g = jax.random.normal(k3, (200, spec.output_dim))
+    mask = jnp.array([1.0, 1.0, 0.5, 0.0, 0.0])
+
+    def vjp(**kw):
+        out, back = jax.vjp(lambda t, m: hashgrid.encode(t, x, spec, m, **kw), table, mask)
+        return out, back(g)
+
+    out, (dt, dm) = jax.jit(lambda: vjp())()
+    out_s, (dt_s, dm_s) = jax.jit(lambda: vjp(skip_masked_levels=True))()
+    np.testing.assert_allclose(np.asarray(out_s), np.asarray(out), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(dt_s), np.asarray(dt), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(dm_s[:3]), np.asarray(dm[:3]), rtol=1e-5)
+    assert np.all(np.asarray(dm_s[3:]) == 0) and np.all(np.asarray(dm[3:]) != 0)

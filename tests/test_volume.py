@@ -575,13 +575,13 @@ COLOUR = np.array([0.9, 0.1, 0.5], np.float32)
 def _ball_fns():
     colour = jnp.asarray(COLOUR)
 
-    def density(x):
+    def density(x, valid=None):
         return jnp.where(jnp.sum(x * x, axis=-1) < R_BALL**2, SIGMA_BALL, 0.0)
 
-    def radiance(x):
+    def radiance(x, valid=None):
         return density(x), jnp.broadcast_to(colour, x.shape)
 
-    def normal(x):
+    def normal(x, valid=None):
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
     return FieldFns(density=density, radiance=radiance, normal=normal)

@@ -187,7 +187,8 @@ def _corner_rows(cell: jax.Array, spec: HashGridSpec) -> jax.Array:
     return (idx + offset).astype(jnp.int32)  # < total_params <= 2^31 - 1, checked by the spec
 
 
-def encode(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.Array | None = None) -> jax.Array:
+def encode(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.Array | None = None,
+           valid: jax.Array | None = None, skip_masked_levels: bool = False) -> jax.Array:
     """Encode points with the multi-resolution hash grid.
 
     ``out[..., l*F:(l+1)*F] = mask_l * sum_{b in {0,1}^3} w_b * table[row_l(cell + b)]`` with
@@ -200,6 +201,14 @@ def encode(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.A
         spec: grid description (static).
         level_mask: optional (L,) per-level multiplier (e.g. :func:`progressive_level_mask`); a zero entry
             zeroes that level's features and hence its table gradient.
+        valid: optional (...) bool; an invalid point gets zero features and adds nothing to any gradient.
+            Its corner rows point past the table (gather fills 0, the transposed scatter-add drops them):
+            the unused slots of a packed sample buffer then cost no atomics on one shared row, which is
+            where they would otherwise all land.
+        skip_masked_levels: levels whose ``level_mask`` entry is 0 read nothing and scatter nothing (same
+            features and table gradient; the gradient w.r.t. ``level_mask`` is then 0 on those levels
+            instead of the unmasked features' product, so only for callers that do not differentiate the
+            mask, like the fields, whose mask is a function of the step).
     Returns:
         (..., L * F) level-major features, in the promotion of ``table.dtype``, ``x.dtype`` and float32
         (float32 for the usual float32 / bfloat16 inputs; float64 for float64 inputs under x64).
@@ -227,8 +236,23 @@ def encode(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.A
     weights = w_dim[..., 0] * w_dim[..., 1] * w_dim[..., 2]
 
     rows = _corner_rows(cell, spec)  # (..., L, 8)
-    # One gather for all levels and corners; rows are in range by construction (modulo level size).
-    corner_feats = table.at[rows].get(mode="promise_in_bounds").astype(cdt)  # (..., L, 8, F)
+    # Rows of points / levels that must not touch the table point past its end: the gather fills 0 and
+    # its transpose (the scatter-add of the backward) drops them.
+    keep = None
+    if valid is not None:
+        valid = jnp.asarray(valid, bool)
+        if valid.shape != batch_shape:
+            raise ValueError(f"valid must have the batch shape {batch_shape}, got {valid.shape}")
+        keep = valid[..., None, None]
+    if skip_masked_levels and level_mask is not None:
+        level_on = (jnp.asarray(level_mask) != 0)[:, None]  # (L, 1)
+        keep = level_on if keep is None else keep & level_on
+    if keep is None:
+        # One gather for all levels and corners; rows are in range by construction (modulo level size).
+        corner_feats = table.at[rows].get(mode="promise_in_bounds").astype(cdt)  # (..., L, 8, F)
+    else:
+        rows = jnp.where(keep, rows, spec.total_params)
+        corner_feats = table.at[rows].get(mode="fill", fill_value=0).astype(cdt)
     feats = jnp.sum(corner_feats * weights[..., None], axis=-2)  # (..., L, F)
     if level_mask is not None:
         feats = feats * jnp.asarray(level_mask, cdt)[:, None]

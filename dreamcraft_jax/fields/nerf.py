@@ -14,6 +14,7 @@ normal   -normalize(grad sigma), grad by central finite differences with step ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,12 +47,15 @@ class NerfFieldSpec:
     progressive_update_steps: int = 500
     remat_encoding: bool = True
     backend: str = "xla"  # hash-grid encoding: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.hashgrid)
+    hashgrid_backward: str = "xla"  # Pallas backend only: backward by XLA scatter-add or by the atomic kernel
 
     @classmethod
-    def from_config(cls, cfg, backend: str = "xla") -> "NerfFieldSpec":
-        """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend."""
+    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla") -> "NerfFieldSpec":
+        """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
+        hashgrid_backward: ``kernels.hashgrid_backward``."""
         return cls(
             backend=backend,
+            hashgrid_backward=hashgrid_backward,
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -116,56 +120,73 @@ def _activate(raw: jax.Array, spec: NerfFieldSpec) -> jax.Array:
 
 
 def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec, mask, *, backend: str,
-                  remat: bool, need_x_grad: bool) -> jax.Array:
+                  remat: bool, need_x_grad: bool, valid: jax.Array | None = None,
+                  backward: str = "xla") -> jax.Array:
     """Hash-grid features of points in [0, 1]^3 through the chosen backend.
 
     The Pallas kernel keeps only (table, x, mask) for its backward, so it needs no remat; its backward skips the
-    gradient w.r.t. x unless ``need_x_grad`` (analytic normals differentiate through x).
+    gradient w.r.t. x unless ``need_x_grad`` (analytic normals differentiate through x). ``valid`` (N,) bool
+    marks the points that matter: the others get zero features and cost no table traffic in either pass.
+    ``backward`` ("xla" | "atomic") picks the Pallas backward: XLA's scatter-add or the atomic kernel.
     """
     if backend == "pallas" and not need_x_grad:
         from dreamcraft_jax.kernels.hashgrid import encode_pallas
 
-        return encode_pallas(table, unit, grid, mask, grad_table_only=True, block_points=128, xla_backward=True)
+        return encode_pallas(table, unit, grid, mask, grad_table_only=True, block_points=128,
+                             xla_backward=backward == "xla", valid=valid)
+    # The level mask is a function of the step, never differentiated: switched-off levels can skip the table.
+    encode = functools.partial(hashgrid.encode, spec=grid, skip_masked_levels=True)
     if remat:
         # The gather keeps (N, L, 8) rows, weights and corner features for the backward pass (~2 KB per
         # point at L=16); recomputing them from x in the backward pass bounds memory at 384 px with normals.
-        return jax.checkpoint(hashgrid.encode, static_argnums=(2,))(table, unit, grid, mask)
-    return hashgrid.encode(table, unit, grid, mask)
+        encode = jax.checkpoint(encode)
+    return encode(table, unit, level_mask=mask, valid=valid)
 
 
-def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask) -> jax.Array:
+def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -> jax.Array:
     return encode_points(params["encoding"], _unit(x, spec), spec.grid, mask, backend=spec.backend,
-                         remat=spec.remat_encoding, need_x_grad=spec.normal_type == "analytic")
+                         remat=spec.remat_encoding, need_x_grad=spec.normal_type == "analytic", valid=valid,
+                         backward=spec.hashgrid_backward)
 
 
-def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None) -> jax.Array:
-    """(N, 3) world points -> (N,) density sigma >= 0."""
-    enc = _encode(params, x, spec, mask)
+def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None) -> jax.Array:
+    """(N, 3) world points -> (N,) density sigma >= 0 (``valid`` (N,) bool: see :func:`encode_points`)."""
+    enc = _encode(params, x, spec, mask, valid)
     raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
     return _activate(raw + density_bias(x, spec), spec)
 
 
-def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None):
+def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None):
     """(N, 3) -> (sigma (N,), albedo (N, 3) in (0, 1)); one shared encoding."""
-    enc = _encode(params, x, spec, mask)
+    enc = _encode(params, x, spec, mask, valid)
     raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
     sigma = _activate(raw + density_bias(x, spec), spec)
     features = apply_mlp(spec.feature_net, params["feature_net"], enc)
     return sigma, jax.nn.sigmoid(features[..., :3])
 
 
-def central_difference_gradient(fn, x: jax.Array, eps: float) -> jax.Array:
+def central_difference_gradient(fn, x: jax.Array, eps: float, valid: jax.Array | None = None) -> jax.Array:
     """(N, 3) -> (N, 3) gradient of a scalar field fn: (M, 3) -> (M,), by central differences with step eps
-    (one call of fn on the 6N shifted points)."""
+    (one call of fn on the 6N shifted points, point-major so a valid prefix of x stays a valid prefix).
+
+    With ``valid`` (N,) bool, fn is called as fn(points, valid_6N) and the gradient of invalid points is 0.
+    """
     offsets = eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)  # (6, 3): +x +y +z -x -y -z
-    values = fn((x[:, None, :] + offsets[None]).reshape(-1, 3)).reshape(x.shape[0], 6)
-    return (values[:, :3] - values[:, 3:]) / (2.0 * eps)
-
-
-def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None) -> jax.Array:
-    """(N, 3) -> (N, 3) unit normals -grad(sigma) / |grad(sigma)|."""
-    if spec.normal_type == "analytic":
-        grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask)))(x)
+    points = (x[:, None, :] + offsets[None]).reshape(-1, 3)
+    if valid is None:
+        values = fn(points)
     else:
-        grad = central_difference_gradient(lambda p: density(params, p, spec, mask), x, spec.finite_difference_eps)
+        values = fn(points, jnp.repeat(valid, 6))
+    values = values.reshape(x.shape[0], 6)
+    grad = (values[:, :3] - values[:, 3:]) / (2.0 * eps)
+    return grad if valid is None else jnp.where(valid[:, None], grad, 0.0)
+
+
+def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None) -> jax.Array:
+    """(N, 3) -> (N, 3) unit normals -grad(sigma) / |grad(sigma)| (0 where ``valid`` is False)."""
+    if spec.normal_type == "analytic":
+        grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask, valid)))(x)
+    else:
+        grad = central_difference_gradient(lambda p, v=None: density(params, p, spec, mask, v), x,
+                                           spec.finite_difference_eps, valid)
     return -grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)

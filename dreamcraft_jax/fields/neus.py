@@ -46,11 +46,11 @@ class NeusFieldSpec:
     finite_difference_eps: float = 0.01
 
     @classmethod
-    def from_config(cls, cfg, backend: str = "xla") -> "NeusFieldSpec":
+    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla") -> "NeusFieldSpec":
         """cfg: the whole config (``field`` for the shared parts, ``neus`` for these)."""
         if cfg.neus.normal_type not in NORMAL_TYPES:
             raise ValueError(f"neus.normal_type must be one of {NORMAL_TYPES}, got {cfg.neus.normal_type!r}")
-        return cls(base=NerfFieldSpec.from_config(cfg.field, backend), sphere_radius=float(cfg.neus.sphere_radius),
+        return cls(base=NerfFieldSpec.from_config(cfg.field, backend, hashgrid_backward), sphere_radius=float(cfg.neus.sphere_radius),
                    variance_init=float(cfg.neus.variance_init),
                    cos_anneal_end_steps=int(cfg.neus.cos_anneal_end_steps), normal_type=cfg.neus.normal_type,
                    finite_difference_eps=float(cfg.field.finite_difference_eps))
@@ -91,14 +91,15 @@ def level_mask(step, spec: NeusFieldSpec) -> jax.Array:
                                            b.progressive_update_steps)
 
 
-def _encode(params: dict, x: jax.Array, spec: NeusFieldSpec, mask) -> jax.Array:
+def _encode(params: dict, x: jax.Array, spec: NeusFieldSpec, mask, valid=None) -> jax.Array:
     return encode_points(params["encoding"], _unit(x, spec.base), spec.grid, mask, backend=spec.base.backend,
-                         remat=spec.base.remat_encoding, need_x_grad=spec.normal_type == "analytic")
+                         remat=spec.base.remat_encoding, need_x_grad=spec.normal_type == "analytic", valid=valid,
+                         backward=spec.base.hashgrid_backward)
 
 
-def sdf(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None) -> jax.Array:
-    """(N, 3) world points -> (N,) signed distance (negative inside)."""
-    return _sdf_from_encoding(params, _encode(params, x, spec, mask), x, spec)
+def sdf(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None) -> jax.Array:
+    """(N, 3) world points -> (N,) signed distance (negative inside); ``valid`` as in ``nerf.encode_points``."""
+    return _sdf_from_encoding(params, _encode(params, x, spec, mask, valid), x, spec)
 
 
 def _sdf_from_encoding(params: dict, enc: jax.Array, x: jax.Array, spec: NeusFieldSpec) -> jax.Array:
@@ -106,15 +107,16 @@ def _sdf_from_encoding(params: dict, enc: jax.Array, x: jax.Array, spec: NeusFie
         jnp.linalg.norm(x, axis=-1) - spec.sphere_radius)
 
 
-def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None) -> jax.Array:
+def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None) -> jax.Array:
     """(N, 3) -> (N, 3) grad sdf (finite differences with step eps, or autodiff)."""
     if spec.normal_type == "analytic":
-        return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask)))(x)
-    return central_difference_gradient(lambda p: sdf(params, p, spec, mask), x, spec.finite_difference_eps)
+        return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask, valid)))(x)
+    return central_difference_gradient(lambda p, v=None: sdf(params, p, spec, mask, v), x,
+                                       spec.finite_difference_eps, valid)
 
 
-def normals(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None) -> jax.Array:
-    g = sdf_gradient(params, x, spec, mask)
+def normals(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None) -> jax.Array:
+    g = sdf_gradient(params, x, spec, mask, valid)
     return g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
 
 
@@ -141,21 +143,22 @@ def alpha_to_density(alpha, dt) -> jax.Array:
     return -jnp.log1p(-jnp.minimum(alpha, ALPHA_MAX)) / dt
 
 
-def isotropic_density(params: dict, x: jax.Array, spec: NeusFieldSpec, dt: float, mask=None) -> jax.Array:
+def isotropic_density(params: dict, x: jax.Array, spec: NeusFieldSpec, dt: float, mask=None,
+                      valid=None) -> jax.Array:
     """(N, 3) -> (N,) the density of the occupancy grid: alpha with cos = -1 (fully facing), no annealing."""
-    alpha = neus_alpha(sdf(params, x, spec, mask), -1.0, dt, inv_s(params), 1.0)
+    alpha = neus_alpha(sdf(params, x, spec, mask, valid), -1.0, dt, inv_s(params), 1.0)
     return alpha_to_density(alpha, dt)
 
 
 def alpha_radiance(params: dict, x: jax.Array, dirs: jax.Array, dt: jax.Array, step, spec: NeusFieldSpec,
-                   mask=None):
+                   mask=None, valid=None):
     """(N, 3) points, (N, 3) unit dirs, (N,) interval lengths -> (sigma_eff (N,), albedo (N, 3), normal (N, 3)).
 
     One encoding serves the SDF, the feature MLP and (analytic normals) the gradient.
     """
-    enc = _encode(params, x, spec, mask)
+    enc = _encode(params, x, spec, mask, valid)
     sdf_values = _sdf_from_encoding(params, enc, x, spec)
-    grad = sdf_gradient(params, x, spec, mask)
+    grad = sdf_gradient(params, x, spec, mask, valid)
     normal = grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
     cos = jnp.sum(dirs * normal, axis=-1)
     alpha = neus_alpha(sdf_values, cos, dt, inv_s(params), cos_anneal_ratio(step, spec))

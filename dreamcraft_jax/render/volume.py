@@ -335,6 +335,8 @@ class FieldFns:
     density (N,3) -> (N,) (the pruning pass); radiance (N,3) -> (sigma (N,), albedo (N,3)); normal (N,3) -> (N,3).
     A direction-dependent field (NeuS) sets ``radiance_dir`` instead of using ``radiance`` for the main pass:
     (points (N,3), dirs (N,3), dt (N,)) -> (sigma (N,), albedo (N,3), normal (N,3), aux dict of per-sample arrays).
+    Each takes an optional keyword ``valid`` (N,) bool: the renderer passes the used slots of its packed sample
+    buffer, and the field may skip the others (zero features, no gradient, no memory traffic).
     """
 
     density: Callable
@@ -360,7 +362,7 @@ def sample_rays(rays_o, rays_d, grid, key, fns: FieldFns, spec: RenderSpec) -> t
     if spec.alpha_threshold > 0 or spec.early_stop_eps > 0:
         ray = jnp.minimum(samples.ray_idx, n_rays - 1)
         points = rays_o[ray] + rays_d[ray] * samples.t_mid[:, None]
-        sigma = jax.lax.stop_gradient(fns.density(points))
+        sigma = jax.lax.stop_gradient(fns.density(points, valid=samples.valid))
         _, trans, alpha = compositing_weights(sigma, samples)
         keep = (alpha > spec.alpha_threshold) & (trans > spec.early_stop_eps)
         pruned = select(samples, keep, m2, n_rays)
@@ -390,19 +392,19 @@ def render_rays(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, 
     normal = None
     aux = {}
     if fns.radiance_dir is not None:
-        sigma, albedo, normal, aux = fns.radiance_dir(points, dirs, samples.t1 - samples.t0)
+        sigma, albedo, normal, aux = fns.radiance_dir(points, dirs, samples.t1 - samples.t0, valid=samples.valid)
     else:
-        sigma, albedo = fns.radiance(points)
+        sigma, albedo = fns.radiance(points, valid=samples.valid)
     weights, _, _ = compositing_weights(sigma, samples)
     out = {"weights": weights, "valid": samples.valid, "ray_idx": samples.ray_idx, "dirs": dirs,
            "n_samples": jnp.sum(samples.valid, dtype=jnp.int32), **stats,
            **{f"sample_{k}": v for k, v in aux.items()}}
     if need_normals or shading != "albedo":
-        normal = fns.normal(points) if normal is None else normal
+        normal = fns.normal(points, valid=samples.valid) if normal is None else normal
         out["sample_normal"] = normal
     if need_normal_perturb:
         noise = spec.normal_perturb_std * jax.random.normal(k_perturb, points.shape)
-        out["sample_normal_perturb"] = fns.normal(points + noise)
+        out["sample_normal_perturb"] = fns.normal(points + noise, valid=samples.valid)
     if shading != "albedo":
         light = jnp.broadcast_to(light_pos, points.shape)
         color = shade(albedo, normal, points, light, shading, spec)

@@ -104,7 +104,7 @@ class CoarseNerf:
 
     @staticmethod
     def field_spec(cfg, backend: str = "xla"):
-        return nerf.NerfFieldSpec.from_config(cfg.field, backend)
+        return nerf.NerfFieldSpec.from_config(cfg.field, backend, cfg.kernels.hashgrid_backward)
 
     def place_prior_params(self, prior_params):
         """Put the prior params on the mesh: FSDP-split where ``parallel.fsdp`` > 1, else replicated."""
@@ -147,9 +147,9 @@ class CoarseNerf:
         del step
         spec = self.field
         return volume.FieldFns(
-            density=lambda x: nerf.density(params, x, spec, mask),
-            radiance=lambda x: nerf.density_and_albedo(params, x, spec, mask),
-            normal=lambda x: nerf.normals(params, x, spec, mask),
+            density=lambda x, valid=None: nerf.density(params, x, spec, mask, valid),
+            radiance=lambda x, valid=None: nerf.density_and_albedo(params, x, spec, mask, valid),
+            normal=lambda x, valid=None: nerf.normals(params, x, spec, mask, valid),
         )
 
     def extra_terms(self, out: dict, is_ref: bool) -> dict:

@@ -26,7 +26,7 @@ class CoarseNeus(CoarseNerf):
 
     @staticmethod
     def field_spec(cfg, backend: str = "xla"):
-        return neus.NeusFieldSpec.from_config(cfg, backend)
+        return neus.NeusFieldSpec.from_config(cfg, backend, cfg.kernels.hashgrid_backward)
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
@@ -46,14 +46,14 @@ class CoarseNeus(CoarseNerf):
     def field_fns(self, params, mask, step=None) -> volume.FieldFns:
         spec, dt = self.field, self.render.step_size
 
-        def radiance_dir(points, dirs, dts):
-            sigma, albedo, normal, grad = neus.alpha_radiance(params, points, dirs, dts, step, spec, mask)
+        def radiance_dir(points, dirs, dts, valid=None):
+            sigma, albedo, normal, grad = neus.alpha_radiance(params, points, dirs, dts, step, spec, mask, valid)
             return sigma, albedo, normal, {"sdf_grad": grad}
 
         return volume.FieldFns(
-            density=lambda x: neus.isotropic_density(params, x, spec, dt, mask),
+            density=lambda x, valid=None: neus.isotropic_density(params, x, spec, dt, mask, valid),
             radiance=None,
-            normal=lambda x: neus.normals(params, x, spec, mask),
+            normal=lambda x, valid=None: neus.normals(params, x, spec, mask, valid),
             radiance_dir=radiance_dir,
         )
 
