@@ -445,10 +445,8 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
 def bench_stage(args) -> dict:
     """ms/step of full stage steps (render + both priors + update) with real-size random priors."""
 
-    from dreamcraft_jax.config import stage_config
-    from dreamcraft_jax.runner import load_targets, time_split
-    from dreamcraft_jax.stages.coarse_nerf import REF, targets_from_reference
-    from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+    from dreamcraft_jax.runner import time_split
+    from dreamcraft_jax.stages.coarse_nerf import REF
 
     cfg = _load_config(args.config)
     with cfg.unlocked():
@@ -464,19 +462,9 @@ def bench_stage(args) -> dict:
         for views in args.views:
             name = f"{stage_name}_{res}px_views{views}"
             try:
-                scfg = stage_config(cfg, stage_name)
-                with scfg.unlocked():
-                    scfg.train.random_views_per_device = views
-                    scfg.train.ref_views_per_device = 1
-                    scfg.data.heights, scfg.data.widths, scfg.data.resolution_milestones = (res,), (res,), ()
-                cls = CoarseNeus if stage_name == "coarse_neus" else type(nerf_stage)
-                stage = cls.from_config(scfg, mesh, priors.configured(scfg), prior_params)
-                pp = stage.place_prior_params(prior_params)
-                state = stage.init_state(previous=fitted) if stage_name == "coarse_neus" else parallel.replicate(
-                    jax.device_get(fitted), mesh)
                 at_step = args.at_step if args.at_step >= 0 else _phase_mid_step(cfg, stage_name, res)
-                state = state.replace(step=jnp.asarray(at_step, jnp.int32))
-                targets = parallel.replicate(targets_from_reference(load_targets(scfg, res, res)), mesh)
+                stage, state, targets, pp = _stage_case(cfg, stage_name, res, views, mesh, priors, prior_params,
+                                                        fitted, at_step)
                 t1 = time.perf_counter()
                 split = time_split(stage, state, targets, pp, (res, res), repeats=args.repeats)
                 ref_step = stage.step_fn(REF, res, res)
@@ -500,6 +488,165 @@ def bench_stage(args) -> dict:
             "devices": len(jax.devices()), "tiny": args.tiny, "config": args.config, "at_step": args.at_step,
             "kernels_backend": nerf_stage.render.backend, "results": results, "projection": projection,
             "peak_memory_bytes": _peak_memory_bytes()}
+
+
+def _prior_bytes_per_device(placed) -> int:
+    """Bytes of a placed prior-params tree held by the first device (replicated: all of it; FSDP: its shard)."""
+    dev = jax.devices()[0]
+    total = 0
+    for leaf in jax.tree.leaves(placed):
+        total += sum(sh.data.nbytes for sh in leaf.addressable_shards if sh.device == dev)
+    return total
+
+
+def _sds_scaling_fn(prior_name: str, priors, mesh, specs, step: int):
+    """jit over ``mesh``: (images (B,H,W,3), cameras (B,), keys (B,2), prior params) -> (mean loss, d loss/d images),
+    views split over data x fsdp, prior params replicated or FSDP-split (``specs``) and gathered inside."""
+    from jax.sharding import PartitionSpec as P
+
+    from dreamcraft_jax.guidance.priors import Priors
+
+    one = Priors({prior_name: priors.priors[prior_name]})
+
+    def local(images, cams, keys, pp):
+        pp = parallel.gather_fsdp(pp, specs) if specs is not None else pp
+
+        def loss(imgs):
+            terms, _ = one.losses(pp, imgs, cams, keys, step)
+            return terms[prior_name]
+
+        value, grad = jax.value_and_grad(loss)(images)
+        # Each device's loss is the mean over its views; the global mean is their mean.
+        return jax.lax.pmean(value, parallel.VIEW_AXES), grad / parallel.view_shards(mesh)
+
+    pspec = specs if specs is not None else P()
+    return jax.jit(parallel.shard_map(local, mesh, in_specs=(parallel.VIEWS, parallel.VIEWS, parallel.VIEWS, pspec),
+                                      out_specs=(P(), parallel.VIEWS)))
+
+
+def bench_scaling(args) -> dict:
+    """Weak scaling (views_per_device fixed) and strong scaling (global views fixed) of the SD SDS step, the
+    Zero123 SDS step and the full coarse-NeRF random-view step over 1, 2, 4, 8 devices of this host, with the
+    prior replicated or FSDP-split; the strong-scaling losses are compared with 1 device (per-view keys make
+    them device-count invariant)."""
+    from dreamcraft_jax import cameras as cam
+    from dreamcraft_jax.stages.coarse_nerf import RANDOM
+
+    cfg = _load_config(args.config)
+    platform_name = jax.devices()[0].platform
+    n_avail = len(jax.devices())
+    priors, prior_params = random_priors(cfg, args.tiny)
+    fitted = fit_scene(cfg, args.fit_steps)[1] if "stage" in args.kinds else None
+    results, reference = {}, {}
+    res = args.resolution
+    for kind in args.kinds:
+        cases = [("weak", vpd) for vpd in args.views_per_device] + [("strong", None)]
+        for mode, vpd in cases:
+            for n in args.devices:
+                for layout in (("replicated", "fsdp") if kind != "stage" else ("replicated",)):
+                    name = f"{kind}_{mode}{'' if vpd is None else f'_vpd{vpd}'}_{layout}_dev{n}"
+                    if n > n_avail:
+                        results[name] = {"skipped": f"{n} devices asked, {n_avail} present"}
+                        continue
+                    views = vpd * n if vpd is not None else args.global_views
+                    if views % n:
+                        results[name] = {"skipped": f"{views} views do not split over {n} devices"}
+                        continue
+                    data, fsdp = (n, 1) if layout == "replicated" else (1, n)
+                    mesh = parallel.make_mesh(data, fsdp, devices=jax.devices()[:n])
+                    try:
+                        r = _scaling_case(kind, views, mesh, layout, priors, prior_params, cfg, fitted, res,
+                                          args.repeats, cam, RANDOM)
+                    except Exception as e:  # out of memory etc.: record and go on
+                        r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                    r.update(devices=n, views=views, mode=mode, layout=layout, kind=kind)
+                    if "loss" in r:
+                        key = (kind, views)
+                        reference.setdefault(key, r["loss"])
+                        r["loss_rel_diff_vs_first"] = abs(r["loss"] - reference[key]) / max(abs(reference[key]), 1e-12)
+                    results[name] = r
+                    print(f"{name:<40} " + (f"{r['median_ms']:9.1f} ms {r['views_per_s']:8.2f} views/s"
+                                            if "median_ms" in r else r.get("error", "")), flush=True)
+                    if args.out:  # partial results survive a time limit
+                        Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+    return {"benchmark": "scaling", "platform": platform_name, "device": str(jax.devices()[0].device_kind),
+            "cpu_simulated": platform_name == "cpu",
+            "note": ("CPU-SIMULATED devices (XLA_FLAGS=--xla_force_host_platform_device_count): they share the "
+                     "host's cores, so the times show that the sharded steps run and agree, not how they scale")
+            if platform_name == "cpu" else "", "jax": jax.__version__, "tiny": args.tiny,
+            "resolution": res, "results": results, "efficiency": _scaling_efficiency(results)}
+
+
+def _scaling_case(kind, views, mesh, layout, priors, prior_params, cfg, fitted, res, repeats, cam, RANDOM) -> dict:
+    """Time one (kind, views, mesh) case; returns median ms, views/s, the loss and the prior bytes per device."""
+    n_shards = parallel.view_shards(mesh)
+    if kind == "stage":
+        stage, state, targets, pp = _stage_case(cfg, "coarse_nerf", res, views // n_shards, mesh, priors,
+                                                prior_params, fitted, _phase_mid_step(cfg, "coarse_nerf", res))
+        step = stage.step_fn(RANDOM, res, res)
+        _, metrics = step(jax.tree.map(lambda x: x.copy(), state), targets, pp)
+        timing = _time(lambda s: step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state, repeats=repeats)
+        loss = float(metrics["loss"])
+        placed = pp
+    else:
+        prior_name = "sd" if kind == "sd" else "3d_sd"
+        pp_one = {prior_name: prior_params[prior_name]}
+        specs = parallel.fsdp_specs(pp_one, mesh, int(cfg.parallel.fsdp_min_size)) if layout == "fsdp" else None
+        placed = jax.device_put(pp_one, parallel.param_shardings(pp_one, mesh, int(cfg.parallel.fsdp_min_size))
+                                if layout == "fsdp" else parallel.replicated(mesh))
+        fn = _sds_scaling_fn(prior_name, priors, mesh, specs, step=1000)
+        k_img, k_cam, k_view = jax.random.split(jax.random.PRNGKey(11), 3)
+        images = jax.random.uniform(k_img, (views, res, res, 3))
+        cams = cam.sample_cameras(k_cam, views, 1000, cfg.camera)
+        keys = jax.random.split(k_view, views)
+        sharded = parallel.along_views(mesh)
+        images, cams, keys = (jax.device_put(x, sharded) for x in (images, cams, keys))
+        loss = float(fn(images, cams, keys, placed)[0])
+        timing = _time(fn, images, cams, keys, placed, repeats=repeats)
+    return {"median_ms": timing["median_ms"], "views_per_s": views / (timing["median_ms"] * 1e-3), "loss": loss,
+            "prior_bytes_per_device": _prior_bytes_per_device(placed)}
+
+
+def _scaling_efficiency(results: dict) -> dict:
+    """Weak: views/s at n devices / (n x views/s at 1); strong: time at 1 device / time at n devices."""
+    out = {}
+    for name, r in results.items():
+        if "median_ms" not in r or r["devices"] == 1:
+            continue
+        base = results.get(name.rsplit("_dev", 1)[0] + "_dev1")
+        if not base or "median_ms" not in base:
+            continue
+        if r["mode"] == "weak":
+            out[name] = r["views_per_s"] / (r["devices"] * base["views_per_s"])
+        else:
+            out[name] = base["median_ms"] / r["median_ms"]
+    return out
+
+
+def _stage_case(cfg, stage_name: str, res: int, views_per_device: int, mesh, priors, prior_params, fitted,
+                at_step: int):
+    """(stage, state at ``at_step``, targets, placed prior params) of one timed stage step on ``mesh``: stage 1a
+    starts from the fitted scene, stage 1b from the NeuS init that carries it over."""
+    from dreamcraft_jax.config import stage_config
+    from dreamcraft_jax.runner import load_targets
+    from dreamcraft_jax.stages.coarse_nerf import CoarseNerf, targets_from_reference
+    from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+
+    scfg = stage_config(cfg, stage_name)
+    with scfg.unlocked():
+        scfg.train.random_views_per_device = views_per_device
+        scfg.train.ref_views_per_device = 1
+        scfg.data.heights, scfg.data.widths, scfg.data.resolution_milestones = (res,), (res,), ()
+    cls = CoarseNeus if stage_name == "coarse_neus" else CoarseNerf
+    stage = cls.from_config(scfg, mesh, priors.configured(scfg), prior_params)
+    pp = stage.place_prior_params(prior_params)
+    if stage_name == "coarse_neus":
+        state = stage.init_state(previous=fitted)
+    else:
+        state = parallel.replicate(jax.device_get(fitted), mesh)
+    state = state.replace(step=jnp.asarray(at_step, jnp.int32))
+    targets = parallel.replicate(targets_from_reference(load_targets(scfg, res, res)), mesh)
+    return stage, state, targets, pp
 
 
 def _phase_mid_step(cfg, stage_name: str, res: int) -> int:
@@ -556,6 +703,19 @@ def print_stage_table(report: dict) -> None:
               f"{s['update_ms']:>8.1f} {r['ref_step_ms']:>8.1f} {r['random_views_per_s']:>8.1f}")
     if report["projection"]:
         print(f"projected 5000 + 5000 steps: {report['projection']['minutes']:.1f} min")
+
+
+def print_scaling_table(report: dict) -> None:
+    print(f"scaling, {report['device']} ({'CPU-SIMULATED devices' if report['cpu_simulated'] else report['platform']})"
+          f", jax {report['jax']}{', TINY priors' if report['tiny'] else ''}, {report['resolution']} px")
+    print(f"{'case':<42} {'ms':>9} {'views/s':>9} {'efficiency':>10} {'prior MB/dev':>12} {'loss vs first':>13}")
+    for name, r in report["results"].items():
+        if "median_ms" not in r:
+            print(f"{name:<42} {r.get('error') or r.get('skipped')}")
+            continue
+        eff = report["efficiency"].get(name)
+        print(f"{name:<42} {r['median_ms']:9.1f} {r['views_per_s']:9.2f} {eff if eff else float('nan'):10.2f} "
+              f"{r['prior_bytes_per_device'] / 2**20:12.2f} {r['loss_rel_diff_vs_first']:13.1e}")
 
 
 def print_sds_table(report: dict) -> None:
@@ -634,6 +794,18 @@ def main(argv=None) -> int:
     t.add_argument("--data", type=int, default=-1, help="devices on the data axis (-1: all)")
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--out", default="")
+    c = sub.add_parser("scaling", help="weak / strong scaling of the SDS steps and the coarse-NeRF step over devices")
+    c.add_argument("--config", default="configs/dreamcraft3d.py")
+    c.add_argument("--kinds", nargs="+", default=["sd", "zero123", "stage"], choices=["sd", "zero123", "stage"])
+    c.add_argument("--devices", nargs="+", type=int, default=[1, 2, 4, 8])
+    c.add_argument("--views_per_device", nargs="*", type=int, default=[1, 4],
+                   help="weak-scaling cases (none: strong scaling only)")
+    c.add_argument("--global_views", type=int, default=8, help="strong scaling: views per step over all devices")
+    c.add_argument("--resolution", type=int, default=128, help="render / image size of the cases")
+    c.add_argument("--fit_steps", type=int, default=100)
+    c.add_argument("--tiny", action="store_true", help="tiny priors (CPU)")
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.what == "stage":
         report = bench_stage(args)
@@ -641,6 +813,9 @@ def main(argv=None) -> int:
     elif args.what == "sds":
         report = bench_sds(args)
         print_sds_table(report)
+    elif args.what == "scaling":
+        report = bench_scaling(args)
+        print_scaling_table(report)
     else:
         if not Path(args.config).exists():
             print(f"error: config file {args.config} not found", file=sys.stderr)
