@@ -718,6 +718,65 @@ def print_scaling_table(report: dict) -> None:
               f"{r['prior_bytes_per_device'] / 2**20:12.2f} {r['loss_rel_diff_vs_first']:13.1e}")
 
 
+_PLOT_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot_scaling(report: dict, path: str) -> None:
+    """PNG with two panels over device count: weak-scaling efficiency (ideal 1) and strong-scaling speedup
+    (ideal n), one line per (kind, views per device, layout); the title says when the devices are simulated."""
+    from PIL import Image, ImageDraw
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name, value in report["efficiency"].items():
+        r = report["results"][name]
+        series.setdefault(name.rsplit("_dev", 1)[0], []).append((r["devices"], value))
+    for name, r in report["results"].items():  # the 1-device points: 1 by definition
+        base = name.rsplit("_dev", 1)[0]
+        if r.get("devices") == 1 and "median_ms" in r and base in series:
+            series[base].append((1, 1.0))
+    w, h, pad = 520, 360, 50
+    image = Image.new("RGB", (2 * w, h + 40 + 14 * len(series)), "white")
+    draw = ImageDraw.Draw(image)
+    title = "scaling, " + ("CPU-SIMULATED devices (times do not show scaling)" if report["cpu_simulated"]
+                           else report["device"])
+    draw.text((pad, 8), title, fill="black")
+    max_dev = max([d for pts in series.values() for d, _ in pts] + [2])
+    for panel, (mode, label, y_max) in enumerate((("weak", "weak scaling efficiency", 1.2),
+                                                  ("strong", "strong scaling speedup", float(max_dev)))):
+        x0 = panel * w + pad
+        box = (x0, 30, x0 + w - 2 * pad, h - pad)
+        draw.rectangle(box, outline="black")
+        draw.text((x0, h - pad + 22), f"{label} vs devices (1..{max_dev})", fill="black")
+
+        def to_px(d, v, box=box, y_max=y_max):
+            x = box[0] + (np.log2(d) / max(np.log2(max_dev), 1)) * (box[2] - box[0])
+            y = box[3] - min(v / y_max, 1.0) * (box[3] - box[1])
+            return x, y
+
+        ideal = [to_px(d, 1.0 if mode == "weak" else d) for d in (1, max_dev)]
+        draw.line(ideal, fill=(200, 200, 200), width=1)
+        for d in (1, 2, 4, 8, 16, 32, 64):
+            if d <= max_dev:
+                x, _ = to_px(d, 0)
+                draw.text((x - 3, box[3] + 4), str(d), fill="black")
+        draw.text((box[0] - 30, box[1]), f"{y_max:.1f}", fill="black")
+        draw.text((box[0] - 30, box[3] - 10), "0", fill="black")
+        for i, (name, pts) in enumerate(sorted(series.items())):
+            if f"_{mode}" not in name:
+                continue
+            colour = _PLOT_COLOURS[i % len(_PLOT_COLOURS)]
+            xy = [to_px(d, v) for d, v in sorted(pts)]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+    for i, name in enumerate(sorted(series)):
+        draw.text((pad, h + 20 + 14 * i), name, fill=_PLOT_COLOURS[i % len(_PLOT_COLOURS)])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
 def print_sds_table(report: dict) -> None:
     torch_ref = report.get("torch") or {}
     print(f"SDS step (d loss / d images), {report['device']}, jax {report['jax']}, {report['dtype']}; "
@@ -806,6 +865,7 @@ def main(argv=None) -> int:
     c.add_argument("--tiny", action="store_true", help="tiny priors (CPU)")
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--out", default="")
+    c.add_argument("--plot", default="", help="also write a PNG of efficiency / speedup vs devices")
     args = parser.parse_args(argv)
     if args.what == "stage":
         report = bench_stage(args)
@@ -816,6 +876,9 @@ def main(argv=None) -> int:
     elif args.what == "scaling":
         report = bench_scaling(args)
         print_scaling_table(report)
+        if args.plot:
+            plot_scaling(report, args.plot)
+            print(f"wrote {args.plot}")
     else:
         if not Path(args.config).exists():
             print(f"error: config file {args.config} not found", file=sys.stderr)

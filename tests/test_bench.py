@@ -58,7 +58,7 @@ def test_scaling_bench_cpu_simulated_losses_agree(tmp_path, monkeypatch):
     out = tmp_path / "scaling.json"
     assert bench.main(["scaling", "--config", "configs/demo.py", "--tiny", "--kinds", "zero123", "--devices", "1", "2",
                        "--views_per_device", "--global_views", "2", "--resolution", "32", "--repeats", "1",
-                       "--out", str(out)]) == 0
+                       "--out", str(out), "--plot", str(tmp_path / "scaling.png")]) == 0
     report = json.loads(out.read_text())
     assert report["cpu_simulated"] and "CPU-SIMULATED" in report["note"]
     r = report["results"]
@@ -70,3 +70,7 @@ def test_scaling_bench_cpu_simulated_losses_agree(tmp_path, monkeypatch):
     assert r["zero123_strong_fsdp_dev2"]["prior_bytes_per_device"] < r["zero123_strong_replicated_dev2"][
         "prior_bytes_per_device"]
     assert "zero123_strong_replicated_dev2" in report["efficiency"]
+    from PIL import Image
+
+    with Image.open(tmp_path / "scaling.png") as png:  # two panels side by side
+        assert png.size[0] > png.size[1] > 300
