@@ -638,7 +638,7 @@ def _stage_case(cfg, stage_name: str, res: int, views_per_device: int, mesh, pri
         scfg.train.ref_views_per_device = 1
         scfg.data.heights, scfg.data.widths, scfg.data.resolution_milestones = (res,), (res,), ()
     cls = CoarseNeus if stage_name == "coarse_neus" else CoarseNerf
-    stage = cls.from_config(scfg, mesh, priors.configured(scfg), prior_params)
+    stage = cls.from_config(scfg, mesh, priors.configured(scfg) if priors is not None else None, prior_params)
     pp = stage.place_prior_params(prior_params)
     if stage_name == "coarse_neus":
         state = stage.init_state(previous=fitted)
@@ -688,6 +688,55 @@ def _project_wall(cfg, results: dict) -> dict | None:
         parts[f"{stage}_{res}px_{steps}_steps_min"] = ms * steps / 60000.0
         total += ms * steps / 60000.0
     return {"minutes": total, "parts": parts}
+
+
+def bench_profile(args) -> dict:
+    """Per-op device time of SDS steps and of the render part of stage steps (see :mod:`profiling`).
+
+    Cases: ``sd_views<V>`` / ``zero123_views<V>`` (the SDS grad of ``bench sds``), ``coarse_nerf_<R>px`` /
+    ``coarse_neus_<R>px`` (gradient of one random-view step without the priors: render, normals and the per-view
+    losses, at the middle step of that resolution's phase).
+    """
+    import re
+
+    from dreamcraft_jax.profiling import op_profile, print_op_profile
+    from dreamcraft_jax.stages.coarse_nerf import RANDOM
+
+    gpu = jax.devices()[0].platform == "gpu"
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    results, fitted, cfg = {}, None, None
+    for case in args.cases:
+        sds = re.fullmatch(r"(sd|zero123)_views(\d+)", case)
+        stage_case = re.fullmatch(r"(coarse_nerf|coarse_neus)_(\d+)px", case)
+        if not (sds or stage_case):
+            raise SystemExit(f"unknown profile case {case!r}: use sd_views<V>, zero123_views<V>, "
+                             "coarse_nerf_<R>px or coarse_neus_<R>px")
+        try:
+            if sds:
+                grad_fn, fn_args = _sds_case(sds[1], int(sds[2]), args.tiny, "cudnn" if gpu else None, dtype,
+                                             jnp.bfloat16)
+            else:
+                if fitted is None:
+                    cfg = _load_config(args.config)
+                    with cfg.unlocked():
+                        cfg.parallel.data, cfg.parallel.fsdp = 1, 1
+                    _, fitted, _ = fit_scene(cfg, args.fit_steps)
+                name, res = stage_case[1], int(stage_case[2])
+                stage, state, targets, _ = _stage_case(cfg, name, res, 1, parallel.mesh_from_config(cfg), None,
+                                                       None, fitted, _phase_mid_step(cfg, name, res))
+                grad_fn, fn_args = stage.grads_fn(RANDOM, res, res), (state, targets, {})
+            compiled = grad_fn.lower(*fn_args).compile()
+            table = op_profile(compiled, *fn_args, repeats=args.repeats, top=args.top)
+        except Exception as e:  # record and go on
+            results[case] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(f"{case}: {results[case]['error']}", file=sys.stderr, flush=True)
+            continue
+        results[case] = table
+        print_op_profile(case, table, top=args.top)
+        if args.out:  # partial results survive a time limit
+            Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+    return {"benchmark": "profile", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "tiny": args.tiny, "results": results}
 
 
 def print_stage_table(report: dict) -> None:
@@ -866,8 +915,19 @@ def main(argv=None) -> int:
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--out", default="")
     c.add_argument("--plot", default="", help="also write a PNG of efficiency / speedup vs devices")
+    f = sub.add_parser("profile", help="per-op device time of SDS steps and stage renders (profiler trace)")
+    f.add_argument("cases", nargs="+",
+                   help="sd_views1 zero123_views4 coarse_nerf_384px coarse_neus_256px ...")
+    f.add_argument("--config", default="configs/dreamcraft3d.py")
+    f.add_argument("--fit_steps", type=int, default=150)
+    f.add_argument("--tiny", action="store_true", help="tiny priors (CPU)")
+    f.add_argument("--repeats", type=int, default=3)
+    f.add_argument("--top", type=int, default=25)
+    f.add_argument("--out", default="")
     args = parser.parse_args(argv)
-    if args.what == "stage":
+    if args.what == "profile":
+        report = bench_profile(args)
+    elif args.what == "stage":
         report = bench_stage(args)
         print_stage_table(report)
     elif args.what == "sds":

@@ -1,0 +1,42 @@
+"""The op profile names where the time of a jitted call goes, and points at the source line that made each op."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+
+from dreamcraft_jax import profiling
+
+
+def test_union_of_intervals():
+    # [0,10) u [5,12) u [20,25) = 12 + 5; nested and touching intervals count once.
+    assert profiling._union_ns([(0, 10), (5, 12), (20, 25)]) == 17
+    assert profiling._union_ns([(0, 10), (2, 3), (10, 11)]) == 11
+    assert profiling._union_ns([]) == 0
+
+
+def _heavy_and_light(a, b):
+    big = jnp.tanh(a @ b @ b @ b)  # the dominant op (3 matmuls of 512^3)
+    return big + jnp.sum(b[:4])
+
+
+def test_op_profile_finds_the_dominant_op_and_its_line():
+    a = jax.random.normal(jax.random.PRNGKey(0), (512, 512))
+    b = jax.random.normal(jax.random.PRNGKey(1), (512, 512)) / 512
+    compiled = jax.jit(_heavy_and_light).lower(a, b).compile()
+    table = profiling.op_profile(compiled, a, b, repeats=3, top=5)
+    line = inspect.getsourcelines(_heavy_and_light)[1] + 1
+    assert table["kernels"] >= 1 and table["kernel_ms"] > 0
+    assert table["busy_ms"] <= table["kernel_ms"] + 1e-6
+    top = table["ops"][0]
+    assert f"test_profiling.py:{line}" in top["source"], table["ops"]
+    # Three 512^3 matmuls (one or several ops, all from that line) dwarf a 4x512 sum.
+    assert table["by_source_line"][0]["line"] == f"test_profiling.py:{line}"
+    assert table["by_source_line"][0]["share"] > 0.8
+
+
+def test_hlo_sources_parses_stack_tables():
+    text = jax.jit(_heavy_and_light).lower(jnp.ones((8, 8)), jnp.ones((8, 8))).compile().as_text()
+    sources = profiling.hlo_sources(text)
+    line = inspect.getsourcelines(_heavy_and_light)[1] + 1
+    assert any(s.startswith(f"test_profiling.py:{line} ") for s in sources.values()), sources
