@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -732,7 +733,7 @@ def bench_profile(args) -> dict:
             print(f"{case}: {results[case]['error']}", file=sys.stderr, flush=True)
             continue
         results[case] = table
-        print_op_profile(case, table, top=args.top)
+        print_op_profile(case, table, top=min(args.top, 20))
         if args.out:  # partial results survive a time limit
             Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
     return {"benchmark": "profile", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
@@ -923,8 +924,15 @@ def main(argv=None) -> int:
     f.add_argument("--tiny", action="store_true", help="tiny priors (CPU)")
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--top", type=int, default=25)
+    f.add_argument("--kernel_breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="turn XLA's GPU command buffers off so each kernel shows up on its own (busy time stays "
+                        "right; wall time then includes the extra launches)")
     f.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    if args.what == "profile" and args.kernel_breakdown:
+        # Inside a command buffer (CUDA graph) the profiler sees one event for hundreds of kernels. Must be set
+        # before the backend starts, which the first device use below does.
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
     if args.what == "profile":
         report = bench_profile(args)
     elif args.what == "stage":
