@@ -38,6 +38,21 @@ def timed(fn, repeats, warmup=3):
     return statistics.median(out)
 
 
+def timed_pipelined(fn, repeats, warmup=3):
+    """ms per call of ``repeats`` calls issued back to back with one synchronisation at the end (the CPU queues
+    kernels ahead of the GPU, as in a training loop): the same measure as the JAX side's ``pipelined_ms``."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def make_models(unet_cfg, device):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**_kwargs(unet_cfg)).to(device, torch.float16).eval().requires_grad_(False)
@@ -90,7 +105,9 @@ def main():
     unet, vae = make_models(SD21_BASE_UNET, "cuda")
     for n in (1, 4):
         ctx = torch.randn(2 * n, 77, 1024, device="cuda", dtype=torch.float16)
-        res[f"sd_sds_512_views{n}_ms"] = timed(sds_step_fn(unet, vae, n, 512, ctx), args.repeats)
+        step = sds_step_fn(unet, vae, n, 512, ctx)
+        res[f"sd_sds_512_views{n}_ms"] = timed(step, args.repeats)
+        res[f"sd_sds_512_views{n}_pipelined_ms"] = timed_pipelined(step, args.repeats)
     x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
     ctx = torch.randn(2, 77, 1024, device="cuda", dtype=torch.float16)
     res["sd_unet_fwd_batch2_ms"] = timed(lambda: unet(x, torch.tensor([500, 500], device="cuda"),
@@ -102,7 +119,9 @@ def main():
     for n in (1, 4):
         ctx = torch.randn(2 * n, 1, 768, device="cuda", dtype=torch.float16)
         cond = torch.randn(1, 4, 32, 32, device="cuda", dtype=torch.float16)
-        res[f"zero123_sds_256_views{n}_ms"] = timed(sds_step_fn(unet, vae, n, 256, ctx, cond), args.repeats)
+        step = sds_step_fn(unet, vae, n, 256, ctx, cond)
+        res[f"zero123_sds_256_views{n}_ms"] = timed(step, args.repeats)
+        res[f"zero123_sds_256_views{n}_pipelined_ms"] = timed_pipelined(step, args.repeats)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = timed(lambda: a @ b, args.repeats)

@@ -177,6 +177,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.kernels.backend = "auto"  # auto: Pallas on GPU, XLA elsewhere
     # Pallas hash-grid backward: "xla" (XLA's scatter-add) or "atomic" (the kernel's float atomics).
     c.kernels.hashgrid_backward = "xla"
+    # Pallas backend: the renderer's no-grad pruning density as one fused hash-grid + density-MLP kernel.
+    c.kernels.fused_density = True
 
     # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.
     c.overrides = ml_collections.ConfigDict()

@@ -48,14 +48,17 @@ class NerfFieldSpec:
     remat_encoding: bool = True
     backend: str = "xla"  # hash-grid encoding: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.hashgrid)
     hashgrid_backward: str = "xla"  # Pallas backend only: backward by XLA scatter-add or by the atomic kernel
+    fused_density: bool = True  # Pallas backend only: the no-grad pruning density as one encode+MLP kernel
 
     @classmethod
-    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla") -> "NerfFieldSpec":
+    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
+                    fused_density: bool = True) -> "NerfFieldSpec":
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
-        hashgrid_backward: ``kernels.hashgrid_backward``."""
+        hashgrid_backward: ``kernels.hashgrid_backward``; fused_density: ``kernels.fused_density``."""
         return cls(
             backend=backend,
             hashgrid_backward=hashgrid_backward,
+            fused_density=bool(fused_density),
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -154,6 +157,26 @@ def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
     enc = _encode(params, x, spec, mask, valid)
     raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
     return _activate(raw + density_bias(x, spec), spec)
+
+
+def density_no_grad(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None, *,
+                    interpret: bool | None = None) -> jax.Array:
+    """:func:`density` under ``stop_gradient``, for the renderer's pruning pass and occupancy-grid updates.
+
+    With the Pallas backend and one hidden layer the hash-grid encoding and the density MLP run fused in one
+    kernel (:mod:`dreamcraft_jax.kernels.density`: no (N, L*F) features or (N, H) activations in HBM); the bias
+    and activation follow elementwise. Otherwise the unfused :func:`density`.
+    """
+    sg = jax.lax.stop_gradient
+    net = params["density_net"]
+    fusable = spec.fused_density and spec.mlp_hidden_layers == 1 and not spec.mlp_width & (spec.mlp_width - 1)
+    if spec.backend != "pallas" or not fusable:
+        return sg(density(params, x, spec, mask, valid))
+    from dreamcraft_jax.kernels.density import density_mlp_pallas
+
+    raw = density_mlp_pallas(params["encoding"], _unit(sg(x), spec), spec.grid, mask, valid,
+                             net["layers_0"]["kernel"], net["layers_1"]["kernel"], interpret=interpret)
+    return sg(_activate(raw + density_bias(sg(x), spec), spec))
 
 
 def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None):

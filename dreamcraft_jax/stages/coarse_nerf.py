@@ -104,7 +104,8 @@ class CoarseNerf:
 
     @staticmethod
     def field_spec(cfg, backend: str = "xla"):
-        return nerf.NerfFieldSpec.from_config(cfg.field, backend, cfg.kernels.hashgrid_backward)
+        return nerf.NerfFieldSpec.from_config(cfg.field, backend, cfg.kernels.hashgrid_backward,
+                                              cfg.kernels.fused_density)
 
     def place_prior_params(self, prior_params):
         """Put the prior params on the mesh: FSDP-split where ``parallel.fsdp`` > 1, else replicated."""
@@ -147,7 +148,7 @@ class CoarseNerf:
         del step
         spec = self.field
         return volume.FieldFns(
-            density=lambda x, valid=None: nerf.density(params, x, spec, mask, valid),
+            density=lambda x, valid=None: nerf.density_no_grad(params, x, spec, mask, valid),
             radiance=lambda x, valid=None: nerf.density_and_albedo(params, x, spec, mask, valid),
             normal=lambda x, valid=None: nerf.normals(params, x, spec, mask, valid),
         )
