@@ -175,7 +175,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.kernels = ml_collections.ConfigDict()
     c.kernels.backend = "auto"  # auto: Pallas on GPU, XLA elsewhere
-    # Pallas hash-grid backward: "xla" (XLA's scatter-add) or "atomic" (the kernel's float atomics).
+    # Pallas hash-grid backward: "xla" (XLA's scatter-add), "atomic" (the kernel's float atomics) or "reduced"
+    # (atomics, the coarse levels pre-reduced per block of packed samples first).
     c.kernels.hashgrid_backward = "xla"
     # Pallas backend: the renderer's no-grad pruning density as one fused hash-grid + density-MLP kernel.
     c.kernels.fused_density = True
@@ -357,7 +358,7 @@ def _validate_one(cfg) -> None:
     _check_guidance(cfg)
     _check_choice(cfg, "train.mode", TRAIN_MODES)
     _check_choice(cfg, "kernels.backend", KERNEL_BACKENDS)
-    _check_choice(cfg, "kernels.hashgrid_backward", ("xla", "atomic"))
+    _check_choice(cfg, "kernels.hashgrid_backward", ("xla", "atomic", "reduced"))
     _check_choice(cfg, "data.background", ("alpha", "flat"))
     _check_choice(cfg, "field.density_activation", DENSITY_ACTIVATIONS)
     _check_choice(cfg, "field.density_bias", DENSITY_BIASES)

@@ -53,7 +53,8 @@ def density_mlp_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_ma
         w_hidden: (L*F, H); w_out: (H, 1).
     """
     enc = _ref.encode(table, x, spec, level_mask, valid, skip_masked_levels=True)
-    return (jax.nn.relu(enc @ w_hidden) @ w_out)[:, 0]
+    hi = jax.lax.Precision.HIGHEST  # float32 products, like the kernel (XLA's GPU default may be TF32)
+    return jnp.dot(jax.nn.relu(jnp.dot(enc, w_hidden, precision=hi)), w_out, precision=hi)[:, 0]
 
 
 def _density_kernel(*refs, spec: HashGridSpec, B: int, H: int, use_mask: bool, use_valid: bool):

@@ -19,6 +19,7 @@ class MLP(nn.Module):
     n_hidden_layers: int
     out_dim: int
     use_bias: bool = False
+    precision: jax.lax.Precision | None = None  # of the matmuls; None: XLA's default (TF32 on recent GPUs)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -26,7 +27,7 @@ class MLP(nn.Module):
         for i, size in enumerate(sizes):
             # Xavier-uniform like tiny-cuda-nn's fully fused MLP initialisation.
             x = nn.Dense(size, use_bias=self.use_bias, kernel_init=nn.initializers.xavier_uniform(),
-                         name=f"layers_{i}")(x)
+                         precision=self.precision, name=f"layers_{i}")(x)
             if i < len(sizes) - 1:
                 x = nn.relu(x)
         return x

@@ -23,6 +23,10 @@ from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
 
 DENSITY_ACTIVATIONS = ("softplus", "exp")
+HASHGRID_BACKWARDS = ("xla", "atomic", "reduced")
+# "reduced" backward: levels up to this grid scale (levels 0-5 of the official grid, cells >= 1/101 of the box)
+# pre-reduce per block of packed samples before their atomics; finer levels scatter point by point.
+PRE_REDUCE_MAX_SCALE = 128.0
 DENSITY_BIASES = ("blob_magic3d", "blob_dreamfusion", "none")
 NORMAL_TYPES = ("finite_difference", "analytic")
 
@@ -47,7 +51,7 @@ class NerfFieldSpec:
     progressive_update_steps: int = 500
     remat_encoding: bool = True
     backend: str = "xla"  # hash-grid encoding: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.hashgrid)
-    hashgrid_backward: str = "xla"  # Pallas backend only: backward by XLA scatter-add or by the atomic kernel
+    hashgrid_backward: str = "xla"  # Pallas backend only: HASHGRID_BACKWARDS (XLA scatter-add or atomic kernel)
     fused_density: bool = True  # Pallas backend only: the no-grad pruning density as one encode+MLP kernel
 
     @classmethod
@@ -130,13 +134,15 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
     The Pallas kernel keeps only (table, x, mask) for its backward, so it needs no remat; its backward skips the
     gradient w.r.t. x unless ``need_x_grad`` (analytic normals differentiate through x). ``valid`` (N,) bool
     marks the points that matter: the others get zero features and cost no table traffic in either pass.
-    ``backward`` ("xla" | "atomic") picks the Pallas backward: XLA's scatter-add or the atomic kernel.
+    ``backward`` ("xla" | "atomic" | "reduced") picks the Pallas backward: XLA's scatter-add, the atomic kernel,
+    or the atomic kernel with a per-block pre-reduction of the coarse levels (``PRE_REDUCE_MAX_SCALE``).
     """
     if backend == "pallas" and not need_x_grad:
         from dreamcraft_jax.kernels.hashgrid import encode_pallas
 
         return encode_pallas(table, unit, grid, mask, grad_table_only=True, block_points=128,
-                             xla_backward=backward == "xla", valid=valid)
+                             xla_backward=backward == "xla", valid=valid,
+                             pre_reduce_max_scale=PRE_REDUCE_MAX_SCALE if backward == "reduced" else 0.0)
     # The level mask is a function of the step, never differentiated: switched-off levels can skip the table.
     encode = functools.partial(hashgrid.encode, spec=grid, skip_masked_levels=True)
     if remat:
@@ -152,10 +158,12 @@ def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -
                          backward=spec.hashgrid_backward)
 
 
-def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None) -> jax.Array:
-    """(N, 3) world points -> (N,) density sigma >= 0 (``valid`` (N,) bool: see :func:`encode_points`)."""
+def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None,
+            precision: jax.lax.Precision | None = None) -> jax.Array:
+    """(N, 3) world points -> (N,) density sigma >= 0 (``valid`` (N,) bool: see :func:`encode_points`;
+    ``precision``: of the density MLP's matmuls, None for XLA's default)."""
     enc = _encode(params, x, spec, mask, valid)
-    raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
+    raw = apply_mlp(spec.density_net.clone(precision=precision), params["density_net"], enc)[..., 0]
     return _activate(raw + density_bias(x, spec), spec)
 
 
@@ -165,13 +173,15 @@ def density_no_grad(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, 
 
     With the Pallas backend and one hidden layer the hash-grid encoding and the density MLP run fused in one
     kernel (:mod:`dreamcraft_jax.kernels.density`: no (N, L*F) features or (N, H) activations in HBM); the bias
-    and activation follow elementwise. Otherwise the unfused :func:`density`.
+    and activation follow elementwise. Otherwise the unfused :func:`density`. Both compute the MLP in full
+    float32 (the kernel's FMAs; ``Precision.HIGHEST`` for XLA, whose default may be TF32 on GPUs), so the two
+    backends keep and drop the same samples at the alpha threshold, and render the same image.
     """
     sg = jax.lax.stop_gradient
     net = params["density_net"]
     fusable = spec.fused_density and spec.mlp_hidden_layers == 1 and not spec.mlp_width & (spec.mlp_width - 1)
     if spec.backend != "pallas" or not fusable:
-        return sg(density(params, x, spec, mask, valid))
+        return sg(density(params, x, spec, mask, valid, precision=jax.lax.Precision.HIGHEST))
     from dreamcraft_jax.kernels.density import density_mlp_pallas
 
     raw = density_mlp_pallas(params["encoding"], _unit(sg(x), spec), spec.grid, mask, valid,
