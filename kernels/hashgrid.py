@@ -321,7 +321,8 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_vali
         # level-mask gradient (the unmasked features) is wanted.
         scatter_lanes = _level_lanes(lanes, mask_l, B, fw)
         if not need_x and spec.scales[l] <= pre_reduce_max_scale and B >= 2 * _N_LEADERS:
-            lanes_1d = jnp.ones((B,), bool) if lanes is None else lanes[:, 0]
+            # From the valid block itself: Triton cannot slice a column out of the (B, fw) lanes.
+            lanes_1d = jnp.ones((B,), bool) if valid_ref is None else _load(valid_ref, slice(None)) != 0
             if mask_l is not None:
                 lanes_1d = lanes_1d & (mask_l != 0)
             weights = [(w[0][b[0]] * w[1][b[1]]) * w[2][b[2]] for b in _CORNERS]
