@@ -66,13 +66,41 @@ def _peak_memory_bytes() -> int | None:
     return stats.get("peak_bytes_in_use")
 
 
-def _load_config(path: str):
+def _load_config(path: str, overrides=()):
+    """The config of a config file, with ``--set key=value`` overrides (typed like the value they replace)."""
     import importlib.util
+
+    from dreamcraft_jax.config import validate
 
     spec = importlib.util.spec_from_file_location("bench_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    cfg = module.get_config()
+    for item in overrides or ():
+        key, sep, text = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = cfg
+        try:
+            for part in parents:
+                node = node[part]
+            old = node[leaf]
+        except (KeyError, AttributeError, TypeError):
+            raise SystemExit(f"error: --set {item!r}: no config key {key!r}") from None
+        if not sep:
+            raise SystemExit(f"error: --set needs key=value, got {item!r}")
+        try:
+            if isinstance(old, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            else:
+                value = type(old)(text) if isinstance(old, (int, float, str)) else text
+        except ValueError:
+            raise SystemExit(f"error: --set {item!r}: {key} takes a {type(old).__name__}") from None
+        with cfg.unlocked():
+            node[leaf] = value
+    validate(cfg)
+    return cfg
 
 
 def fit_scene(cfg, steps: int):
@@ -95,7 +123,7 @@ def fit_scene(cfg, steps: int):
 
 
 def bench_render(args) -> dict:
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, args.set)
     stage, state, fit_metrics = fit_scene(cfg, args.fit_steps)
     field, spec = stage.field, stage.render
     params, grid = state.params, state.grid
@@ -121,10 +149,12 @@ def bench_render(args) -> dict:
         atomic = with_backend("pallas", hashgrid_backward="atomic")
         unfused = with_backend("pallas", fused_density=False)
         reduced = with_backend("pallas", hashgrid_backward="reduced")
+        fd = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True)
         variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas),
                      ("pallas-unfused rgb", False, False, unfused),
                      ("pallas-unfused rgb+normals", True, True, unfused),
                      ("pallas-reduced rgb", False, False, reduced), ("pallas-reduced rgb+normals", True, True, reduced),
+                     ("pallas-fd rgb+normals", True, True, fd),
                      ("pallas-atomic rgb", False, False, atomic), ("pallas-atomic rgb+normals", True, True, atomic),
                      ("pallas rgb+normals no-perturb", True, False, pallas)]
     if args.variants:
@@ -479,7 +509,7 @@ def bench_stage(args) -> dict:
     from dreamcraft_jax.runner import time_split
     from dreamcraft_jax.stages.coarse_nerf import REF
 
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, args.set)
     with cfg.unlocked():
         cfg.parallel.data, cfg.parallel.fsdp = args.data, 1
     t0 = time.perf_counter()
@@ -563,7 +593,7 @@ def bench_scaling(args) -> dict:
     from dreamcraft_jax import cameras as cam
     from dreamcraft_jax.stages.coarse_nerf import RANDOM
 
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, args.set)
     platform_name = jax.devices()[0].platform
     n_avail = len(jax.devices())
     priors, prior_params = random_priors(cfg, args.tiny)
@@ -748,7 +778,7 @@ def bench_profile(args) -> dict:
                                              jnp.bfloat16)
             else:
                 if fitted is None:
-                    cfg = _load_config(args.config)
+                    cfg = _load_config(args.config, args.set)
                     with cfg.unlocked():
                         cfg.parallel.data, cfg.parallel.fsdp = 1, 1
                     _, fitted, _ = fit_scene(cfg, args.fit_steps)
@@ -907,6 +937,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("render", help="coarse-stage render forward+backward, pure-jnp path")
     p.add_argument("--config", default="configs/coarse_nerf.py")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. kernels.hashgrid_backward=reduced)")
     p.add_argument("--resolution", type=int, default=384)
     p.add_argument("--fit_steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=10)
@@ -928,6 +960,7 @@ def main(argv=None) -> int:
     q.add_argument("--out", default="")
     t = sub.add_parser("stage", help="full coarse NeRF / NeuS steps with real-size random priors")
     t.add_argument("--config", default="configs/dreamcraft3d.py")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     t.add_argument("--nerf_resolutions", nargs="*", type=int, default=[128, 384])
     t.add_argument("--neus_resolutions", nargs="*", type=int, default=[256])
     t.add_argument("--views", nargs="+", type=int, default=[1, 4])
@@ -940,6 +973,7 @@ def main(argv=None) -> int:
     t.add_argument("--out", default="")
     c = sub.add_parser("scaling", help="weak / strong scaling of the SDS steps and the coarse-NeRF step over devices")
     c.add_argument("--config", default="configs/dreamcraft3d.py")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     c.add_argument("--kinds", nargs="+", default=["sd", "zero123", "stage"], choices=["sd", "zero123", "stage"])
     c.add_argument("--devices", nargs="+", type=int, default=[1, 2, 4, 8])
     c.add_argument("--views_per_device", nargs="*", type=int, default=[1, 4],
@@ -955,6 +989,7 @@ def main(argv=None) -> int:
     f.add_argument("cases", nargs="+",
                    help="sd_views1 zero123_views4 coarse_nerf_384px coarse_neus_256px ...")
     f.add_argument("--config", default="configs/dreamcraft3d.py")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     f.add_argument("--fit_steps", type=int, default=150)
     f.add_argument("--tiny", action="store_true", help="tiny priors (CPU)")
     f.add_argument("--repeats", type=int, default=3)

@@ -251,14 +251,16 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid
 _N_LEADERS = 4
 
 
-def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, weights, gm, lanes_1d, B: int, fw: int,
+def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, contribution, lanes_1d, B: int, fw: int,
                          n_chunks: int, interpret: bool):
     """d_table of one level for a block whose points crowd into few cells (coarse levels, points in ray order).
 
-    Up to ``_N_LEADERS`` leader cells (those of lanes 0, B/4, B/2, 3B/4): the lanes in a leader's cell share
-    its 8 corner rows, so their ``w_b * g`` are summed over the block first and added with one atomic per
-    corner and feature; every other lane adds its own as usual. Same sums as the plain scatter, in another
-    order; far fewer atomics on the rows that thousands of samples hit.
+    ``contribution(k, c)``: the (B, fw) values each lane adds to its cell's corner ``_CORNERS[k]``, feature
+    chunk c (``w_b * g`` for plain points). Up to ``_N_LEADERS`` leader cells (those of lanes 0, B/4, B/2,
+    3B/4): the lanes in a leader's cell share its 8 corner rows, so their contributions are summed over the
+    block first and added with one atomic per corner and feature; every other lane adds its own as usual.
+    Same sums as the plain scatter, in another order; far fewer atomics on the rows that thousands of samples
+    hit.
     """
     lane = jnp.arange(B, dtype=jnp.int32)
     remaining = lanes_1d
@@ -272,14 +274,14 @@ def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, weights,
         remaining = remaining & ~same
         groups.append((pick, same, jnp.broadcast_to(jnp.max(same.astype(jnp.int32)) > 0, (1, fw))))
     rest = jnp.broadcast_to(remaining[:, None], (B, fw))
-    for bits, weight in zip(_CORNERS, weights):
+    for k, bits in enumerate(_CORNERS):
         row = _corner_row(terms, bits, spec, l)
         for c in range(n_chunks):
-            contribution = weight[:, None] * gm[c]
+            values = contribution(k, c)
             rows, cols = _index_arrays(row, c, fw, B)
-            _scatter_add(dtable_ref, rows, cols, contribution, interpret=interpret, lanes=rest)
+            _scatter_add(dtable_ref, rows, cols, values, interpret=interpret, lanes=rest)
             for pick, same, any_same in groups:
-                total = jnp.sum(jnp.where(same[:, None], contribution, 0.0), axis=0, keepdims=True)  # (1, fw)
+                total = jnp.sum(jnp.where(same[:, None], values, 0.0), axis=0, keepdims=True)  # (1, fw)
                 lead_row = jnp.sum(jnp.where(pick, row, 0))
                 lead_rows, lead_cols = _index_arrays(jnp.broadcast_to(lead_row, (1,)), c, fw, 1)
                 _scatter_add(dtable_ref, lead_rows, lead_cols, total, interpret=interpret, lanes=any_same)
@@ -326,7 +328,8 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_vali
             if mask_l is not None:
                 lanes_1d = lanes_1d & (mask_l != 0)
             weights = [(w[0][b[0]] * w[1][b[1]]) * w[2][b[2]] for b in _CORNERS]
-            _pre_reduced_scatter(dtable_ref, terms, spec, l, weights, gm, lanes_1d, B, fw, n_chunks, interpret)
+            _pre_reduced_scatter(dtable_ref, terms, spec, l, lambda k, c: weights[k][:, None] * gm[c], lanes_1d,
+                                 B, fw, n_chunks, interpret)
             continue
         if mask_grad:
             feat = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]

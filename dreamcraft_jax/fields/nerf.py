@@ -53,16 +53,18 @@ class NerfFieldSpec:
     backend: str = "xla"  # hash-grid encoding: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.hashgrid)
     hashgrid_backward: str = "xla"  # Pallas backend only: HASHGRID_BACKWARDS (XLA scatter-add or atomic kernel)
     fused_density: bool = True  # Pallas backend only: the no-grad pruning density as one encode+MLP kernel
+    fused_finite_difference: bool = False  # Pallas backend only: the 6 neighbours' encodings in one kernel
 
     @classmethod
-    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
-                    fused_density: bool = True) -> "NerfFieldSpec":
+    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla", fused_density: bool = True,
+                    fused_finite_difference: bool = False) -> "NerfFieldSpec":
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
-        hashgrid_backward: ``kernels.hashgrid_backward``; fused_density: ``kernels.fused_density``."""
+        the rest: the ``kernels.*`` keys of the same names."""
         return cls(
             backend=backend,
             hashgrid_backward=hashgrid_backward,
             fused_density=bool(fused_density),
+            fused_finite_difference=bool(fused_finite_difference),
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -198,27 +200,61 @@ def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=Non
     return sigma, jax.nn.sigmoid(features[..., :3])
 
 
+def _fd_offsets(eps: float) -> jax.Array:
+    """(6, 3) neighbour offsets +x +y +z -x -y -z (kernels.fd_hashgrid.NEIGHBOURS has the same order)."""
+    return eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)
+
+
+def _central_difference(values: jax.Array, eps: float, valid: jax.Array | None) -> jax.Array:
+    """(N, 6) neighbour values -> (N, 3) (f(x + eps e) - f(x - eps e)) / 2 eps, 0 where not valid."""
+    grad = (values[:, :3] - values[:, 3:]) / (2.0 * eps)
+    return grad if valid is None else jnp.where(valid[:, None], grad, 0.0)
+
+
 def central_difference_gradient(fn, x: jax.Array, eps: float, valid: jax.Array | None = None) -> jax.Array:
     """(N, 3) -> (N, 3) gradient of a scalar field fn: (M, 3) -> (M,), by central differences with step eps
     (one call of fn on the 6N shifted points, point-major so a valid prefix of x stays a valid prefix).
 
     With ``valid`` (N,) bool, fn is called as fn(points, valid_6N) and the gradient of invalid points is 0.
     """
-    offsets = eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)  # (6, 3): +x +y +z -x -y -z
-    points = (x[:, None, :] + offsets[None]).reshape(-1, 3)
+    points = (x[:, None, :] + _fd_offsets(eps)[None]).reshape(-1, 3)
     if valid is None:
         values = fn(points)
     else:
         values = fn(points, jnp.repeat(valid, 6))
-    values = values.reshape(x.shape[0], 6)
-    grad = (values[:, :3] - values[:, 3:]) / (2.0 * eps)
-    return grad if valid is None else jnp.where(valid[:, None], grad, 0.0)
+    return _central_difference(values.reshape(x.shape[0], 6), eps, valid)
+
+
+def uses_fd_kernel(spec: NerfFieldSpec) -> bool:
+    """Whether finite differences go through :mod:`dreamcraft_jax.kernels.fd_hashgrid`."""
+    return spec.backend == "pallas" and spec.fused_finite_difference and spec.normal_type == "finite_difference"
+
+
+def fused_central_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
+                                      valid=None) -> jax.Array:
+    """:func:`central_difference_gradient` of ``value_fn(encoding (N, L*F), points (N, 3)) -> (N,)`` with the
+    six neighbours' encodings from one kernel (shared corners gathered and scattered once; table gradient
+    only, as the fields never differentiate positions here)."""
+    from dreamcraft_jax.kernels.fd_hashgrid import fd_encode_pallas
+
+    eps = spec.finite_difference_eps
+    encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, eps, mask, valid,
+                                 pre_reduce_max_scale=PRE_REDUCE_MAX_SCALE)
+    offsets = _fd_offsets(eps)
+    values = jnp.stack([value_fn(enc, x + offsets[j]) for j, enc in enumerate(encodings)], axis=1)
+    return _central_difference(values, eps, valid)
 
 
 def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None) -> jax.Array:
     """(N, 3) -> (N, 3) unit normals -grad(sigma) / |grad(sigma)| (0 where ``valid`` is False)."""
     if spec.normal_type == "analytic":
         grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask, valid)))(x)
+    elif uses_fd_kernel(spec):
+        def density_of(enc, points):
+            raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
+            return _activate(raw + density_bias(points, spec), spec)
+
+        grad = fused_central_difference_gradient(params["encoding"], x, spec, density_of, mask, valid)
     else:
         grad = central_difference_gradient(lambda p, v=None: density(params, p, spec, mask, v), x,
                                            spec.finite_difference_eps, valid)

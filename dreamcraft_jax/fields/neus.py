@@ -29,7 +29,10 @@ import jax.numpy as jnp
 
 from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
-from dreamcraft_jax.fields.nerf import NORMAL_TYPES, NerfFieldSpec, _unit, central_difference_gradient, encode_points
+from dreamcraft_jax.fields.nerf import (
+    NORMAL_TYPES, NerfFieldSpec, _unit, central_difference_gradient, encode_points, fused_central_difference_gradient,
+    uses_fd_kernel,
+)
 
 ALPHA_MAX = 1.0 - 1e-6  # keeps -log(1 - alpha) finite
 
@@ -46,11 +49,15 @@ class NeusFieldSpec:
     finite_difference_eps: float = 0.01
 
     @classmethod
-    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla") -> "NeusFieldSpec":
-        """cfg: the whole config (``field`` for the shared parts, ``neus`` for these)."""
+    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
+                    fused_finite_difference: bool = False) -> "NeusFieldSpec":
+        """cfg: the whole config (``field`` for the shared parts, ``neus`` for these); the rest as
+        :meth:`NerfFieldSpec.from_config`."""
         if cfg.neus.normal_type not in NORMAL_TYPES:
             raise ValueError(f"neus.normal_type must be one of {NORMAL_TYPES}, got {cfg.neus.normal_type!r}")
-        return cls(base=NerfFieldSpec.from_config(cfg.field, backend, hashgrid_backward), sphere_radius=float(cfg.neus.sphere_radius),
+        base = NerfFieldSpec.from_config(cfg.field, backend, hashgrid_backward,
+                                         fused_finite_difference=fused_finite_difference)
+        return cls(base=base, sphere_radius=float(cfg.neus.sphere_radius),
                    variance_init=float(cfg.neus.variance_init),
                    cos_anneal_end_steps=int(cfg.neus.cos_anneal_end_steps), normal_type=cfg.neus.normal_type,
                    finite_difference_eps=float(cfg.field.finite_difference_eps))
@@ -111,6 +118,9 @@ def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, val
     """(N, 3) -> (N, 3) grad sdf (finite differences with step eps, or autodiff)."""
     if spec.normal_type == "analytic":
         return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask, valid)))(x)
+    if uses_fd_kernel(dataclasses.replace(spec.base, normal_type=spec.normal_type)):
+        return fused_central_difference_gradient(params["encoding"], x, spec.base,
+                                                 lambda enc, p: _sdf_from_encoding(params, enc, p, spec), mask, valid)
     return central_difference_gradient(lambda p, v=None: sdf(params, p, spec, mask, v), x,
                                        spec.finite_difference_eps, valid)
 

@@ -26,7 +26,8 @@ class CoarseNeus(CoarseNerf):
 
     @staticmethod
     def field_spec(cfg, backend: str = "xla"):
-        return neus.NeusFieldSpec.from_config(cfg, backend, cfg.kernels.hashgrid_backward)
+        return neus.NeusFieldSpec.from_config(cfg, backend, cfg.kernels.hashgrid_backward,
+                                              cfg.kernels.fused_finite_difference)
 
     @property
     def optimizer(self) -> optax.GradientTransformation:

@@ -1,0 +1,306 @@
+"""Hash-grid encodings of a point's six finite-difference neighbours as one Pallas kernel, beside its reference.
+
+Finite-difference normals (the official setting, eps 0.01) evaluate the field at ``x +- eps e_d`` for every kept
+sample: 6 of the 13 field evaluations per sample of stage 1 (the perturbed normal of the 3D normal-smoothness loss
+is 6 more). Encoded one point at a time, each neighbour gathers its own 8 corners per level and, in the backward
+pass, adds its own 8 atomics per level. But on every level whose cells are wider than eps, a neighbour usually lies
+in the sample's own cell (same 8 corners), or in the next cell along its axis, where it shares 4 of them. Here one
+lane handles one sample and all six neighbours:
+
+* forward: the 8 corner rows of the sample's own cell are gathered once; neighbour ``j`` (axis ``a``, sign ``s``)
+  in the same cell reuses all 8 values, one cell over (``floor`` moved by ``s``) reuses the 4 on the shared face
+  and gathers the other 4, farther (fine levels) gathers all 8. Same values as gathering every corner (the same
+  rows hold them), summed in the same corner order, so the features are bit-identical to the reference.
+* backward (table gradient only: positions are data): ``w_jb * g_j`` of a shared corner goes into a per-lane
+  register accumulator of the sample's own 8 corners; only the corners a neighbour does not share are added with
+  their own atomics. On the coarse levels (grid scale <= ``pre_reduce_max_scale``) the accumulators of the lanes
+  in a leader cell are summed over the block first (:func:`kernels.hashgrid._pre_reduced_scatter`). Same sums as
+  the reference's scatter-add, in another order.
+
+Points: world coordinates, mapped to the grid as the fields do (``clip((p + r) / (2 r), 0, 1)``, with
+``p = x + s * eps`` on the shifted axis), with the same float32 operations, so cells and weights match the
+reference exactly. Neighbour order: +x, +y, +z, -x, -y, -z (that of
+:func:`dreamcraft_jax.fields.nerf.central_difference_gradient`).
+
+Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid) -> tuple of 6 (N, L*F)``, equal to
+:func:`fd_encode_xla`; differentiable w.r.t. the table only (the positions and the level mask get zero
+cotangents, as the fields never differentiate them through this path). Triton specifics come from
+:mod:`kernels.hashgrid`'s helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from dreamcraft_jax.fields import hashgrid as _ref
+from dreamcraft_jax.fields.hashgrid import HashGridSpec
+from dreamcraft_jax.kernels.hashgrid import (
+    _CORNERS, _cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
+    _index_arrays, _level_geometry, _load, _out_struct, _point_inputs, _pre_reduced_scatter, _scatter_add,
+    _store, _varying_axes,
+)
+
+__all__ = ["fd_encode_pallas", "fd_encode_xla", "NEIGHBOURS"]
+
+# (axis, sign) of the six neighbours, in the order of the fields' central differences.
+NEIGHBOURS = ((0, 1), (1, 1), (2, 1), (0, -1), (1, -1), (2, -1))
+
+
+def fd_encode_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: float, eps: float,
+                  level_mask: jax.Array | None = None, valid: jax.Array | None = None) -> tuple[jax.Array, ...]:
+    """Reference: the encodings of ``x + eps * offset_j`` (world (N, 3)), j over :data:`NEIGHBOURS`.
+
+    Returns 6 arrays (N, L*F). ``valid`` (N,) bool: invalid samples get zero features and no gradient.
+    """
+    offsets = eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)  # as central_difference_gradient
+    points = x[:, None, :] + offsets[None]
+    unit = jnp.clip((points + radius) / (2.0 * radius), 0.0, 1.0).reshape(-1, 3)
+    keep = None if valid is None else jnp.repeat(valid, 6)
+    enc = _ref.encode(table, unit, spec, level_mask, keep, skip_masked_levels=True)
+    enc = enc.reshape(x.shape[0], 6, -1)
+    return tuple(enc[:, j] for j in range(6))
+
+
+def _unit(p, radius: float):
+    """World coordinate -> grid coordinate, the fields' float32 operations (``nerf._unit``)."""
+    return jnp.clip((p + np.float32(radius)) / np.float32(2.0 * radius), np.float32(0.0), np.float32(1.0))
+
+
+def _geometry(xs, spec: HashGridSpec, l: int, radius: float, eps: float):
+    """Per level: the sample's own cell and, per neighbour, what it shares with it.
+
+    Returns (terms of the own cell, [(weights w[d][bit], terms, same (B,) bool, step (B,) bool) per neighbour]):
+    ``same``: the neighbour lies in the own cell; ``step``: one cell over along its axis, in its direction.
+    Both are read off the index terms themselves (``(cell + bit) * mult``, injective in the cell: the
+    multipliers are 1, res, res^2 or odd primes mod 2^32), and the unshifted axes reuse the own cell's weights
+    and terms, so a corner called shared has exactly the row of the own corner it is matched with.
+    """
+    units = [_unit(xs[d], radius) for d in range(3)]
+    own_w, own_t = _level_geometry(units, spec, l)
+    out = []
+    for axis, sign in NEIGHBOURS:
+        shifted = list(units)
+        shifted[axis] = _unit(xs[axis] + np.float32(sign * np.float32(eps)), radius)
+        w_shift, t_shift = _level_geometry(shifted, spec, l)
+        w = [w_shift[d] if d == axis else own_w[d] for d in range(3)]
+        t = [t_shift[d] if d == axis else own_t[d] for d in range(3)]
+        same = t[axis][0] == own_t[axis][0]
+        # One cell up: the neighbour's lower face is the own upper face; one down: its upper face the own lower.
+        step = (t[axis][0] == own_t[axis][1]) if sign > 0 else (t[axis][1] == own_t[axis][0])
+        out.append((w, t, same, step & ~same))
+    return own_t, out
+
+
+def _shares_face(bits, axis: int, sign: int) -> bool:
+    """Whether corner ``bits`` of a neighbour one cell over (direction ``sign`` along ``axis``) is a corner of
+    the own cell: the near face (bit 0 when moving up, bit 1 when moving down); it is corner ``bits ^ axis``."""
+    return bits[axis] == (0 if sign > 0 else 1)
+
+
+def _partner(k: int, axis: int) -> int:
+    return k ^ (1 << axis)
+
+
+def _level_on(valid_ref, mask_l, B: int):
+    """(B,) lanes that touch the table at this level (valid samples, level switched on)."""
+    on = jnp.ones((B,), bool) if valid_ref is None else _load(valid_ref, slice(None)) != 0
+    return on if mask_l is None else on & (mask_l != 0)
+
+
+def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
+                    use_valid: bool):
+    """Refs: x (B, 3), [valid (B,)], [mask (L,)], table (R, F) in HBM -> six (B, L*F) blocks."""
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    valid_ref = refs.pop(0) if use_valid else None
+    mask_ref = refs.pop(0) if use_mask else None
+    table_ref, *out_refs = refs
+    F = spec.n_features_per_level
+    fw, n_chunks = _feature_chunks(F)
+    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+    for l in range(spec.n_levels):
+        mask_l = _load(mask_ref, l) if use_mask else None
+        on = _level_on(valid_ref, mask_l, B)
+        own_terms, neighbours = _geometry(xs, spec, l, radius, eps)
+        own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, spec, l), c, fw, B),
+                        jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
+        for j, (axis, sign) in enumerate(NEIGHBOURS):
+            w, terms, same, shared_step = neighbours[j]
+            for c in range(n_chunks):
+                acc = jnp.zeros((B, fw), jnp.float32)
+                for k, bits in enumerate(_CORNERS):
+                    face = _shares_face(bits, axis, sign)
+                    reused = (same | shared_step) if face else same
+                    lanes = jnp.broadcast_to((on & ~reused)[:, None], (B, fw))
+                    value = _gather(table_ref, *_index_arrays(_corner_row(terms, bits, spec, l), c, fw, B), lanes)
+                    if face:
+                        value = jnp.where(shared_step[:, None], own[_partner(k, axis)][c], value)
+                    value = jnp.where(same[:, None], own[k][c], value)
+                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order
+                    acc = acc + weight[:, None] * value
+                if use_mask:
+                    acc = acc * mask_l
+                _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), acc)
+
+
+def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
+                     use_valid: bool, interpret: bool, pre_reduce_max_scale: float):
+    """Refs: x (B, 3), [valid (B,)], [mask (L,)], six g (B, L*F) blocks, zeros (R, F) (aliased to d_table)
+    -> d_table (R, F) accumulated with atomics."""
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    valid_ref = refs.pop(0) if use_valid else None
+    mask_ref = refs.pop(0) if use_mask else None
+    g_refs, (_zeros_ref, dtable_ref) = refs[:6], refs[6:]
+    F = spec.n_features_per_level
+    fw, n_chunks = _feature_chunks(F)
+    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+    for l in range(spec.n_levels):
+        mask_l = _load(mask_ref, l) if use_mask else None
+        on = _level_on(valid_ref, mask_l, B)
+        own_terms, neighbours = _geometry(xs, spec, l, radius, eps)
+        acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
+        for j, (axis, sign) in enumerate(NEIGHBOURS):
+            w, terms, same, step = neighbours[j]
+            for c in range(n_chunks):
+                g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
+                if use_mask:
+                    g = g * mask_l
+                for k, bits in enumerate(_CORNERS):
+                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
+                    contribution = weight[:, None] * g
+                    acc[k][c] = acc[k][c] + jnp.where(same[:, None], contribution, 0.0)
+                    direct = ~same
+                    if _shares_face(bits, axis, sign):
+                        p = _partner(k, axis)
+                        acc[p][c] = acc[p][c] + jnp.where(step[:, None], contribution, 0.0)
+                        direct = direct & ~step
+                    lanes = jnp.broadcast_to((on & direct)[:, None], (B, fw))
+                    _scatter_add(dtable_ref, *_index_arrays(_corner_row(terms, bits, spec, l), c, fw, B),
+                                 contribution, interpret=interpret, lanes=lanes)
+        # The own cell's corners: what the neighbours that share them added up, one atomic per corner
+        # (per leader cell of the block on the coarse levels).
+        if spec.scales[l] <= pre_reduce_max_scale and B >= 8:
+            _pre_reduced_scatter(dtable_ref, own_terms, spec, l, lambda k, c: acc[k][c], on, B, fw, n_chunks,
+                                 interpret)
+        else:
+            lanes = jnp.broadcast_to(on[:, None], (B, fw))
+            for k, bits in enumerate(_CORNERS):
+                row = _corner_row(own_terms, bits, spec, l)
+                for c in range(n_chunks):
+                    _scatter_add(dtable_ref, *_index_arrays(row, c, fw, B), acc[k][c], interpret=interpret,
+                                 lanes=lanes)
+
+
+def _inputs(x, valid, mask, L: int, B: int):
+    in_specs, args = _point_inputs(x, valid, B)
+    if mask is not None:
+        in_specs.append(pl.BlockSpec((L,), lambda i: (0,)))
+        args.append(mask)
+    return in_specs, args
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fd_core(table, x, mask, valid, static):
+    return _forward(table, x, mask, valid, static)
+
+
+def _forward(table, x, mask, valid, static):
+    spec, radius, eps, B, num_warps, interpret, _ = static
+    N = x.shape[0]
+    L, F = spec.n_levels, spec.n_features_per_level
+    in_specs, args = _inputs(x, valid, mask, L, B)
+    in_specs.append(_full_hbm_spec())
+    args.append(table)
+    kernel = functools.partial(_forward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
+                               use_valid=valid is not None)
+    return tuple(pl.pallas_call(
+        kernel,
+        out_shape=tuple(_out_struct((N, L * F), x) for _ in range(6)),
+        grid=(N // B,),
+        in_specs=in_specs,
+        out_specs=tuple(pl.BlockSpec((B, L * F), lambda i: (i, 0)) for _ in range(6)),
+        compiler_params=_compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="hashgrid_fd_encode_fwd",
+    )(*args))
+
+
+def _fd_core_fwd(table, x, mask, valid, static):
+    return _forward(table, x, mask, valid, static), (x, mask, valid)
+
+
+def _fd_core_bwd(static, res, gs):
+    spec, radius, eps, B, num_warps, interpret, pre_reduce_max_scale = static
+    x, mask, valid = res
+    N = x.shape[0]
+    L, F = spec.n_levels, spec.n_features_per_level
+    R = spec.total_params
+    in_specs, args = _inputs(x, valid, mask, L, B)
+    in_specs += [pl.BlockSpec((B, L * F), lambda i: (i, 0)) for _ in range(6)] + [_full_hbm_spec()]
+    args += [g.astype(jnp.float32) for g in gs]
+    zeros_index = len(args)
+    args.append(_cast_varying(jnp.zeros((R, F), jnp.float32), _varying_axes(x)))
+    kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
+                               use_valid=valid is not None, interpret=interpret,
+                               pre_reduce_max_scale=pre_reduce_max_scale)
+    dtable = pl.pallas_call(
+        kernel,
+        out_shape=_out_struct((R, F), x),
+        grid=(N // B,),
+        in_specs=in_specs,
+        out_specs=_full_hbm_spec(),
+        input_output_aliases={zeros_index: 0},
+        compiler_params=_compiler_params(num_warps, 1),
+        interpret=interpret,
+        name="hashgrid_fd_encode_bwd",
+    )(*args)
+    return dtable, jnp.zeros_like(x), None if mask is None else jnp.zeros_like(mask), None
+
+
+_fd_core.defvjp(_fd_core_fwd, _fd_core_bwd)
+
+
+def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: float, eps: float,
+                     level_mask: jax.Array | None = None, valid: jax.Array | None = None, *,
+                     interpret: bool | None = None, block_points: int = 128, num_warps: int = 4,
+                     pre_reduce_max_scale: float = 128.0) -> tuple[jax.Array, ...]:
+    """Encodings of the six finite-difference neighbours of (N, 3) world points; see the module docstring.
+
+    Same arguments and result as :func:`fd_encode_xla`; ``block_points`` a power of two (N is padded up),
+    ``interpret`` None: interpret mode unless the default backend is GPU, ``pre_reduce_max_scale``: levels up
+    to this grid scale pre-reduce their shared-corner atomics per block (0: never). Differentiable w.r.t.
+    ``table`` only.
+    """
+    L, F = spec.n_levels, spec.n_features_per_level
+    if table.shape != (spec.total_params, F) or table.dtype != jnp.float32:
+        raise ValueError(f"table must be float32 {(spec.total_params, F)}, got {table.dtype} {table.shape}")
+    if x.ndim != 2 or x.shape[-1] != 3:
+        raise ValueError(f"x must be (N, 3), got {x.shape}")
+    if not 0.0 < eps < radius:
+        raise ValueError(f"eps must be in (0, radius), got {eps}")
+    if block_points < 16 or block_points & (block_points - 1):
+        raise ValueError(f"block_points must be a power of two >= 16, got {block_points}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    n = x.shape[0]
+    block = min(block_points, max(16, 1 << (max(n, 1) - 1).bit_length()))
+    n_pad = -(-max(n, 1) // block) * block
+    x2 = jnp.pad(jax.lax.stop_gradient(x).astype(jnp.float32), ((0, n_pad - n), (0, 0)))
+    keep = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
+    keep = jnp.pad(keep.astype(jnp.int32), (0, n_pad - n))  # padding samples: invalid
+    mask = None if level_mask is None else jax.lax.stop_gradient(jnp.asarray(level_mask, jnp.float32))
+    if mask is not None and mask.shape != (L,):
+        raise ValueError(f"level_mask must be ({L},), got {mask.shape}")
+    axes = _varying_axes(table) | _varying_axes(x2) | _varying_axes(keep)
+    if mask is not None:
+        axes |= _varying_axes(mask)
+        mask = _cast_varying(mask, axes)
+    table, x2, keep = (_cast_varying(v, axes) for v in (table, x2, keep))
+    static = (spec, float(radius), float(eps), block, num_warps, bool(interpret), float(pre_reduce_max_scale))
+    return tuple(out[:n] for out in _fd_core(table, x2, mask, keep, static))

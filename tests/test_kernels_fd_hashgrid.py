@@ -1,0 +1,134 @@
+"""Finite-difference neighbour encodings as one Pallas kernel (interpret mode) against the jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dreamcraft_jax.kernels import fd_hashgrid as fk
+
+from dreamcraft_jax.fields.hashgrid import HashGridSpec
+
+# Level 0 dense (27 -> 32 rows), level 1 dense (1728 rows: not a power of two), level 2 hashed; grid scales
+# 2, 11, 47 (small: the interpret-mode program unrolls 6 neighbours x 8 corners per level).
+MIXED = HashGridSpec(n_levels=3, n_features_per_level=2, log2_hashmap_size=11, base_resolution=3,
+                     per_level_scale=4.0)
+F3 = HashGridSpec(n_levels=3, n_features_per_level=3, log2_hashmap_size=10, base_resolution=5,
+                  per_level_scale=1.7)
+RADIUS = 2.0
+
+
+def _samples(n, seed=0):
+    """Rays of consecutive samples (as the renderer packs them), some near the box faces (clipped neighbours)."""
+    k1, k3 = jax.random.split(jax.random.key(seed), 2)
+    rays = n // 10
+    starts = jax.random.uniform(k1, (rays, 1, 3), minval=-1.9, maxval=1.0)
+    steps = jnp.arange(10, dtype=jnp.float32)[None, :, None] * jnp.array([0.09, 0.05, -0.03])
+    x = (starts + steps).reshape(-1, 3)
+    x = x.at[:4].set(jnp.array([[1.999, 0.0, 0.0], [-1.9995, 0.3, 0.1], [0.0, 2.0, -2.0], [0.5, 0.5, 1.998]]))
+    valid = (jnp.arange(x.shape[0]) % 9) != 4
+    return x, valid, k3
+
+
+@pytest.mark.parametrize("spec,eps,max_scale", [(MIXED, 0.01, 128.0), (F3, 0.2, 0.0)],
+                         ids=["official_eps", "F3_wide_eps_no_prereduce"])
+def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale):
+    x, valid, key = _samples(120)
+    n = x.shape[0]
+    table = jax.random.normal(key, (spec.total_params, spec.n_features_per_level), jnp.float32)
+    mask = jnp.ones((spec.n_levels,), jnp.float32).at[-1].set(0.0).at[1].set(0.5)
+    gs = tuple(jax.random.normal(k, (n, spec.output_dim), jnp.float32) for k in jax.random.split(key, 6))
+
+    def run(fn):
+        def f(t):
+            out, back = jax.vjp(lambda t: fn(t, x, spec, RADIUS, eps, mask, valid), t)
+            return out, back(gs)[0]
+        return jax.jit(f)(table)
+
+    out_k, dt_k = run(lambda *a: fk.fd_encode_pallas(*a, interpret=True, block_points=64,
+                                                     pre_reduce_max_scale=max_scale))
+    out_r, dt_r = run(fk.fd_encode_xla)
+    assert len(out_k) == 6
+    for a, b in zip(out_k, out_r):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+        assert np.all(np.asarray(a)[~np.asarray(valid)] == 0.0)
+    scale = float(jnp.max(jnp.abs(dt_r)))
+    np.testing.assert_allclose(np.asarray(dt_k), np.asarray(dt_r), rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_fd_encode_shares_corners_on_coarse_levels():
+    """The case the kernel is for: with eps much smaller than the cells, most neighbours share the own cell,
+    and the independent per-point encoder still agrees (so sharing is not just never taken)."""
+    x, valid, key = _samples(100, seed=1)
+    spec = MIXED
+    units = jnp.clip((x + RADIUS) / (2 * RADIUS), 0, 1)
+    cells = np.floor(np.asarray(units) * spec.scales[0] + 0.5)
+    shifted = np.floor(np.clip((np.asarray(x) + 0.01 + RADIUS) / (2 * RADIUS), 0, 1) * spec.scales[0] + 0.5)
+    assert np.mean(np.all(cells == shifted, axis=1)) > 0.9
+    table = jax.random.normal(key, (spec.total_params, 2), jnp.float32)
+    got = jax.jit(lambda t: fk.fd_encode_pallas(t, x, spec, RADIUS, 0.01, None, None, interpret=True))(table)
+    want = jax.jit(lambda t: fk.fd_encode_xla(t, x, spec, RADIUS, 0.01))(table)
+    # Positions may round differently by one ulp where XLA fuses (p + r) / 2r differently in the two programs
+    # (the reference jitted alone): up to ~1e-5 on the finest level, as in tests/test_kernels_hashgrid.py.
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=5e-5)
+
+
+def test_fd_encode_argument_checks():
+    table = jnp.zeros((MIXED.total_params, 2), jnp.float32)
+    with pytest.raises(ValueError, match="eps"):
+        fk.fd_encode_pallas(table, jnp.zeros((4, 3)), MIXED, RADIUS, 0.0, interpret=True)
+    with pytest.raises(ValueError, match="x must be"):
+        fk.fd_encode_pallas(table, jnp.zeros((4, 2)), MIXED, RADIUS, 0.01, interpret=True)
+
+
+def _field_case(seed=0):
+    from dreamcraft_jax.fields import nerf
+
+    grid = HashGridSpec(n_levels=3, n_features_per_level=2, log2_hashmap_size=11, base_resolution=4,
+                        per_level_scale=3.0)
+    spec_x = nerf.NerfFieldSpec(grid=grid, mlp_width=16, finite_difference_eps=0.02)
+    spec_k = nerf.NerfFieldSpec(grid=grid, mlp_width=16, finite_difference_eps=0.02, backend="pallas",
+                                fused_finite_difference=True)
+    params = nerf.init_field(jax.random.PRNGKey(seed), spec_x)
+    params["encoding"] = 0.5 * jax.random.normal(jax.random.PRNGKey(seed + 1), params["encoding"].shape)
+    x, valid, _ = _samples(60, seed)
+    x = 0.6 * x
+    return nerf, spec_x, spec_k, params, x, valid
+
+
+def test_nerf_normals_through_the_kernel_match_xla_values_and_grads():
+    nerf, spec_x, spec_k, params, x, valid = _field_case()
+    mask = jnp.array([1.0, 1.0, 0.0])
+    assert nerf.uses_fd_kernel(spec_k) and not nerf.uses_fd_kernel(spec_x)
+    w = jax.random.normal(jax.random.PRNGKey(7), (x.shape[0], 3))
+
+    def loss(p, spec):
+        return jnp.sum(w * nerf.normals(p, x, spec, mask, valid))
+
+    (l_x, g_x), (l_k, g_k) = (jax.jit(jax.value_and_grad(lambda p, s=s: loss(p, s)))(params)
+                              for s in (spec_x, spec_k))
+    np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                                   atol=2e-4 * float(np.max(np.abs(np.asarray(b)))))
+
+
+def test_neus_sdf_gradient_through_the_kernel_matches_xla():
+    import dataclasses
+
+    from dreamcraft_jax.fields import neus
+
+    nerf, spec_x, spec_k, params, x, valid = _field_case(seed=2)
+    nspec_x = neus.NeusFieldSpec(base=spec_x, finite_difference_eps=0.02)
+    nspec_k = dataclasses.replace(nspec_x, base=spec_k)
+    nparams = neus.init_field(jax.random.PRNGKey(3), nspec_x, params)
+
+    def loss(p, s):
+        return jnp.sum(jnp.square(neus.sdf_gradient(p, x, s, None, valid)))
+
+    (l_x, g_x), (l_k, g_k) = (jax.jit(jax.value_and_grad(lambda p, s=s: loss(p, s)))(nparams)
+                              for s in (nspec_x, nspec_k))
+    np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                                   atol=2e-4 * float(np.max(np.abs(np.asarray(b)))))
