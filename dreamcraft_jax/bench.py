@@ -265,6 +265,7 @@ def _render_report(args, cfg, field, spec, grid, fit_metrics, results) -> dict:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "config": args.config,
+        "overrides": list(args.set),
         "resolution": args.resolution,
         "settings": {"hashgrid": dict(cfg.field.hashgrid), "num_samples_per_ray": cfg.render.num_samples_per_ray,
                      "step_size": spec.step_size, "grid_resolution": spec.grid_resolution,
@@ -547,7 +548,8 @@ def bench_stage(args) -> dict:
     projection = _project_wall(cfg, results)
     return {"benchmark": "stage", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "devices": len(jax.devices()), "tiny": args.tiny, "config": args.config, "at_step": args.at_step,
-            "kernels_backend": nerf_stage.render.backend, "results": results, "projection": projection,
+            "kernels_backend": nerf_stage.render.backend, "overrides": list(args.set), "results": results,
+            "projection": projection,
             "peak_memory_bytes": _peak_memory_bytes()}
 
 

@@ -112,6 +112,12 @@ def _level_on(valid_ref, mask_l, B: int):
     return on if mask_l is None else on & (mask_l != 0)
 
 
+def _level_setup(xs, valid_ref, mask_ref, spec: HashGridSpec, l: int, radius: float, eps: float, B: int):
+    """(mask_l or None, lanes on (B,), own cell terms, neighbours) of level ``l`` (see :func:`_geometry`)."""
+    mask_l = None if mask_ref is None else _load(mask_ref, l)
+    return (mask_l, _level_on(valid_ref, mask_l, B), *_geometry(xs, spec, l, radius, eps))
+
+
 def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
                     use_valid: bool):
     """Refs: x (B, 3), [valid (B,)], [mask (L,)], table (R, F) in HBM -> six (B, L*F) blocks."""
@@ -124,9 +130,7 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
     fw, n_chunks = _feature_chunks(F)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     for l in range(spec.n_levels):
-        mask_l = _load(mask_ref, l) if use_mask else None
-        on = _level_on(valid_ref, mask_l, B)
-        own_terms, neighbours = _geometry(xs, spec, l, radius, eps)
+        mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, spec, l, radius, eps, B)
         own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, spec, l), c, fw, B),
                         jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
         for j, (axis, sign) in enumerate(NEIGHBOURS):
@@ -161,9 +165,7 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
     fw, n_chunks = _feature_chunks(F)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     for l in range(spec.n_levels):
-        mask_l = _load(mask_ref, l) if use_mask else None
-        on = _level_on(valid_ref, mask_l, B)
-        own_terms, neighbours = _geometry(xs, spec, l, radius, eps)
+        mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, spec, l, radius, eps, B)
         acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
         for j, (axis, sign) in enumerate(NEIGHBOURS):
             w, terms, same, step = neighbours[j]

@@ -74,3 +74,19 @@ def test_scaling_bench_cpu_simulated_losses_agree(tmp_path, monkeypatch):
 
     with Image.open(tmp_path / "scaling.png") as png:  # two panels side by side
         assert png.size[0] > png.size[1] > 300
+
+
+def test_bench_config_overrides_are_typed_and_checked(monkeypatch):
+    import pytest
+
+    monkeypatch.chdir(ROOT)
+    cfg = bench._load_config("configs/demo.py", ["kernels.hashgrid_backward=reduced",
+                                                 "kernels.fused_finite_difference=true", "render.samples_per_ray=20"])
+    assert cfg.kernels.hashgrid_backward == "reduced" and cfg.kernels.fused_finite_difference is True
+    assert cfg.render.samples_per_ray == 20.0 and isinstance(cfg.render.samples_per_ray, float)
+    for bad, message in [("kernels.nope=1", "no config key"), ("kernels.fused_density=maybe", "takes a bool"),
+                         ("kernels.hashgrid_backward", "key=value")]:
+        with pytest.raises(SystemExit, match=message):
+            bench._load_config("configs/demo.py", [bad])
+    with pytest.raises(Exception, match="hashgrid_backward"):  # the config's own validation
+        bench._load_config("configs/demo.py", ["kernels.hashgrid_backward=fast"])

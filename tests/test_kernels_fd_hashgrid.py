@@ -8,12 +8,13 @@ from dreamcraft_jax.kernels import fd_hashgrid as fk
 
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 
-# Level 0 dense (27 -> 32 rows), level 1 dense (1728 rows: not a power of two), level 2 hashed; grid scales
-# 2, 11, 47 (small: the interpret-mode program unrolls 6 neighbours x 8 corners per level).
-MIXED = HashGridSpec(n_levels=3, n_features_per_level=2, log2_hashmap_size=11, base_resolution=3,
+# Level 0 dense (1728 rows: not a power of two), level 1 hashed; grid scales 11 and 47 (two levels only: the
+# interpret-mode program unrolls 6 neighbours x 8 corners per level and compiles slowly).
+MIXED = HashGridSpec(n_levels=2, n_features_per_level=2, log2_hashmap_size=11, base_resolution=12,
                      per_level_scale=4.0)
-F3 = HashGridSpec(n_levels=3, n_features_per_level=3, log2_hashmap_size=10, base_resolution=5,
-                  per_level_scale=1.7)
+# F = 3 (not a power of two): feature chunks of one.
+F3 = HashGridSpec(n_levels=2, n_features_per_level=3, log2_hashmap_size=10, base_resolution=5,
+                  per_level_scale=3.0)
 RADIUS = 2.0
 
 
@@ -29,13 +30,13 @@ def _samples(n, seed=0):
     return x, valid, k3
 
 
-@pytest.mark.parametrize("spec,eps,max_scale", [(MIXED, 0.01, 128.0), (F3, 0.2, 0.0)],
+@pytest.mark.parametrize("spec,eps,max_scale", [(MIXED, 0.01, 128.0), (F3, 0.6, 0.0)],
                          ids=["official_eps", "F3_wide_eps_no_prereduce"])
 def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale):
-    x, valid, key = _samples(120)
+    x, valid, key = _samples(100)
     n = x.shape[0]
     table = jax.random.normal(key, (spec.total_params, spec.n_features_per_level), jnp.float32)
-    mask = jnp.ones((spec.n_levels,), jnp.float32).at[-1].set(0.0).at[1].set(0.5)
+    mask = jnp.array([0.5, 1.0]) if max_scale else jnp.array([1.0, 0.0])  # fractional / switched-off level
     gs = tuple(jax.random.normal(k, (n, spec.output_dim), jnp.float32) for k in jax.random.split(key, 6))
 
     def run(fn):
@@ -84,29 +85,35 @@ def test_fd_encode_argument_checks():
 def _field_case(seed=0):
     from dreamcraft_jax.fields import nerf
 
-    grid = HashGridSpec(n_levels=3, n_features_per_level=2, log2_hashmap_size=11, base_resolution=4,
+    grid = HashGridSpec(n_levels=2, n_features_per_level=2, log2_hashmap_size=11, base_resolution=4,
                         per_level_scale=3.0)
     spec_x = nerf.NerfFieldSpec(grid=grid, mlp_width=16, finite_difference_eps=0.02)
     spec_k = nerf.NerfFieldSpec(grid=grid, mlp_width=16, finite_difference_eps=0.02, backend="pallas",
                                 fused_finite_difference=True)
     params = nerf.init_field(jax.random.PRNGKey(seed), spec_x)
     params["encoding"] = 0.5 * jax.random.normal(jax.random.PRNGKey(seed + 1), params["encoding"].shape)
-    x, valid, _ = _samples(60, seed)
+    x, valid, _ = _samples(40, seed)
     x = 0.6 * x
     return nerf, spec_x, spec_k, params, x, valid
 
 
 def test_nerf_normals_through_the_kernel_match_xla_values_and_grads():
     nerf, spec_x, spec_k, params, x, valid = _field_case()
-    mask = jnp.array([1.0, 1.0, 0.0])
+    mask = jnp.array([1.0, 0.5])
     assert nerf.uses_fd_kernel(spec_k) and not nerf.uses_fd_kernel(spec_x)
     w = jax.random.normal(jax.random.PRNGKey(7), (x.shape[0], 3))
 
     def loss(p, spec):
         return jnp.sum(w * nerf.normals(p, x, spec, mask, valid))
 
+    _assert_same_loss_and_grads(loss, params, spec_x, spec_k)
+
+
+def _assert_same_loss_and_grads(loss, params, spec_ref, spec_kernel):
+    """loss(params, spec) and its params gradient agree between the XLA and the kernel field specs (FD normals
+    divide rounding differences of the encodings by 2 eps: a looser bound than the encodings')."""
     (l_x, g_x), (l_k, g_k) = (jax.jit(jax.value_and_grad(lambda p, s=s: loss(p, s)))(params)
-                              for s in (spec_x, spec_k))
+                              for s in (spec_ref, spec_kernel))
     np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
@@ -126,9 +133,4 @@ def test_neus_sdf_gradient_through_the_kernel_matches_xla():
     def loss(p, s):
         return jnp.sum(jnp.square(neus.sdf_gradient(p, x, s, None, valid)))
 
-    (l_x, g_x), (l_k, g_k) = (jax.jit(jax.value_and_grad(lambda p, s=s: loss(p, s)))(nparams)
-                              for s in (nspec_x, nspec_k))
-    np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
-                                   atol=2e-4 * float(np.max(np.abs(np.asarray(b)))))
+    _assert_same_loss_and_grads(loss, nparams, nspec_x, nspec_k)
