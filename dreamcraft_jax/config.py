@@ -14,7 +14,7 @@ import numbers
 
 import ml_collections
 
-from dreamcraft_jax.fields.nerf import DENSITY_ACTIVATIONS, DENSITY_BIASES, NORMAL_TYPES
+from dreamcraft_jax.fields.nerf import DENSITY_ACTIVATIONS, DENSITY_BIASES, HASHGRID_BACKWARDS, NORMAL_TYPES
 from dreamcraft_jax.render.volume import SHADING_MODES
 
 TRAIN_MODES = ("alternate", "accumulate", "reference_only")
@@ -361,7 +361,7 @@ def _validate_one(cfg) -> None:
     _check_guidance(cfg)
     _check_choice(cfg, "train.mode", TRAIN_MODES)
     _check_choice(cfg, "kernels.backend", KERNEL_BACKENDS)
-    _check_choice(cfg, "kernels.hashgrid_backward", ("xla", "atomic", "reduced"))
+    _check_choice(cfg, "kernels.hashgrid_backward", HASHGRID_BACKWARDS)
     _check_choice(cfg, "data.background", ("alpha", "flat"))
     _check_choice(cfg, "field.density_activation", DENSITY_ACTIVATIONS)
     _check_choice(cfg, "field.density_bias", DENSITY_BIASES)
