@@ -14,10 +14,11 @@ and writes ``raw`` (N,) only: 4 bytes per point instead of 4 (L*F + H) twice. Th
 (elementwise on ``raw``) stay with the field (:func:`dreamcraft_jax.fields.nerf.density_no_grad`).
 
 Contract: ``density_mlp_pallas(table, x, spec, level_mask, valid, w_hidden, w_out) -> raw (N,)`` equals
-:func:`density_mlp_xla` (the reference) up to float32 summation order; the reference's GEMMs may run in TF32 on
-GPUs (XLA's default precision for float32 dots), the kernel's products are full float32. No VJP: the result is
-meant for ``stop_gradient`` uses (pruning, occupancy-grid updates). One hidden layer (the official field);
-:func:`dreamcraft_jax.fields.nerf.density_no_grad` falls back to the unfused path otherwise.
+:func:`density_mlp_xla` (the reference) up to float32 summation order: both take full float32 products (the
+reference's matmuls ask for ``Precision.HIGHEST``; XLA's GPU default would be TF32 and flip samples at the alpha
+threshold). No VJP: the result is meant for ``stop_gradient`` uses (pruning, occupancy-grid updates). One
+hidden layer (the official field); :func:`dreamcraft_jax.fields.nerf.density_no_grad` falls back to the unfused
+path otherwise.
 
 Triton specifics come from :mod:`kernels.hashgrid`'s helpers (gather, load, store, compiler params), so a port to
 another Pallas GPU backend replaces them there.
