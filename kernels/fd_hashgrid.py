@@ -41,7 +41,8 @@ from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
     _CORNERS, _cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
-    _index_arrays, _level_geometry, _load, _out_struct, _point_inputs, _pre_reduced_scatter, _scatter_add,
+    _index_arrays, _level_geometry, _load, _N_LEADERS, _out_struct, _point_inputs, _pre_reduced_scatter,
+    _scatter_add,
     _store, _varying_axes,
 )
 
@@ -187,16 +188,9 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
                                  contribution, interpret=interpret, lanes=lanes)
         # The own cell's corners: what the neighbours that share them added up, one atomic per corner
         # (per leader cell of the block on the coarse levels).
-        if spec.scales[l] <= pre_reduce_max_scale and B >= 8:
-            _pre_reduced_scatter(dtable_ref, own_terms, spec, l, lambda k, c: acc[k][c], on, B, fw, n_chunks,
-                                 interpret)
-        else:
-            lanes = jnp.broadcast_to(on[:, None], (B, fw))
-            for k, bits in enumerate(_CORNERS):
-                row = _corner_row(own_terms, bits, spec, l)
-                for c in range(n_chunks):
-                    _scatter_add(dtable_ref, *_index_arrays(row, c, fw, B), acc[k][c], interpret=interpret,
-                                 lanes=lanes)
+        leaders = _N_LEADERS if spec.scales[l] <= pre_reduce_max_scale and B >= 2 * _N_LEADERS else 0
+        _pre_reduced_scatter(dtable_ref, own_terms, spec, l, lambda k, c: acc[k][c], on, B, fw, n_chunks,
+                             interpret, leaders=leaders)
 
 
 def _inputs(x, valid, mask, L: int, B: int):

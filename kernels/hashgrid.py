@@ -252,7 +252,7 @@ _N_LEADERS = 4
 
 
 def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, contribution, lanes_1d, B: int, fw: int,
-                         n_chunks: int, interpret: bool):
+                         n_chunks: int, interpret: bool, leaders: int = _N_LEADERS):
     """d_table of one level for a block whose points crowd into few cells (coarse levels, points in ray order).
 
     ``contribution(k, c)``: the (B, fw) values each lane adds to its cell's corner ``_CORNERS[k]``, feature
@@ -260,13 +260,13 @@ def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, contribu
     3B/4): the lanes in a leader's cell share its 8 corner rows, so their contributions are summed over the
     block first and added with one atomic per corner and feature; every other lane adds its own as usual.
     Same sums as the plain scatter, in another order; far fewer atomics on the rows that thousands of samples
-    hit.
+    hit. ``leaders=0``: the plain scatter of every lane.
     """
     lane = jnp.arange(B, dtype=jnp.int32)
     remaining = lanes_1d
     groups = []
-    for k in range(_N_LEADERS):
-        pick = lane == (k * B) // _N_LEADERS
+    for k in range(leaders):
+        pick = lane == (k * B) // leaders
         # The leader cell, as the uint32 index terms of its corner 0 (equal terms <=> equal cells: the
         # per-dimension multipliers are 1, res, res^2 on dense levels, odd primes mod 2^32 on hashed ones).
         key = [jnp.sum(jnp.where(pick, terms[d][0], np.uint32(0))) for d in range(3)]
@@ -276,15 +276,15 @@ def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, contribu
     rest = jnp.broadcast_to(remaining[:, None], (B, fw))
     for k, bits in enumerate(_CORNERS):
         row = _corner_row(terms, bits, spec, l)
+        lead_rows = [jnp.broadcast_to(jnp.sum(jnp.where(pick, row, 0)), (1,)) for pick, _, _ in groups]
         for c in range(n_chunks):
             values = contribution(k, c)
             rows, cols = _index_arrays(row, c, fw, B)
             _scatter_add(dtable_ref, rows, cols, values, interpret=interpret, lanes=rest)
-            for pick, same, any_same in groups:
+            for (_, same, any_same), lead_row in zip(groups, lead_rows):
                 total = jnp.sum(jnp.where(same[:, None], values, 0.0), axis=0, keepdims=True)  # (1, fw)
-                lead_row = jnp.sum(jnp.where(pick, row, 0))
-                lead_rows, lead_cols = _index_arrays(jnp.broadcast_to(lead_row, (1,)), c, fw, 1)
-                _scatter_add(dtable_ref, lead_rows, lead_cols, total, interpret=interpret, lanes=any_same)
+                lead_rows_c, lead_cols = _index_arrays(lead_row, c, fw, 1)
+                _scatter_add(dtable_ref, lead_rows_c, lead_cols, total, interpret=interpret, lanes=any_same)
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid: bool, need_x: bool,

@@ -100,7 +100,7 @@ def _field_case(seed=0):
 def test_nerf_normals_through_the_kernel_match_xla_values_and_grads():
     nerf, spec_x, spec_k, params, x, valid = _field_case()
     mask = jnp.array([1.0, 0.5])
-    assert nerf.uses_fd_kernel(spec_k) and not nerf.uses_fd_kernel(spec_x)
+    assert nerf.uses_fd_kernel(spec_k, spec_k.normal_type) and not nerf.uses_fd_kernel(spec_x, spec_x.normal_type)
     w = jax.random.normal(jax.random.PRNGKey(7), (x.shape[0], 3))
 
     def loss(p, spec):

@@ -225,9 +225,10 @@ def central_difference_gradient(fn, x: jax.Array, eps: float, valid: jax.Array |
     return _central_difference(values.reshape(x.shape[0], 6), eps, valid)
 
 
-def uses_fd_kernel(spec: NerfFieldSpec) -> bool:
-    """Whether finite differences go through :mod:`dreamcraft_jax.kernels.fd_hashgrid`."""
-    return spec.backend == "pallas" and spec.fused_finite_difference and spec.normal_type == "finite_difference"
+def uses_fd_kernel(spec: NerfFieldSpec, normal_type: str) -> bool:
+    """Whether a field with this spec and ``normal_type`` takes its finite differences through
+    :mod:`dreamcraft_jax.kernels.fd_hashgrid`."""
+    return spec.backend == "pallas" and spec.fused_finite_difference and normal_type == "finite_difference"
 
 
 def fused_central_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
@@ -249,7 +250,7 @@ def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
     """(N, 3) -> (N, 3) unit normals -grad(sigma) / |grad(sigma)| (0 where ``valid`` is False)."""
     if spec.normal_type == "analytic":
         grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask, valid)))(x)
-    elif uses_fd_kernel(spec):
+    elif uses_fd_kernel(spec, spec.normal_type):
         def density_of(enc, points):
             raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
             return _activate(raw + density_bias(points, spec), spec)

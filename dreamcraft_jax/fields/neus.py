@@ -118,7 +118,7 @@ def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, val
     """(N, 3) -> (N, 3) grad sdf (finite differences with step eps, or autodiff)."""
     if spec.normal_type == "analytic":
         return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask, valid)))(x)
-    if uses_fd_kernel(dataclasses.replace(spec.base, normal_type=spec.normal_type)):
+    if uses_fd_kernel(spec.base, spec.normal_type):
         return fused_central_difference_gradient(params["encoding"], x, spec.base,
                                                  lambda enc, p: _sdf_from_encoding(params, enc, p, spec), mask, valid)
     return central_difference_gradient(lambda p, v=None: sdf(params, p, spec, mask, v), x,
