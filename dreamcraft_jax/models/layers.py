@@ -8,7 +8,8 @@ Numerics:
 
 * parameters are created in float32 (``param_dtype``); activations are computed in the module's ``dtype``
   (bfloat16 on GPU, float32 in tests);
-* GroupNorm and LayerNorm run in float32 (input cast up, output cast back);
+* GroupNorm and LayerNorm run in float32 (input cast up, output cast back); GroupNorm has its own VJP and
+  fuses the SiLU that follows it, so that each takes two passes over memory forward and two backward;
 * attention goes through :func:`jax.nn.dot_product_attention`: its XLA path accumulates the logits in float32
   and takes the softmax in float32; cuDNN flash attention (``attention_impl="cudnn"``) does the same on chip.
 
@@ -21,6 +22,7 @@ zeros, which would leave the down-projections dead).
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any, Sequence
 
@@ -55,14 +57,104 @@ def conv(features: int, name: str | None, dtype: Dtype, kernel_size: int = 3, st
                    dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def group_norm(x: jax.Array, num_groups: int, eps: float, name: str) -> jax.Array:
-    """GroupNorm over the channel axis of (..., C), statistics and affine in float32, result in x.dtype.
+def _group_statistics(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Per-(batch, group) mean and 1/sqrt(var + eps) of x (B, ..., C), float32, each (B, G).
 
-    Groups are contiguous channel ranges, as in PyTorch. Two-pass variance (not E[x^2] - E[x]^2) for accuracy.
+    One read of x: per-channel sums of d = x - x[first pixel] and d^2 (one multi-output reduction), then per-group
+    moments by the parallel-variance rule var_g = mean_c(var_c + (mean_c - mean_g)^2). The shift keeps the
+    one-pass E[d^2] - E[d]^2 accurate when a channel's mean dwarfs its spread.
     """
-    norm = nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
-                        use_fast_variance=False, name=name)
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+    b, c = x.shape[0], x.shape[-1]
+    xs = x.reshape(b, -1, c).astype(jnp.float32)
+    n = xs.shape[1]
+    shift = xs[:, 0, :]
+    d = xs - shift[:, None, :]
+    mean_d = jnp.sum(d, axis=1) / n
+    var_c = jnp.maximum(jnp.sum(d * d, axis=1) / n - mean_d * mean_d, 0.0)
+    mean_c = (mean_d + shift).reshape(b, num_groups, c // num_groups)
+    mean_g = jnp.mean(mean_c, axis=-1)
+    var_g = jnp.mean(var_c.reshape(mean_c.shape) + (mean_c - mean_g[..., None]) ** 2, axis=-1)
+    return mean_g, jax.lax.rsqrt(var_g + eps)
+
+
+def _per_channel(v: jax.Array, x: jax.Array, group_size: int) -> jax.Array:
+    """(B, G) -> (B, 1, ..., 1, C) broadcastable against x (B, ..., C)."""
+    v = jnp.repeat(v, group_size, axis=-1)
+    return v.reshape((v.shape[0],) + (1,) * (x.ndim - 2) + (v.shape[-1],))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, eps: float,
+                   silu: bool) -> jax.Array:
+    """y = act((x - mean_g) / sqrt(var_g + eps) * scale + bias), x (B, ..., C), scale/bias (C,), y in x.dtype.
+
+    Groups are contiguous channel ranges as in PyTorch; statistics, affine and the optional SiLU run in float32.
+    Forward: one reduction pass over x and one elementwise pass. Backward (custom VJP, the closed-form GroupNorm
+    gradient): one pass for the per-channel sums of dz and dz * xhat, one elementwise pass for
+    dx = rstd * (dz * scale - mean_g(dz * scale) - xhat * mean_g(dz * scale * xhat)), where dz = dy * act'(z).
+    """
+    return _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu)[0]
+
+
+def _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu):
+    c = x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"GroupNorm: {c} channels do not split into {num_groups} groups")
+    mean, rstd = _group_statistics(x, num_groups, eps)
+    gain = _per_channel(rstd, x, c // num_groups) * scale  # z = x * gain + offset
+    offset = bias - _per_channel(mean, x, c // num_groups) * gain
+    z = x.astype(jnp.float32) * gain + offset
+    y = jax.nn.silu(z) if silu else z
+    return y.astype(x.dtype), (x, scale, bias, mean, rstd)
+
+
+def _group_norm_act_bwd(num_groups, eps, silu, residuals, dy):
+    x, scale, bias, mean, rstd = residuals
+    c = x.shape[-1]
+    group_size = c // num_groups
+    reduce_axes = tuple(range(1, x.ndim - 1))
+    rstd_c, mean_c = _per_channel(rstd, x, group_size), _per_channel(mean, x, group_size)
+    xhat = (x.astype(jnp.float32) - mean_c) * rstd_c
+    dz = dy.astype(jnp.float32)
+    if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+        z = xhat * scale + bias
+        sig = jax.nn.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    sum_dz = jnp.sum(dz, axis=reduce_axes)  # (B, C)
+    sum_dz_xhat = jnp.sum(dz * xhat, axis=reduce_axes)
+    count = group_size * np.prod([x.shape[a] for a in reduce_axes])
+    mean_dxhat = jnp.sum((sum_dz * scale).reshape(-1, num_groups, group_size), axis=-1) / count  # (B, G)
+    mean_dxhat_xhat = jnp.sum((sum_dz_xhat * scale).reshape(-1, num_groups, group_size), axis=-1) / count
+    dx = rstd_c * (dz * scale - _per_channel(mean_dxhat, x, group_size)
+                   - xhat * _per_channel(mean_dxhat_xhat, x, group_size))
+    return dx.astype(x.dtype), jnp.sum(sum_dz_xhat, axis=0).astype(scale.dtype), \
+        jnp.sum(sum_dz, axis=0).astype(bias.dtype)
+
+
+group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
+
+
+class GroupNorm(nn.Module):
+    """diffusers / PyTorch ``nn.GroupNorm`` (params ``scale``, ``bias``, float32) with an optional fused SiLU."""
+
+    num_groups: int
+    eps: float
+    silu: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        return group_norm_act(x, scale, bias, self.num_groups, self.eps, self.silu)
+
+
+def group_norm(x: jax.Array, num_groups: int, eps: float, name: str, silu: bool = False) -> jax.Array:
+    """GroupNorm (then SiLU when ``silu``) over the channel axis of (..., C); float32 math, result in x.dtype.
+
+    See :func:`group_norm_act` for the formula and the memory passes it takes.
+    """
+    return GroupNorm(num_groups, eps, silu, name=name)(x)
 
 
 def layer_norm(x: jax.Array, eps: float, name: str) -> jax.Array:
@@ -251,11 +343,11 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = jax.nn.silu(group_norm(x, self.groups, self.eps, "norm1"))
+        h = group_norm(x, self.groups, self.eps, "norm1", silu=True)
         h = conv(self.out_channels, "conv1", self.dtype)(h)
         if temb is not None:
             h = h + dense(self.out_channels, "time_emb_proj", self.dtype)(jax.nn.silu(temb))[:, None, None, :]
-        h = jax.nn.silu(group_norm(h, self.groups, self.eps, "norm2"))
+        h = group_norm(h, self.groups, self.eps, "norm2", silu=True)
         h = conv(self.out_channels, "conv2", self.dtype)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, "conv_shortcut", self.dtype, kernel_size=1)(x)

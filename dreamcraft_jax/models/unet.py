@@ -409,7 +409,7 @@ class UNet2DConditionModel(nn.Module):
                 block = UpBlock2D(**kw)
             x = block(x, res, emb, context, upsample_size)
 
-        x = jax.nn.silu(group_norm(x, self.norm_num_groups, self.norm_eps, "conv_norm_out"))
+        x = group_norm(x, self.norm_num_groups, self.norm_eps, "conv_norm_out", silu=True)
         x = conv(self.out_channels, "conv_out", self.dtype, kernel_size=self.conv_out_kernel)(x)
         return x.astype(jnp.float32)
 

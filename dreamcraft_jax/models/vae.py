@@ -111,7 +111,7 @@ class Encoder(nn.Module):
                                    remat=self.remat, dtype=self.dtype, name=f"down_blocks_{i}")(x)
         x = UNetMidBlock2D(self.groups, self.mid_block_add_attention, self.attention_impl, self.remat, self.dtype,
                            name="mid_block")(x)
-        x = jax.nn.silu(group_norm(x, self.groups, VAE_EPS, "conv_norm_out"))
+        x = group_norm(x, self.groups, VAE_EPS, "conv_norm_out", silu=True)
         return conv(2 * self.latent_channels, "conv_out", self.dtype)(x)
 
 
@@ -136,7 +136,7 @@ class Decoder(nn.Module):
         for i, c in enumerate(ch):
             x = UpDecoderBlock2D(c, self.layers_per_block + 1, self.groups, add_upsample=i < len(ch) - 1,
                                  remat=self.remat, dtype=self.dtype, name=f"up_blocks_{i}")(x)
-        x = jax.nn.silu(group_norm(x, self.groups, VAE_EPS, "conv_norm_out"))
+        x = group_norm(x, self.groups, VAE_EPS, "conv_norm_out", silu=True)
         return conv(self.out_channels, "conv_out", self.dtype)(x)
 
 
