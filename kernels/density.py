@@ -35,9 +35,9 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS, _cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
+    _CORNERS, cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
     _index_arrays, _level_geometry, _level_lanes, _load, _out_struct, _point_inputs, _store, _valid_lanes,
-    _varying_axes,
+    varying_axes,
 )
 
 __all__ = ["density_mlp_pallas", "density_mlp_xla"]
@@ -161,8 +161,8 @@ def density_mlp_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level
     operands = [sg(table), x2, keep, sg(w_hidden).astype(jnp.float32), sg(w_out).astype(jnp.float32)]
     if mask is not None:
         operands.append(mask)
-    axes = frozenset().union(*(_varying_axes(v) for v in operands))
-    table, x2, keep, w_hidden, w_out, *rest = (_cast_varying(v, axes) for v in operands)
+    axes = frozenset().union(*(varying_axes(v) for v in operands))
+    table, x2, keep, w_hidden, w_out, *rest = (cast_varying(v, axes) for v in operands)
     mask = rest[0] if rest else None
     raw = _density_call(table, x2, mask, keep, w_hidden, w_out, spec=spec, block_points=block,
                         num_warps=num_warps, interpret=bool(interpret))

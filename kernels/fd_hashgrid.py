@@ -40,10 +40,10 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS, _cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
+    _CORNERS, cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
     _index_arrays, _level_geometry, _load, _N_LEADERS, _out_struct, _point_inputs, _pre_reduced_scatter,
     _scatter_add,
-    _store, _varying_axes,
+    _store, varying_axes,
 )
 
 __all__ = ["fd_encode_pallas", "fd_encode_xla", "NEIGHBOURS"]
@@ -241,7 +241,7 @@ def _fd_core_bwd(static, res, gs):
     in_specs += [pl.BlockSpec((B, L * F), lambda i: (i, 0)) for _ in range(6)] + [_full_hbm_spec()]
     args += [g.astype(jnp.float32) for g in gs]
     zeros_index = len(args)
-    args.append(_cast_varying(jnp.zeros((R, F), jnp.float32), _varying_axes(x)))
+    args.append(cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x)))
     kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
                                use_valid=valid is not None, interpret=interpret,
                                pre_reduce_max_scale=pre_reduce_max_scale)
@@ -293,10 +293,10 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
     mask = None if level_mask is None else jax.lax.stop_gradient(jnp.asarray(level_mask, jnp.float32))
     if mask is not None and mask.shape != (L,):
         raise ValueError(f"level_mask must be ({L},), got {mask.shape}")
-    axes = _varying_axes(table) | _varying_axes(x2) | _varying_axes(keep)
+    axes = varying_axes(table) | varying_axes(x2) | varying_axes(keep)
     if mask is not None:
-        axes |= _varying_axes(mask)
-        mask = _cast_varying(mask, axes)
-    table, x2, keep = (_cast_varying(v, axes) for v in (table, x2, keep))
+        axes |= varying_axes(mask)
+        mask = cast_varying(mask, axes)
+    table, x2, keep = (cast_varying(v, axes) for v in (table, x2, keep))
     static = (spec, float(radius), float(eps), block, num_warps, bool(interpret), float(pre_reduce_max_scale))
     return tuple(out[:n] for out in _fd_core(table, x2, mask, keep, static))

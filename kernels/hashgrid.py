@@ -376,7 +376,7 @@ def _full_hbm_spec():
     return pl.BlockSpec(memory_space=pl.ANY)
 
 
-def _varying_axes(v) -> frozenset:
+def varying_axes(v) -> frozenset:
     """Mesh axes along which ``v`` varies inside ``jax.shard_map(check_vma=True)`` (empty elsewhere).
 
     jax 0.12 keeps them in ``aval.manual_axis_type.varying``, earlier versions in ``aval.vma``.
@@ -388,10 +388,10 @@ def _varying_axes(v) -> frozenset:
     return frozenset(getattr(aval, "vma", frozenset()))
 
 
-def _cast_varying(v, axes: frozenset):
+def cast_varying(v, axes: frozenset):
     """Mark ``v`` as varying over ``axes`` (a no-op in value; its transpose is a psum over the added axes,
     so the gradient of a replicated table comes out summed over the shards, as with the jnp reference)."""
-    missing = tuple(sorted(axes - _varying_axes(v)))
+    missing = tuple(sorted(axes - varying_axes(v)))
     if not missing:
         return v
     if hasattr(jax.lax, "pcast"):
@@ -467,7 +467,7 @@ def _backward(table, x, mask, valid, g, spec: HashGridSpec, cfg: _Config):
     # The d_table output aliases a zero input: Triton outputs start uninitialised and programs cannot
     # synchronise to zero it in-kernel; in interpret mode the alias likewise gives the initial value.
     zeros_index = len(args) + 2
-    args += [table, g, _cast_varying(jnp.zeros((R, F), jnp.float32), _varying_axes(x))]
+    args += [table, g, cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x))]
     out_shape, out_specs = [], []
     if need_x:
         out_shape.append(_out_struct((N, 3), x))
@@ -611,16 +611,16 @@ def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask
     # Inside shard_map(check_vma=True): give all kernel operands the union of their varying mesh axes
     # (what jnp ops do implicitly), so the custom_vjp cotangents have the primal types and a replicated
     # table / mask gets its gradient psum-ed over the shards by the transpose of the cast.
-    axes = _varying_axes(table) | _varying_axes(x2)
+    axes = varying_axes(table) | varying_axes(x2)
     if level_mask is not None:
-        axes |= _varying_axes(level_mask)
+        axes |= varying_axes(level_mask)
     if valid is not None:
-        axes |= _varying_axes(valid)
-    table, x2 = _cast_varying(table, axes), _cast_varying(x2, axes)
+        axes |= varying_axes(valid)
+    table, x2 = cast_varying(table, axes), cast_varying(x2, axes)
     if valid is not None:
-        valid = _cast_varying(valid, axes)
+        valid = cast_varying(valid, axes)
     if level_mask is not None:
-        level_mask = _cast_varying(level_mask, axes)
+        level_mask = cast_varying(level_mask, axes)
     cfg = _Config(block_points=block, interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
                   grad_table_only=grad_table_only, xla_backward=xla_backward,
                   pre_reduce_max_scale=float(pre_reduce_max_scale))

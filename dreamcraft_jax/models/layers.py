@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamcraft_jax.kernels.hashgrid import cast_varying, varying_axes
+
 Dtype = Any
 
 LORA_SUFFIX = "_lora"
@@ -83,7 +85,6 @@ def _per_channel(v: jax.Array, x: jax.Array, group_size: int) -> jax.Array:
     return v.reshape((v.shape[0],) + (1,) * (x.ndim - 2) + (v.shape[-1],))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, eps: float,
                    silu: bool) -> jax.Array:
     """y = act((x - mean_g) / sqrt(var_g + eps) * scale + bias), x (B, ..., C), scale/bias (C,), y in x.dtype.
@@ -92,7 +93,15 @@ def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: 
     Forward: one reduction pass over x and one elementwise pass. Backward (custom VJP, the closed-form GroupNorm
     gradient): one pass for the per-channel sums of dz and dz * xhat, one elementwise pass for
     dx = rstd * (dz * scale - mean_g(dz * scale) - xhat * mean_g(dz * scale * xhat)), where dz = dy * act'(z).
+    Inside shard_map, scale and bias are first marked varying like x: a custom VJP must return cotangents of
+    its inputs' types, and the transpose of that mark sums the per-shard parameter gradients, as autodiff would.
     """
+    axes = varying_axes(x)
+    return _group_norm_act(x, cast_varying(scale, axes), cast_varying(bias, axes), num_groups, eps, silu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm_act(x, scale, bias, num_groups, eps, silu):
     return _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu)[0]
 
 
@@ -131,7 +140,7 @@ def _group_norm_act_bwd(num_groups, eps, silu, residuals, dy):
         jnp.sum(sum_dz, axis=0).astype(bias.dtype)
 
 
-group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
+_group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
 
 
 class GroupNorm(nn.Module):
