@@ -457,7 +457,8 @@ def bench_sds(args) -> dict:
             r["pipelined_fraction_of_peak"] = r["pipelined_tflops_per_s"] / peak
     torch_ref = json.loads(Path(args.torch_json).read_text()) if args.torch_json else None
     return {"benchmark": "sds", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "dtype": jnp.dtype(dtype).name, "param_dtype": args.param_dtype, "tiny": args.tiny, "bf16_matmul_peak_tflops": peak,
+            "dtype": jnp.dtype(dtype).name, "param_dtype": args.param_dtype, "tiny": args.tiny,
+            "bf16_matmul_peak_tflops": peak,
             "results": results, "torch": torch_ref}
 
 

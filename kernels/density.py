@@ -35,9 +35,9 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS, cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
-    _index_arrays, _level_geometry, _level_lanes, _load, _out_struct, _point_inputs, _store, _valid_lanes,
-    varying_axes,
+    _CORNERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather, _index_arrays,
+    _level_geometry, _level_lanes, _load, _out_struct, _point_inputs, _static_level, _store, _valid_lanes,
+    cast_varying, varying_axes,
 )
 
 __all__ = ["density_mlp_pallas", "density_mlp_xla"]
@@ -73,13 +73,14 @@ def _density_kernel(*refs, spec: HashGridSpec, B: int, H: int, use_mask: bool, u
     columns = [(jnp.arange(fw, dtype=jnp.int32) == j).astype(jnp.float32)[None, :] for j in range(fw)]
     hidden = jnp.zeros((B, H), jnp.float32)
     for l in range(spec.n_levels):
-        w, terms = _level_geometry(xs, spec, l)
+        level = _static_level(spec, l)
+        w, terms = _level_geometry(xs, level)
         mask_l = _load(mask_ref, l) if use_mask else None
         lanes_l = _level_lanes(lanes, mask_l, B, fw)
         for c in range(n_chunks):
             acc = jnp.zeros((B, fw), jnp.float32)
             for bits in _CORNERS:
-                row = _corner_row(terms, bits, spec, l)
+                row = _corner_row(terms, bits, level)
                 weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
                 rows, cols = _index_arrays(row, c, fw, B)
                 acc = acc + weight[:, None] * _gather(table_ref, rows, cols, lanes_l)

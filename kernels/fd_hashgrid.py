@@ -40,10 +40,9 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS, cast_varying, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
-    _index_arrays, _level_geometry, _load, _N_LEADERS, _out_struct, _point_inputs, _pre_reduced_scatter,
-    _scatter_add,
-    _store, varying_axes,
+    _CORNERS, _LEVEL_FIELDS, _N_LEADERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
+    _index_arrays, _level_arrays, _level_geometry, _load, _loaded_level, _out_struct, _pre_reduced_scatter,
+    _scatter_add, _store, cast_varying, varying_axes,
 )
 
 __all__ = ["fd_encode_pallas", "fd_encode_xla", "NEIGHBOURS"]
@@ -72,8 +71,8 @@ def _unit(p, radius: float):
     return jnp.clip((p + np.float32(radius)) / np.float32(2.0 * radius), np.float32(0.0), np.float32(1.0))
 
 
-def _geometry(xs, spec: HashGridSpec, l: int, radius: float, eps: float):
-    """Per level: the sample's own cell and, per neighbour, what it shares with it.
+def _geometry(xs, level, radius: float, eps: float):
+    """At one level: the sample's own cell and, per neighbour, what it shares with it.
 
     Returns (terms of the own cell, [(weights w[d][bit], terms, same (B,) bool, step (B,) bool) per neighbour]):
     ``same``: the neighbour lies in the own cell; ``step``: one cell over along its axis, in its direction.
@@ -82,12 +81,12 @@ def _geometry(xs, spec: HashGridSpec, l: int, radius: float, eps: float):
     and terms, so a corner called shared has exactly the row of the own corner it is matched with.
     """
     units = [_unit(xs[d], radius) for d in range(3)]
-    own_w, own_t = _level_geometry(units, spec, l)
+    own_w, own_t = _level_geometry(units, level)
     out = []
     for axis, sign in NEIGHBOURS:
         shifted = list(units)
         shifted[axis] = _unit(xs[axis] + np.float32(sign * np.float32(eps)), radius)
-        w_shift, t_shift = _level_geometry(shifted, spec, l)
+        w_shift, t_shift = _level_geometry(shifted, level)
         w = [w_shift[d] if d == axis else own_w[d] for d in range(3)]
         t = [t_shift[d] if d == axis else own_t[d] for d in range(3)]
         same = t[axis][0] == own_t[axis][0]
@@ -113,91 +112,112 @@ def _level_on(valid_ref, mask_l, B: int):
     return on if mask_l is None else on & (mask_l != 0)
 
 
-def _level_setup(xs, valid_ref, mask_ref, spec: HashGridSpec, l: int, radius: float, eps: float, B: int):
-    """(mask_l or None, lanes on (B,), own cell terms, neighbours) of level ``l`` (see :func:`_geometry`)."""
+def _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius: float, eps: float, B: int):
+    """(level constants, mask_l or None, lanes on (B,), own cell terms, neighbours) of the (traced) level ``l``
+    (see :func:`_geometry`)."""
+    level = _loaded_level(level_refs, l)
     mask_l = None if mask_ref is None else _load(mask_ref, l)
-    return (mask_l, _level_on(valid_ref, mask_l, B), *_geometry(xs, spec, l, radius, eps))
+    return (level, mask_l, _level_on(valid_ref, mask_l, B), *_geometry(xs, level, radius, eps))
+
+
+def _split_refs(refs, use_valid: bool, use_mask: bool):
+    """x_ref, valid_ref or None, mask_ref or None, the level-constant refs, and the remaining refs."""
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    valid_ref = refs.pop(0) if use_valid else None
+    mask_ref = refs.pop(0) if use_mask else None
+    level_refs = [refs.pop(0) for _ in _LEVEL_FIELDS]
+    return x_ref, valid_ref, mask_ref, level_refs, refs
 
 
 def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
                     use_valid: bool):
-    """Refs: x (B, 3), [valid (B,)], [mask (L,)], table (R, F) in HBM -> six (B, L*F) blocks."""
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    valid_ref = refs.pop(0) if use_valid else None
-    mask_ref = refs.pop(0) if use_mask else None
-    table_ref, *out_refs = refs
+    """Grid (point blocks, levels). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants (L,) each,
+    table (R, F) in HBM -> six (B, L*F) blocks, of which this program writes level ``program_id(1)``'s columns.
+
+    One level per program, its constants loaded: a 16-level kernel is one level's code, not sixteen unrolled
+    copies (Triton compile time grows faster than the code), and the levels of a block run side by side.
+    """
+    x_ref, valid_ref, mask_ref, level_refs, (table_ref, *out_refs) = _split_refs(refs, use_valid, use_mask)
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
-    for l in range(spec.n_levels):
-        mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, spec, l, radius, eps, B)
-        own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, spec, l), c, fw, B),
-                        jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
-        for j, (axis, sign) in enumerate(NEIGHBOURS):
-            w, terms, same, shared_step = neighbours[j]
-            for c in range(n_chunks):
-                acc = jnp.zeros((B, fw), jnp.float32)
-                for k, bits in enumerate(_CORNERS):
-                    face = _shares_face(bits, axis, sign)
-                    reused = (same | shared_step) if face else same
-                    lanes = jnp.broadcast_to((on & ~reused)[:, None], (B, fw))
-                    value = _gather(table_ref, *_index_arrays(_corner_row(terms, bits, spec, l), c, fw, B), lanes)
-                    if face:
-                        value = jnp.where(shared_step[:, None], own[_partner(k, axis)][c], value)
-                    value = jnp.where(same[:, None], own[k][c], value)
-                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order
-                    acc = acc + weight[:, None] * value
-                if use_mask:
-                    acc = acc * mask_l
-                _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), acc)
+    l = pl.program_id(1)
+    level, mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B)
+    own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, level), c, fw, B),
+                    jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
+    for j, (axis, sign) in enumerate(NEIGHBOURS):
+        w, terms, same, shared_step = neighbours[j]
+        for c in range(n_chunks):
+            acc = jnp.zeros((B, fw), jnp.float32)
+            for k, bits in enumerate(_CORNERS):
+                face = _shares_face(bits, axis, sign)
+                reused = (same | shared_step) if face else same
+                lanes = jnp.broadcast_to((on & ~reused)[:, None], (B, fw))
+                value = _gather(table_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B), lanes)
+                if face:
+                    value = jnp.where(shared_step[:, None], own[_partner(k, axis)][c], value)
+                value = jnp.where(same[:, None], own[k][c], value)
+                weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order
+                acc = acc + weight[:, None] * value
+            if use_mask:
+                acc = acc * mask_l
+            _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), acc)
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
-                     use_valid: bool, interpret: bool, pre_reduce_max_scale: float):
-    """Refs: x (B, 3), [valid (B,)], [mask (L,)], six g (B, L*F) blocks, zeros (R, F) (aliased to d_table)
-    -> d_table (R, F) accumulated with atomics."""
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    valid_ref = refs.pop(0) if use_valid else None
-    mask_ref = refs.pop(0) if use_mask else None
-    g_refs, (_zeros_ref, dtable_ref) = refs[:6], refs[6:]
+                     use_valid: bool, interpret: bool, level_start: int, leaders: int):
+    """Grid (point blocks, levels level_start...). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants,
+    six g (B, L*F) blocks, d_table in (R, F) (aliased to the output) -> d_table (R, F) accumulated with atomics.
+
+    ``leaders`` > 0 (the coarse levels): the own cell's corners are pre-reduced over the block first.
+    """
+    x_ref, valid_ref, mask_ref, level_refs, refs = _split_refs(refs, use_valid, use_mask)
+    g_refs, (_dtable_in_ref, dtable_ref) = refs[:6], refs[6:]
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
-    for l in range(spec.n_levels):
-        mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, spec, l, radius, eps, B)
-        acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
-        for j, (axis, sign) in enumerate(NEIGHBOURS):
-            w, terms, same, step = neighbours[j]
-            for c in range(n_chunks):
-                g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
-                if use_mask:
-                    g = g * mask_l
-                for k, bits in enumerate(_CORNERS):
-                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
-                    contribution = weight[:, None] * g
-                    acc[k][c] = acc[k][c] + jnp.where(same[:, None], contribution, 0.0)
-                    direct = ~same
-                    if _shares_face(bits, axis, sign):
-                        p = _partner(k, axis)
-                        acc[p][c] = acc[p][c] + jnp.where(step[:, None], contribution, 0.0)
-                        direct = direct & ~step
-                    lanes = jnp.broadcast_to((on & direct)[:, None], (B, fw))
-                    _scatter_add(dtable_ref, *_index_arrays(_corner_row(terms, bits, spec, l), c, fw, B),
-                                 contribution, interpret=interpret, lanes=lanes)
-        # The own cell's corners: what the neighbours that share them added up, one atomic per corner
-        # (per leader cell of the block on the coarse levels).
-        leaders = _N_LEADERS if spec.scales[l] <= pre_reduce_max_scale and B >= 2 * _N_LEADERS else 0
-        _pre_reduced_scatter(dtable_ref, own_terms, spec, l, lambda k, c: acc[k][c], on, B, fw, n_chunks,
-                             interpret, leaders=leaders)
+    l = pl.program_id(1) + level_start
+    level, mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B)
+    acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
+    for j, (axis, sign) in enumerate(NEIGHBOURS):
+        w, terms, same, step = neighbours[j]
+        for c in range(n_chunks):
+            g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
+            if use_mask:
+                g = g * mask_l
+            for k, bits in enumerate(_CORNERS):
+                weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
+                contribution = weight[:, None] * g
+                acc[k][c] = acc[k][c] + jnp.where(same[:, None], contribution, 0.0)
+                direct = ~same
+                if _shares_face(bits, axis, sign):
+                    p = _partner(k, axis)
+                    acc[p][c] = acc[p][c] + jnp.where(step[:, None], contribution, 0.0)
+                    direct = direct & ~step
+                lanes = jnp.broadcast_to((on & direct)[:, None], (B, fw))
+                _scatter_add(dtable_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B),
+                             contribution, interpret=interpret, lanes=lanes)
+    # The own cell's corners: what the neighbours that share them added up, one atomic per corner
+    # (per leader cell of the block on the coarse levels).
+    _pre_reduced_scatter(dtable_ref, own_terms, level, lambda k, c: acc[k][c], on, B, fw, n_chunks, interpret,
+                         leaders=leaders)
 
 
-def _inputs(x, valid, mask, L: int, B: int):
-    in_specs, args = _point_inputs(x, valid, B)
+def _inputs(x, valid, mask, spec: HashGridSpec, B: int):
+    """BlockSpecs (grid (point blocks, levels)) and arrays of x, [valid], [mask] and the level constants."""
+    L = spec.n_levels
+    in_specs, args = [pl.BlockSpec((B, 3), lambda i, l: (i, 0))], [x]
+    if valid is not None:
+        in_specs.append(pl.BlockSpec((B,), lambda i, l: (i,)))
+        args.append(valid)
+    whole = pl.BlockSpec((L,), lambda i, l: (0,))
     if mask is not None:
-        in_specs.append(pl.BlockSpec((L,), lambda i: (0,)))
+        in_specs.append(whole)
         args.append(mask)
+    for constants in _level_arrays(spec):
+        in_specs.append(whole)
+        args.append(cast_varying(jnp.asarray(constants), varying_axes(x)))
     return in_specs, args
 
 
@@ -210,7 +230,7 @@ def _forward(table, x, mask, valid, static):
     spec, radius, eps, B, num_warps, interpret, _ = static
     N = x.shape[0]
     L, F = spec.n_levels, spec.n_features_per_level
-    in_specs, args = _inputs(x, valid, mask, L, B)
+    in_specs, args = _inputs(x, valid, mask, spec, B)
     in_specs.append(_full_hbm_spec())
     args.append(table)
     kernel = functools.partial(_forward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
@@ -218,9 +238,10 @@ def _forward(table, x, mask, valid, static):
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_out_struct((N, L * F), x) for _ in range(6)),
-        grid=(N // B,),
+        grid=(N // B, L),
         in_specs=in_specs,
-        out_specs=tuple(pl.BlockSpec((B, L * F), lambda i: (i, 0)) for _ in range(6)),
+        # Every level's program of a point block writes its own columns of the block's rows.
+        out_specs=tuple(pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in range(6)),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="hashgrid_fd_encode_fwd",
@@ -237,25 +258,30 @@ def _fd_core_bwd(static, res, gs):
     N = x.shape[0]
     L, F = spec.n_levels, spec.n_features_per_level
     R = spec.total_params
-    in_specs, args = _inputs(x, valid, mask, L, B)
-    in_specs += [pl.BlockSpec((B, L * F), lambda i: (i, 0)) for _ in range(6)] + [_full_hbm_spec()]
-    args += [g.astype(jnp.float32) for g in gs]
-    zeros_index = len(args)
-    args.append(cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x)))
-    kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
-                               use_valid=valid is not None, interpret=interpret,
-                               pre_reduce_max_scale=pre_reduce_max_scale)
-    dtable = pl.pallas_call(
-        kernel,
-        out_shape=_out_struct((R, F), x),
-        grid=(N // B,),
-        in_specs=in_specs,
-        out_specs=_full_hbm_spec(),
-        input_output_aliases={zeros_index: 0},
-        compiler_params=_compiler_params(num_warps, 1),
-        interpret=interpret,
-        name="hashgrid_fd_encode_bwd",
-    )(*args)
+    dtable = cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x))
+    gs = [g.astype(jnp.float32) for g in gs]
+    # Scales grow with the level: the pre-reduced (coarse) levels are a prefix, one call each part.
+    n_coarse = sum(1 for scale in spec.scales if scale <= pre_reduce_max_scale) if B >= 2 * _N_LEADERS else 0
+    for start, stop, leaders in ((0, n_coarse, _N_LEADERS), (n_coarse, L, 0)):
+        if stop <= start:
+            continue
+        in_specs, args = _inputs(x, valid, mask, spec, B)
+        in_specs += [pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in range(6)] + [_full_hbm_spec()]
+        args += gs + [dtable]
+        kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps,
+                                   use_mask=mask is not None, use_valid=valid is not None, interpret=interpret,
+                                   level_start=start, leaders=leaders)
+        dtable = pl.pallas_call(
+            kernel,
+            out_shape=_out_struct((R, F), x),
+            grid=(N // B, stop - start),
+            in_specs=in_specs,
+            out_specs=_full_hbm_spec(),
+            input_output_aliases={len(args) - 1: 0},
+            compiler_params=_compiler_params(num_warps, 1),
+            interpret=interpret,
+            name="hashgrid_fd_encode_bwd",
+        )(*args)
     return dtable, jnp.zeros_like(x), None if mask is None else jnp.zeros_like(mask), None
 
 

@@ -140,8 +140,56 @@ def _feature_chunks(F: int) -> tuple[int, int]:
     return fw, F // fw
 
 
-def _level_geometry(xs, spec: HashGridSpec, l: int):
-    """Per-dimension weights and index terms of level ``l`` for a block of points.
+@dataclasses.dataclass(frozen=True)
+class _Level:
+    """Constants of one grid level: Python / numpy values (a level fixed at trace time) or scalars loaded in
+    the kernel (the level a program handles, :func:`_loaded_level`).
+
+    ``mults``: per-dimension index multipliers (1, res, res^2 mod 2^32 on dense levels, the hash primes on
+    hashed ones); the corner index is ``offset + (sum of terms) % size`` (dense) or ``offset + (xor of terms)
+    & (size - 1)`` (hashed, size a power of two).
+    """
+
+    scale: object
+    mults: tuple
+    hashed: object
+    size: object
+    offset: object
+
+
+def _static_level(spec: HashGridSpec, l: int) -> _Level:
+    """Level ``l`` of ``spec`` with its constants as numpy scalars (same float32 rounding of the scale as the
+    reference's ``jnp.asarray(spec.scales, f32)``)."""
+    res = int(spec.resolutions[l])
+    dense = bool(spec.dense[l])
+    mults = (np.uint32(1), np.uint32(res % 2**32), np.uint32(res * res % 2**32)) if dense else _HASH_PRIMES
+    return _Level(np.float32(spec.scales[l]), mults, not dense, np.uint32(int(spec.level_sizes[l])),
+                  np.uint32(int(spec.offsets[l])))
+
+
+_LEVEL_FIELDS = ("scale", "mult1", "mult2", "hashed", "size", "offset")
+
+
+def _level_arrays(spec: HashGridSpec) -> list[np.ndarray]:
+    """The per-level constants as (L,) arrays, in :data:`_LEVEL_FIELDS` order, for kernels whose level is a
+    grid axis (:func:`_loaded_level` reads them back)."""
+    levels = [_static_level(spec, l) for l in range(spec.n_levels)]
+    return [np.array([lv.scale for lv in levels], np.float32),
+            np.array([lv.mults[1] for lv in levels], np.uint32),
+            np.array([lv.mults[2] for lv in levels], np.uint32),
+            np.array([lv.hashed for lv in levels], np.int32),
+            np.array([lv.size for lv in levels], np.uint32),
+            np.array([lv.offset for lv in levels], np.uint32)]
+
+
+def _loaded_level(level_refs, l) -> _Level:
+    """The constants of level ``l`` (traced) from the refs of :func:`_level_arrays`."""
+    scale, mult1, mult2, hashed, size, offset = (_load(ref, l) for ref in level_refs)
+    return _Level(scale, (np.uint32(1), mult1, mult2), hashed != 0, size, offset)
+
+
+def _level_geometry(xs, level: _Level):
+    """Per-dimension weights and index terms of one level for a block of points.
 
     Args:
         xs: three (B,) float32 coordinates.
@@ -150,17 +198,9 @@ def _level_geometry(xs, spec: HashGridSpec, l: int):
         terms: terms[d][bit] (B,) uint32 contribution of dimension d to the corner index, so that
             ``idx = terms[0][b0] + terms[1][b1] + terms[2][b2]`` (dense) or ``^`` of them (hashed).
     """
-    # Same float32 rounding of the per-level constants as the reference (jnp.asarray(spec.scales, f32)).
-    scale = np.float32(spec.scales[l])
-    dense = bool(spec.dense[l])
-    res = int(spec.resolutions[l])
-    if dense:
-        mults = (np.uint32(1), np.uint32(res % 2**32), np.uint32(res * res % 2**32))
-    else:
-        mults = _HASH_PRIMES
     w, terms = [], []
     for d in range(3):
-        pos = xs[d] * scale + np.float32(0.5)
+        pos = xs[d] * level.scale + np.float32(0.5)
         pos_floor = jnp.floor(pos)
         frac = pos - pos_floor
         # Clamp like the reference so slightly negative inputs cannot wrap to huge uint32 cells.
@@ -168,19 +208,25 @@ def _level_geometry(xs, spec: HashGridSpec, l: int):
         w.append((np.float32(1.0) - frac, frac))
         # All index arithmetic in wrapping uint32, term by term (wrapping distributes over + and the
         # per-dimension products are what the reference multiplies).
-        terms.append(tuple((cell + np.uint32(bit)) * mults[d] for bit in (0, 1)))
+        terms.append(tuple((cell + np.uint32(bit)) * level.mults[d] for bit in (0, 1)))
     return w, terms
 
 
-def _corner_row(terms, bits, spec: HashGridSpec, l: int):
-    """(B,) int32 table row of corner ``bits`` of level ``l``: ``offset_l + idx % size_l``."""
+def _corner_row(terms, bits, level: _Level):
+    """(B,) int32 table row of corner ``bits``: ``offset + idx % size`` (see :class:`_Level`)."""
     t0, t1, t2 = (terms[d][bits[d]] for d in range(3))
-    size = int(spec.level_sizes[l])
-    if bool(spec.dense[l]):
-        idx = jax.lax.rem(t0 + t1 + t2, np.uint32(size))  # dense sizes are multiples of 8, not powers of 2
+
+    def hashed():  # hashed levels: size = 2^log2_hashmap_size
+        return (t0 ^ t1 ^ t2) & (level.size - np.uint32(1))
+
+    def dense():  # dense sizes are multiples of 8, not powers of 2
+        return jax.lax.rem(t0 + t1 + t2, jnp.broadcast_to(level.size, t0.shape).astype(jnp.uint32))
+
+    if isinstance(level.hashed, bool):
+        idx = hashed() if level.hashed else dense()
     else:
-        idx = (t0 ^ t1 ^ t2) & np.uint32(size - 1)  # hashed levels: size = 2^log2_hashmap_size
-    return (idx + np.uint32(int(spec.offsets[l]))).astype(jnp.int32)  # < total_params <= 2^31 - 1
+        idx = jnp.where(level.hashed, hashed(), dense())
+    return (idx + level.offset).astype(jnp.int32)  # < total_params <= 2^31 - 1
 
 
 _CORNERS = tuple(tuple((k >> d) & 1 for d in range(3)) for k in range(8))  # bit d of k = offset along d
@@ -232,12 +278,13 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid
     lanes = _valid_lanes(valid_ref, B, fw)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     for l in range(spec.n_levels):
-        w, terms = _level_geometry(xs, spec, l)
+        level = _static_level(spec, l)
+        w, terms = _level_geometry(xs, level)
         mask_l = _load(mask_ref, l) if use_mask else None
         lanes_l = _level_lanes(lanes, mask_l, B, fw)
         acc = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]
         for bits in _CORNERS:
-            row = _corner_row(terms, bits, spec, l)
+            row = _corner_row(terms, bits, level)
             weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order: (w0 * w1) * w2
             for c in range(n_chunks):
                 rows, cols = _index_arrays(row, c, fw, B)
@@ -251,7 +298,7 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid
 _N_LEADERS = 4
 
 
-def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, contribution, lanes_1d, B: int, fw: int,
+def _pre_reduced_scatter(dtable_ref, terms, level: _Level, contribution, lanes_1d, B: int, fw: int,
                          n_chunks: int, interpret: bool, leaders: int = _N_LEADERS):
     """d_table of one level for a block whose points crowd into few cells (coarse levels, points in ray order).
 
@@ -275,7 +322,7 @@ def _pre_reduced_scatter(dtable_ref, terms, spec: HashGridSpec, l: int, contribu
         groups.append((pick, same, jnp.broadcast_to(jnp.max(same.astype(jnp.int32)) > 0, (1, fw))))
     rest = jnp.broadcast_to(remaining[:, None], (B, fw))
     for k, bits in enumerate(_CORNERS):
-        row = _corner_row(terms, bits, spec, l)
+        row = _corner_row(terms, bits, level)
         lead_rows = [jnp.broadcast_to(jnp.sum(jnp.where(pick, row, 0)), (1,)) for pick, _, _ in groups]
         for c in range(n_chunks):
             values = contribution(k, c)
@@ -312,7 +359,8 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_vali
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     dx = [jnp.zeros((B,), jnp.float32) for _ in range(3)]
     for l in range(spec.n_levels):
-        w, terms = _level_geometry(xs, spec, l)
+        level = _static_level(spec, l)
+        w, terms = _level_geometry(xs, level)
         g = [_load(g_ref, (slice(None), pl.ds(l * F + c * fw, fw))) for c in range(n_chunks)]
         if use_mask:
             mask_l = _load(mask_ref, l)
@@ -328,14 +376,14 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_vali
             if mask_l is not None:
                 lanes_1d = lanes_1d & (mask_l != 0)
             weights = [(w[0][b[0]] * w[1][b[1]]) * w[2][b[2]] for b in _CORNERS]
-            _pre_reduced_scatter(dtable_ref, terms, spec, l, lambda k, c: weights[k][:, None] * gm[c], lanes_1d,
+            _pre_reduced_scatter(dtable_ref, terms, level, lambda k, c: weights[k][:, None] * gm[c], lanes_1d,
                                  B, fw, n_chunks, interpret)
             continue
         if mask_grad:
             feat = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]
         dfrac = [jnp.zeros((B,), jnp.float32) for _ in range(3)]
         for bits in _CORNERS:
-            row = _corner_row(terms, bits, spec, l)
+            row = _corner_row(terms, bits, level)
             wd = [w[d][bits[d]] for d in range(3)]
             weight = (wd[0] * wd[1]) * wd[2]
             dot = jnp.zeros((B,), jnp.float32)  # <mask_l * g_l, table[row_b]>: cotangent of w_b

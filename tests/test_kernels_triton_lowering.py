@@ -1,0 +1,127 @@
+"""Every Pallas kernel lowers through the Triton backend for an H200, on this CPU-only machine.
+
+Interpret-mode tests check the kernels' values; they never run the Triton lowering, which has limits of its own
+(power-of-two block shapes, no slicing of register tensors, the ops it knows). Lowering for an abstract GPU
+device (``jax.sharding.use_abstract_mesh``) runs that lowering without a GPU and emits each kernel's Triton IR,
+so a kernel that cannot lower fails here, not on the lent GPU. The IR sizes also guard compile time: the
+finite-difference kernel handles one level per program and must stay smaller than the 16-level unrolled
+encoder (its 16-level unrolled predecessor was ~8x larger and did not finish compiling in minutes on an H200).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src import mesh as mesh_lib
+
+from dreamcraft_jax.fields.hashgrid import HashGridSpec
+from dreamcraft_jax.kernels import composite as ck
+from dreamcraft_jax.kernels import density as dk
+from dreamcraft_jax.kernels import fd_hashgrid as fk
+from dreamcraft_jax.kernels import hashgrid as hk
+from dreamcraft_jax.kernels import march as mk
+from dreamcraft_jax.render.volume import OccupancyGrid, RenderSpec
+
+SPEC = HashGridSpec()  # the official L16 F2 T2^19 grid
+N = 1 << 14
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _lower_for_gpu(fn, *args) -> list[int]:
+    """Lower ``jit(fn)(*args)`` for CUDA as on an H200; returns the size (characters) of each Triton kernel's IR."""
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    sizes = [len(ir) for ir in re.findall(r'ir = "(.*?)", name', text)]
+    assert text.count(TRITON_CALL) == len(sizes) > 0, "no Triton kernel in the lowered module"
+    return sizes
+
+
+def _points():
+    x = jax.ShapeDtypeStruct((N, 3), jnp.float32)
+    table = jax.ShapeDtypeStruct((SPEC.total_params, SPEC.n_features_per_level), jnp.float32)
+    mask = jax.ShapeDtypeStruct((SPEC.n_levels,), jnp.float32)
+    valid = jax.ShapeDtypeStruct((N,), jnp.bool_)
+    return table, x, mask, valid
+
+
+@pytest.fixture(scope="module")
+def encoder_sizes():
+    table, x, mask, valid = _points()
+
+    def forward(t, x, m, v):
+        return hk.encode_pallas(t, x, SPEC, m, valid=v, interpret=False)
+
+    def backward(t, x, m, v):  # table, positions and level mask: the full backward kernel
+        return jax.grad(lambda t, x, m: jnp.sum(hk.encode_pallas(t, x, SPEC, m, valid=v, interpret=False) ** 2),
+                        argnums=(0, 1, 2))(t, x, m)
+
+    def backward_reduced(t, x, m, v):
+        return jax.grad(lambda t: jnp.sum(hk.encode_pallas(
+            t, x, SPEC, m, valid=v, interpret=False, grad_table_only=True, pre_reduce_max_scale=128.0) ** 2))(t)
+
+    return {name: _lower_for_gpu(fn, table, x, mask, valid)
+            for name, fn in (("forward", forward), ("backward", backward), ("reduced", backward_reduced))}
+
+
+def test_hash_grid_encoder_lowers(encoder_sizes):
+    # forward + backward kernels where the loss needs the features; the reduced backward alone otherwise
+    assert len(encoder_sizes["forward"]) == 1 and len(encoder_sizes["backward"]) == 2
+    assert len(encoder_sizes["reduced"]) == 2
+
+
+def test_finite_difference_kernel_lowers_one_level_per_program(encoder_sizes):
+    table, x, mask, valid = _points()
+
+    def fd_loss(t, x, m, v):
+        return jax.value_and_grad(lambda t: sum(jnp.sum(e ** 2) for e in fk.fd_encode_pallas(
+            t, x, SPEC, 0.5, 0.01, m, v, interpret=False)))(t)
+
+    sizes = _lower_for_gpu(fd_loss, table, x, mask, valid)
+    # forward, backward of the pre-reduced coarse levels, backward of the fine levels
+    assert len(sizes) == 3
+    assert max(sizes) < encoder_sizes["forward"][0], (sizes, encoder_sizes)
+
+
+def test_density_mlp_kernel_lowers():
+    table, x, mask, valid = _points()
+    w_hidden = jax.ShapeDtypeStruct((SPEC.n_levels * SPEC.n_features_per_level, 64), jnp.float32)
+    w_out = jax.ShapeDtypeStruct((64, 1), jnp.float32)
+    sizes = _lower_for_gpu(lambda t, x, m, v, a, b: dk.density_mlp_pallas(t, x, SPEC, m, v, a, b, interpret=False),
+                           table, x, mask, valid, w_hidden, w_out)
+    assert len(sizes) == 1
+
+
+def test_march_and_composite_kernels_lower():
+    spec = RenderSpec(grid_resolution=32)
+    n_rays, budget = 1024, 1024 * 16
+    cells = spec.grid_resolution ** 3
+    grid = OccupancyGrid(occs=jax.ShapeDtypeStruct((cells,), jnp.float32),
+                         binary=jax.ShapeDtypeStruct((cells,), jnp.bool_))
+    rays = jax.ShapeDtypeStruct((n_rays, 3), jnp.float32)
+    key = jax.random.key(0)
+
+    def march(o, d, g):
+        return mk.march_pallas(o, d, g, key, spec, budget, interpret=False)
+
+    assert len(_lower_for_gpu(march, rays, rays, grid)) >= 1
+
+    m = budget
+    f32 = jax.ShapeDtypeStruct((m,), jnp.float32)
+    color = jax.ShapeDtypeStruct((m, 3), jnp.float32)
+    ray_idx = jax.ShapeDtypeStruct((m,), jnp.int32)
+    valid = jax.ShapeDtypeStruct((m,), jnp.bool_)
+
+    def composite(sigma, color, t0, t1, ray_idx, valid):
+        def loss(sigma, color):
+            weights, rgb, opacity, depth = ck.composite_pallas(sigma, color, t0, t1, ray_idx, valid, n_rays,
+                                                               interpret=False)
+            return jnp.sum(rgb ** 2) + jnp.sum(opacity) + jnp.sum(depth) + jnp.sum(weights)
+        return jax.grad(loss, argnums=(0, 1))(sigma, color)
+
+    assert len(_lower_for_gpu(composite, f32, color, f32, f32, ray_idx, valid)) == 2
