@@ -160,11 +160,12 @@ def bench_render(args) -> dict:
         unfused = with_backend("pallas", fused_density=False)
         reduced = with_backend("pallas", hashgrid_backward="reduced")
         fd = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True)
+        fd_plain = with_backend("pallas", fused_finite_difference=True)  # no block pre-reduction anywhere
         variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas),
                      ("pallas-unfused rgb", False, False, unfused),
                      ("pallas-unfused rgb+normals", True, True, unfused),
                      ("pallas-reduced rgb", False, False, reduced), ("pallas-reduced rgb+normals", True, True, reduced),
-                     ("pallas-fd rgb+normals", True, True, fd),
+                     ("pallas-fd rgb+normals", True, True, fd), ("pallas-fd-plain rgb+normals", True, True, fd_plain),
                      ("pallas-atomic rgb", False, False, atomic), ("pallas-atomic rgb+normals", True, True, atomic),
                      ("pallas rgb+normals no-perturb", True, False, pallas)]
     if args.variants:

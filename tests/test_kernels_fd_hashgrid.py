@@ -30,8 +30,8 @@ def _samples(n, seed=0):
     return x, valid, k3
 
 
-@pytest.mark.parametrize("spec,eps,max_scale", [(MIXED, 0.01, 128.0), (F3, 0.6, 0.0)],
-                         ids=["official_eps", "F3_wide_eps_no_prereduce"])
+@pytest.mark.parametrize("spec,eps,max_scale", [(MIXED, 0.01, 128.0), (F3, 0.6, 0.0), (MIXED, 0.01, 20.0)],
+                         ids=["official_eps", "F3_wide_eps_no_prereduce", "coarse_prereduced_fine_plain"])
 def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale):
     x, valid, key = _samples(100)
     n = x.shape[0]

@@ -235,12 +235,16 @@ def fused_central_difference_gradient(table: jax.Array, x: jax.Array, spec: Nerf
                                       valid=None) -> jax.Array:
     """:func:`central_difference_gradient` of ``value_fn(encoding (N, L*F), points (N, 3)) -> (N,)`` with the
     six neighbours' encodings from one kernel (shared corners gathered and scattered once; table gradient
-    only, as the fields never differentiate positions here)."""
+    only, as the fields never differentiate positions here). With ``spec.hashgrid_backward == "reduced"`` the
+    coarse levels' shared corners are also pre-reduced over each block of samples."""
     from dreamcraft_jax.kernels.fd_hashgrid import fd_encode_pallas
 
     eps = spec.finite_difference_eps
+    # The block pre-reduction of the coarse levels goes with the `reduced` backward (its gradient is not yet
+    # confirmed on a GPU, kernels/README.md); otherwise each lane adds its own accumulated corners.
+    pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
     encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, eps, mask, valid,
-                                 pre_reduce_max_scale=PRE_REDUCE_MAX_SCALE)
+                                 pre_reduce_max_scale=pre_reduce)
     offsets = _fd_offsets(eps)
     values = jnp.stack([value_fn(enc, x + offsets[j]) for j, enc in enumerate(encodings)], axis=1)
     return _central_difference(values, eps, valid)
