@@ -32,6 +32,8 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 
 def _lower_for_gpu(fn, *args) -> list[int]:
     """Lower ``jit(fn)(*args)`` for CUDA as on an H200; returns the size (characters) of each Triton kernel's IR."""
+    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
+        pytest.skip(f"jax {jax.__version__} cannot lower for an abstract GPU device")
     device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
                                      abstract_device=device)
