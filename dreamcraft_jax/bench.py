@@ -520,7 +520,7 @@ def bench_stage(args) -> dict:
     """ms/step of full stage steps (render + both priors + update) with real-size random priors."""
 
     from dreamcraft_jax.runner import time_split
-    from dreamcraft_jax.stages.coarse_nerf import REF
+    from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF
 
     cfg = _load_config(args.config, args.set)
     with cfg.unlocked():
@@ -545,7 +545,14 @@ def bench_stage(args) -> dict:
                 ref_ms = _time(lambda s: ref_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
                                repeats=args.repeats)["median_ms"]
                 n_views = views * parallel.view_shards(mesh)
+                # What the fixed sample budgets hold at this step (a budget well above use is wasted work).
+                _, metrics = stage.step_fn(RANDOM, res, res)(jax.tree.map(lambda x: x.copy(), state), targets, pp)
+                sampling = {k: float(v) for k, v in jax.device_get(metrics).items()
+                            if k.split("/")[-1] in ("samples_per_ray", "candidates_per_ray", "overflow")}
                 results[name] = {"random_step": split, "ref_step_ms": ref_ms, "views_per_step": n_views,
+                                 "sampling": sampling, "budgets_per_ray": {
+                                     "candidates": float(stage.render.candidate_samples_per_ray),
+                                     "samples": float(stage.render.samples_per_ray)},
                                  "at_step": at_step, "active_levels": int(jnp.sum(stage.level_mask(at_step) != 0)),
                                  "random_views_per_s": n_views / (split["step_ms"] * 1e-3),
                                  "wall_incl_compile_s": time.perf_counter() - t1}

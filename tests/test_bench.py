@@ -49,6 +49,11 @@ def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     split = case["random_step"]
     assert split["kind"] == "random" and split["step_ms"] > 0 and split["render_ms"] > 0
     assert split["guidance_ms"] >= 0 and case["ref_step_ms"] > 0 and case["views_per_step"] == 1
+    # The random step's sample use, against the budgets it was compiled with.
+    use, budgets = case["sampling"], case["budgets_per_ray"]
+    assert 0 < use["random/samples_per_ray"] <= budgets["samples"]
+    assert use["random/samples_per_ray"] <= use["random/candidates_per_ray"]
+    assert use["random/overflow"] > 0 or use["random/candidates_per_ray"] <= budgets["candidates"]
 
 
 def test_scaling_bench_cpu_simulated_losses_agree(tmp_path, monkeypatch):
