@@ -5,7 +5,8 @@ sample: 6 of the 13 field evaluations per sample of stage 1 (the perturbed norma
 is 6 more). Encoded one point at a time, each neighbour gathers its own 8 corners per level and, in the backward
 pass, adds its own 8 atomics per level. But on every level whose cells are wider than eps, a neighbour usually lies
 in the sample's own cell (same 8 corners), or in the next cell along its axis, where it shares 4 of them. Here one
-lane handles one sample and all six neighbours:
+lane handles one sample and all six neighbours, and one program one block of samples at one level (grid =
+blocks x levels, the level's constants loaded, so the Triton program is one level's code):
 
 * forward: the 8 corner rows of the sample's own cell are gathered once; neighbour ``j`` (axis ``a``, sign ``s``)
   in the same cell reuses all 8 values, one cell over (``floor`` moved by ``s``) reuses the 4 on the shared face
