@@ -303,11 +303,12 @@ def _pre_reduced_scatter(dtable_ref, terms, level: _Level, contribution, lanes_1
     """d_table of one level for a block whose points crowd into few cells (coarse levels, points in ray order).
 
     ``contribution(k, c)``: the (B, fw) values each lane adds to its cell's corner ``_CORNERS[k]``, feature
-    chunk c (``w_b * g`` for plain points). Up to ``_N_LEADERS`` leader cells (those of lanes 0, B/4, B/2,
-    3B/4): the lanes in a leader's cell share its 8 corner rows, so their contributions are summed over the
-    block first and added with one atomic per corner and feature; every other lane adds its own as usual.
-    Same sums as the plain scatter, in another order; far fewer atomics on the rows that thousands of samples
-    hit. ``leaders=0``: the plain scatter of every lane.
+    chunk c (``w_b * g`` for plain points). Up to ``leaders`` leader cells (those of lanes 0, B/L, 2B/L, ...):
+    the lanes in a leader's cell share its 8 corner rows, so their contributions are summed over the block and
+    the leader lane adds the sum in place of its own; the others of its cell add nothing, every lane outside
+    the leader cells adds its own. One (B, fw) atomic per corner and chunk, as in the plain scatter (the row of
+    a leader lane is its cell's row), with far fewer active lanes on the rows that thousands of samples hit.
+    Same sums as the plain scatter, in another order. ``leaders=0``: the plain scatter of every lane.
     """
     lane = jnp.arange(B, dtype=jnp.int32)
     remaining = lanes_1d
@@ -319,19 +320,22 @@ def _pre_reduced_scatter(dtable_ref, terms, level: _Level, contribution, lanes_1
         key = [jnp.sum(jnp.where(pick, terms[d][0], np.uint32(0))) for d in range(3)]
         same = remaining & (terms[0][0] == key[0]) & (terms[1][0] == key[1]) & (terms[2][0] == key[2])
         remaining = remaining & ~same
-        groups.append((pick, same, jnp.broadcast_to(jnp.max(same.astype(jnp.int32)) > 0, (1, fw))))
-    rest = jnp.broadcast_to(remaining[:, None], (B, fw))
+        # The leader lane writes its cell's sum when the cell has any contributing lane. A leader lane is
+        # never among ``remaining`` afterwards: it is in its own cell's group or in an earlier group's.
+        groups.append((pick, same, pick & (jnp.max(same.astype(jnp.int32)) > 0)))
+    active = remaining
+    for pick, _, writes in groups:
+        active = active | writes
+    active = jnp.broadcast_to(active[:, None], (B, fw))
     for k, bits in enumerate(_CORNERS):
         row = _corner_row(terms, bits, level)
-        lead_rows = [jnp.broadcast_to(jnp.sum(jnp.where(pick, row, 0)), (1,)) for pick, _, _ in groups]
         for c in range(n_chunks):
-            values = contribution(k, c)
-            rows, cols = _index_arrays(row, c, fw, B)
-            _scatter_add(dtable_ref, rows, cols, values, interpret=interpret, lanes=rest)
-            for (_, same, any_same), lead_row in zip(groups, lead_rows):
-                total = jnp.sum(jnp.where(same[:, None], values, 0.0), axis=0, keepdims=True)  # (1, fw)
-                lead_rows_c, lead_cols = _index_arrays(lead_row, c, fw, 1)
-                _scatter_add(dtable_ref, lead_rows_c, lead_cols, total, interpret=interpret, lanes=any_same)
+            own = contribution(k, c)
+            values = own
+            for pick, same, _ in groups:
+                total = jnp.sum(jnp.where(same[:, None], own, 0.0), axis=0, keepdims=True)  # (1, fw)
+                values = jnp.where(pick[:, None], jnp.broadcast_to(total, (B, fw)), values)
+            _scatter_add(dtable_ref, *_index_arrays(row, c, fw, B), values, interpret=interpret, lanes=active)
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid: bool, need_x: bool,
