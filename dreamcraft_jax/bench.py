@@ -163,7 +163,12 @@ def bench_render(args) -> dict:
 
     xla, xla_no_remat = with_backend("xla"), with_backend("xla", remat_encoding=not field.remat_encoding)
     variants = [("xla rgb", False, False, xla), ("xla rgb+normals", True, True, xla),
-                (f"xla rgb remat={not field.remat_encoding}", False, False, xla_no_remat)]
+                (f"xla rgb remat={not field.remat_encoding}", False, False, xla_no_remat),
+                # The same rays in another order: how much XLA's own table gradient moves with the order of its
+                # scatter-add (float32 sums of cancelling +-1/(2 eps) finite-difference terms). Without jitter and
+                # normal noise (drawn per ray / sample slot, they would move with the order).
+                ("xla-unjittered rgb+normals", True, False, xla),
+                ("xla-unjittered-permuted rgb+normals", True, False, xla)]
     if args.pallas:
         pallas = with_backend("pallas")
         atomic = with_backend("pallas", hashgrid_backward="atomic")
@@ -184,10 +189,21 @@ def bench_render(args) -> dict:
             raise SystemExit(f"unknown --variants {sorted(unknown)}; choose from {[v[0] for v in variants]}")
         variants = [v for name in args.variants for v in variants if v[0] == name]  # in the order asked for
     images, table_grads = {}, {}
+    permutation = jnp.asarray(np.random.default_rng(0).permutation(n_rays))
+    inverse = jnp.argsort(permutation)
     for variant, need_normals, need_perturb, st in variants:
-        def loss(p, rays_o, rays_d, key, need_normals=need_normals, need_perturb=need_perturb, st=st):
+        unjittered, permuted = variant.startswith("xla-unjittered"), variant.startswith("xla-unjittered-permuted")
+
+        def loss(p, rays_o, rays_d, key, need_normals=need_normals, need_perturb=need_perturb, st=st,
+                 unjittered=unjittered, permuted=permuted):
+            key = None if unjittered else key
+            if permuted:
+                rays_o, rays_d = rays_o[permutation], rays_d[permutation]
             out = volume.render_rays(rays_o, rays_d, grid, key, st.field_fns(p, level_mask), st.render,
                                      need_normals=need_normals, need_normal_perturb=need_perturb)
+            if permuted:
+                out = {k: v[inverse] if getattr(v, "ndim", 0) and v.shape[0] == n_rays else v
+                       for k, v in out.items()}
             total = jnp.sum(out["rgb"]) + jnp.sum(out["opacity"])
             if need_normals:
                 total = total + jnp.sum(out["normal"])
@@ -216,8 +232,8 @@ def bench_render(args) -> dict:
         }
         # Agreement with the XLA variant of the same outputs, as soon as both exist (ask for it first): a run
         # cut short by a time limit still reports the checks of the variants that finished.
-        xla_name = "xla " + variant.split(" ", 1)[1]
-        if variant.startswith("pallas") and xla_name in images:
+        xla_name = ("xla-unjittered " if permuted else "xla ") + variant.split(" ", 1)[1]
+        if (variant.startswith("pallas") or permuted) and xla_name in images:
             results[variant].update(_agreement(images[variant], images[xla_name], table_grads[variant],
                                                table_grads[xla_name], field.grid))
             base = results[xla_name]["forward_backward"]["median_ms"]
