@@ -4,16 +4,18 @@ Contract (identical to :func:`dreamcraft_jax.render.volume.march`): rays_o, rays
 ``grid`` an :class:`OccupancyGrid`, ``budget`` M packed slots. Ray r walks ``S = spec.max_steps_per_ray`` steps
 ``t0 = t_start[r] + s dt`` (``t_start`` the box entry, clamped to the near plane, jittered by U(0,1) dt when
 stratified); step s is a sample when ``t0 + dt <= t_far[r]`` and its midpoint's cell is inside the box and
-occupied. Samples are packed ray-major, step-minor into the first slots; ``n_wanted`` counts all of them and the
-samples past ``budget`` (those of the last rays) are dropped.
+occupied. Samples are packed ray-major, step-minor into the first slots; ``n_wanted`` counts all of them. Over
+``budget``, ray r keeps every k_r-th of its candidates (:func:`volume.merge_strides`), each interval k_r steps long
+(shorter for the last of the ray), so no ray loses its samples.
 
 The reference materialises an (R, S) mask (S ~ 514 at 512 samples/ray) and compacts it with ``jnp.nonzero``.
 Here:
 
 1. ``_count_kernel`` (one lane per ray, ``block_rays`` rays per program): walk the steps, count samples per ray.
-2. ``offsets = exclusive_cumsum(counts)`` in jnp (R elements): the first slot of each ray.
-3. ``_write_kernel``: walk again and scatter (ray, step) into slot ``offsets[r] + k`` for the k-th sample of
-   ray r while the slot is below the budget (a masked scatter store).
+2. In jnp (R elements): the strides ``k_r`` (all 1 when the budget holds every candidate), the kept counts
+   ``ceil(c_r / k_r)`` and ``offsets = exclusive_cumsum(kept)``: the first slot of each ray.
+3. ``_write_kernel``: walk again and scatter (ray, step) of the j-th candidate of ray r into slot
+   ``offsets[r] + j / k_r`` when ``j % k_r == 0`` and the slot is below the budget (a masked scatter store).
 
 Each program loops only to the largest step count of its rays (``floor((t_far - t_start) / dt) + 2``, an upper
 bound; the exact ``t0 + dt <= t_far`` test decides), and rays whose first slot is past the budget skip the
@@ -165,25 +167,27 @@ def _count_kernel(ox, oy, oz, dx, dy, dz, ts_ref, tf_ref, nt_ref, binary_ref, co
     count_ref[...] = jax.lax.fori_loop(0, n_steps, body, jnp.zeros(t_start.shape, jnp.int32))
 
 
-def _write_kernel(ox, oy, oz, dx, dy, dz, ts_ref, tf_ref, nt_ref, off_ref, binary_ref, ray_out, step_out, *,
-                  spec, budget, block):
+def _write_kernel(ox, oy, oz, dx, dy, dz, ts_ref, tf_ref, nt_ref, off_ref, stride_ref, binary_ref, ray_out,
+                  step_out, *, spec, budget, block):
     o = (ox[...], oy[...], oz[...])
     d = (dx[...], dy[...], dz[...])
     t_start, t_far = ts_ref[...], tf_ref[...]
+    first, stride = off_ref[...], stride_ref[...]
     n_steps = jnp.max(nt_ref[...])  # 0 for rays whose first slot is past the budget
     lane = jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
     ray = pl.program_id(0) * block + lane
     dummy = budget + lane  # distinct spare slots for masked-off lanes (see _scatter)
 
-    def body(s, slot):
+    def body(s, rank):  # rank: candidates of the ray so far; every stride-th one is written
         take = _step_samples(s, o, d, t_start, t_far, binary_ref, spec=spec)
-        write = take & (slot < budget)
+        slot = first + rank // stride
+        write = take & (rank % stride == 0) & (slot < budget)
         idx = jnp.where(write, slot, dummy)
         _scatter(ray_out, idx, ray, write)
         _scatter(step_out, idx, jnp.full((block,), s, jnp.int32), write)
-        return slot + take.astype(jnp.int32)
+        return rank + take.astype(jnp.int32)
 
-    jax.lax.fori_loop(0, n_steps, body, off_ref[...])
+    jax.lax.fori_loop(0, n_steps, body, jnp.zeros((block,), jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,9 +240,12 @@ def march_pallas(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key,
         name="march_count",
     )(*rays, t_start_p, t_far_p, n_try_p, binary)
 
-    inclusive = jnp.cumsum(counts, dtype=jnp.int32)
-    total = inclusive[-1]
-    offsets = inclusive - counts
+    # Over budget, long rays keep every stride-th candidate (volume.merge_strides); padded rays have no count.
+    stride = volume.merge_strides(counts, budget, n_steps)
+    kept = (counts + stride - 1) // stride
+    inclusive = jnp.cumsum(kept, dtype=jnp.int32)
+    total_kept = inclusive[-1]
+    offsets = inclusive - kept
     n_try_w = jnp.where(offsets < budget, n_try_p, 0)
 
     n_out = budget + block  # + spare slots for masked-off lanes
@@ -247,17 +254,21 @@ def march_pallas(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key,
         functools.partial(_write_kernel, spec=spec, budget=budget, block=block),
         out_shape=(slot_shape, slot_shape),
         grid=grid_dims,
-        in_specs=ray_specs + [_rows(block), _whole((n_cells,))],
+        in_specs=ray_specs + [_rows(block), _rows(block), _whole((n_cells,))],
         out_specs=(_whole((n_out,)), _whole((n_out,))),
         compiler_params=params,
         interpret=interpret,
         name="march_write",
-    )(*rays, t_start_p, t_far_p, n_try_w, offsets, binary)
+    )(*rays, t_start_p, t_far_p, n_try_w, offsets, stride, binary)
 
     # Slots never written hold garbage: normalise them to the reference's fill (ray 0, step 0), and form t0
     # with the reference's expression so that XLA rounds it the same way (it may fuse it into an FMA).
-    valid = jnp.arange(budget, dtype=jnp.int32) < jnp.minimum(total, budget)
+    slot = jnp.arange(budget, dtype=jnp.int32)
+    valid = slot < jnp.minimum(total_kept, budget)
     pos = jnp.where(valid, ray_slots[:budget] * n_steps + step_slots[:budget], 0)
     ray = pos // n_steps
     t0 = t_near[ray] + (pos % n_steps).astype(jnp.float32) * dt
-    return Samples(ray_idx=jnp.where(valid, ray, n_rays), t0=t0, t1=t0 + dt, valid=valid, n_wanted=total)
+    # The g-th kept sample of a ray stands for min(stride, count - g stride) candidates.
+    group = jnp.where(valid, jnp.minimum(stride[ray], counts[ray] - (slot - offsets[ray]) * stride[ray]), 1)
+    return Samples(ray_idx=jnp.where(valid, ray, n_rays), t0=t0, t1=t0 + group.astype(jnp.float32) * dt,
+                   valid=valid, n_wanted=jnp.sum(counts))

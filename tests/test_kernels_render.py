@@ -61,12 +61,15 @@ def _assert_same_samples(ref, got, n_rays):
     np.testing.assert_array_equal(got.ray_idx, ref.ray_idx)
     v = ref.valid
     np.testing.assert_array_equal(got.t0[v], ref.t0[v])  # bitwise on valid slots
-    np.testing.assert_array_equal(got.t1[v], ref.t1[v])
+    # t1 = t0 + group dt: XLA may contract it to an FMA in one of the two programs and not in the other
+    np.testing.assert_allclose(got.t1[v], ref.t1[v], rtol=2e-7, atol=0)
     # invalid slots: normalised to the reference's fill (ray n_rays, interval of ray 0 step 0)
     assert np.all(got.ray_idx[~v] == n_rays)
     np.testing.assert_array_equal(got.t0[~v], ref.t0[~v])
-    # valid slots are a prefix
-    np.testing.assert_array_equal(v, np.arange(v.shape[0]) < min(int(ref.n_wanted), v.shape[0]))
+    # valid slots are a prefix, all of the wanted ones when they fit
+    np.testing.assert_array_equal(v, np.arange(v.shape[0]) < int(np.sum(v)))
+    if int(ref.n_wanted) <= v.shape[0]:
+        assert int(np.sum(v)) == int(ref.n_wanted)
 
 
 @pytest.mark.parametrize("n_rays,stratified,block_rays", [(37, True, 16), (13, False, 4), (1, True, 16)])
@@ -108,11 +111,16 @@ def test_march_budget_overflow_keeps_the_same_slots():
     key = jax.random.PRNGKey(7)
     march = jax.jit(mk.march_xla, static_argnums=(4, 5))
     wanted = int(march(o, d, grid, key, SPEC, n_rays * SPEC.max_steps_per_ray).n_wanted)
-    for budget in (wanted - 1, wanted - 17, 5):  # drops the last sample, the end of a ray, most rays
+    hit = set(np.asarray(march(o, d, grid, key, SPEC, n_rays * SPEC.max_steps_per_ray).ray_idx).tolist()) - {n_rays}
+    # one ray merged, several, most of them; fewer slots than rays hit (then the last rays are cut)
+    for budget in (wanted - 1, wanted - 17, wanted // 4, 5):
         ref, got = _march_both(o, d, grid, key, SPEC, budget, block_rays=8)
         _assert_same_samples(ref, got, n_rays)
         assert int(got.n_wanted) == wanted
         assert int(got.overflow) == max(0, wanted - budget)
+        if budget >= len(hit):  # sampled coarser, but every ray hit keeps its occupied length
+            assert set(got.ray_idx[got.valid].tolist()) == hit
+            np.testing.assert_allclose(np.sum((got.t1 - got.t0)[got.valid]), wanted * SPEC.step_size, rtol=1e-4)
 
 
 def test_march_no_key_and_near_plane():

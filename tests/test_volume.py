@@ -363,17 +363,70 @@ def test_march_empty_grid_gives_no_samples():
     assert np.all(np.asarray(samples.ray_idx) == n_rays)
 
 
-@pytest.mark.parametrize("budget_of", [lambda c: c - 1, lambda c: c - 17, lambda c: 5])
-def test_march_budget_overflow_keeps_first_samples(budget_of):
+def _naive_merged(ref, budget, dt):
+    """The over-budget march by brute force: the largest cap m with sum_r ceil(c_r / ceil(c_r / m)) <= budget,
+    ray r keeps candidates 0, k_r, 2 k_r, ... (k_r = ceil(c_r / m)), each standing for min(k_r, rest) steps."""
+    rays = sorted({k[0] for k in ref})
+    per_ray = {r: [k for k in ref if k[0] == r] for r in rays}
+    counts = np.array([len(per_ray[r]) for r in rays])
+
+    def strides(m):
+        return np.maximum(-(-counts // m), 1)
+
+    m = next((m for m in range(int(counts.max()), 0, -1) if np.sum(-(-counts // strides(m))) <= budget), 1)
+    out = []
+    for r, k in zip(rays, strides(m)):
+        cands = per_ray[r]
+        for g in range(0, len(cands), int(k)):
+            out.append((r, cands[g][1], cands[g][1] + min(int(k), len(cands) - g) * dt))
+    return out[:budget]
+
+
+@pytest.mark.parametrize("budget_of", [lambda c: c - 1, lambda c: c - 17, lambda c: c // 3, lambda c: 5])
+def test_march_over_budget_samples_long_rays_coarser(budget_of):
+    """Over budget no ray loses its samples: long rays keep every k-th candidate with k-step intervals (the
+    occupied length of every ray is kept) until the budget is below the number of rays hit."""
     n_rays = 13
     o, d = _all_rays(n_rays, 0, SPEC)
     ref = _naive_march(o.astype(np.float64), d.astype(np.float64), SPEC)
     budget = budget_of(len(ref))
-    short = len(ref) - budget
     grid = volume.init_occupancy_grid(SPEC)
     samples = volume.march(jnp.asarray(o), jnp.asarray(d), grid, None, SPEC, budget)
-    _check_against(samples, ref, n_rays, budget)
-    assert int(samples.overflow) == short
+    merged = _naive_merged(ref, budget, SPEC.step_size)
+    ray, t0, t1 = _packed(samples)
+    assert len(ray) == len(merged) <= budget
+    np.testing.assert_array_equal(ray, [k[0] for k in merged])
+    np.testing.assert_allclose(t0, [k[1] for k in merged], atol=2e-5)
+    np.testing.assert_allclose(t1, [k[2] for k in merged], atol=2e-5)
+    assert int(samples.n_wanted) == len(ref) and int(samples.overflow) == len(ref) - budget
+    hit = sorted({k[0] for k in ref})
+    if budget >= len(hit):  # every ray hit keeps its whole occupied length
+        assert sorted(set(ray.tolist())) == hit
+        for r in hit:
+            np.testing.assert_allclose(np.sum((t1 - t0)[ray == r]), sum(1 for k in ref if k[0] == r) * SPEC.step_size,
+                                       rtol=1e-5)
+
+
+def test_select_over_budget_keeps_the_front_of_every_ray():
+    """The pruning re-pack over budget: every ray keeps its first m kept samples (m the largest cap that fits)."""
+    n_rays, per_ray = 6, np.array([7, 0, 3, 12, 1, 5])
+    ray = np.repeat(np.arange(n_rays), per_ray)
+    m_slots = len(ray) + 4
+    t0 = np.arange(m_slots, dtype=np.float32) * 0.1
+    samples = volume.Samples(ray_idx=jnp.asarray(np.concatenate([ray, np.full(4, n_rays)]), jnp.int32),
+                             t0=jnp.asarray(t0), t1=jnp.asarray(t0 + 0.05),
+                             valid=jnp.asarray(np.arange(m_slots) < len(ray)), n_wanted=jnp.int32(len(ray)))
+    keep = np.random.default_rng(0).uniform(size=m_slots) < 0.8
+    kept_per_ray = [np.flatnonzero(keep[:len(ray)] & (ray == r)) for r in range(n_rays)]
+    counts = np.array([len(k) for k in kept_per_ray])
+    for budget in (int(counts.sum()), int(counts.sum()) - 1, 9, 4):
+        m = max(m for m in range(1, 13) if np.minimum(counts, m).sum() <= budget or m == 1)
+        expected = np.sort(np.concatenate([k[:m] for k in kept_per_ray]))[:budget]
+        out = volume.select(samples, jnp.asarray(keep), budget, n_rays)
+        v = np.asarray(out.valid)
+        np.testing.assert_allclose(np.asarray(out.t0)[v], t0[expected])
+        np.testing.assert_array_equal(np.asarray(out.ray_idx)[v], ray[expected])
+        assert np.all(np.asarray(out.ray_idx)[~v] == n_rays) and int(out.n_wanted) == counts.sum()
 
 
 def test_march_budget_larger_than_count_pads_invalid():

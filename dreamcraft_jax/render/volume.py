@@ -11,8 +11,9 @@ Marching (nerfacc ``OccGridEstimator.sampling`` semantics): uniform steps ``dt``
 [-r, r]^3 (start jittered by U(0, dt) per ray when stratified), an interval is a candidate when its midpoint lies
 in an occupied cell; candidates are compacted into a budget of ``M1`` slots. With ``alpha_threshold > 0`` or
 ``early_stop_eps > 0`` a second pass evaluates density (no gradient), drops samples with alpha below the threshold
-or transmittance below ``early_stop_eps`` and compacts again into ``M2`` slots. Samples beyond a budget are dropped
-(the last rays in raster order lose theirs) and counted in the stats as overflow.
+or transmittance below ``early_stop_eps`` and compacts again into ``M2`` slots. Over a budget no ray loses all its
+samples: the march samples rays with many candidates coarser (every k-th candidate, its interval k steps long),
+the second pass keeps the first m samples of every ray; the stats count the candidates over the budget as overflow.
 
 Compositing: alpha_i = 1 - exp(-sigma_i dt_i); T_i = exp(-sum_{j<i} sigma_j dt_j) (exclusive *segmented* cumsum,
 never a cumulative product); w_i = T_i alpha_i; rgb = sum w c, opacity = sum w, depth = sum w t_mid; the image is
@@ -201,7 +202,8 @@ class Samples:
     """Packed samples, M slots sorted by ray (see the module doc).
 
     ray_idx (M,) int32 (n_rays on invalid slots); t0, t1 (M,) float32; valid (M,) bool;
-    n_wanted () int32: how many samples wanted a slot (overflow = max(0, n_wanted - M)).
+    n_wanted () int32: how many samples wanted a slot before any merging / capping (overflow = max(0, n_wanted - M):
+    how many were over the budget).
     """
 
     ray_idx: jax.Array
@@ -240,9 +242,57 @@ def compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array
     return pos.astype(jnp.int32), valid, count
 
 
+def _largest_cap(kept, budget: int, max_cap: int, counts: jax.Array) -> jax.Array:
+    """Largest integer m in [1, max_cap] with ``kept(m) <= budget`` (``kept`` non-decreasing in m); 1 if none.
+
+    Bisection with a static number of steps (max_cap is static: the steps per ray), a few reductions over R.
+    """
+    zero = jnp.max(counts) * 0  # varies over the same mesh axes as counts (inside shard_map)
+    lo, hi = zero + 1, zero + max(int(max_cap), 1)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi + 1) // 2
+        fits = kept(mid) <= budget
+        return jnp.where(fits, mid, lo), jnp.where(fits, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, int(np.ceil(np.log2(max(int(max_cap), 1) + 1))) + 1, body, (lo, hi))
+    return lo
+
+
+def merge_strides(counts: jax.Array, budget: int, max_count: int) -> jax.Array:
+    """(R,) candidates per ray -> (R,) int32 stride k_r >= 1: ray r keeps every k_r-th candidate.
+
+    ``k_r = ceil(c_r / m)`` for the largest cap m with ``sum_r ceil(c_r / k_r) <= budget``: rays with at most m
+    candidates keep all of them (k = 1); longer rays are sampled coarser, each kept sample standing for the k
+    candidates of its group (its interval k dt long). All ones when everything fits.
+    """
+    counts = counts.astype(jnp.int32)
+
+    def strides(m):
+        return jnp.maximum((counts + m - 1) // m, 1)
+
+    def kept(m):
+        k = strides(m)
+        return jnp.sum((counts + k - 1) // k)
+
+    return strides(_largest_cap(kept, budget, max_count, counts))
+
+
+def front_cap(counts: jax.Array, budget: int, max_count: int) -> jax.Array:
+    """() int32: the largest m with ``sum_r min(c_r, m) <= budget``; every ray keeps its first m samples."""
+    counts = counts.astype(jnp.int32)
+    return _largest_cap(lambda m: jnp.sum(jnp.minimum(counts, m)), budget, max_count, counts)
+
+
 def march(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, spec: RenderSpec,
           budget: int) -> Samples:
-    """Occupancy-grid marching into ``budget`` packed slots. rays_o, rays_d: (R, 3), rays_d unit length."""
+    """Occupancy-grid marching into ``budget`` packed slots. rays_o, rays_d: (R, 3), rays_d unit length.
+
+    Over budget, rays with many candidates are sampled coarser (:func:`merge_strides`): the g-th kept sample of
+    ray r starts at its group's first candidate and is ``min(k_r, c_r - g k_r) dt`` long, so every ray keeps
+    samples over its whole occupied length (what a fixed budget must not do is drop the last rays' samples).
+    """
     n_rays = rays_o.shape[0]
     n_steps = spec.max_steps_per_ray
     dt = spec.step_size
@@ -257,18 +307,34 @@ def march(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, spec: 
     inside = hit[:, None] & (t0 + dt <= t_far[:, None])
     mid_points = rays_o[:, None, :] + rays_d[:, None, :] * t_mid[..., None]
     occupied = is_occupied(grid, mid_points, spec) if spec.grid_prune else jnp.ones_like(inside)
-    pos, valid, count = compact((inside & occupied).reshape(-1), budget)
+    take = inside & occupied
+    counts = jnp.sum(take, axis=1, dtype=jnp.int32)
+    stride = merge_strides(counts, budget, n_steps)
+    rank = jnp.cumsum(take, axis=1, dtype=jnp.int32) - 1  # index of the candidate along its ray
+    keep = take & (rank % stride[:, None] == 0)
+    pos, valid, _ = compact(keep.reshape(-1), budget)
     ray = pos // n_steps
     t0_packed = t_near[ray] + (pos % n_steps).astype(jnp.float32) * dt
-    return Samples(ray_idx=jnp.where(valid, ray, n_rays), t0=t0_packed, t1=t0_packed + dt,
-                   valid=valid, n_wanted=count)
+    group = jnp.where(valid, jnp.minimum(stride[ray], counts[ray] - rank.reshape(-1)[pos]), 1)
+    return Samples(ray_idx=jnp.where(valid, ray, n_rays), t0=t0_packed,
+                   t1=t0_packed + group.astype(jnp.float32) * dt, valid=valid, n_wanted=jnp.sum(counts))
 
 
 def select(samples: Samples, keep: jax.Array, budget: int, n_rays: int) -> Samples:
-    """Re-pack the kept samples (keep (M,) bool, implies valid) into ``budget`` slots, order preserved."""
-    pos, valid, count = compact(keep & samples.valid, budget)
+    """Re-pack the kept samples (keep (M,) bool, implies valid) into ``budget`` slots, order preserved.
+
+    Over budget every ray keeps its first m kept samples (:func:`front_cap`; the front of a ray carries the
+    weight once the transmittance pruning has cut its back), never whole rays lost.
+    """
+    keep = keep & samples.valid
+    counts = jax.ops.segment_sum(keep.astype(jnp.int32), samples.ray_idx, num_segments=n_rays + 1,
+                                 indices_are_sorted=True)[:n_rays]
+    first = jnp.concatenate([jnp.cumsum(counts) - counts, jnp.zeros((1,), jnp.int32)])  # ray n_rays: padding
+    rank = jnp.cumsum(keep, dtype=jnp.int32) - 1 - first[samples.ray_idx]
+    keep = keep & (rank < front_cap(counts, budget, samples.valid.shape[0]))
+    pos, valid, _ = compact(keep, budget)
     return Samples(ray_idx=jnp.where(valid, samples.ray_idx[pos], n_rays), t0=samples.t0[pos],
-                   t1=samples.t1[pos], valid=valid, n_wanted=count)
+                   t1=samples.t1[pos], valid=valid, n_wanted=jnp.sum(counts))
 
 
 # ----------------------------------------------------------------------------------------------------------
