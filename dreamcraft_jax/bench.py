@@ -142,6 +142,62 @@ def _agreement(image, ref_image, table_grad, ref_table_grad, grid_spec=None) -> 
     return out
 
 
+def _f64_encode_points(table, unit, grid, mask, *, backend, remat, need_x_grad, valid=None, backward="xla"):
+    """:func:`nerf.encode_points` with the table gathered in float64 (x64 on) and the features rounded to
+    float32: the same forward to an ulp, the table gradient's products and sums in float64."""
+    del backend, remat, need_x_grad, backward
+    features = hashgrid.encode(table.astype(jnp.float64), unit.astype(jnp.float64), grid, level_mask=mask,
+                               valid=valid, skip_masked_levels=True)
+    return features.astype(jnp.float32)
+
+
+def _compare_with_f64_table_gradient(results, table_grads, images, variants, params, rays_o, rays_d, key, grid,
+                                     level_mask, xla_stage, grid_spec) -> None:
+    """Each variant's table gradient against one accumulated in float64 (the XLA render of the same outputs, its
+    hash-grid products and scatter-adds in float64): which of two float32 gradients is off, not just by how much
+    they differ. Adds ``table_grad_rel_err_vs_f64`` (+ per level) and ``f64_reference`` to the results."""
+    from unittest import mock
+
+    for suffix, need_normals, need_perturb in (("rgb", False, False), ("rgb+normals", True, True)):
+        names = [v[0] for v in variants if v[0].split(" ", 1)[1] == suffix and v[0] in table_grads
+                 and not v[0].startswith("xla-unjittered")]
+        if not names:
+            continue
+
+        def loss(p, need_normals=need_normals, need_perturb=need_perturb):
+            out = volume.render_rays(rays_o, rays_d, grid, key, xla_stage.field_fns(p, level_mask),
+                                     xla_stage.render, need_normals=need_normals, need_normal_perturb=need_perturb)
+            total = jnp.sum(out["rgb"]) + jnp.sum(out["opacity"])
+            if need_normals:
+                total = total + jnp.sum(out["normal"])
+            if need_perturb:
+                total = total + jnp.sum(out["sample_normal_perturb"])
+            return total, out
+
+        try:
+            with jax.enable_x64(True), mock.patch.object(nerf, "encode_points", _f64_encode_points):
+                (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+                truth, image = np.asarray(grads["encoding"], np.float64), np.asarray(out["rgb"])
+        except Exception as e:  # a diagnostic: record and go on
+            results[f"f64 {suffix}"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(f"f64 {suffix}: {results[f'f64 {suffix}']['error']}", file=sys.stderr, flush=True)
+            continue
+        results[f"f64 {suffix}"] = {"n_samples": int(out["n_samples"]),
+                                    "max_abs_image_diff_vs_xla": float(np.max(np.abs(image - np.asarray(
+                                        images.get("xla " + suffix, image)))))}
+        for name in names:
+            got = np.asarray(table_grads[name], np.float64)
+            per_level = []
+            for offset, size in zip(grid_spec.offsets, grid_spec.level_sizes):
+                ref = truth[int(offset):int(offset + size)]
+                per_level.append(float(np.max(np.abs(got[int(offset):int(offset + size)] - ref))
+                                       / max(float(np.max(np.abs(ref))), 1e-30)))
+            err = float(np.max(np.abs(got - truth)) / max(float(np.max(np.abs(truth))), 1e-30))
+            results[name].update(table_grad_rel_err_vs_f64=err, table_grad_rel_err_vs_f64_per_level=per_level)
+            print(f"{name}: table gradient vs float64 {err:.2e}; per level " +
+                  " ".join(f"{d:.1e}" for d in per_level), flush=True)
+
+
 def bench_render(args) -> dict:
     cfg = _load_config(args.config, args.set)
     stage, state, fit_metrics = fit_scene(cfg, args.fit_steps)
@@ -170,10 +226,12 @@ def bench_render(args) -> dict:
                 ("xla-unjittered rgb+normals", True, False, xla),
                 ("xla-unjittered-permuted rgb+normals", True, False, xla)]
     if args.pallas:
-        pallas = with_backend("pallas")
-        atomic = with_backend("pallas", hashgrid_backward="atomic")
-        unfused = with_backend("pallas", fused_density=False)
-        reduced = with_backend("pallas", hashgrid_backward="reduced")
+        pallas = with_backend("pallas")  # the config's kernel choices
+        # The others name what they change and leave the finite-difference kernel off unless they are "fd".
+        atomic = with_backend("pallas", hashgrid_backward="atomic", fused_finite_difference=False)
+        unfused = with_backend("pallas", fused_density=False, fused_finite_difference=False)
+        reduced = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=False)
+        no_fd = with_backend("pallas", fused_finite_difference=False)
         fd = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True)
         fd_plain = with_backend("pallas", fused_finite_difference=True)  # no block pre-reduction anywhere
         variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas),
@@ -182,6 +240,7 @@ def bench_render(args) -> dict:
                      ("pallas-reduced rgb", False, False, reduced), ("pallas-reduced rgb+normals", True, True, reduced),
                      ("pallas-fd rgb+normals", True, True, fd), ("pallas-fd-plain rgb+normals", True, True, fd_plain),
                      ("pallas-atomic rgb", False, False, atomic), ("pallas-atomic rgb+normals", True, True, atomic),
+                     ("pallas-nofd rgb+normals", True, True, no_fd),
                      ("pallas rgb+normals no-perturb", True, False, pallas)]
     if args.variants:
         unknown = set(args.variants) - {v[0] for v in variants}
@@ -247,6 +306,11 @@ def bench_render(args) -> dict:
         if args.out:  # partial results survive a time limit
             Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
 
+    if args.f64_reference:
+        _compare_with_f64_table_gradient(results, table_grads, images, variants, params, rays_o, rays_d, key, grid,
+                                         level_mask, xla, field.grid)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
     if not args.split:
         return _render_report(args, cfg, field, spec, grid, fit_metrics, results)
     fns = xla.field_fns(params, level_mask)
@@ -966,13 +1030,15 @@ def print_table(report: dict) -> None:
     r = report["results"]
     print(f"render fwd+bwd, {report['resolution']}x{report['resolution']}, {report['device']}, jax {report['jax']}")
     print(f"{'variant':<24} {'fwd+bwd ms':>11} {'fwd ms':>8} {'samples/ray':>12} {'cand/ray':>9} {'overflow':>9}")
-    for name in [k for k in r if not k.startswith("split")]:
+    for name in [k for k in r if not k.startswith(("split", "f64"))]:
         v = r[name]
         if "error" in v:
             print(f"{name:<24} {v['error']}")
             continue
         extra = (f"  {v['speedup_vs_xla']:.2f}x vs xla, image diff {v['max_abs_image_diff_vs_xla']:.1e}, "
                  f"table grad rel diff {v['table_grad_rel_diff_vs_xla']:.1e}" if "speedup_vs_xla" in v else "")
+        if "table_grad_rel_err_vs_f64" in v:
+            extra += f", vs float64 {v['table_grad_rel_err_vs_f64']:.1e}"
         print(f"{name:<24} {v['forward_backward']['median_ms']:>11.2f} {v['forward']['median_ms']:>8.2f} "
               f"{v['field_samples_per_ray']:>12.2f} {v['candidates_per_ray']:>9.2f} {v['overflow']:>9d}{extra}")
     if "split_rgb_variant" not in r:
@@ -999,6 +1065,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", default=[], help="only these variants (names as in the table)")
     p.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
                    help="also time march / encode / MLP / composite alone")
+    p.add_argument("--f64_reference", action=argparse.BooleanOptionalAction, default=False,
+                   help="also compare every variant's table gradient with one accumulated in float64")
     p.add_argument("--out", default="")
     q = sub.add_parser("sds", help="SD SDS at 512 and Zero123 SDS at 256 (real shapes, random weights)")
     q.add_argument("--kinds", nargs="+", default=["sd", "zero123"], choices=["sd", "zero123"])

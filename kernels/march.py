@@ -211,7 +211,7 @@ def march_pallas(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key,
     t_near = jnp.maximum(t_near, spec.near_plane)
     hit = t_far > t_near
     if spec.stratified and key is not None:
-        t_near = t_near + jax.random.uniform(key, (n_rays,)) * dt
+        t_near = t_near + jax.random.uniform(key, (n_rays,), jnp.float32) * dt
     t_far = jnp.where(hit, t_far, -jnp.inf)  # a miss takes no step
     # Upper bound on the steps that pass t0 + dt <= t_far (the test is monotone in s).
     n_try = jnp.clip(jnp.floor((t_far - t_near) / dt) + 2.0, 0.0, float(n_steps)).astype(jnp.int32)

@@ -160,7 +160,7 @@ def update_occupancy_grid(grid: OccupancyGrid, key, step, density_fn: Callable, 
     step = jnp.asarray(step, jnp.int32)
 
     def evaluate(indices, k):
-        jitter = jax.random.uniform(k, (indices.shape[0], 3))
+        jitter = jax.random.uniform(k, (indices.shape[0], 3), jnp.float32)
         unit = (coords[indices] + jitter) / spec.grid_resolution
         x = unit * (2.0 * spec.radius) - spec.radius
         occ = jax.lax.stop_gradient(density_fn(x)) * spec.step_size
@@ -300,7 +300,7 @@ def march(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, spec: 
     t_near = jnp.maximum(t_near, spec.near_plane)
     hit = t_far > t_near
     if spec.stratified and key is not None:
-        t_near = t_near + jax.random.uniform(key, (n_rays,)) * dt
+        t_near = t_near + jax.random.uniform(key, (n_rays,), jnp.float32) * dt
     i = jnp.arange(n_steps, dtype=jnp.float32)
     t0 = t_near[:, None] + i[None, :] * dt  # (R, S)
     t_mid = t0 + 0.5 * dt
@@ -469,7 +469,7 @@ def render_rays(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, 
         normal = fns.normal(points, valid=samples.valid) if normal is None else normal
         out["sample_normal"] = normal
     if need_normal_perturb:
-        noise = spec.normal_perturb_std * jax.random.normal(k_perturb, points.shape)
+        noise = spec.normal_perturb_std * jax.random.normal(k_perturb, points.shape, jnp.float32)
         out["sample_normal_perturb"] = fns.normal(points + noise, valid=samples.valid)
     if shading != "albedo":
         light = jnp.broadcast_to(light_pos, points.shape)
