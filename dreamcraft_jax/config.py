@@ -176,14 +176,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.kernels = ml_collections.ConfigDict()
     c.kernels.backend = "auto"  # auto: Pallas on GPU, XLA elsewhere
     # Pallas hash-grid backward: "xla" (XLA's scatter-add), "atomic" (the kernel's float atomics) or "reduced"
-    # (atomics, the coarse levels pre-reduced per block of packed samples first; 11 ms faster with normals at
-    # 384 px on an H200, but its table gradient was 2.3e-3 off XLA's there, unexplained: kernels/README.md).
-    c.kernels.hashgrid_backward = "xla"
+    # (atomics, the coarse levels pre-reduced per block of packed samples first). H200, 384 px: "reduced" 18.7 ms
+    # rgb (2.0x XLA) and closer to a float64 accumulation than XLA's scatter (6.5e-5 vs 2.2e-4 of the largest
+    # entry; with normals plain atomics 1.5e-4 vs 2.2e-3 on the coarse levels): kernels/README.md.
+    c.kernels.hashgrid_backward = "reduced"
     # Pallas backend: the renderer's no-grad pruning density as one fused hash-grid + density-MLP kernel.
     c.kernels.fused_density = True
     # Pallas backend: the six finite-difference neighbours of a sample encoded in one kernel (corners they share
-    # with the sample's own cell gathered and scattered once). H200, 384 px rgb + normals: 110.5 ms against
-    # 126-128 ms unfused and 185 ms for XLA; its table gradient is within 9.5e-5 of XLA's (kernels/README.md).
+    # with the sample's own cell gathered and scattered once). H200, 384 px rgb + normals: 98-102 ms with the
+    # reduced backward, 110.5 ms with XLA's, against 126-128 ms unfused and 185 ms for XLA (kernels/README.md).
     c.kernels.fused_finite_difference = True
 
     # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.

@@ -85,9 +85,11 @@ def test_bench_config_overrides_are_typed_and_checked(monkeypatch):
     import pytest
 
     monkeypatch.chdir(ROOT)
-    cfg = bench._load_config("configs/demo.py", ["kernels.hashgrid_backward=reduced",
-                                                 "kernels.fused_finite_difference=true", "render.samples_per_ray=20"])
-    assert cfg.kernels.hashgrid_backward == "reduced" and cfg.kernels.fused_finite_difference is True
+    default = bench._load_config("configs/demo.py", [])
+    assert default.kernels.hashgrid_backward == "reduced" and default.kernels.fused_finite_difference is True
+    cfg = bench._load_config("configs/demo.py", ["kernels.hashgrid_backward=atomic",
+                                                 "kernels.fused_finite_difference=false", "render.samples_per_ray=20"])
+    assert cfg.kernels.hashgrid_backward == "atomic" and cfg.kernels.fused_finite_difference is False
     assert cfg.render.samples_per_ray == 20.0 and isinstance(cfg.render.samples_per_ray, float)
     for bad, message in [("kernels.nope=1", "no config key"), ("kernels.fused_density=maybe", "takes a bool"),
                          ("kernels.hashgrid_backward", "key=value")]:
