@@ -97,3 +97,36 @@ def test_bench_config_overrides_are_typed_and_checked(monkeypatch):
             bench._load_config("configs/demo.py", [bad])
     with pytest.raises(Exception, match="hashgrid_backward"):  # the config's own validation
         bench._load_config("configs/demo.py", ["kernels.hashgrid_backward=fast"])
+
+
+def test_f64_reference_encoding_keeps_the_forward_and_accumulates_in_float64():
+    """The --f64_reference encoder: features equal to the float32 encoder's to rounding, its table gradient equal
+    to a float64 scatter-add of the same cotangent (float32 XLA differs from it by rounding only)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dreamcraft_jax.fields import hashgrid
+
+    spec = hashgrid.HashGridSpec(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
+                                 per_level_scale=2.0)
+    key_t, key_x, key_g = jax.random.split(jax.random.PRNGKey(0), 3)
+    table = hashgrid.init_hashgrid(key_t, spec) * 1e3
+    x = jax.random.uniform(key_x, (4096, 3))
+    cot = jax.random.normal(key_g, (4096, spec.output_dim))
+    with jax.enable_x64(True):
+        def f64_loss(t):
+            enc = bench._f64_encode_points(t, x, spec, None, backend="xla", remat=False, need_x_grad=False)
+            assert enc.dtype == jnp.float32
+            return jnp.sum(enc * cot), enc
+
+        (_, enc64), grad64 = jax.value_and_grad(f64_loss, has_aux=True)(table)
+        exact = np.asarray(jax.grad(lambda t: jnp.sum(hashgrid.encode(t, x.astype(jnp.float64), spec)
+                                                      * cot.astype(jnp.float64)))(table.astype(jnp.float64)))
+    enc32 = hashgrid.encode(table, x, spec)
+    np.testing.assert_allclose(np.asarray(enc64), np.asarray(enc32), rtol=1e-5, atol=1e-3)
+    scale = float(np.max(np.abs(exact)))
+    assert grad64.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(grad64, np.float64), exact, atol=1e-6 * scale)
+    grad32 = np.asarray(jax.grad(lambda t: jnp.sum(hashgrid.encode(t, x, spec) * cot))(table), np.float64)
+    assert float(np.max(np.abs(grad32 - exact))) / scale < 1e-4
