@@ -874,6 +874,32 @@ def _project_wall(cfg, results: dict) -> dict | None:
     return {"minutes": total, "parts": parts}
 
 
+def bench_project(args) -> dict:
+    """The 5000 + 5000-step projection of :func:`_project_wall` from stage-bench JSON files of several runs (a
+    device call rarely fits all three cases): results merged in the order given, a later file's case replacing an
+    earlier one's."""
+    cfg = _load_config(args.config, args.set)
+    results, sources, devices = {}, {}, set()
+    for path in args.files:
+        try:
+            report = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read stage-bench JSON {path}: {e}")
+        if report.get("benchmark") != "stage":
+            raise SystemExit(f"error: {path} is not a `bench stage` result (benchmark={report.get('benchmark')!r})")
+        devices.add(report.get("device"))
+        for name, r in report["results"].items():
+            if "error" not in r:
+                results[name], sources[name] = r, path
+    projection = _project_wall(cfg, results)
+    if projection is None:
+        wanted = "coarse_nerf_<res>px_views1 for every NeRF resolution and coarse_neus_<res>px_views1"
+        raise SystemExit(f"error: the files lack a case the projection needs ({wanted}); have {sorted(results)}")
+    return {"benchmark": "stage_projection", "devices": sorted(d for d in devices if d), "config": args.config,
+            "overrides": list(args.set), "projection": projection,
+            "sources": {name: sources[name] for name in results if name.endswith("_views1")}}
+
+
 def bench_profile(args) -> dict:
     """Per-op device time of SDS steps and of the render part of stage steps (see :mod:`profiling`).
 
@@ -1100,6 +1126,11 @@ def main(argv=None) -> int:
     t.add_argument("--data", type=int, default=-1, help="devices on the data axis (-1: all)")
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--out", default="")
+    j = sub.add_parser("project", help="5000 + 5000-step wall-time projection from `bench stage` JSON files")
+    j.add_argument("files", nargs="+", help="stage-bench JSON files; a later file's case replaces an earlier one's")
+    j.add_argument("--config", default="configs/dreamcraft3d.py")
+    j.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    j.add_argument("--out", default="")
     c = sub.add_parser("scaling", help="weak / strong scaling of the SDS steps and the coarse-NeRF step over devices")
     c.add_argument("--config", default="configs/dreamcraft3d.py")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
@@ -1136,7 +1167,13 @@ def main(argv=None) -> int:
         # Inside a command buffer (CUDA graph) the profiler sees one event for hundreds of kernels. Must be set
         # before the backend starts, which the first device use below does.
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
-    if args.what == "profile":
+    if args.what == "project":
+        report = bench_project(args)
+        p = report["projection"]
+        for part, minutes in p["parts"].items():
+            print(f"{part:<40} {minutes:6.1f} min")
+        print(f"{'total':<40} {p['minutes']:6.1f} min")
+    elif args.what == "profile":
         report = bench_profile(args)
     elif args.what == "stage":
         report = bench_stage(args)

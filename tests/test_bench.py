@@ -130,3 +130,35 @@ def test_f64_reference_encoding_keeps_the_forward_and_accumulates_in_float64():
     np.testing.assert_allclose(np.asarray(grad64, np.float64), exact, atol=1e-6 * scale)
     grad32 = np.asarray(jax.grad(lambda t: jnp.sum(hashgrid.encode(t, x, spec) * cot))(table), np.float64)
     assert float(np.max(np.abs(grad32 - exact))) / scale < 1e-4
+
+
+def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeypatch, capsys):
+    """`bench project`: the official schedule (NeRF 128 px for 3000 steps, 384 px for 2000, NeuS 256 px for
+    5000; half reference, half random-view steps) over cases from two files, the later file winning."""
+    import pytest
+
+    monkeypatch.chdir(ROOT)
+
+    def case(random_ms, ref_ms):
+        return {"random_step": {"step_ms": random_ms}, "ref_step_ms": ref_ms}
+
+    first = {"benchmark": "stage", "device": "GPU", "results": {
+        "coarse_nerf_128px_views1": case(40.0, 20.0), "coarse_nerf_384px_views1": case(160.0, 120.0),
+        "coarse_neus_256px_views1": case(999.0, 999.0)}}
+    second = {"benchmark": "stage", "device": "GPU", "results": {
+        "coarse_neus_256px_views1": case(100.0, 80.0), "coarse_nerf_384px_views4": {"error": "out of memory"}}}
+    paths = []
+    for i, report in enumerate((first, second)):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    out = tmp_path / "projection.json"
+    assert bench.main(["project", *map(str, paths), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    expected = (3000 * 30.0 + 2000 * 140.0 + 5000 * 90.0) / 60000.0
+    assert abs(report["projection"]["minutes"] - expected) < 1e-9
+    assert report["sources"]["coarse_neus_256px_views1"] == str(paths[1])
+    with pytest.raises(SystemExit, match="lack a case"):
+        bench.main(["project", str(paths[1])])
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "render", "results": {}}))
+    with pytest.raises(SystemExit, match="not a `bench stage` result"):
+        bench.main(["project", str(tmp_path / "other.json")])
