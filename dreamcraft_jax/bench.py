@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -144,9 +145,10 @@ def _agreement(image, ref_image, table_grad, ref_table_grad, grid_spec=None) -> 
 
 def _f64_encode_points(table, unit, grid, mask, *, backend, remat, need_x_grad, valid=None, backward="xla"):
     """:func:`nerf.encode_points` with the table gathered in float64 (x64 on) and the features rounded to
-    float32: the same forward to an ulp, the table gradient's products and sums in float64."""
+    float32: the float32 points' own trilinear weights, so the same forward to an ulp, and the table
+    gradient's products and sums in float64."""
     del backend, remat, need_x_grad, backward
-    features = hashgrid.encode(table.astype(jnp.float64), unit.astype(jnp.float64), grid, level_mask=mask,
+    features = hashgrid.encode(table.astype(jnp.float64), unit.astype(jnp.float32), grid, level_mask=mask,
                                valid=valid, skip_masked_levels=True)
     return features.astype(jnp.float32)
 
@@ -874,6 +876,83 @@ def _project_wall(cfg, results: dict) -> dict | None:
     return {"minutes": total, "parts": parts}
 
 
+def _clustered_points(key, n: int, points_per_ray: int = 64) -> jax.Array:
+    """(n, 3) points in [0, 1]^3 in ray order: ``points_per_ray`` consecutive steps along random chords, as the
+    renderer's packed samples come (consecutive points share the coarse cells; what the pre-reduction is for)."""
+    n_rays = -(-n // points_per_ray)
+    k_o, k_d, k_t = jax.random.split(key, 3)
+    start = jax.random.uniform(k_o, (n_rays, 1, 3), minval=0.2, maxval=0.8)
+    direction = jax.random.normal(k_d, (n_rays, 1, 3))
+    direction = direction / jnp.linalg.norm(direction, axis=-1, keepdims=True)
+    t = (jnp.arange(points_per_ray, dtype=jnp.float32)[None, :, None] + jax.random.uniform(k_t, (n_rays, 1, 1)))
+    return jnp.clip(start + direction * t * (0.6 / points_per_ray), 0.0, 1.0).reshape(-1, 3)[:n]
+
+
+def bench_hashgrid(args) -> dict:
+    """Hash-grid encoding forward and forward+backward of N points (official grid L16 F2 T2^19): XLA against the
+    Pallas kernel with each backward (XLA's scatter-add, atomics, atomics with the coarse levels pre-reduced per
+    block), on uniform points and on points in ray order; each table gradient against XLA's and against a
+    float64 accumulation of the same cotangent."""
+    from dreamcraft_jax.kernels.hashgrid import encode_pallas, encode_xla
+
+    spec = hashgrid.HashGridSpec(16, 2, 19, 16, 1.447269237440378)
+    n = args.points
+    table = hashgrid.init_hashgrid(jax.random.PRNGKey(0), spec) * 1e3
+    mask = jnp.ones((spec.n_levels,), jnp.float32)
+    cot = jax.random.normal(jax.random.PRNGKey(2), (n, spec.output_dim))
+    results = {}
+    for layout in args.layouts:
+        x = (jax.random.uniform(jax.random.PRNGKey(1), (n, 3)) if layout == "uniform"
+             else _clustered_points(jax.random.PRNGKey(1), n))
+        with jax.enable_x64(True):
+            # float32 points: their own weights, products and sums in float64
+            exact = np.asarray(jax.jit(jax.grad(lambda t: jnp.sum(
+                encode_xla(t, x, spec, mask) * cot.astype(jnp.float64))))(table.astype(jnp.float64)))
+        scale = max(float(np.max(np.abs(exact))), 1e-30)
+        encoders = {"xla": lambda t, x: encode_xla(t, x, spec, mask)}
+        if args.pallas:
+            for backward in ("xla", "atomic", "reduced"):
+                encoders[f"pallas-{backward}-backward"] = functools.partial(
+                    lambda t, x, backward: encode_pallas(
+                        t, x, spec, mask, grad_table_only=True, xla_backward=backward == "xla",
+                        pre_reduce_max_scale=nerf.PRE_REDUCE_MAX_SCALE if backward == "reduced" else 0.0),
+                    backward=backward)
+        reference = None
+        for name, encode in encoders.items():
+            key = f"{layout} {name}"
+            try:
+                fwd = jax.jit(encode)
+
+                def fwd_bwd(t, x, g, encode=encode):
+                    y, vjp = jax.vjp(lambda t: encode(t, x), t)
+                    return y, vjp(g)[0]
+
+                fwd_bwd = jax.jit(fwd_bwd)
+                y, grad = fwd_bwd(table, x, cot)
+                r = {"forward": _time(fwd, table, x, repeats=args.repeats),
+                     "forward_backward": _time(fwd_bwd, table, x, cot, repeats=args.repeats),
+                     "table_grad_rel_err_vs_f64": float(np.max(np.abs(np.asarray(grad, np.float64) - exact)))
+                     / scale}
+                if reference is None:
+                    reference = (y, grad)
+                else:
+                    r["max_abs_feature_diff_vs_xla"] = float(jnp.max(jnp.abs(y - reference[0])))
+                    r["table_grad_rel_diff_vs_xla"] = float(jnp.max(jnp.abs(grad - reference[1]))) / scale
+                    r["speedup_vs_xla"] = (results[f"{layout} xla"]["forward_backward"]["median_ms"]
+                                           / r["forward_backward"]["median_ms"])
+            except Exception as e:  # record and go on with the other variants
+                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            results[key] = r
+            print(f"{key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms" if isinstance(v, dict) else f"{k} {v:.3g}"
+                                         for k, v in r.items() if k != "error") + r.get("error", ""), flush=True)
+            if args.out:
+                Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+    return {"benchmark": "hashgrid", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "points": n, "grid": {k: getattr(spec, k) for k in ("n_levels", "n_features_per_level", "log2_hashmap_size",
+                                                             "base_resolution", "per_level_scale")},
+            "results": results}
+
+
 def bench_project(args) -> dict:
     """The 5000 + 5000-step projection of :func:`_project_wall` from stage-bench JSON files of several runs (a
     device call rarely fits all three cases): results merged in the order given, a later file's case replacing an
@@ -1126,6 +1205,13 @@ def main(argv=None) -> int:
     t.add_argument("--data", type=int, default=-1, help="devices on the data axis (-1: all)")
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--out", default="")
+    h = sub.add_parser("hashgrid", help="hash-grid encoding forward / forward+backward, XLA vs Pallas backwards")
+    h.add_argument("--points", type=int, default=1 << 20)
+    h.add_argument("--layouts", nargs="+", default=["uniform", "rays"], choices=["uniform", "rays"])
+    h.add_argument("--pallas", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the Pallas kernel (interpret mode off GPU: slow)")
+    h.add_argument("--repeats", type=int, default=10)
+    h.add_argument("--out", default="")
     j = sub.add_parser("project", help="5000 + 5000-step wall-time projection from `bench stage` JSON files")
     j.add_argument("files", nargs="+", help="stage-bench JSON files; a later file's case replaces an earlier one's")
     j.add_argument("--config", default="configs/dreamcraft3d.py")
@@ -1167,7 +1253,9 @@ def main(argv=None) -> int:
         # Inside a command buffer (CUDA graph) the profiler sees one event for hundreds of kernels. Must be set
         # before the backend starts, which the first device use below does.
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
-    if args.what == "project":
+    if args.what == "hashgrid":
+        report = bench_hashgrid(args)
+    elif args.what == "project":
         report = bench_project(args)
         p = report["projection"]
         for part, minutes in p["parts"].items():

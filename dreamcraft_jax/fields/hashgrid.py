@@ -211,7 +211,8 @@ def encode(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.A
             mask, like the fields, whose mask is a function of the step).
     Returns:
         (..., L * F) level-major features, in the promotion of ``table.dtype``, ``x.dtype`` and float32
-        (float32 for the usual float32 / bfloat16 inputs; float64 for float64 inputs under x64).
+        (float32 for the usual float32 / bfloat16 inputs; float64 for float64 inputs under x64). Positions
+        and trilinear weights are computed at ``x``'s precision (at least float32).
     """
     table, x = jnp.asarray(table), jnp.asarray(x)
     L, F = spec.n_levels, spec.n_features_per_level
@@ -219,12 +220,15 @@ def encode(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.A
         raise ValueError(f"table shape {table.shape} != {(spec.total_params, F)}")
     if x.shape[-1] != 3:
         raise ValueError(f"x must be (..., 3), got {x.shape}")
-    # At least float32: positions reach ~res_max, so bfloat16 would lose the fractional part.
+    # At least float32: positions reach ~res_max, so bfloat16 would lose the fractional part. Positions and
+    # weights at x's precision, products and sums at the table's too: a float64 table with float32 points
+    # gives the float32 weights, accumulated in float64 (a reference for float32 summation order).
+    pdt = jnp.promote_types(x.dtype, jnp.float32)
     cdt = jnp.promote_types(jnp.promote_types(table.dtype, x.dtype), jnp.float32)
     batch_shape = x.shape[:-1]
 
-    scales = jnp.asarray(spec.scales, cdt)  # (L,)
-    pos = x.astype(cdt)[..., None, :] * scales[:, None] + 0.5  # (..., L, 3)
+    scales = jnp.asarray(spec.scales, pdt)  # (L,)
+    pos = x.astype(pdt)[..., None, :] * scales[:, None] + 0.5  # (..., L, 3)
     pos_floor = jnp.floor(pos)
     frac = pos - pos_floor  # (..., L, 3), in [0, 1)
     # Clamp so that slightly negative inputs cannot wrap to huge uint32 cells.
@@ -233,7 +237,7 @@ def encode(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask: jax.A
     # Trilinear weights of the 8 corners, (..., L, 8): per dimension frac for offset 1, 1 - frac for 0.
     bits = jnp.asarray(_CORNER_BITS, bool)  # (8, 3)
     w_dim = jnp.where(bits, frac[..., None, :], 1.0 - frac[..., None, :])  # (..., L, 8, 3)
-    weights = w_dim[..., 0] * w_dim[..., 1] * w_dim[..., 2]
+    weights = (w_dim[..., 0] * w_dim[..., 1] * w_dim[..., 2]).astype(cdt)
 
     rows = _corner_rows(cell, spec)  # (..., L, 8)
     # Rows of points / levels that must not touch the table point past its end: the gather fills 0 and
