@@ -61,11 +61,25 @@ def _tokenizer_files(folder: Path) -> int:
 
 
 def _random(module, *inputs, seed: int):
-    params = module.init(jax.random.PRNGKey(seed), *inputs)["params"]
-    # Flax zero-inits biases: give every leaf a little noise so that no path is trivially silent.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1000), len(leaves))
-    leaves = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    """Random params of ``module`` for ``inputs``: kernels / embeddings ~ N(0, 1 / fan_in) (Flax's LeCun scale),
+    norm scales 1, plus N(0, 0.02^2) on every leaf so that no path (zero-init biases) is trivially silent.
+
+    Shapes from ``jax.eval_shape`` (tracing only): running ``module.init`` eagerly compiles every op of the
+    forward on its own, ~30 s per tiny UNet or VAE on a CPU, in every test process.
+    """
+    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(seed), *inputs)["params"]
+    paths, tree = jax.tree_util.tree_flatten_with_path(shapes)
+    rng = np.random.default_rng(seed)  # NumPy: one JAX program per leaf shape would cost compiles again
+    leaves = []
+    for path, leaf in paths:
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("kernel", "embedding") and len(leaf.shape) >= 2:
+            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "scale":
+            value = np.ones(leaf.shape)
+        else:
+            value = np.zeros(leaf.shape)
+        leaves.append((value + 0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype))
     return jax.tree.unflatten(tree, leaves)
 
 
