@@ -143,6 +143,16 @@ def _agreement(image, ref_image, table_grad, ref_table_grad, grid_spec=None) -> 
     return out
 
 
+def _render_bench_loss(out: dict, need_normals: bool, need_perturb: bool) -> jax.Array:
+    """Scalar of a render's outputs whose gradient reaches every part the variants differ in."""
+    total = jnp.sum(out["rgb"]) + jnp.sum(out["opacity"])
+    if need_normals:
+        total = total + jnp.sum(out["normal"])
+    if need_perturb:
+        total = total + jnp.sum(out["sample_normal_perturb"])
+    return total
+
+
 def _f64_encode_points(table, unit, grid, mask, *, backend, remat, need_x_grad, valid=None, backward="xla"):
     """:func:`nerf.encode_points` with the table gathered in float64 (x64 on) and the features rounded to
     float32: the float32 points' own trilinear weights, so the same forward to an ulp, and the table
@@ -169,12 +179,7 @@ def _compare_with_f64_table_gradient(results, table_grads, images, variants, par
         def loss(p, need_normals=need_normals, need_perturb=need_perturb):
             out = volume.render_rays(rays_o, rays_d, grid, key, xla_stage.field_fns(p, level_mask),
                                      xla_stage.render, need_normals=need_normals, need_normal_perturb=need_perturb)
-            total = jnp.sum(out["rgb"]) + jnp.sum(out["opacity"])
-            if need_normals:
-                total = total + jnp.sum(out["normal"])
-            if need_perturb:
-                total = total + jnp.sum(out["sample_normal_perturb"])
-            return total, out
+            return _render_bench_loss(out, need_normals, need_perturb), out
 
         try:
             with jax.enable_x64(True), mock.patch.object(nerf, "encode_points", _f64_encode_points):
@@ -265,12 +270,7 @@ def bench_render(args) -> dict:
             if permuted:
                 out = {k: v[inverse] if getattr(v, "ndim", 0) and v.shape[0] == n_rays else v
                        for k, v in out.items()}
-            total = jnp.sum(out["rgb"]) + jnp.sum(out["opacity"])
-            if need_normals:
-                total = total + jnp.sum(out["normal"])
-            if need_perturb:
-                total = total + jnp.sum(out["sample_normal_perturb"])
-            return total, out
+            return _render_bench_loss(out, need_normals, need_perturb), out
 
         fwd_bwd = jax.jit(jax.value_and_grad(loss, has_aux=True))
         fwd = jax.jit(lambda p, o, d, k, loss=loss: loss(p, o, d, k)[0])
