@@ -415,7 +415,8 @@ def sample_rays(rays_o, rays_d, grid, key, fns: FieldFns, spec: RenderSpec) -> t
     """March and (optionally) prune by alpha / transmittance: the samples the field is evaluated on.
 
     Returns (samples, stats) with stats ``n_candidates`` (occupied intervals before the first budget),
-    ``overflow`` (samples dropped by either budget).
+    ``overflow`` (samples over either budget: merged into coarser ones by the march, cut from the back of their
+    rays by the pruning re-pack).
     """
     n_rays = rays_o.shape[0]
     m1, m2 = spec.budgets(n_rays)
