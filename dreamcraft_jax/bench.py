@@ -123,22 +123,26 @@ def fit_scene(cfg, steps: int):
     return stage, state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _agreement(image, ref_image, table_grad, ref_table_grad, grid_spec=None) -> dict:
-    """Max |image difference| and the hash-table gradient's max difference relative to the reference's max.
+def _rel_diff(got, ref, grid_spec=None) -> tuple[float, list[float] | None]:
+    """max |got - ref| / max |ref| over the whole hash table and, with ``grid_spec``, per level (each level's
+    difference relative to that level's own max: a defect of some levels stands out from rounding over all)."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
 
-    Atomics sum in another order than XLA's scatter: agreement is expected to float32 rounding only. With
-    ``grid_spec`` also per level (each level's max difference relative to that level's own max), which tells a
-    defect of the coarse, pre-reduced levels from rounding spread over all of them.
-    """
-    scale = jnp.maximum(jnp.max(jnp.abs(ref_table_grad)), 1e-30)
+    def rel(a, b):
+        return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30)
+
+    per_level = None if grid_spec is None else [
+        rel(got[int(o):int(o + n)], ref[int(o):int(o + n)]) for o, n in zip(grid_spec.offsets, grid_spec.level_sizes)]
+    return rel(got, ref), per_level
+
+
+def _agreement(image, ref_image, table_grad, ref_table_grad, grid_spec=None) -> dict:
+    """Max |image difference| and the hash-table gradient's difference relative to the reference's max (per level
+    too with ``grid_spec``). Atomics sum in another order than XLA's scatter: rounding-level agreement expected."""
+    total, per_level = _rel_diff(table_grad, ref_table_grad, grid_spec)
     out = {"max_abs_image_diff_vs_xla": float(jnp.max(jnp.abs(image - ref_image))),
-           "table_grad_rel_diff_vs_xla": float(jnp.max(jnp.abs(table_grad - ref_table_grad)) / scale)}
-    if grid_spec is not None:
-        per_level = []
-        for offset, size in zip(grid_spec.offsets, grid_spec.level_sizes):
-            ref = ref_table_grad[int(offset):int(offset + size)]
-            diff = jnp.max(jnp.abs(table_grad[int(offset):int(offset + size)] - ref))
-            per_level.append(float(diff / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30)))
+           "table_grad_rel_diff_vs_xla": total}
+    if per_level is not None:
         out["table_grad_rel_diff_per_level"] = per_level
     return out
 
@@ -167,7 +171,8 @@ def _compare_with_f64_table_gradient(results, table_grads, images, variants, par
                                      level_mask, xla_stage, grid_spec) -> None:
     """Each variant's table gradient against one accumulated in float64 (the XLA render of the same outputs, its
     hash-grid products and scatter-adds in float64): which of two float32 gradients is off, not just by how much
-    they differ. Adds ``table_grad_rel_err_vs_f64`` (+ per level) and ``f64_reference`` to the results."""
+    they differ. Adds ``table_grad_rel_err_vs_f64`` (+ per level) to each variant and an ``f64 <outputs>`` entry
+    (its sample count and image difference) to the results."""
     from unittest import mock
 
     for suffix, need_normals, need_perturb in (("rgb", False, False), ("rgb+normals", True, True)):
@@ -193,13 +198,7 @@ def _compare_with_f64_table_gradient(results, table_grads, images, variants, par
                                     "max_abs_image_diff_vs_xla": float(np.max(np.abs(image - np.asarray(
                                         images.get("xla " + suffix, image)))))}
         for name in names:
-            got = np.asarray(table_grads[name], np.float64)
-            per_level = []
-            for offset, size in zip(grid_spec.offsets, grid_spec.level_sizes):
-                ref = truth[int(offset):int(offset + size)]
-                per_level.append(float(np.max(np.abs(got[int(offset):int(offset + size)] - ref))
-                                       / max(float(np.max(np.abs(ref))), 1e-30)))
-            err = float(np.max(np.abs(got - truth)) / max(float(np.max(np.abs(truth))), 1e-30))
+            err, per_level = _rel_diff(table_grads[name], truth, grid_spec)
             results[name].update(table_grad_rel_err_vs_f64=err, table_grad_rel_err_vs_f64_per_level=per_level)
             print(f"{name}: table gradient vs float64 {err:.2e}; per level " +
                   " ".join(f"{d:.1e}" for d in per_level), flush=True)

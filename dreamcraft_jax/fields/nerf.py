@@ -240,8 +240,8 @@ def fused_central_difference_gradient(table: jax.Array, x: jax.Array, spec: Nerf
     from dreamcraft_jax.kernels.fd_hashgrid import fd_encode_pallas
 
     eps = spec.finite_difference_eps
-    # The block pre-reduction of the coarse levels goes with the `reduced` backward (its gradient is not yet
-    # confirmed on a GPU, kernels/README.md); otherwise each lane adds its own accumulated corners.
+    # The block pre-reduction of the coarse levels goes with the `reduced` backward; otherwise each lane adds
+    # its own accumulated corners.
     pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
     encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, eps, mask, valid,
                                  pre_reduce_max_scale=pre_reduce)

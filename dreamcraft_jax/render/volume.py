@@ -245,10 +245,11 @@ def compact(mask: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array
 def _largest_cap(kept, budget: int, max_cap: int, counts: jax.Array) -> jax.Array:
     """Largest integer m in [1, max_cap] with ``kept(m) <= budget`` (``kept`` non-decreasing in m); 1 if none.
 
-    Bisection with a static number of steps (max_cap is static: the steps per ray), a few reductions over R.
+    Bisection with a static number of steps (max_cap is static: the steps per ray), a few reductions over R,
+    skipped at run time when everything fits (the usual case: the cap is then max_cap).
     """
     zero = jnp.max(counts) * 0  # varies over the same mesh axes as counts (inside shard_map)
-    lo, hi = zero + 1, zero + max(int(max_cap), 1)
+    top = zero + max(int(max_cap), 1)
 
     def body(_, bounds):
         lo, hi = bounds
@@ -256,8 +257,10 @@ def _largest_cap(kept, budget: int, max_cap: int, counts: jax.Array) -> jax.Arra
         fits = kept(mid) <= budget
         return jnp.where(fits, mid, lo), jnp.where(fits, hi, mid - 1)
 
-    lo, _ = jax.lax.fori_loop(0, int(np.ceil(np.log2(max(int(max_cap), 1) + 1))) + 1, body, (lo, hi))
-    return lo
+    def bisect(_):
+        return jax.lax.fori_loop(0, int(np.ceil(np.log2(max(int(max_cap), 1) + 1))) + 1, body, (zero + 1, top))[0]
+
+    return jax.lax.cond(kept(top) <= budget, lambda _: top, bisect, None)
 
 
 def merge_strides(counts: jax.Array, budget: int, max_count: int) -> jax.Array:
