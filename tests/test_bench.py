@@ -49,6 +49,7 @@ def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     split = case["random_step"]
     assert split["kind"] == "random" and split["step_ms"] > 0 and split["render_ms"] > 0
     assert split["guidance_ms"] >= 0 and case["ref_step_ms"] > 0 and case["views_per_step"] == 1
+    assert case["alternating_pipelined_ms_per_step"] > 0
     # The random step's sample use, against the budgets it was compiled with.
     use, budgets = case["sampling"], case["budgets_per_ray"]
     assert 0 < use["random/samples_per_ray"] <= budgets["samples"]
@@ -151,8 +152,10 @@ def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeyp
     first = {"benchmark": "stage", "device": "GPU", "results": {
         "coarse_nerf_128px_views1": case(40.0, 20.0), "coarse_nerf_384px_views1": case(160.0, 120.0),
         "coarse_neus_256px_views1": case(999.0, 999.0)}}
+    # The pipelined time of alternating steps, where a file has it, is the step time the projection uses.
     second = {"benchmark": "stage", "device": "GPU", "results": {
-        "coarse_neus_256px_views1": case(100.0, 80.0), "coarse_nerf_384px_views4": {"error": "out of memory"}}}
+        "coarse_neus_256px_views1": dict(case(100.0, 80.0), alternating_pipelined_ms_per_step=70.0),
+        "coarse_nerf_384px_views4": {"error": "out of memory"}}}
     paths = []
     for i, report in enumerate((first, second)):
         paths.append(tmp_path / f"run{i}.json")
@@ -160,7 +163,7 @@ def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeyp
     out = tmp_path / "projection.json"
     assert bench.main(["project", *map(str, paths), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    expected = (3000 * 30.0 + 2000 * 140.0 + 5000 * 90.0) / 60000.0
+    expected = (3000 * 30.0 + 2000 * 140.0 + 5000 * 70.0) / 60000.0
     assert abs(report["projection"]["minutes"] - expected) < 1e-9
     assert report["sources"]["coarse_neus_256px_views1"] == str(paths[1])
     with pytest.raises(SystemExit, match="lack a case"):
