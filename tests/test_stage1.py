@@ -101,6 +101,9 @@ def test_neus_starts_from_the_coarse_nerf_table_and_features():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(state.params["variance"]) == pytest.approx(0.3)
     assert "density_net" not in state.params and "sdf_net" in state.params
+    # The new state owns its buffers: the stage's steps donate their state, which must not delete stage 1a's.
+    new_buffers = {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state.params)}
+    assert not new_buffers & {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(nerf_state.params)}
 
 
 def test_stage_config_applies_the_neus_overrides():

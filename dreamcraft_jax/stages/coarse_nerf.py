@@ -135,6 +135,9 @@ class CoarseNerf:
         key = jax.random.PRNGKey(seed)
         k_params, k_run = jax.random.split(key)
         params = self.init_params(k_params, previous)
+        if previous is not None:
+            # Carried-over leaves would alias ``previous``'s buffers, which the first (donating) step deletes.
+            params = jax.tree.map(jnp.copy, params)
         state = TrainState(params=params, opt_state=self.optimizer.init(params), grid=self.init_grid(previous),
                            step=jnp.zeros((), jnp.int32), rng=k_run, nonfinite_skips=jnp.zeros((), jnp.int32))
         return parallel.replicate(state, self.mesh)
