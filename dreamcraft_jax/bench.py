@@ -744,10 +744,10 @@ def bench_scaling(args) -> dict:
     results, reference = {}, {}
     res = args.resolution
     for kind in args.kinds:
-        cases = [("weak", vpd) for vpd in args.views_per_device] + [("strong", None)]
+        cases = [("weak", vpd) for vpd in args.views_per_device] + ([("strong", None)] if args.global_views else [])
         for mode, vpd in cases:
             for n in args.devices:
-                for layout in (("replicated", "fsdp") if kind != "stage" else ("replicated",)):
+                for layout in (args.layouts if kind != "stage" else ("replicated",)):
                     name = f"{kind}_{mode}{'' if vpd is None else f'_vpd{vpd}'}_{layout}_dev{n}"
                     if n > n_avail:
                         results[name] = {"skipped": f"{n} devices asked, {n_avail} present"}
@@ -1245,7 +1245,10 @@ def main(argv=None) -> int:
     c.add_argument("--devices", nargs="+", type=int, default=[1, 2, 4, 8])
     c.add_argument("--views_per_device", nargs="*", type=int, default=[1, 4],
                    help="weak-scaling cases (none: strong scaling only)")
-    c.add_argument("--global_views", type=int, default=8, help="strong scaling: views per step over all devices")
+    c.add_argument("--global_views", type=int, default=8,
+                   help="strong scaling: views per step over all devices (0: no strong-scaling cases)")
+    c.add_argument("--layouts", nargs="+", default=["replicated", "fsdp"], choices=["replicated", "fsdp"],
+                   help="prior layouts of the SDS cases (the stage case is replicated)")
     c.add_argument("--resolution", type=int, default=128, help="render / image size of the cases")
     c.add_argument("--fit_steps", type=int, default=100)
     c.add_argument("--tiny", action="store_true", help="tiny priors (CPU)")

@@ -80,6 +80,11 @@ def test_scaling_bench_cpu_simulated_losses_agree(tmp_path, monkeypatch):
 
     with Image.open(tmp_path / "scaling.png") as png:  # two panels side by side
         assert png.size[0] > png.size[1] > 300
+    # Weak scaling only, one prior layout: exactly the cases asked for.
+    assert bench.main(["scaling", "--config", "configs/demo.py", "--tiny", "--kinds", "zero123", "--devices", "2",
+                       "--views_per_device", "1", "--global_views", "0", "--layouts", "fsdp", "--resolution", "32",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"zero123_weak_vpd1_fsdp_dev2"}
 
 
 def test_bench_config_overrides_are_typed_and_checked(monkeypatch):
