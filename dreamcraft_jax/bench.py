@@ -59,6 +59,14 @@ def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False) -> 
     return out
 
 
+def _write_partial(path: str, benchmark: str, results: dict) -> None:
+    """The results so far, with the header a full report has (a run cut off by its time limit keeps them, and
+    `bench project` reads them)."""
+    Path(path).write_text(json.dumps({"benchmark": benchmark, "partial": True,
+                                      "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+                                      "results": results}, indent=2))
+
+
 def _peak_memory_bytes() -> int | None:
     try:
         stats = jax.devices()[0].memory_stats() or {}
@@ -305,13 +313,13 @@ def bench_render(args) -> dict:
             print("  table gradient vs XLA per level: " + " ".join(
                 f"{d:.1e}" for d in results[variant]["table_grad_rel_diff_per_level"]), flush=True)
         if args.out:  # partial results survive a time limit
-            Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+            _write_partial(args.out, "render", results)
 
     if args.f64_reference:
         _compare_with_f64_table_gradient(results, table_grads, images, variants, params, rays_o, rays_d, key, grid,
                                          level_mask, xla, field.grid)
         if args.out:
-            Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+            _write_partial(args.out, "render", results)
     if not args.split:
         return _render_report(args, cfg, field, spec, grid, fit_metrics, results)
     fns = xla.field_fns(params, level_mask)
@@ -679,7 +687,7 @@ def bench_stage(args) -> dict:
                                  "random_views_per_s": n_views / (split["step_ms"] * 1e-3),
                                  "wall_incl_compile_s": time.perf_counter() - t1}
                 if args.out:  # partial results survive a time limit
-                    Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+                    _write_partial(args.out, "stage", results)
                 print(f"{name:<28} random {split['step_ms']:8.1f} ms (render {split['render_ms']:.1f}, guidance "
                       f"{split['guidance_ms']:.1f}, update {split['update_ms']:.1f})  ref {ref_ms:8.1f} ms  "
                       f"ref+random pipelined {pair_ms:8.1f} ms/step", flush=True)
@@ -772,7 +780,7 @@ def bench_scaling(args) -> dict:
                     print(f"{name:<40} " + (f"{r['median_ms']:9.1f} ms {r['views_per_s']:8.2f} views/s"
                                             if "median_ms" in r else r.get("error", "")), flush=True)
                     if args.out:  # partial results survive a time limit
-                        Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+                        _write_partial(args.out, "scaling", results)
     return {"benchmark": "scaling", "platform": platform_name, "device": str(jax.devices()[0].device_kind),
             "cpu_simulated": platform_name == "cpu",
             "note": ("CPU-SIMULATED devices (XLA_FLAGS=--xla_force_host_platform_device_count): they share the "
@@ -877,8 +885,8 @@ def _project_wall(cfg, results: dict) -> dict | None:
         if not r or "error" in r:
             return None
         if "alternating_pipelined_ms_per_step" in r:  # the training loop's own rhythm (older files lack it)
-            return r["alternating_pipelined_ms_per_step"]
-        return 0.5 * (r["random_step"]["step_ms"] + r["ref_step_ms"])
+            return r["alternating_pipelined_ms_per_step"], "pipelined (reference, random) pairs"
+        return 0.5 * (r["random_step"]["step_ms"] + r["ref_step_ms"]), "mean of the two step latencies"
 
     nerf_cfg, neus_cfg = stage_config(cfg, "coarse_nerf"), stage_config(cfg, "coarse_neus")
     phases = []
@@ -887,14 +895,16 @@ def _project_wall(cfg, results: dict) -> dict | None:
         phases.append(("coarse_nerf", h, milestones[i + 1] - milestones[i]))
     phases.append(("coarse_neus", neus_cfg.data.heights[0], neus_cfg.train.max_steps))
     total = 0.0
-    parts = {}
+    parts, step_ms = {}, {}
     for stage, res, steps in phases:
-        ms = mean_step(stage, res)
-        if ms is None:
+        measured = mean_step(stage, res)
+        if measured is None:
             return None
+        ms, how = measured
         parts[f"{stage}_{res}px_{steps}_steps_min"] = ms * steps / 60000.0
+        step_ms[f"{stage}_{res}px"] = {"ms_per_step": ms, "from": how}
         total += ms * steps / 60000.0
-    return {"minutes": total, "parts": parts}
+    return {"minutes": total, "parts": parts, "step_ms": step_ms}
 
 
 def _clustered_points(key, n: int, points_per_ray: int = 64) -> jax.Array:
@@ -967,7 +977,7 @@ def bench_hashgrid(args) -> dict:
             print(f"{key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms" if isinstance(v, dict) else f"{k} {v:.3g}"
                                          for k, v in r.items() if k != "error") + r.get("error", ""), flush=True)
             if args.out:
-                Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+                _write_partial(args.out, "hashgrid", results)
     return {"benchmark": "hashgrid", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "points": n, "grid": {k: getattr(spec, k) for k in ("n_levels", "n_features_per_level", "log2_hashmap_size",
                                                              "base_resolution", "per_level_scale")},
@@ -1044,7 +1054,7 @@ def bench_profile(args) -> dict:
         results[case] = table
         print_op_profile(case, table, top=min(args.top, 20))
         if args.out:  # partial results survive a time limit
-            Path(args.out).write_text(json.dumps({"partial": True, "results": results}, indent=2))
+            _write_partial(args.out, "profile", results)
     return {"benchmark": "profile", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "tiny": args.tiny, "results": results}
 
@@ -1282,8 +1292,8 @@ def main(argv=None) -> int:
     elif args.what == "project":
         report = bench_project(args)
         p = report["projection"]
-        for part, minutes in p["parts"].items():
-            print(f"{part:<40} {minutes:6.1f} min")
+        for (part, minutes), step in zip(p["parts"].items(), p["step_ms"].values()):
+            print(f"{part:<40} {minutes:6.1f} min   {step['ms_per_step']:7.1f} ms/step ({step['from']})")
         print(f"{'total':<40} {p['minutes']:6.1f} min")
     elif args.what == "profile":
         report = bench_profile(args)

@@ -158,7 +158,7 @@ def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeyp
         "coarse_nerf_128px_views1": case(40.0, 20.0), "coarse_nerf_384px_views1": case(160.0, 120.0),
         "coarse_neus_256px_views1": case(999.0, 999.0)}}
     # The pipelined time of alternating steps, where a file has it, is the step time the projection uses.
-    second = {"benchmark": "stage", "device": "GPU", "results": {
+    second = {"benchmark": "stage", "partial": True, "device": "GPU", "results": {  # as a cut-off run leaves it
         "coarse_neus_256px_views1": dict(case(100.0, 80.0), alternating_pipelined_ms_per_step=70.0),
         "coarse_nerf_384px_views4": {"error": "out of memory"}}}
     paths = []
@@ -171,6 +171,9 @@ def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeyp
     expected = (3000 * 30.0 + 2000 * 140.0 + 5000 * 70.0) / 60000.0
     assert abs(report["projection"]["minutes"] - expected) < 1e-9
     assert report["sources"]["coarse_neus_256px_views1"] == str(paths[1])
+    assert report["projection"]["step_ms"]["coarse_neus_256px"]["from"].startswith("pipelined")
+    assert report["projection"]["step_ms"]["coarse_nerf_384px"] == {"ms_per_step": 140.0,
+                                                                   "from": "mean of the two step latencies"}
     with pytest.raises(SystemExit, match="lack a case"):
         bench.main(["project", str(paths[1])])
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "render", "results": {}}))
