@@ -76,6 +76,9 @@ def test_scaling_bench_cpu_simulated_losses_agree(tmp_path, monkeypatch):
     assert r["zero123_strong_fsdp_dev2"]["prior_bytes_per_device"] < r["zero123_strong_replicated_dev2"][
         "prior_bytes_per_device"]
     assert "zero123_strong_replicated_dev2" in report["efficiency"]
+    one, two = r["zero123_strong_replicated_dev1"], r["zero123_strong_replicated_dev2"]
+    assert abs(report["efficiency_pipelined"]["zero123_strong_replicated_dev2"]
+               - one["pipelined_ms"] / two["pipelined_ms"]) < 1e-9
     from PIL import Image
 
     with Image.open(tmp_path / "scaling.png") as png:  # two panels side by side
