@@ -193,9 +193,12 @@ def base_config() -> ml_collections.ConfigDict:
     n = c.overrides.coarse_neus = ml_collections.ConfigDict()
     n.name = "coarse_neus"
     n.data = ml_collections.ConfigDict(dict(heights=(256,), widths=(256,), resolution_milestones=()))
-    n.render = ml_collections.ConfigDict(dict(alpha_threshold=0.0, early_stop_eps=0.0, samples_per_ray=64.0,
+    # Stage 1a's values, spelled out so each stays overridable for 1b alone: the official NeuS renderer also
+    # prunes its occupancy-grid samples by alpha (0.01, the isotropic NeuS alpha of the SDF at the sample) and
+    # transmittance (nerfacc's 1e-4), and its grid keeps nerfacc's occupancy threshold 0.01.
+    n.render = ml_collections.ConfigDict(dict(alpha_threshold=0.01, early_stop_eps=1e-4, samples_per_ray=24.0,
                                               candidate_samples_per_ray=64.0))
-    n.render.grid = ml_collections.ConfigDict(dict(threshold=0.001))
+    n.render.grid = ml_collections.ConfigDict(dict(threshold=0.01))
     n.loss = ml_collections.ConfigDict(dict(
         lambda_normal_smooth=schedule(0.0), lambda_3d_normal_smooth=schedule(0.0), lambda_orient=schedule(10.0),
         lambda_sparsity=schedule(0.1), lambda_opaque=schedule(0.1), lambda_eikonal=schedule(0.0)))
