@@ -5,7 +5,8 @@ sharding, NaN guard. The field (:mod:`dreamcraft_jax.fields.neus`) starts from s
 MLP with a fresh SDF MLP biased to a sphere of radius 0.5; the learned variance sharpens the surface, and the
 cosine annealing ratio follows the stage's step. Optimiser: Adam with per-group learning rates (encoding 0.01,
 SDF / feature MLPs and variance 1e-3; eps 1e-15 from ``overrides.coarse_neus.optimizer``). The occupancy grid
-starts fully occupied and is re-estimated from the SDF (isotropic NeuS alpha) during the warm-up.
+starts fully occupied and is re-estimated from the SDF (isotropic NeuS alpha) during the warm-up; the same alpha
+prunes the marched samples (below 0.01, or past transmittance 1e-4), as the official NeuS renderer's ``alpha_fn``.
 """
 
 from __future__ import annotations
