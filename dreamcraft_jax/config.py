@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.field.density_bias = "blob_magic3d"
     c.field.density_blob_scale = 10.0
     c.field.density_blob_std = 0.5
+    # threestudio's names: "finite_difference" = forward differences against the sample's own density (3 more
+    # field evaluations, the official setting), "finite_difference_laplacian" = central (6 more), "analytic".
     c.field.normal_type = "finite_difference"
     c.field.finite_difference_eps = 0.01
     c.field.remat_encoding = True  # recompute the hash-grid gather in the backward pass (memory for time)
@@ -142,9 +144,11 @@ def base_config() -> ml_collections.ConfigDict:
         max_step_percent=schedule((0, 0.85, 0.5, 200)), grad_clip=schedule(None), resolution=256))
     c.guidance.demo_priors = ""  # a folder: write tiny RANDOM priors there and use them (CPU demo and tests)
 
+    # progressive_band: the official NeuS geometry's encoding is a plain HashGrid (its start_level / start_step
+    # keys are ignored there), so every level is on from step 0; True applies stage 1a's progressive band.
     c.neus = ml_collections.ConfigDict(dict(
         sphere_radius=0.5, variance_init=0.3, cos_anneal_end_steps=5000, normal_type="finite_difference",
-        lr_encoding=0.01, lr_sdf=1e-3, lr_feature=1e-3, lr_variance=1e-3))
+        progressive_band=False, lr_encoding=0.01, lr_sdf=1e-3, lr_feature=1e-3, lr_variance=1e-3))
 
     c.optimizer = ml_collections.ConfigDict(dict(lr=0.01, b1=0.9, b2=0.99, eps=1e-8))
 

@@ -1,11 +1,11 @@
-"""Hash-grid encodings of a point's six finite-difference neighbours as one Pallas kernel, beside its reference.
+"""Hash-grid encodings of a point's finite-difference neighbours as one Pallas kernel, beside its reference.
 
-Finite-difference normals (the official setting, eps 0.01) evaluate the field at ``x +- eps e_d`` for every kept
-sample: 6 of the 13 field evaluations per sample of stage 1 (the perturbed normal of the 3D normal-smoothness loss
-is 6 more). Encoded one point at a time, each neighbour gathers its own 8 corners per level and, in the backward
+Finite-difference normals (eps 0.01) evaluate the field at ``x + eps e_d`` (forward differences, the official
+setting: 3 evaluations besides the sample's own) or at ``x +- eps e_d`` (central: 6) for every kept sample, and as
+many again at the perturbed point of the 3D normal-smoothness loss. Encoded one point at a time, each neighbour gathers its own 8 corners per level and, in the backward
 pass, adds its own 8 atomics per level. But on every level whose cells are wider than eps, a neighbour usually lies
 in the sample's own cell (same 8 corners), or in the next cell along its axis, where it shares 4 of them. Here one
-lane handles one sample and all six neighbours, and one program one block of samples at one level (grid =
+lane handles one sample and all its neighbours, and one program one block of samples at one level (grid =
 blocks x levels, the level's constants loaded, so the Triton program is one level's code):
 
 * forward: the 8 corner rows of the sample's own cell are gathered once; neighbour ``j`` (axis ``a``, sign ``s``)
@@ -20,11 +20,14 @@ blocks x levels, the level's constants loaded, so the Triton program is one leve
 
 Points: world coordinates, mapped to the grid as the fields do (``clip((p + r) / (2 r), 0, 1)``, with
 ``p = x + s * eps`` on the shifted axis), with the same float32 operations, so cells and weights match the
-reference exactly. Neighbour order: +x, +y, +z, -x, -y, -z (that of
-:func:`dreamcraft_jax.fields.nerf.central_difference_gradient`).
+reference exactly. Neighbour order: that of the set given (the fields' order of differences).
 
-Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid) -> tuple of 6 (N, L*F)``, equal to
-:func:`fd_encode_xla`; differentiable w.r.t. the table only (the positions and the level mask get zero
+Neighbour sets (static): :data:`CENTRAL` (six, ``finite_difference_laplacian`` in threestudio's terms) or
+:data:`FORWARD` (``+x, +y, +z``: threestudio's ``finite_difference``, the official setting, which differences
+against the sample's own value).
+
+Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid, neighbours=CENTRAL) -> tuple of
+len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla`; differentiable w.r.t. the table only (the positions and the level mask get zero
 cotangents, as the fields never differentiate them through this path). Triton specifics come from
 :mod:`kernels.hashgrid`'s helpers.
 """
@@ -46,25 +49,36 @@ from dreamcraft_jax.kernels.hashgrid import (
     _scatter_add, _store, cast_varying, varying_axes,
 )
 
-__all__ = ["fd_encode_pallas", "fd_encode_xla", "NEIGHBOURS"]
+__all__ = ["fd_encode_pallas", "fd_encode_xla", "CENTRAL", "FORWARD"]
 
-# (axis, sign) of the six neighbours, in the order of the fields' central differences.
-NEIGHBOURS = ((0, 1), (1, 1), (2, 1), (0, -1), (1, -1), (2, -1))
+# (axis, sign) of the neighbours, in the order of the fields' differences.
+CENTRAL = ((0, 1), (1, 1), (2, 1), (0, -1), (1, -1), (2, -1))
+FORWARD = ((0, 1), (1, 1), (2, 1))
+
+
+def offsets(neighbours, eps: float) -> np.ndarray:
+    """(len(neighbours), 3) float32 world offsets ``sign * eps * e_axis``."""
+    out = np.zeros((len(neighbours), 3), np.float32)
+    for j, (axis, sign) in enumerate(neighbours):
+        out[j, axis] = sign * np.float32(eps)
+    return out
 
 
 def fd_encode_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: float, eps: float,
-                  level_mask: jax.Array | None = None, valid: jax.Array | None = None) -> tuple[jax.Array, ...]:
-    """Reference: the encodings of ``x + eps * offset_j`` (world (N, 3)), j over :data:`NEIGHBOURS`.
+                  level_mask: jax.Array | None = None, valid: jax.Array | None = None,
+                  neighbours=CENTRAL) -> tuple[jax.Array, ...]:
+    """Reference: the encodings of ``x + sign * eps * e_axis`` (world (N, 3)) for each (axis, sign) of
+    ``neighbours``.
 
-    Returns 6 arrays (N, L*F). ``valid`` (N,) bool: invalid samples get zero features and no gradient.
+    Returns len(neighbours) arrays (N, L*F). ``valid`` (N,) bool: invalid samples get zero features and no gradient.
     """
-    offsets = eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)  # as central_difference_gradient
-    points = x[:, None, :] + offsets[None]
+    n_nb = len(neighbours)
+    points = x[:, None, :] + jnp.asarray(offsets(neighbours, eps))[None]
     unit = jnp.clip((points + radius) / (2.0 * radius), 0.0, 1.0).reshape(-1, 3)
-    keep = None if valid is None else jnp.repeat(valid, 6)
+    keep = None if valid is None else jnp.repeat(valid, n_nb)
     enc = _ref.encode(table, unit, spec, level_mask, keep, skip_masked_levels=True)
-    enc = enc.reshape(x.shape[0], 6, -1)
-    return tuple(enc[:, j] for j in range(6))
+    enc = enc.reshape(x.shape[0], n_nb, -1)
+    return tuple(enc[:, j] for j in range(n_nb))
 
 
 def _unit(p, radius: float):
@@ -72,7 +86,7 @@ def _unit(p, radius: float):
     return jnp.clip((p + np.float32(radius)) / np.float32(2.0 * radius), np.float32(0.0), np.float32(1.0))
 
 
-def _geometry(xs, level, radius: float, eps: float):
+def _geometry(xs, level, radius: float, eps: float, neighbours):
     """At one level: the sample's own cell and, per neighbour, what it shares with it.
 
     Returns (terms of the own cell, [(weights w[d][bit], terms, same (B,) bool, step (B,) bool) per neighbour]):
@@ -84,7 +98,7 @@ def _geometry(xs, level, radius: float, eps: float):
     units = [_unit(xs[d], radius) for d in range(3)]
     own_w, own_t = _level_geometry(units, level)
     out = []
-    for axis, sign in NEIGHBOURS:
+    for axis, sign in neighbours:
         shifted = list(units)
         shifted[axis] = _unit(xs[axis] + np.float32(sign * np.float32(eps)), radius)
         w_shift, t_shift = _level_geometry(shifted, level)
@@ -113,12 +127,12 @@ def _level_on(valid_ref, mask_l, B: int):
     return on if mask_l is None else on & (mask_l != 0)
 
 
-def _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius: float, eps: float, B: int):
+def _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius: float, eps: float, B: int, neighbours):
     """(level constants, mask_l or None, lanes on (B,), own cell terms, neighbours) of the (traced) level ``l``
     (see :func:`_geometry`)."""
     level = _loaded_level(level_refs, l)
     mask_l = None if mask_ref is None else _load(mask_ref, l)
-    return (level, mask_l, _level_on(valid_ref, mask_l, B), *_geometry(xs, level, radius, eps))
+    return (level, mask_l, _level_on(valid_ref, mask_l, B), *_geometry(xs, level, radius, eps, neighbours))
 
 
 def _split_refs(refs, use_valid: bool, use_mask: bool):
@@ -132,9 +146,9 @@ def _split_refs(refs, use_valid: bool, use_mask: bool):
 
 
 def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
-                    use_valid: bool):
+                    use_valid: bool, neighbours):
     """Grid (point blocks, levels). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants (L,) each,
-    table (R, F) in HBM -> six (B, L*F) blocks, of which this program writes level ``program_id(1)``'s columns.
+    table (R, F) in HBM -> one (B, L*F) block per neighbour, of which this program writes level ``program_id(1)``'s columns.
 
     One level per program, its constants loaded: a 16-level kernel is one level's code, not sixteen unrolled
     copies (Triton compile time grows faster than the code), and the levels of a block run side by side.
@@ -144,11 +158,12 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
     fw, n_chunks = _feature_chunks(F)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     l = pl.program_id(1)
-    level, mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B)
+    level, mask_l, on, own_terms, shared = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B,
+                                                        neighbours)
     own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, level), c, fw, B),
                     jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
-    for j, (axis, sign) in enumerate(NEIGHBOURS):
-        w, terms, same, shared_step = neighbours[j]
+    for j, (axis, sign) in enumerate(neighbours):
+        w, terms, same, shared_step = shared[j]
         for c in range(n_chunks):
             acc = jnp.zeros((B, fw), jnp.float32)
             for k, bits in enumerate(_CORNERS):
@@ -167,22 +182,24 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
-                     use_valid: bool, interpret: bool, level_start: int, leaders: int):
+                     use_valid: bool, interpret: bool, level_start: int, leaders: int, neighbours):
     """Grid (point blocks, levels level_start...). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants,
-    six g (B, L*F) blocks, d_table in (R, F) (aliased to the output) -> d_table (R, F) accumulated with atomics.
+    one g (B, L*F) block per neighbour, d_table in (R, F) (aliased to the output) -> d_table (R, F) accumulated with atomics.
 
     ``leaders`` > 0 (the coarse levels): the own cell's corners are pre-reduced over the block first.
     """
     x_ref, valid_ref, mask_ref, level_refs, refs = _split_refs(refs, use_valid, use_mask)
-    g_refs, (_dtable_in_ref, dtable_ref) = refs[:6], refs[6:]
+    n_nb = len(neighbours)
+    g_refs, (_dtable_in_ref, dtable_ref) = refs[:n_nb], refs[n_nb:]
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
     xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     l = pl.program_id(1) + level_start
-    level, mask_l, on, own_terms, neighbours = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B)
+    level, mask_l, on, own_terms, shared = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B,
+                                                        neighbours)
     acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
-    for j, (axis, sign) in enumerate(NEIGHBOURS):
-        w, terms, same, step = neighbours[j]
+    for j, (axis, sign) in enumerate(neighbours):
+        w, terms, same, step = shared[j]
         for c in range(n_chunks):
             g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
             if use_mask:
@@ -228,21 +245,21 @@ def _fd_core(table, x, mask, valid, static):
 
 
 def _forward(table, x, mask, valid, static):
-    spec, radius, eps, B, num_warps, interpret, _ = static
+    spec, radius, eps, B, num_warps, interpret, _, neighbours = static
     N = x.shape[0]
     L, F = spec.n_levels, spec.n_features_per_level
     in_specs, args = _inputs(x, valid, mask, spec, B)
     in_specs.append(_full_hbm_spec())
     args.append(table)
     kernel = functools.partial(_forward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
-                               use_valid=valid is not None)
+                               use_valid=valid is not None, neighbours=neighbours)
     return tuple(pl.pallas_call(
         kernel,
-        out_shape=tuple(_out_struct((N, L * F), x) for _ in range(6)),
+        out_shape=tuple(_out_struct((N, L * F), x) for _ in neighbours),
         grid=(N // B, L),
         in_specs=in_specs,
         # Every level's program of a point block writes its own columns of the block's rows.
-        out_specs=tuple(pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in range(6)),
+        out_specs=tuple(pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in neighbours),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="hashgrid_fd_encode_fwd",
@@ -254,7 +271,7 @@ def _fd_core_fwd(table, x, mask, valid, static):
 
 
 def _fd_core_bwd(static, res, gs):
-    spec, radius, eps, B, num_warps, interpret, pre_reduce_max_scale = static
+    spec, radius, eps, B, num_warps, interpret, pre_reduce_max_scale, neighbours = static
     x, mask, valid = res
     N = x.shape[0]
     L, F = spec.n_levels, spec.n_features_per_level
@@ -267,11 +284,11 @@ def _fd_core_bwd(static, res, gs):
         if stop <= start:
             continue
         in_specs, args = _inputs(x, valid, mask, spec, B)
-        in_specs += [pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in range(6)] + [_full_hbm_spec()]
+        in_specs += [pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in neighbours] + [_full_hbm_spec()]
         args += gs + [dtable]
         kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps,
                                    use_mask=mask is not None, use_valid=valid is not None, interpret=interpret,
-                                   level_start=start, leaders=leaders)
+                                   level_start=start, leaders=leaders, neighbours=neighbours)
         dtable = pl.pallas_call(
             kernel,
             out_shape=_out_struct((R, F), x),
@@ -291,9 +308,9 @@ _fd_core.defvjp(_fd_core_fwd, _fd_core_bwd)
 
 def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: float, eps: float,
                      level_mask: jax.Array | None = None, valid: jax.Array | None = None, *,
-                     interpret: bool | None = None, block_points: int = 128, num_warps: int = 4,
+                     neighbours=CENTRAL, interpret: bool | None = None, block_points: int = 128, num_warps: int = 4,
                      pre_reduce_max_scale: float = 128.0) -> tuple[jax.Array, ...]:
-    """Encodings of the six finite-difference neighbours of (N, 3) world points; see the module docstring.
+    """Encodings of the finite-difference neighbours of (N, 3) world points; see the module docstring.
 
     Same arguments and result as :func:`fd_encode_xla`; ``block_points`` a power of two (N is padded up),
     ``interpret`` None: interpret mode unless the default backend is GPU, ``pre_reduce_max_scale``: levels up
@@ -325,5 +342,9 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
         axes |= varying_axes(mask)
         mask = cast_varying(mask, axes)
     table, x2, keep = (cast_varying(v, axes) for v in (table, x2, keep))
-    static = (spec, float(radius), float(eps), block, num_warps, bool(interpret), float(pre_reduce_max_scale))
+    neighbours = tuple((int(a), int(s)) for a, s in neighbours)
+    if not neighbours or any(a not in (0, 1, 2) or s not in (1, -1) for a, s in neighbours):
+        raise ValueError(f"neighbours must be (axis in 0..2, sign +-1) pairs, got {neighbours}")
+    static = (spec, float(radius), float(eps), block, num_warps, bool(interpret), float(pre_reduce_max_scale),
+              neighbours)
     return tuple(out[:n] for out in _fd_core(table, x2, mask, keep, static))

@@ -30,25 +30,29 @@ def _samples(n, seed=0):
     return x, valid, k3
 
 
-@pytest.mark.parametrize("spec,eps,max_scale", [(MIXED, 0.01, 128.0), (F3, 0.6, 0.0), (MIXED, 0.01, 20.0)],
-                         ids=["official_eps", "F3_wide_eps_no_prereduce", "coarse_prereduced_fine_plain"])
-def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale):
+@pytest.mark.parametrize("spec,eps,max_scale,neighbours", [
+    (MIXED, 0.01, 128.0, fk.CENTRAL), (F3, 0.6, 0.0, fk.CENTRAL), (MIXED, 0.01, 20.0, fk.CENTRAL),
+    (MIXED, 0.01, 128.0, fk.FORWARD), (F3, 0.6, 0.0, fk.FORWARD)],
+    ids=["official_eps", "F3_wide_eps_no_prereduce", "coarse_prereduced_fine_plain", "forward_official_eps",
+         "forward_F3_wide_eps"])
+def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale, neighbours):
     x, valid, key = _samples(100)
     n = x.shape[0]
     table = jax.random.normal(key, (spec.total_params, spec.n_features_per_level), jnp.float32)
     mask = jnp.array([0.5, 1.0]) if max_scale else jnp.array([1.0, 0.0])  # fractional / switched-off level
-    gs = tuple(jax.random.normal(k, (n, spec.output_dim), jnp.float32) for k in jax.random.split(key, 6))
+    gs = tuple(jax.random.normal(k, (n, spec.output_dim), jnp.float32)
+               for k in jax.random.split(key, len(neighbours)))
 
     def run(fn):
         def f(t):
-            out, back = jax.vjp(lambda t: fn(t, x, spec, RADIUS, eps, mask, valid), t)
+            out, back = jax.vjp(lambda t: fn(t, x, spec, RADIUS, eps, mask, valid, neighbours=neighbours), t)
             return out, back(gs)[0]
         return jax.jit(f)(table)
 
-    out_k, dt_k = run(lambda *a: fk.fd_encode_pallas(*a, interpret=True, block_points=64,
-                                                     pre_reduce_max_scale=max_scale))
+    out_k, dt_k = run(lambda *a, **k: fk.fd_encode_pallas(*a, **k, interpret=True, block_points=64,
+                                                          pre_reduce_max_scale=max_scale))
     out_r, dt_r = run(fk.fd_encode_xla)
-    assert len(out_k) == 6
+    assert len(out_k) == len(neighbours)
     for a, b in zip(out_k, out_r):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
         assert np.all(np.asarray(a)[~np.asarray(valid)] == 0.0)
@@ -80,16 +84,18 @@ def test_fd_encode_argument_checks():
         fk.fd_encode_pallas(table, jnp.zeros((4, 3)), MIXED, RADIUS, 0.0, interpret=True)
     with pytest.raises(ValueError, match="x must be"):
         fk.fd_encode_pallas(table, jnp.zeros((4, 2)), MIXED, RADIUS, 0.01, interpret=True)
+    with pytest.raises(ValueError, match="neighbours"):
+        fk.fd_encode_pallas(table, jnp.zeros((4, 3)), MIXED, RADIUS, 0.01, neighbours=((3, 1),), interpret=True)
 
 
-def _field_case(seed=0):
+def _field_case(seed=0, normal_type="finite_difference"):
     from dreamcraft_jax.fields import nerf
 
     grid = HashGridSpec(n_levels=2, n_features_per_level=2, log2_hashmap_size=11, base_resolution=4,
                         per_level_scale=3.0)
-    spec_x = nerf.NerfFieldSpec(grid=grid, mlp_width=16, finite_difference_eps=0.02)
+    spec_x = nerf.NerfFieldSpec(grid=grid, mlp_width=16, finite_difference_eps=0.02, normal_type=normal_type)
     spec_k = nerf.NerfFieldSpec(grid=grid, mlp_width=16, finite_difference_eps=0.02, backend="pallas",
-                                fused_finite_difference=True)
+                                fused_finite_difference=True, normal_type=normal_type)
     params = nerf.init_field(jax.random.PRNGKey(seed), spec_x)
     params["encoding"] = 0.5 * jax.random.normal(jax.random.PRNGKey(seed + 1), params["encoding"].shape)
     x, valid, _ = _samples(40, seed)
@@ -97,14 +103,17 @@ def _field_case(seed=0):
     return nerf, spec_x, spec_k, params, x, valid
 
 
-def test_nerf_normals_through_the_kernel_match_xla_values_and_grads():
-    nerf, spec_x, spec_k, params, x, valid = _field_case()
+@pytest.mark.parametrize("normal_type", ["finite_difference", "finite_difference_laplacian"])
+def test_nerf_normals_through_the_kernel_match_xla_values_and_grads(normal_type):
+    nerf, spec_x, spec_k, params, x, valid = _field_case(normal_type=normal_type)
     mask = jnp.array([1.0, 0.5])
     assert nerf.uses_fd_kernel(spec_k, spec_k.normal_type) and not nerf.uses_fd_kernel(spec_x, spec_x.normal_type)
     w = jax.random.normal(jax.random.PRNGKey(7), (x.shape[0], 3))
 
     def loss(p, spec):
-        return jnp.sum(w * nerf.normals(p, x, spec, mask, valid))
+        # As the renderer calls it: the sample's own density passed in (forward differences reuse it).
+        center = nerf.density(p, x, spec, mask, valid)
+        return jnp.sum(w * nerf.normals(p, x, spec, mask, valid, center=center))
 
     _assert_same_loss_and_grads(loss, params, spec_x, spec_k)
 
@@ -120,13 +129,14 @@ def _assert_same_loss_and_grads(loss, params, spec_ref, spec_kernel):
                                    atol=2e-4 * float(np.max(np.abs(np.asarray(b)))))
 
 
-def test_neus_sdf_gradient_through_the_kernel_matches_xla():
+@pytest.mark.parametrize("normal_type", ["finite_difference", "finite_difference_laplacian"])
+def test_neus_sdf_gradient_through_the_kernel_matches_xla(normal_type):
     import dataclasses
 
     from dreamcraft_jax.fields import neus
 
     nerf, spec_x, spec_k, params, x, valid = _field_case(seed=2)
-    nspec_x = neus.NeusFieldSpec(base=spec_x, finite_difference_eps=0.02)
+    nspec_x = neus.NeusFieldSpec(base=spec_x, finite_difference_eps=0.02, normal_type=normal_type)
     nspec_k = dataclasses.replace(nspec_x, base=spec_k)
     nparams = neus.init_field(jax.random.PRNGKey(3), nspec_x, params)
 
@@ -134,3 +144,29 @@ def test_neus_sdf_gradient_through_the_kernel_matches_xla():
         return jnp.sum(jnp.square(neus.sdf_gradient(p, x, s, None, valid)))
 
     _assert_same_loss_and_grads(loss, nparams, nspec_x, nspec_k)
+
+
+@pytest.mark.parametrize("normal_type", ["finite_difference", "finite_difference_laplacian"])
+def test_finite_differences_of_a_quadratic_field_in_closed_form(normal_type):
+    """f(x) = a.x + b x0^2: forward differences give a + b (2 x0 + eps) e0 (the official ``finite_difference``),
+    central ones a + 2 b x0 e0 (``finite_difference_laplacian``); a passed centre value is the same as
+    none; neighbours past the box are clamped to it (as the official geometry clamps)."""
+    from dreamcraft_jax.fields import nerf
+
+    a, b, eps = jnp.array([0.3, -1.2, 2.0]), 0.7, 0.05
+    x = jnp.array([[0.1, 0.2, -0.3], [-0.5, 0.0, 0.4], [1.0, 0.5, 0.5]])
+
+    def f(p, v=None):
+        return p @ a + b * p[:, 0] ** 2
+
+    grad = nerf.finite_difference_gradient(f, x, eps, 2.0, normal_type=normal_type)
+    x0 = np.asarray(x[:, 0])
+    d0 = 2 * b * x0 + (b * eps if normal_type == "finite_difference" else 0.0)
+    want = np.stack([0.3 + d0, np.full(3, -1.2), np.full(3, 2.0)], axis=1)
+    np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-4)
+    if normal_type == "finite_difference":
+        with_center = nerf.finite_difference_gradient(f, x, eps, 2.0, normal_type=normal_type, center=f(x))
+        np.testing.assert_array_equal(np.asarray(with_center), np.asarray(grad))
+    # At the box face x0 = radius the +x neighbour is clamped back onto the face: no difference along x0.
+    edge = nerf.finite_difference_gradient(f, jnp.array([[2.0, 0.0, 0.0]]), eps, 2.0, normal_type="finite_difference")
+    assert float(edge[0, 0]) == 0.0

@@ -77,12 +77,13 @@ def test_hash_grid_encoder_lowers(encoder_sizes):
     assert len(encoder_sizes["reduced"]) == 2
 
 
-def test_finite_difference_kernel_lowers_one_level_per_program(encoder_sizes):
+@pytest.mark.parametrize("neighbours", [fk.CENTRAL, fk.FORWARD], ids=["central", "forward"])
+def test_finite_difference_kernel_lowers_one_level_per_program(encoder_sizes, neighbours):
     table, x, mask, valid = _points()
 
     def fd_loss(t, x, m, v):
         return jax.value_and_grad(lambda t: sum(jnp.sum(e ** 2) for e in fk.fd_encode_pallas(
-            t, x, SPEC, 0.5, 0.01, m, v, interpret=False)))(t)
+            t, x, SPEC, 0.5, 0.01, m, v, neighbours=neighbours, interpret=False)))(t)
 
     sizes = _lower_for_gpu(fd_loss, table, x, mask, valid)
     # forward, backward of the pre-reduced coarse levels, backward of the fine levels

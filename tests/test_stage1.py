@@ -95,7 +95,8 @@ def test_neus_alpha_pruning_keeps_the_image_with_fewer_samples():
 
 
 def test_finite_difference_normals_skip_invalid_slots():
-    """The sphere SDF (SDF MLP zeroed, grid features tiny) has normals x / |x| (closed form); with a ``valid``
+    """The sphere SDF (SDF MLP zeroed, grid features tiny): forward-difference normals (the official
+    ``finite_difference``) are g / |g| with g_i = (|x + eps e_i| - |x|) / eps (closed form); with a ``valid``
     mask the unused slots get zero normals and the table gradient of a loss on the normals is the one of the
     valid points alone."""
     cfg = tiny_config()
@@ -105,7 +106,9 @@ def test_finite_difference_normals_skip_invalid_slots():
     x = jax.random.uniform(jax.random.PRNGKey(1), (64, 3), minval=-0.8, maxval=0.8)
     valid = jnp.arange(64) < 40
     n = neus.normals(params, x, spec, None, valid)
-    expected = np.asarray(x) / np.linalg.norm(np.asarray(x), axis=-1, keepdims=True)
+    xs, eps = np.asarray(x, np.float64), spec.finite_difference_eps
+    g = (np.linalg.norm(xs[:, None, :] + eps * np.eye(3)[None], axis=-1) - np.linalg.norm(xs, axis=-1)[:, None]) / eps
+    expected = g / np.linalg.norm(g, axis=-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(n[:40]), expected[:40], atol=1e-3)
     assert np.all(np.asarray(n[40:]) == 0)
     params["sdf_net"] = neus.init_field(jax.random.PRNGKey(2), spec)["sdf_net"]  # non-trivial table gradient

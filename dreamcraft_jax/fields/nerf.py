@@ -28,7 +28,7 @@ HASHGRID_BACKWARDS = ("xla", "atomic", "reduced")
 # pre-reduce per block of packed samples before their atomics; finer levels scatter point by point.
 PRE_REDUCE_MAX_SCALE = 128.0
 DENSITY_BIASES = ("blob_magic3d", "blob_dreamfusion", "none")
-NORMAL_TYPES = ("finite_difference", "analytic")
+NORMAL_TYPES = ("finite_difference", "finite_difference_laplacian", "analytic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,58 +200,89 @@ def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=Non
     return sigma, jax.nn.sigmoid(features[..., :3])
 
 
-def _fd_offsets(eps: float) -> jax.Array:
-    """(6, 3) neighbour offsets +x +y +z -x -y -z (kernels.fd_hashgrid.NEIGHBOURS has the same order)."""
-    return eps * jnp.concatenate([jnp.eye(3), -jnp.eye(3)], axis=0)
+def fd_neighbours(normal_type: str) -> tuple:
+    """(axis, sign) neighbours of a finite-difference ``normal_type`` (threestudio's names): ``finite_difference``
+    = forward differences +x +y +z against the point's own value (the official setting), ``finite_difference_
+    laplacian`` = central differences +x +y +z -x -y -z."""
+    from dreamcraft_jax.kernels.fd_hashgrid import CENTRAL, FORWARD
+
+    return FORWARD if normal_type == "finite_difference" else CENTRAL
 
 
-def _central_difference(values: jax.Array, eps: float, valid: jax.Array | None) -> jax.Array:
-    """(N, 6) neighbour values -> (N, 3) (f(x + eps e) - f(x - eps e)) / 2 eps, 0 where not valid."""
-    grad = (values[:, :3] - values[:, 3:]) / (2.0 * eps)
+def _fd_points(x: jax.Array, eps: float, neighbours, radius: float) -> jax.Array:
+    """(N, K, 3) neighbour points ``x + sign eps e_axis``, clamped to the box [-radius, radius] as the official
+    geometry does (the encoding clips to the grid anyway; the clamp also reaches the density bias)."""
+    from dreamcraft_jax.kernels.fd_hashgrid import offsets
+
+    return jnp.clip(x[:, None, :] + jnp.asarray(offsets(neighbours, eps))[None], -radius, radius)
+
+
+def _difference(values: jax.Array, eps: float, neighbours, center, valid: jax.Array | None) -> jax.Array:
+    """(N, K) neighbour values -> (N, 3) gradient estimate, 0 where not valid.
+
+    Forward (K = 3): (f(x + eps e) - f(x)) / eps with ``center`` = f(x) (N,); central (K = 6):
+    (f(x + eps e) - f(x - eps e)) / 2 eps.
+    """
+    if len(neighbours) == 3:
+        grad = (values - center[:, None]) / eps
+    else:
+        grad = (values[:, :3] - values[:, 3:]) / (2.0 * eps)
     return grad if valid is None else jnp.where(valid[:, None], grad, 0.0)
 
 
-def central_difference_gradient(fn, x: jax.Array, eps: float, valid: jax.Array | None = None) -> jax.Array:
-    """(N, 3) -> (N, 3) gradient of a scalar field fn: (M, 3) -> (M,), by central differences with step eps
-    (one call of fn on the 6N shifted points, point-major so a valid prefix of x stays a valid prefix).
+def finite_difference_gradient(fn, x: jax.Array, eps: float, radius: float, valid: jax.Array | None = None,
+                               normal_type: str = "finite_difference", center=None) -> jax.Array:
+    """(N, 3) -> (N, 3) gradient of a scalar field fn: (M, 3) -> (M,) by finite differences with step eps (see
+    :func:`fd_neighbours`): one call of fn on the K N shifted points, point-major so a valid prefix of x stays a
+    valid prefix. Forward differences use ``center`` = fn(x) (N,) when the caller has it, else one more call.
 
-    With ``valid`` (N,) bool, fn is called as fn(points, valid_6N) and the gradient of invalid points is 0.
+    With ``valid`` (N,) bool, fn is called as fn(points, valid_KN) and the gradient of invalid points is 0.
     """
-    points = (x[:, None, :] + _fd_offsets(eps)[None]).reshape(-1, 3)
-    if valid is None:
-        values = fn(points)
-    else:
-        values = fn(points, jnp.repeat(valid, 6))
-    return _central_difference(values.reshape(x.shape[0], 6), eps, valid)
+    neighbours = fd_neighbours(normal_type)
+    k = len(neighbours)
+    points = _fd_points(x, eps, neighbours, radius).reshape(-1, 3)
+    values = fn(points) if valid is None else fn(points, jnp.repeat(valid, k))
+    if k == 3 and center is None:
+        center = fn(x) if valid is None else fn(x, valid)
+    return _difference(values.reshape(x.shape[0], k), eps, neighbours, center, valid)
 
 
 def uses_fd_kernel(spec: NerfFieldSpec, normal_type: str) -> bool:
     """Whether a field with this spec and ``normal_type`` takes its finite differences through
     :mod:`dreamcraft_jax.kernels.fd_hashgrid`."""
-    return spec.backend == "pallas" and spec.fused_finite_difference and normal_type == "finite_difference"
+    return (spec.backend == "pallas" and spec.fused_finite_difference
+            and normal_type in ("finite_difference", "finite_difference_laplacian"))
 
 
-def fused_central_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
-                                      valid=None) -> jax.Array:
-    """:func:`central_difference_gradient` of ``value_fn(encoding (N, L*F), points (N, 3)) -> (N,)`` with the
-    six neighbours' encodings from one kernel (shared corners gathered and scattered once; table gradient
-    only, as the fields never differentiate positions here). With ``spec.hashgrid_backward == "reduced"`` the
-    coarse levels' shared corners are also pre-reduced over each block of samples."""
+def fused_finite_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
+                                     valid=None, normal_type: str = "finite_difference", center=None) -> jax.Array:
+    """:func:`finite_difference_gradient` of ``value_fn(encoding (N, L*F), points (N, 3)) -> (N,)`` with the
+    neighbours' encodings from one kernel (shared corners gathered and scattered once; table gradient only, as
+    the fields never differentiate positions here). With ``spec.hashgrid_backward == "reduced"`` the coarse
+    levels' shared corners are also pre-reduced over each block of samples. Forward differences need
+    ``center`` = value at x (N,)."""
     from dreamcraft_jax.kernels.fd_hashgrid import fd_encode_pallas
 
     eps = spec.finite_difference_eps
+    neighbours = fd_neighbours(normal_type)
+    if len(neighbours) == 3 and center is None:
+        raise ValueError("forward differences need the value at the point itself (center)")
     # The block pre-reduction of the coarse levels goes with the `reduced` backward; otherwise each lane adds
     # its own accumulated corners.
     pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
-    encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, eps, mask, valid,
+    encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, eps, mask, valid, neighbours=neighbours,
                                  pre_reduce_max_scale=pre_reduce)
-    offsets = _fd_offsets(eps)
-    values = jnp.stack([value_fn(enc, x + offsets[j]) for j, enc in enumerate(encodings)], axis=1)
-    return _central_difference(values, eps, valid)
+    points = _fd_points(x, eps, neighbours, spec.radius)
+    values = jnp.stack([value_fn(enc, points[:, j]) for j, enc in enumerate(encodings)], axis=1)
+    return _difference(values, eps, neighbours, center, valid)
 
 
-def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None) -> jax.Array:
-    """(N, 3) -> (N, 3) unit normals -grad(sigma) / |grad(sigma)| (0 where ``valid`` is False)."""
+def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None, center=None) -> jax.Array:
+    """(N, 3) -> (N, 3) unit normals -grad(sigma) / |grad(sigma)| (0 where ``valid`` is False).
+
+    ``center``: sigma at x (N,) when the caller has it (the renderer's main pass): forward differences reuse it,
+    as the official geometry reuses its density, so a normal costs 3 field evaluations, not 4.
+    """
     if spec.normal_type == "analytic":
         grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask, valid)))(x)
     elif uses_fd_kernel(spec, spec.normal_type):
@@ -259,8 +290,11 @@ def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
             raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
             return _activate(raw + density_bias(points, spec), spec)
 
-        grad = fused_central_difference_gradient(params["encoding"], x, spec, density_of, mask, valid)
+        if center is None and spec.normal_type == "finite_difference":
+            center = density(params, x, spec, mask, valid)
+        grad = fused_finite_difference_gradient(params["encoding"], x, spec, density_of, mask, valid,
+                                                spec.normal_type, center)
     else:
-        grad = central_difference_gradient(lambda p, v=None: density(params, p, spec, mask, v), x,
-                                           spec.finite_difference_eps, valid)
+        grad = finite_difference_gradient(lambda p, v=None: density(params, p, spec, mask, v), x,
+                                          spec.finite_difference_eps, spec.radius, valid, spec.normal_type, center)
     return -grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)

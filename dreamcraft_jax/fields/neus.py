@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
 from dreamcraft_jax.fields.nerf import (
-    NORMAL_TYPES, NerfFieldSpec, _unit, central_difference_gradient, encode_points, fused_central_difference_gradient,
+    NORMAL_TYPES, NerfFieldSpec, _unit, encode_points, finite_difference_gradient, fused_finite_difference_gradient,
     uses_fd_kernel,
 )
 
@@ -47,6 +47,7 @@ class NeusFieldSpec:
     cos_anneal_end_steps: int = 5000
     normal_type: str = "finite_difference"
     finite_difference_eps: float = 0.01
+    progressive_band: bool = False  # the official NeuS encoding is a plain HashGrid: all levels on
 
     @classmethod
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
@@ -60,7 +61,8 @@ class NeusFieldSpec:
         return cls(base=base, sphere_radius=float(cfg.neus.sphere_radius),
                    variance_init=float(cfg.neus.variance_init),
                    cos_anneal_end_steps=int(cfg.neus.cos_anneal_end_steps), normal_type=cfg.neus.normal_type,
-                   finite_difference_eps=float(cfg.field.finite_difference_eps))
+                   finite_difference_eps=float(cfg.field.finite_difference_eps),
+                   progressive_band=bool(cfg.neus.get("progressive_band", False)))
 
     @property
     def grid(self) -> hashgrid.HashGridSpec:
@@ -93,7 +95,10 @@ def init_field(key, spec: NeusFieldSpec, nerf_params: dict | None = None) -> dic
 
 
 def level_mask(step, spec: NeusFieldSpec) -> jax.Array:
+    """(L,) level mask at ``step``: all ones (the official plain HashGrid) unless ``progressive_band``."""
     b = spec.base
+    if not spec.progressive_band:
+        return jnp.ones((spec.grid.n_levels,), jnp.float32)
     return hashgrid.progressive_level_mask(step, b.grid, b.progressive_start_level, b.progressive_start_step,
                                            b.progressive_update_steps)
 
@@ -114,19 +119,23 @@ def _sdf_from_encoding(params: dict, enc: jax.Array, x: jax.Array, spec: NeusFie
         jnp.linalg.norm(x, axis=-1) - spec.sphere_radius)
 
 
-def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None) -> jax.Array:
-    """(N, 3) -> (N, 3) grad sdf (finite differences with step eps, or autodiff)."""
+def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None, center=None) -> jax.Array:
+    """(N, 3) -> (N, 3) grad sdf (finite differences with step eps, or autodiff). ``center``: the sdf at x (N,)
+    when the caller has it (forward differences reuse it, as the official geometry does)."""
     if spec.normal_type == "analytic":
         return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask, valid)))(x)
     if uses_fd_kernel(spec.base, spec.normal_type):
-        return fused_central_difference_gradient(params["encoding"], x, spec.base,
-                                                 lambda enc, p: _sdf_from_encoding(params, enc, p, spec), mask, valid)
-    return central_difference_gradient(lambda p, v=None: sdf(params, p, spec, mask, v), x,
-                                       spec.finite_difference_eps, valid)
+        if center is None and spec.normal_type == "finite_difference":
+            center = sdf(params, x, spec, mask, valid)
+        return fused_finite_difference_gradient(params["encoding"], x, spec.base,
+                                                lambda enc, p: _sdf_from_encoding(params, enc, p, spec), mask, valid,
+                                                spec.normal_type, center)
+    return finite_difference_gradient(lambda p, v=None: sdf(params, p, spec, mask, v), x,
+                                      spec.finite_difference_eps, spec.radius, valid, spec.normal_type, center)
 
 
-def normals(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None) -> jax.Array:
-    g = sdf_gradient(params, x, spec, mask, valid)
+def normals(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None, center=None) -> jax.Array:
+    g = sdf_gradient(params, x, spec, mask, valid, center)
     return g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
 
 
@@ -168,7 +177,7 @@ def alpha_radiance(params: dict, x: jax.Array, dirs: jax.Array, dt: jax.Array, s
     """
     enc = _encode(params, x, spec, mask, valid)
     sdf_values = _sdf_from_encoding(params, enc, x, spec)
-    grad = sdf_gradient(params, x, spec, mask, valid)
+    grad = sdf_gradient(params, x, spec, mask, valid, center=sdf_values)
     normal = grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
     cos = jnp.sum(dirs * normal, axis=-1)
     alpha = neus_alpha(sdf_values, cos, dt, inv_s(params), cos_anneal_ratio(step, spec))

@@ -402,6 +402,8 @@ class FieldFns:
     """The field as closures over its params.
 
     density (N,3) -> (N,) (the pruning pass); radiance (N,3) -> (sigma (N,), albedo (N,3)); normal (N,3) -> (N,3).
+    ``normal_takes_center``: ``normal`` also takes a keyword ``center`` (N,), the sigma of the main pass at the same
+    points, which forward-difference normals reuse instead of evaluating the field there again.
     A direction-dependent field (NeuS) sets ``radiance_dir`` instead of using ``radiance`` for the main pass:
     (points (N,3), dirs (N,3), dt (N,)) -> (sigma (N,), albedo (N,3), normal (N,3), aux dict of per-sample arrays).
     Each takes an optional keyword ``valid`` (N,) bool: the renderer passes the used slots of its packed sample
@@ -412,6 +414,7 @@ class FieldFns:
     radiance: Callable | None
     normal: Callable
     radiance_dir: Callable | None = None
+    normal_takes_center: bool = False
 
 
 def sample_rays(rays_o, rays_d, grid, key, fns: FieldFns, spec: RenderSpec) -> tuple[Samples, dict]:
@@ -470,7 +473,9 @@ def render_rays(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, 
            "n_samples": jnp.sum(samples.valid, dtype=jnp.int32), **stats,
            **{f"sample_{k}": v for k, v in aux.items()}}
     if need_normals or shading != "albedo":
-        normal = fns.normal(points, valid=samples.valid) if normal is None else normal
+        if normal is None:
+            extra = {"center": sigma} if fns.normal_takes_center else {}
+            normal = fns.normal(points, valid=samples.valid, **extra)
         out["sample_normal"] = normal
     if need_normal_perturb:
         noise = spec.normal_perturb_std * jax.random.normal(k_perturb, points.shape, jnp.float32)
