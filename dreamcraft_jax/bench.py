@@ -635,6 +635,14 @@ def _alternating_pair_ms(ref_step, random_step, state, targets, prior_params, re
     return 1000.0 * (time.perf_counter() - t0) / (2 * repeats)
 
 
+def _eval_view_ms(stage, state, repeats: int) -> float:
+    """ms of one evaluation render (rgb, normals, depth, opacity at ``eval`` resolution, no gradient) of the
+    reference view: what each validation view and turntable frame of a run costs."""
+    render = stage.render_fn(int(stage.cfg.eval.height), int(stage.cfg.eval.width))
+    camera = cam.reference_camera(stage.cfg.camera)
+    return _time(lambda s: render(s.params, s.grid, camera, s.step), state, repeats=repeats)["median_ms"]
+
+
 def bench_stage(args) -> dict:
     """ms/step of full stage steps (render + both priors + update) with real-size random priors."""
 
@@ -672,13 +680,14 @@ def bench_stage(args) -> dict:
                 ref_ms = _time(lambda s: ref_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
                                repeats=args.repeats)["median_ms"]
                 pair_ms = _alternating_pair_ms(ref_step, random_step, state, targets, pp, args.repeats)
+                eval_ms = _eval_view_ms(stage, state, args.repeats)
                 n_views = views * parallel.view_shards(mesh)
                 # What the fixed sample budgets hold at this step (a budget well above use is wasted work).
                 _, metrics = random_step(jax.tree.map(lambda x: x.copy(), state), targets, pp)
                 sampling = {k: float(v) for k, v in jax.device_get(metrics).items()
                             if k.split("/")[-1] in ("samples_per_ray", "candidates_per_ray", "overflow")}
                 results[name] = {"random_step": split, "ref_step_ms": ref_ms, "views_per_step": n_views,
-                                 "alternating_pipelined_ms_per_step": pair_ms,
+                                 "alternating_pipelined_ms_per_step": pair_ms, "eval_view_ms": eval_ms,
                                  "sampling": sampling, "budgets_per_ray": {
                                      "candidates": float(stage.render.candidate_samples_per_ray),
                                      "samples": float(stage.render.samples_per_ray)},
@@ -921,7 +930,23 @@ def _project_wall(cfg, results: dict) -> dict | None:
         parts[f"{stage}_{res}px_{steps}_steps_min"] = ms * steps / 60000.0
         step_ms[f"{stage}_{res}px"] = {"ms_per_step": ms, "from": how}
         total += ms * steps / 60000.0
-    return {"minutes": total, "parts": parts, "step_ms": step_ms}
+    # Evaluation renders of a run: 2 validation views every val_every steps and the turntable, timed on the
+    # stage's last phase (files from before the eval timing lack it; then the part is left out, and said).
+    missing = []
+    for stage, scfg in (("coarse_nerf", nerf_cfg), ("coarse_neus", neus_cfg)):
+        res = scfg.data.heights[-1]
+        eval_ms = (results.get(f"{stage}_{res}px_views1") or {}).get("eval_view_ms")
+        if eval_ms is None:
+            missing.append(stage)
+            continue
+        views = 2 * (int(scfg.train.max_steps) // int(scfg.train.val_every))
+        views += int(scfg.eval.n_video_views) if scfg.eval.video else 0
+        parts[f"{stage}_eval_renders_{views}_views_min"] = eval_ms * views / 60000.0
+        total += eval_ms * views / 60000.0
+    out = {"minutes": total, "parts": parts, "step_ms": step_ms}
+    if missing:
+        out["eval_renders_not_timed"] = missing
+    return out
 
 
 def _clustered_points(key, n: int, points_per_ray: int = 64) -> jax.Array:
@@ -1312,8 +1337,12 @@ def main(argv=None) -> int:
     elif args.what == "project":
         report = bench_project(args)
         p = report["projection"]
-        for (part, minutes), step in zip(p["parts"].items(), p["step_ms"].values()):
-            print(f"{part:<40} {minutes:6.1f} min   {step['ms_per_step']:7.1f} ms/step ({step['from']})")
+        steps = list(p["step_ms"].values())
+        for i, (part, minutes) in enumerate(p["parts"].items()):
+            how = f"   {steps[i]['ms_per_step']:7.1f} ms/step ({steps[i]['from']})" if i < len(steps) else ""
+            print(f"{part:<40} {minutes:6.1f} min{how}")
+        if p.get("eval_renders_not_timed"):
+            print(f"evaluation renders not timed for {', '.join(p['eval_renders_not_timed'])} (older files)")
         print(f"{'total':<40} {p['minutes']:6.1f} min")
     elif args.what == "profile":
         report = bench_profile(args)

@@ -49,7 +49,7 @@ def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     split = case["random_step"]
     assert split["kind"] == "random" and split["step_ms"] > 0 and split["render_ms"] > 0
     assert split["guidance_ms"] >= 0 and case["ref_step_ms"] > 0 and case["views_per_step"] == 1
-    assert case["alternating_pipelined_ms_per_step"] > 0
+    assert case["alternating_pipelined_ms_per_step"] > 0 and case["eval_view_ms"] > 0
     # The random step's sample use, against the budgets it was compiled with.
     use, budgets = case["sampling"], case["budgets_per_ray"]
     assert 0 < use["random/samples_per_ray"] <= budgets["samples"]
@@ -173,10 +173,19 @@ def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeyp
     report = json.loads(out.read_text())
     expected = (3000 * 30.0 + 2000 * 140.0 + 5000 * 70.0) / 60000.0
     assert abs(report["projection"]["minutes"] - expected) < 1e-9
+    assert report["projection"]["eval_renders_not_timed"] == ["coarse_nerf", "coarse_neus"]
     assert report["sources"]["coarse_neus_256px_views1"] == str(paths[1])
     assert report["projection"]["step_ms"]["coarse_neus_256px"]["from"].startswith("pipelined")
     assert report["projection"]["step_ms"]["coarse_nerf_384px"] == {"ms_per_step": 140.0,
                                                                    "from": "mean of the two step latencies"}
+    # With evaluation renders timed: 2 validation views every 200 steps + 120 turntable frames per stage.
+    second["results"]["coarse_neus_256px_views1"]["eval_view_ms"] = 30.0
+    paths[1].write_text(json.dumps(second))
+    report = bench.main(["project", *map(str, paths), "--out", str(out)]) == 0 and json.loads(out.read_text())
+    eval_min = 30.0 * (2 * 5000 // 200 + 120) / 60000.0
+    assert abs(report["projection"]["parts"]["coarse_neus_eval_renders_170_views_min"] - eval_min) < 1e-9
+    assert abs(report["projection"]["minutes"] - expected - eval_min) < 1e-9
+    assert report["projection"]["eval_renders_not_timed"] == ["coarse_nerf"]
     with pytest.raises(SystemExit, match="lack a case"):
         bench.main(["project", str(paths[1])])
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "render", "results": {}}))
