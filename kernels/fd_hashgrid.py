@@ -2,11 +2,12 @@
 
 Finite-difference normals (eps 0.01) evaluate the field at ``x + eps e_d`` (forward differences, the official
 setting: 3 evaluations besides the sample's own) or at ``x +- eps e_d`` (central: 6) for every kept sample, and as
-many again at the perturbed point of the 3D normal-smoothness loss. Encoded one point at a time, each neighbour gathers its own 8 corners per level and, in the backward
-pass, adds its own 8 atomics per level. But on every level whose cells are wider than eps, a neighbour usually lies
-in the sample's own cell (same 8 corners), or in the next cell along its axis, where it shares 4 of them. Here one
-lane handles one sample and all its neighbours, and one program one block of samples at one level (grid =
-blocks x levels, the level's constants loaded, so the Triton program is one level's code):
+many again at the perturbed point of the 3D normal-smoothness loss. Encoded one point at a time, each neighbour
+gathers its own 8 corners per level and, in the backward pass, adds its own 8 atomics per level. But on every
+level whose cells are wider than eps, a neighbour usually lies in the sample's own cell (same 8 corners), or in the
+next cell along its axis, where it shares 4 of them. Here one lane handles one sample and all its neighbours, and
+one program one block of samples at one level (grid = blocks x levels, the level's constants loaded, so the Triton
+program is one level's code):
 
 * forward: the 8 corner rows of the sample's own cell are gathered once; neighbour ``j`` (axis ``a``, sign ``s``)
   in the same cell reuses all 8 values, one cell over (``floor`` moved by ``s``) reuses the 4 on the shared face
@@ -27,9 +28,9 @@ Neighbour sets (static): :data:`CENTRAL` (six, ``finite_difference_laplacian`` i
 against the sample's own value).
 
 Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid, neighbours=CENTRAL) -> tuple of
-len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla`; differentiable w.r.t. the table only (the positions and the level mask get zero
-cotangents, as the fields never differentiate them through this path). Triton specifics come from
-:mod:`kernels.hashgrid`'s helpers.
+len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla`; differentiable w.r.t. the table only (the positions
+and the level mask get zero cotangents, as the fields never differentiate them through this path). Triton
+specifics come from :mod:`kernels.hashgrid`'s helpers.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def fd_encode_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: fl
     """Reference: the encodings of ``x + sign * eps * e_axis`` (world (N, 3)) for each (axis, sign) of
     ``neighbours``.
 
-    Returns len(neighbours) arrays (N, L*F). ``valid`` (N,) bool: invalid samples get zero features and no gradient.
+    Returns len(neighbours) arrays (N, L*F). ``valid`` (N,) bool: invalid samples get zero features and no
+    gradient.
     """
     n_nb = len(neighbours)
     points = x[:, None, :] + jnp.asarray(offsets(neighbours, eps))[None]
@@ -148,7 +150,8 @@ def _split_refs(refs, use_valid: bool, use_mask: bool):
 def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
                     use_valid: bool, neighbours):
     """Grid (point blocks, levels). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants (L,) each,
-    table (R, F) in HBM -> one (B, L*F) block per neighbour, of which this program writes level ``program_id(1)``'s columns.
+    table (R, F) in HBM -> one (B, L*F) block per neighbour, of which this program writes level
+    ``program_id(1)``'s columns.
 
     One level per program, its constants loaded: a 16-level kernel is one level's code, not sixteen unrolled
     copies (Triton compile time grows faster than the code), and the levels of a block run side by side.
@@ -184,7 +187,8 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
                      use_valid: bool, interpret: bool, level_start: int, leaders: int, neighbours):
     """Grid (point blocks, levels level_start...). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants,
-    one g (B, L*F) block per neighbour, d_table in (R, F) (aliased to the output) -> d_table (R, F) accumulated with atomics.
+    one g (B, L*F) block per neighbour, d_table in (R, F) (aliased to the output) -> d_table (R, F) accumulated
+    with atomics.
 
     ``leaders`` > 0 (the coarse levels): the own cell's corners are pre-reduced over the block first.
     """
