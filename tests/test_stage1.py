@@ -217,3 +217,36 @@ def test_guided_step_on_8_devices_equals_1_device(demo_priors, layout):
     num = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2)) for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)))
     den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in jax.tree.leaves(g1))
     assert (num / den) ** 0.5 <= 1e-4
+
+
+def test_nerf_normals_reuse_the_main_pass_density_without_changing_them():
+    """The renderer hands the main pass's sigma to the forward-difference normals (3 field evaluations instead of
+    4): the rendered normal map, the per-sample and perturbed normals and the table gradient of a loss on them
+    equal those of normals that evaluate the sample's density themselves."""
+    import dataclasses
+
+    cfg = tiny_config()
+    stage = CoarseNerf.from_config(cfg, parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
+    state = stage.init_state(seed=5)
+    params = state.params
+    params["encoding"] = 0.3 * jax.random.normal(jax.random.PRNGKey(6), params["encoding"].shape)
+    y, z = np.meshgrid(np.linspace(-0.6, 0.6, 6), np.linspace(-0.6, 0.6, 6))
+    o = jnp.asarray(np.stack([np.full(y.size, 3.0), y.ravel(), z.ravel()], -1), jnp.float32)
+    d = jnp.tile(jnp.asarray([[-1.0, 0.0, 0.0]]), (y.size, 1))
+    key = jax.random.PRNGKey(7)
+
+    def loss(p, reuse):
+        fns = stage.field_fns(p, stage.level_mask(10**6))
+        assert fns.normal_takes_center
+        fns = fns if reuse else dataclasses.replace(fns, normal_takes_center=False)
+        out = volume.render_rays(o, d, state.grid, key, fns, stage.render, need_normals=True,
+                                 need_normal_perturb=True)
+        terms = (jnp.sum(jnp.sin(3.0 * out["normal"])), jnp.sum(out["sample_normal"] * out["sample_normal_perturb"]))
+        return terms[0] + terms[1], terms
+
+    (l_reuse, t_reuse), g_reuse = jax.value_and_grad(loss, has_aux=True)(params, True)
+    (l_own, t_own), g_own = jax.value_and_grad(loss, has_aux=True)(params, False)
+    assert abs(float(t_reuse[1])) > 0  # samples were rendered
+    np.testing.assert_allclose(float(l_reuse), float(l_own), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_reuse), jax.tree.leaves(g_own)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
