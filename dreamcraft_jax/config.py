@@ -157,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.mode = "alternate"  # even steps reference losses, odd steps random views (guidance in [4])
     c.train.ref_views_per_device = 1
     c.train.random_views_per_device = 1
+    # Recompute each view's render in the backward pass instead of keeping its residuals: device memory of one
+    # view's render instead of all of them (several views per device at 384 px need ~25 GiB each), for about
+    # one more render forward per view.
+    c.train.remat_views = False
     c.train.log_every = 10
     c.train.val_every = 200
     c.train.save_every = 1000

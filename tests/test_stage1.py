@@ -250,3 +250,27 @@ def test_nerf_normals_reuse_the_main_pass_density_without_changing_them():
     np.testing.assert_allclose(float(l_reuse), float(l_own), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_reuse), jax.tree.leaves(g_own)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
+
+
+def test_remat_views_keeps_the_gradient_and_holds_less_memory():
+    """``train.remat_views`` recomputes each view's render in the backward pass: the same loss and gradient, and
+    a compiled step that needs less temporary memory with 4 views (XLA's own memory analysis)."""
+    results = []
+    for remat in (False, True):
+        cfg = tiny_config(**{"train.random_views_per_device": 4, "train.remat_views": remat})
+        mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+        stage = CoarseNerf.from_config(cfg, mesh)
+        targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), 16, 16)), mesh)
+        state = stage.init_state(seed=1)
+        fn = stage.grads_fn(RANDOM, 16, 16)
+        temp = fn.lower(state, targets).compile().memory_analysis().temp_size_in_bytes
+        grads, metrics = fn(state, targets)
+        results.append((jax.device_get(grads), float(metrics["loss"]), temp))
+    (g0, l0, temp0), (g1, l1, temp1) = results
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    # Recomputation rounds differently: compare as the multi-device test does, relative to the gradient's norm.
+    pairs = list(zip(jax.tree.leaves(g1), jax.tree.leaves(g0)))
+    num = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2)) for a, b in pairs)
+    den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for _, b in pairs)
+    assert (num / den) ** 0.5 <= 1e-5
+    assert temp1 < temp0, (temp1, temp0)

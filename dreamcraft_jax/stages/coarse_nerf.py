@@ -241,6 +241,8 @@ class CoarseNerf:
                 terms, stats, rgb = self.view_terms(params, grid, camera, key, step, targets, is_ref, height, width)
                 return self.weighted_total(terms, step), terms, stats, rgb
 
+            if self.cfg.train.get("remat_views", False):
+                one = jax.checkpoint(one)
             loss, terms, stats, rgbs = jax.lax.map(one, (cams, keys))
             view_loss = jnp.mean(loss)
             if not is_ref and self.priors is not None:
