@@ -618,23 +618,6 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
     return Priors(priors), params
 
 
-def _alternating_pair_ms(ref_step, random_step, state, targets, prior_params, repeats: int) -> float:
-    """ms per step of ``repeats`` (reference, random) step pairs issued back to back with one wait at the end,
-    the state threaded through as in training: what the training loop (which only waits to log) spends per
-    step, with the host's launch work hidden behind the device's."""
-    state = jax.tree.map(lambda x: x.copy(), state)
-    for _ in range(2):  # warm-up
-        state, _ = ref_step(state, targets, prior_params)
-        state, _ = random_step(state, targets, prior_params)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        state, _ = ref_step(state, targets, prior_params)
-        state, metrics = random_step(state, targets, prior_params)
-    jax.block_until_ready((state, metrics))
-    return 1000.0 * (time.perf_counter() - t0) / (2 * repeats)
-
-
 def _eval_view_ms(stage, state, repeats: int) -> float:
     """ms of one evaluation render (rgb, normals, depth, opacity at ``eval`` resolution, no gradient) of the
     reference view: what each validation view and turntable frame of a run costs."""
@@ -679,7 +662,7 @@ def bench_stage(args) -> dict:
                                    full_step=random_step)
                 ref_ms = _time(lambda s: ref_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
                                repeats=args.repeats)["median_ms"]
-                pair_ms = _alternating_pair_ms(ref_step, random_step, state, targets, pp, args.repeats)
+                pair_ms = _pipelined_steps_ms((ref_step, random_step), state, targets, pp, args.repeats)
                 eval_ms = _eval_view_ms(stage, state, args.repeats)
                 n_views = views * parallel.view_shards(mesh)
                 # What the fixed sample budgets hold at this step (a budget well above use is wasted work).
@@ -808,7 +791,7 @@ def _scaling_case(kind, views, mesh, layout, priors, prior_params, cfg, fitted, 
         step = stage.step_fn(RANDOM, res, res)
         _, metrics = step(jax.tree.map(lambda x: x.copy(), state), targets, pp)
         timing = _time(lambda s: step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state, repeats=repeats)
-        timing["pipelined_ms"] = _pipelined_steps_ms(step, state, targets, pp, repeats)
+        timing["pipelined_ms"] = _pipelined_steps_ms((step,), state, targets, pp, repeats)
         loss = float(metrics["loss"])
         placed = pp
     else:
@@ -831,16 +814,21 @@ def _scaling_case(kind, views, mesh, layout, priors, prior_params, cfg, fitted, 
             "loss": loss, "prior_bytes_per_device": _prior_bytes_per_device(placed)}
 
 
-def _pipelined_steps_ms(step, state, targets, prior_params, repeats: int) -> float:
-    """ms per step of ``repeats`` steps issued back to back, the state threaded through, one wait at the end."""
+def _pipelined_steps_ms(steps, state, targets, prior_params, repeats: int) -> float:
+    """ms per step of ``repeats`` rounds of ``steps`` (jitted step fns, e.g. a (reference, random) pair) issued
+    back to back, the state threaded through as in training, one wait at the end: what the training loop (which
+    only waits to log) spends per step, with the host's launch work hidden behind the device's."""
     state = jax.tree.map(lambda x: x.copy(), state)
-    state, _ = step(state, targets, prior_params)  # warm-up
+    for _ in range(2):  # warm-up
+        for step in steps:
+            state, _ = step(state, targets, prior_params)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        state, metrics = step(state, targets, prior_params)
+        for step in steps:
+            state, metrics = step(state, targets, prior_params)
     jax.block_until_ready((state, metrics))
-    return 1000.0 * (time.perf_counter() - t0) / repeats
+    return 1000.0 * (time.perf_counter() - t0) / (len(steps) * repeats)
 
 
 def _scaling_efficiency(results: dict, timing: str = "median_ms") -> dict:
