@@ -658,8 +658,13 @@ def bench_stage(args) -> dict:
                     for _ in range(args.neus_fit_steps):
                         state, _ = ref_step(state, targets, pp)
                 random_step = stage.step_fn(RANDOM, res, res)  # compiled once: timed, then its metrics
-                split = time_split(stage, state, targets, pp, (res, res), repeats=args.repeats,
-                                   full_step=random_step)
+                if args.no_split:  # the random step's latency only (two compiles fewer)
+                    split = {"kind": "random", "height": res, "width": res, "step_ms": _time(
+                        lambda s: random_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
+                        repeats=args.repeats)["median_ms"]}
+                else:
+                    split = time_split(stage, state, targets, pp, (res, res), repeats=args.repeats,
+                                       full_step=random_step)
                 ref_ms = _time(lambda s: ref_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
                                repeats=args.repeats)["median_ms"]
                 pair_ms = _pipelined_steps_ms((ref_step, random_step), state, targets, pp, args.repeats)
@@ -680,9 +685,10 @@ def bench_stage(args) -> dict:
                                  "wall_incl_compile_s": time.perf_counter() - t1}
                 if args.out:  # partial results survive a time limit
                     _write_partial(args.out, "stage", results)
-                print(f"{name:<28} random {split['step_ms']:8.1f} ms (render {split['render_ms']:.1f}, guidance "
-                      f"{split['guidance_ms']:.1f}, update {split['update_ms']:.1f})  ref {ref_ms:8.1f} ms  "
-                      f"ref+random pipelined {pair_ms:8.1f} ms/step", flush=True)
+                parts = ("" if args.no_split else f" (render {split['render_ms']:.1f}, guidance "
+                         f"{split['guidance_ms']:.1f}, update {split['update_ms']:.1f})")
+                print(f"{name:<28} random {split['step_ms']:8.1f} ms{parts}  ref {ref_ms:8.1f} ms  "
+                      f"ref+random pipelined {pair_ms:8.1f} ms/step  eval view {eval_ms:.1f} ms", flush=True)
             except Exception as e:  # out of memory etc.: record and go on
                 results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
@@ -1092,14 +1098,17 @@ def bench_profile(args) -> dict:
 def print_stage_table(report: dict) -> None:
     print(f"stage steps, {report['device']} x{report['devices']}, jax {report['jax']}, kernels "
           f"{report['kernels_backend']}{' (TINY priors)' if report['tiny'] else ' (real-size random priors)'}")
-    print(f"{'case':<28} {'random ms':>10} {'render':>8} {'guide':>8} {'update':>8} {'ref ms':>8} {'views/s':>8}")
+    print(f"{'case':<28} {'random ms':>10} {'render':>8} {'guide':>8} {'update':>8} {'ref ms':>8} "
+          f"{'pair ms':>8} {'views/s':>8}")
     for name, r in report["results"].items():
         if "error" in r:
             print(f"{name:<28} {r['error']}")
             continue
         s = r["random_step"]
-        print(f"{name:<28} {s['step_ms']:>10.1f} {s['render_ms']:>8.1f} {s['guidance_ms']:>8.1f} "
-              f"{s['update_ms']:>8.1f} {r['ref_step_ms']:>8.1f} {r['random_views_per_s']:>8.1f}")
+        split = "".join(f" {s[k]:>8.1f}" if k in s else f" {'-':>8}" for k in ("render_ms", "guidance_ms", "update_ms"))
+        pair = r.get("alternating_pipelined_ms_per_step")
+        print(f"{name:<28} {s['step_ms']:>10.1f}{split} {r['ref_step_ms']:>8.1f} "
+              f"{pair if pair is None else round(pair, 1)!s:>8} {r['random_views_per_s']:>8.1f}")
     if report["projection"]:
         print(f"projected 5000 + 5000 steps: {report['projection']['minutes']:.1f} min")
 
@@ -1268,6 +1277,8 @@ def main(argv=None) -> int:
     t.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")
     t.add_argument("--data", type=int, default=-1, help="devices on the data axis (-1: all)")
     t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--no_split", action="store_true",
+                   help="time the random step whole, without its render / guidance / update split")
     t.add_argument("--out", default="")
     h = sub.add_parser("hashgrid", help="hash-grid encoding forward / forward+backward, XLA vs Pallas backwards")
     h.add_argument("--points", type=int, default=1 << 20)

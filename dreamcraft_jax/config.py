@@ -174,6 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.elevation_deg = 0.0
     c.eval.fps = 30
     c.eval.video = True
+    # Rays per chunk of an evaluation render (the chunks run one after another): large enough that a 512 px view
+    # is a few launches, not 64 (a 4096-ray chunk made the H200's eval render launch-bound), small enough to bound
+    # memory (no gradient is kept).
+    c.eval.chunk_rays = 65536
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.data = -1  # devices on the `data` axis; -1 = all devices / fsdp
@@ -385,7 +389,7 @@ def _validate_one(cfg) -> None:
                 "train.keep_checkpoints", "render.num_samples_per_ray", "render.grid.resolution",
                 "render.grid.update_every", "field.mlp_width", "field.hashgrid.n_levels",
                 "field.hashgrid.n_features_per_level", "field.hashgrid.base_resolution", "eval.height",
-                "eval.width", "eval.fps"):
+                "eval.width", "eval.fps", "eval.chunk_rays"):
         _check_number(cfg, key, low=1, integer=True)
     for key in ("train.ref_views_per_device", "train.random_views_per_device", "field.mlp_hidden_layers",
                 "render.grid.warmup_steps", "eval.n_video_views", "camera.progressive_until", "seed",

@@ -329,12 +329,14 @@ class CoarseNerf:
 
     # ------------------------------------------------------------------ evaluation
 
-    def render_fn(self, height: int, width: int, chunk_rays: int = 4096):
+    def render_fn(self, height: int, width: int, chunk_rays: int | None = None):
         """jit (params, grid, camera, step) -> {rgb (H,W,3), normal (H,W,3), depth (H,W), opacity (H,W)}.
 
-        Deterministic (no jitter, no stratification). Rays go in chunks of ``chunk_rays`` so memory is bounded
-        at any resolution, and the chunks are split over the ``data`` axis so every device renders its share.
+        Deterministic (no jitter, no stratification). Rays go in chunks of ``chunk_rays`` (default
+        ``eval.chunk_rays``) so memory is bounded at any resolution, and the chunks are split over the ``data``
+        axis so every device renders its share.
         """
+        chunk_rays = int(self.cfg.eval.chunk_rays) if chunk_rays is None else int(chunk_rays)
         spec = self.render.replace(stratified=False,
                                    samples_per_ray=self.cfg.render.eval_samples_per_ray,
                                    candidate_samples_per_ray=max(self.cfg.render.candidate_samples_per_ray,
