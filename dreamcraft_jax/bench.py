@@ -31,7 +31,6 @@ import numpy as np
 from dreamcraft_jax import cameras as cam
 from dreamcraft_jax import parallel
 from dreamcraft_jax.fields import hashgrid, nerf
-from dreamcraft_jax.config import schedule_is_zero
 from dreamcraft_jax.fields.mlp import apply_mlp
 from dreamcraft_jax.render import volume
 
@@ -396,15 +395,9 @@ def _render_report(args, cfg, field, spec, grid, fit_metrics, results) -> dict:
 
 # ---------------------------------------------------------------------------------------------- SDS steps
 
+from dreamcraft_jax.guidance.random_priors import (  # noqa: E402
+    TINY_UNET, TINY_VAE, random_params, random_priors)
 from dreamcraft_jax.models.reference_configs import SD21_BASE_UNET, SD_VAE, ZERO123_UNET  # noqa: E402
-
-# CPU smoke-test sizes: same code path, tiny widths.
-TINY_UNET = dict(SD21_BASE_UNET, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[2, 4],
-                 down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], norm_num_groups=8, cross_attention_dim=32)
-TINY_VAE = dict(SD_VAE, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
-                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-
 
 def _flops(compiled) -> float | None:
     try:
@@ -432,21 +425,6 @@ def matmul_peak_tflops(repeats: int, n: int = 8192) -> float:
 
 # Analytic FLOPs per view (BENCHMARKS.md): XLA's cost analysis does not count cuDNN attention custom calls.
 SDS_TFLOP_PER_VIEW = {"sd": 3.9, "zero123": 0.9}
-
-
-def random_params(module, *inputs, seed: int = 0, std: float = 0.02):
-    """Random N(0, std) weights (norm scales around 1) made on the host: fast for ~1e9 parameters, where a
-    jitted ``module.init`` spends minutes compiling per-leaf random initialisers."""
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
-    rng = np.random.default_rng(seed)
-
-    def make(path, leaf):
-        name = str(path[-1])
-        if "scale" in name:
-            return jnp.asarray(1.0 + std * rng.standard_normal(leaf.shape, np.float32))
-        return jnp.asarray(std * rng.standard_normal(leaf.shape, np.float32))
-
-    return jax.tree_util.tree_map_with_path(make, shapes)
 
 
 def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype, param_dtype=jnp.float32):
@@ -568,62 +546,15 @@ def bench_sds(args) -> dict:
 # ---------------------------------------------------------------------------------------------- full stage steps
 
 
-def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
-    """(Priors, params) with the real SD 2.1-base / Zero123 shapes (or tiny ones) and random weights."""
-    from dreamcraft_jax.guidance.priors import Priors, StableDiffusionPrior, Zero123Prior
-    from dreamcraft_jax.models.clip import Zero123CameraProjection
-    from dreamcraft_jax.models.schedules import default_schedule
-    from dreamcraft_jax.models.unet import UNet2DConditionModel
-    from dreamcraft_jax.models.vae import AutoencoderKL
-
-    gpu = jax.devices()[0].platform == "gpu"
-    dtype = jnp.bfloat16 if gpu else jnp.float32
-    impl = "cudnn" if gpu else None
-    vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=impl)
-    vae_params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2))
-    sd_cfg = dict(TINY_UNET if tiny else SD21_BASE_UNET)
-    z_cfg = dict(TINY_UNET if tiny else ZERO123_UNET)
-    z_cfg.update(in_channels=8, use_linear_projection=False, cross_attention_dim=32 if tiny else 768,
-                 attention_head_dim=2 if tiny else 8)
-    priors, params = {}, {}
-    g = cfg.guidance
-    common = lambda c: dict(guidance_scale=float(c.guidance_scale), weighting=c.weighting,  # noqa: E731
-                            min_step_percent=c.min_step_percent, max_step_percent=c.max_step_percent,
-                            grad_clip=c.grad_clip)
-    keys = jax.random.split(jax.random.PRNGKey(7), 4)
-    if not schedule_is_zero(cfg.loss.lambda_sd):
-        unet = UNet2DConditionModel.from_config(sd_cfg, dtype=dtype, attention_impl=impl)
-        up = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=1))
-        d = sd_cfg["cross_attention_dim"]
-        priors["sd"] = StableDiffusionPrior(
-            unet=unet, vae=vae, schedule=default_schedule(), perp_neg=bool(g.sd.perp_neg),
-            view_dependent=bool(g.sd.view_dependent), resolution=64 if tiny else int(g.sd.resolution),
-            thresholds=(45.0, 45.0, 60.0), random_weights=True, **common(g.sd))
-        params["sd"] = {"unet": up, "vae": vae_params, "text_vd": jax.random.normal(keys[0], (4, 77, d), dtype),
-                        "text": jax.random.normal(keys[1], (77, d), dtype),
-                        "uncond": jax.random.normal(keys[2], (77, d), dtype)}
-    if not schedule_is_zero(cfg.loss.lambda_3d_sd):
-        unet = UNet2DConditionModel.from_config(z_cfg, dtype=dtype, attention_impl=impl)
-        up = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=3))
-        d = z_cfg["cross_attention_dim"]
-        proj = Zero123CameraProjection(in_features=d + 4, out_features=d)
-        res = 32 if tiny else int(g.zero123.resolution)
-        f = vae.downsample_factor
-        priors["3d_sd"] = Zero123Prior(
-            unet=unet, vae=vae, proj=proj, schedule=default_schedule(), variant=g.zero123.variant,
-            resolution=res, ref_camera=(0.0, 0.0, 3.8), random_weights=True, **common(g.zero123))
-        params["3d_sd"] = {"unet": up, "vae": vae_params, "proj": proj.init(keys[3], jnp.zeros((1, d + 4)))["params"],
-                           "embedding": jax.random.normal(keys[3], (1, d)),
-                           "ref_latent": jax.random.normal(keys[3], (1, res // f, res // f, 4))}
-    return Priors(priors), params
-
-
-def _eval_view_ms(stage, state, repeats: int) -> float:
-    """ms of one evaluation render (rgb, normals, depth, opacity at ``eval`` resolution, no gradient) of the
-    reference view: what each validation view and turntable frame of a run costs."""
+def _eval_view_ms(stage, state, repeats: int) -> tuple[float, float]:
+    """(ms of one evaluation render, s of its first call incl. compilation): rgb, normals, depth, opacity of the
+    reference view at ``eval`` resolution, no gradient; what each validation view and turntable frame costs."""
     render = stage.render_fn(int(stage.cfg.eval.height), int(stage.cfg.eval.width))
     camera = cam.reference_camera(stage.cfg.camera)
-    return _time(lambda s: render(s.params, s.grid, camera, s.step), state, repeats=repeats)["median_ms"]
+    t0 = time.perf_counter()
+    jax.block_until_ready(render(state.params, state.grid, camera, state.step))
+    first_s = time.perf_counter() - t0
+    return _time(lambda s: render(s.params, s.grid, camera, s.step), state, repeats=repeats)["median_ms"], first_s
 
 
 def bench_stage(args) -> dict:
@@ -651,13 +582,19 @@ def bench_stage(args) -> dict:
                                                         fitted, at_step)
                 t1 = time.perf_counter()
                 ref_step = stage.step_fn(REF, res, res)
+                random_step = stage.step_fn(RANDOM, res, res)  # compiled once: timed, then its metrics
+                # The first call of each step compiles it: what a run pays once per stage and resolution.
+                first_call_s = {}
+                for kind, fn in (("ref", ref_step), ("random", random_step)):
+                    t2 = time.perf_counter()
+                    jax.block_until_ready(fn(jax.tree.map(lambda x: x.copy(), state), targets, pp))
+                    first_call_s[kind] = time.perf_counter() - t2
                 if stage_name == "coarse_neus":
                     # NeuS starts from a fully occupied grid; reference steps fit the SDF to the image and let
                     # the grid updates prune it, as the first steps of a run do (timings of a full grid would
                     # hold every ray at the sample budget).
                     for _ in range(args.neus_fit_steps):
                         state, _ = ref_step(state, targets, pp)
-                random_step = stage.step_fn(RANDOM, res, res)  # compiled once: timed, then its metrics
                 if args.no_split:  # the random step's latency only (two compiles fewer)
                     split = {"kind": "random", "height": res, "width": res, "step_ms": _time(
                         lambda s: random_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
@@ -668,7 +605,7 @@ def bench_stage(args) -> dict:
                 ref_ms = _time(lambda s: ref_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
                                repeats=args.repeats)["median_ms"]
                 pair_ms = _pipelined_steps_ms((ref_step, random_step), state, targets, pp, args.repeats)
-                eval_ms = _eval_view_ms(stage, state, args.repeats)
+                eval_ms, first_call_s["eval_view"] = _eval_view_ms(stage, state, args.repeats)
                 n_views = views * parallel.view_shards(mesh)
                 # What the fixed sample budgets hold at this step (a budget well above use is wasted work).
                 _, metrics = random_step(jax.tree.map(lambda x: x.copy(), state), targets, pp)
@@ -676,6 +613,7 @@ def bench_stage(args) -> dict:
                             if k.split("/")[-1] in ("samples_per_ray", "candidates_per_ray", "overflow")}
                 results[name] = {"random_step": split, "ref_step_ms": ref_ms, "views_per_step": n_views,
                                  "alternating_pipelined_ms_per_step": pair_ms, "eval_view_ms": eval_ms,
+                                 "first_call_s": first_call_s,
                                  "sampling": sampling, "budgets_per_ray": {
                                      "candidates": float(stage.render.candidate_samples_per_ray),
                                      "samples": float(stage.render.samples_per_ray)},
@@ -940,6 +878,24 @@ def _project_wall(cfg, results: dict) -> dict | None:
     out = {"minutes": total, "parts": parts, "step_ms": step_ms}
     if missing:
         out["eval_renders_not_timed"] = missing
+    # Compilation, paid once per run: the first calls of each phase's two steps and of each stage's eval render.
+    # Files from before this timing lack them: the sum is then given with the cases it lacks, and no total.
+    first_s, first_missing = 0.0, []
+    calls = [(f"{stage}_{res}px", ("ref", "random")) for stage, res, _ in phases]
+    calls += [(f"{stage}_{scfg.data.heights[-1]}px", ("eval_view",))
+              for stage, scfg in (("coarse_nerf", nerf_cfg), ("coarse_neus", neus_cfg))]
+    for case, kinds in calls:
+        measured = (results.get(f"{case}_views1") or {}).get("first_call_s", {})
+        for kind in kinds:
+            if kind in measured:
+                first_s += measured[kind]
+            else:
+                first_missing.append(f"{case} {kind}")
+    out["first_calls_s"] = first_s
+    if first_missing:
+        out["first_calls_not_timed"] = first_missing
+    else:
+        out["minutes_with_first_calls"] = total + first_s / 60.0
     return out
 
 
@@ -1110,7 +1066,10 @@ def print_stage_table(report: dict) -> None:
         print(f"{name:<28} {s['step_ms']:>10.1f}{split} {r['ref_step_ms']:>8.1f} "
               f"{pair if pair is None else round(pair, 1)!s:>8} {r['random_views_per_s']:>8.1f}")
     if report["projection"]:
-        print(f"projected 5000 + 5000 steps: {report['projection']['minutes']:.1f} min")
+        proj = report["projection"]
+        first = (f" ({proj['minutes_with_first_calls']:.1f} min with the first calls' compilation)"
+                 if "minutes_with_first_calls" in proj else "")
+        print(f"projected 5000 + 5000 steps: {proj['minutes']:.1f} min{first}")
 
 
 def print_scaling_table(report: dict) -> None:

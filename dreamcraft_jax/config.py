@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.output_root = "outputs"
     c.name = "coarse_nerf"
     c.resume = ""  # a run folder (or a checkpoint step folder inside it) to continue from
+    # XLA's persistent compilation cache: a later run with the same shapes and settings (a resumed run, another
+    # seed or loss weight of a sweep) loads each compiled step instead of compiling it again. "" = off.
+    c.compilation_cache_dir = "~/.cache/dreamcraft_jax/xla"
 
     c.data = ml_collections.ConfigDict()
     c.data.heights = (128, 384)  # training resolution per phase; phases switch at resolution_milestones
@@ -143,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
         weighting="sds", min_step_percent=schedule((0, 0.7, 0.2, 200)),
         max_step_percent=schedule((0, 0.85, 0.5, 200)), grad_clip=schedule(None), resolution=256))
     c.guidance.demo_priors = ""  # a folder: write tiny RANDOM priors there and use them (CPU demo and tests)
+    # Real SD 2.1-base / Zero123 architectures with RANDOM weights, made in memory: a run that times the real-size
+    # computation (compilation, steps, evaluation) where no weights are at hand. Its guidance is noise.
+    c.guidance.random_real_size = False
 
     # progressive_band: the official NeuS geometry's encoding is a plain HashGrid (its start_level / start_step
     # keys are ignored there), so every level is on from step 0; True applies stage 1a's progressive band.
@@ -359,6 +365,9 @@ def validate(cfg) -> None:
     stages = tuple(cfg.stages)
     if not stages or any(s not in STAGES for s in stages):
         _fail("stages", cfg.stages, "a non-empty tuple of " + ", ".join(repr(s) for s in STAGES))
+    if cfg.guidance.random_real_size and cfg.guidance.demo_priors:
+        _fail("guidance.random_real_size", cfg.guidance.random_real_size,
+              "False when guidance.demo_priors is set (tiny and real-size random priors exclude each other)")
     for stage in stages if cfg.stage == "all" else (cfg.stage,):
         try:
             resolved = stage_config(cfg, stage)

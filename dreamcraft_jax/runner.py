@@ -35,7 +35,7 @@ from dreamcraft_jax import parallel
 from dreamcraft_jax.config import STAGES, resolution_at, schedule_is_zero, stage_config, validate
 from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
 from dreamcraft_jax.export import media
-from dreamcraft_jax.stages.coarse_nerf import CoarseNerf, TrainState, step_kind, targets_from_reference
+from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF, CoarseNerf, TrainState, step_kind, targets_from_reference
 from dreamcraft_jax.stages.coarse_neus import CoarseNeus
 
 log = logging.getLogger("dreamcraft_jax")
@@ -154,11 +154,30 @@ def _stage_dir(path: Path, stage: str) -> Path:
     raise RunFolderError(f"{path} holds no {stage}/checkpoints folder to start from")
 
 
+def enable_compilation_cache(path: str, min_compile_time_s: float = 1.0) -> Path | None:
+    """Point JAX's persistent compilation cache at ``path`` (``~`` expanded; "" = leave it off). Programs that
+    took at least ``min_compile_time_s`` to compile are stored and loaded by later processes. An unusable folder
+    only costs the cache (a warning), never the run."""
+    if not path:
+        return None
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache folder %s is not usable (%s); compiling without it (set "
+                    "--config.compilation_cache_dir to a writable folder, or '' to silence this)", directory, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    return directory
+
+
 def train(cfg, progress: bool = True) -> Path:
     """Run the configured stage(s) (``cfg.stage``: one stage, or "all" = ``cfg.stages`` in order); returns the
     run folder. Each stage writes into ``<run folder>/<stage>/``; a later stage starts from the previous
     stage's last checkpoint (``cfg.init_from`` for a single later stage)."""
     validate(cfg)
+    enable_compilation_cache(cfg.compilation_cache_dir)
     parallel.maybe_initialize_distributed(cfg)
     workdir, resuming = resolve_workdir(cfg)
     names = stages_to_run(cfg)
@@ -216,12 +235,19 @@ def _load_priors(cfg, mesh):
                for k in ("lambda_sd", "lambda_3d_sd"))
     if not uses:
         return None, None
-    ref = load_targets(cfg, cfg.guidance.zero123.resolution, cfg.guidance.zero123.resolution)
-    priors, params = load_priors(cfg, reference_rgb_on_white(ref.rgb, ref.mask), mesh)
+    if cfg.guidance.random_real_size:
+        from dreamcraft_jax.guidance.random_priors import random_priors
+
+        priors, params = random_priors(cfg, tiny=False)
+        what = "real-size (SD 2.1-base / Zero123 shapes) networks with random weights"
+    else:
+        ref = load_targets(cfg, cfg.guidance.zero123.resolution, cfg.guidance.zero123.resolution)
+        priors, params = load_priors(cfg, reference_rgb_on_white(ref.rgb, ref.mask), mesh)
+        what = "tiny random stand-ins"
     if priors.random_weights:
         log.warning("=" * 100)
-        log.warning("RANDOM PRIORS: the diffusion priors of this run are tiny random stand-ins; their guidance is "
-                    "noise. Real runs set --config.guidance.sd.pretrained / --config.guidance.zero123.pretrained.")
+        log.warning("RANDOM PRIORS: the diffusion priors of this run are %s; their guidance is noise. Real runs "
+                    "set --config.guidance.sd.pretrained / --config.guidance.zero123.pretrained.", what)
         log.warning("=" * 100)
     return priors, params
 
@@ -263,7 +289,7 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
              "opacity": eval_ref.mask}, order=("rgb", "opacity")))
         if stage_priors is not None and stage_priors.random_weights:
             (stage_dir / "RANDOM_PRIORS.txt").write_text(
-                "The diffusion priors of this run were tiny RANDOM stand-ins: its guidance was noise.\n")
+                "The diffusion priors of this run had RANDOM weights: its guidance was noise.\n")
     metrics_writer = MetricsWriter(stage_dir / "metrics.jsonl")
     render = stage.render_fn(cfg.eval.height, cfg.eval.width)
     ref_camera = cam.reference_camera(cfg.camera)
@@ -305,12 +331,16 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
     checkpointer.save(state, force=True)
     checkpointer.wait()
     checkpointer.close()
-    if cfg.train.time_split and is_writer():
-        timing = time_split(stage, state, targets[resolution_at(cfg, cfg.train.max_steps)], prior_params,
-                            resolution_at(cfg, cfg.train.max_steps))
-        (stage_dir / "timing.json").write_text(json.dumps(timing, indent=2))
-        log.info("%s ms/step split: %s", stage.name, {k: round(v, 2) for k, v in timing.items()
-                                                       if isinstance(v, float)})
+    if cfg.train.time_split:
+        # Every process takes part (the timed steps are sharded over all devices); process 0 writes. The loop's
+        # compiled step of the timed kind is reused, so only the two prior-free variants compile here.
+        hw = resolution_at(cfg, cfg.train.max_steps)
+        timing = time_split(stage, state, targets[hw], prior_params, hw,
+                            full_step=steps_fns.get((REF if cfg.train.mode == "reference_only" else RANDOM, hw)))
+        if is_writer():
+            (stage_dir / "timing.json").write_text(json.dumps(timing, indent=2))
+            log.info("%s ms/step split: %s", stage.name, {k: round(v, 2) for k, v in timing.items()
+                                                           if isinstance(v, float)})
     if cfg.eval.video and cfg.eval.n_video_views > 0 and is_writer():
         write_turntable(cfg, render, state, stage_dir / "video" / "turntable.mp4")
     if is_writer():
@@ -343,7 +373,7 @@ def time_split(stage, state, targets, prior_params, hw, repeats: int = 5, full_s
         step = full_step if s is stage and full_step is not None else s.step_fn(kind, *hw)
         return timed(lambda st: step(jax.tree.map(lambda x: x.copy(), st), targets, pp), state)
 
-    kind = "random" if stage.cfg.train.mode != "reference_only" else "ref"
+    kind = RANDOM if stage.cfg.train.mode != "reference_only" else REF
     no_priors = dataclasses.replace(stage, priors=None, prior_specs=None)
     state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state)
     render_ms = timed(no_priors.grads_fn(kind, *hw), state, targets, {})

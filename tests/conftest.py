@@ -7,6 +7,10 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+# The suite is compile-bound on CPU: XLA's cheap compilation mode makes it about a fifth faster (the programs are
+# tiny, so run time barely grows). Tolerances are the same; the demo (`make run`) and benches compile normally.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
 import pytest  # noqa: E402
 
 
@@ -36,6 +40,7 @@ def tiny_config(**overrides):
     c.eval.width = 16
     c.eval.video = False
     c.train.time_split = False
+    c.compilation_cache_dir = ""  # tests write nothing outside their tmp folders
     c.loss.lambda_sd = 0.0  # priors off unless a test turns them on (with guidance.demo_priors)
     c.loss.lambda_3d_sd = 0.0
     c.overrides.coarse_neus.data.heights = (16,)
@@ -49,6 +54,26 @@ def tiny_config(**overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "optimized: compile this test's programs with XLA's optimizations (tests "
+                            "that run long programs, where the cheap compilation mode costs more than it saves)")
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimizations(request):
+    if request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture

@@ -42,13 +42,13 @@ def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     out = tmp_path / "stage.json"
     # One device and the NeRF stage only (the NeuS step and 8-device steps are tested in test_stage1.py).
     assert bench.main(["stage", "--config", "configs/demo.py", "--tiny", "--data", "1", "--nerf_resolutions", "16",
-                       "--neus_resolutions", "--views", "1", "--fit_steps", "2", "--repeats", "1",
+                       "--neus_resolutions", "--views", "1", "--fit_steps", "2", "--repeats", "1", "--no_split",
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     case = report["results"]["coarse_nerf_16px_views1"]
-    split = case["random_step"]
-    assert split["kind"] == "random" and split["step_ms"] > 0 and split["render_ms"] > 0
-    assert split["guidance_ms"] >= 0 and case["ref_step_ms"] > 0 and case["views_per_step"] == 1
+    split = case["random_step"]  # --no_split: the whole step (the split: tests/test_runner.py)
+    assert split["kind"] == "random" and split["step_ms"] > 0 and "render_ms" not in split
+    assert case["ref_step_ms"] > 0 and case["views_per_step"] == 1
     assert case["alternating_pipelined_ms_per_step"] > 0 and case["eval_view_ms"] > 0
     # The random step's sample use, against the budgets it was compiled with.
     use, budgets = case["sampling"], case["budgets_per_ray"]
@@ -186,6 +186,22 @@ def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeyp
     assert abs(report["projection"]["parts"]["coarse_neus_eval_renders_170_views_min"] - eval_min) < 1e-9
     assert abs(report["projection"]["minutes"] - expected - eval_min) < 1e-9
     assert report["projection"]["eval_renders_not_timed"] == ["coarse_nerf"]
+    assert "minutes_with_first_calls" not in report["projection"]  # no file timed its compilation
+    assert len(report["projection"]["first_calls_not_timed"]) == 3 * 2 + 2
+    # First calls (compilation) of each phase's two steps and each stage's eval render: added once per run.
+    firsts = {"coarse_nerf_128px_views1": {"ref": 10.0, "random": 40.0},
+              "coarse_nerf_384px_views1": {"ref": 12.0, "random": 45.0, "eval_view": 5.0},
+              "coarse_neus_256px_views1": {"ref": 11.0, "random": 50.0, "eval_view": 6.0}}
+    for report_in in (first, second):
+        for name, calls in firsts.items():
+            if name in report_in["results"]:
+                report_in["results"][name]["first_call_s"] = calls
+    for path, report_in in zip(paths, (first, second)):
+        path.write_text(json.dumps(report_in))
+    report = bench.main(["project", *map(str, paths), "--out", str(out)]) == 0 and json.loads(out.read_text())
+    assert abs(report["projection"]["first_calls_s"] - 179.0) < 1e-9 and "first_calls_not_timed" not in report[
+        "projection"]
+    assert abs(report["projection"]["minutes_with_first_calls"] - (expected + eval_min + 179.0 / 60.0)) < 1e-9
     with pytest.raises(SystemExit, match="lack a case"):
         bench.main(["project", str(paths[1])])
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "render", "results": {}}))

@@ -65,6 +65,7 @@ def test_eight_devices_equal_one_device_grads_and_step():
 
 
 @pytest.mark.skipif(len(jax.devices()) < N_DEV, reason="needs 8 (simulated) devices")
+@pytest.mark.optimized
 def test_eight_devices_match_one_device_with_normal_terms():
     stage8, state8, targets8 = _setup(N_DEV, 1)
     stage1, state1, targets1 = _setup(1, N_DEV)

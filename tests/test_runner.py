@@ -55,6 +55,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
         train(tiny_config(**{"resume": str(workdir), "train.max_steps": 1}), progress=False)
 
 
+@pytest.mark.optimized
 def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_root):
     """The CPU demo config, shortened: coarse NeRF then NeuS with the tiny RANDOM priors; the NeRF's
     reference-view PSNR (eval render, no jitter) reaches 24 dB, NeuS starts from it and keeps the object."""
@@ -67,6 +68,7 @@ def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_
     cfg.train.max_steps = 160
     cfg.train.val_every = 80
     cfg.train.time_split = False
+    cfg.compilation_cache_dir = ""  # tests write nothing outside their tmp folders
     cfg.eval.n_video_views = 2
     cfg.eval.height = cfg.eval.width = 64
     cfg.overrides.coarse_neus.eval.height = cfg.overrides.coarse_neus.eval.width = 64
@@ -91,3 +93,81 @@ def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_
     neus_psnr = [r["eval/ref_psnr"] for r in neus_records if "eval/ref_psnr" in r]
     # The SDF starts as a sphere but keeps stage 1a's colours; 20 steps already pull it towards the object.
     assert neus_psnr[-1] >= 15.0, neus_psnr
+
+
+def test_time_split_parts_and_the_state_survive(tiny_cfg):
+    """time_split: render + guidance + update account for the step (each part clipped at 0, so the sum is at
+    least the step), and the caller's state is still usable afterwards (the timed steps donate their input)."""
+    from dreamcraft_jax.data.reference import example_image_path, load_reference
+    from dreamcraft_jax.runner import time_split
+    from dreamcraft_jax.stages.coarse_nerf import targets_from_reference
+
+    tiny_cfg.parallel.data = 1
+    mesh = parallel.mesh_from_config(tiny_cfg)
+    stage = CoarseNerf.from_config(tiny_cfg, mesh)
+    state = stage.init_state()
+    targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), 16, 16)), mesh)
+    split = time_split(stage, state, targets, {}, (16, 16), repeats=2)
+    assert split["kind"] == "random" and (split["height"], split["width"]) == (16, 16)
+    assert split["step_ms"] > 0 and split["render_ms"] > 0
+    assert split["guidance_ms"] >= 0 and split["update_ms"] >= 0
+    assert split["render_ms"] + split["guidance_ms"] + split["update_ms"] >= split["step_ms"] * (1 - 1e-9)
+    assert np.isfinite(np.asarray(jax.device_get(state.params["encoding"]))).all()  # not deleted by donation
+
+
+def test_compilation_cache_is_written_then_loaded_by_a_later_process(tmp_path):
+    """enable_compilation_cache: a first process stores its compiled program, a second one with the same program
+    loads it (JAX counts a persistent-cache hit), and an unusable folder only warns."""
+    import subprocess
+    import sys
+
+    from dreamcraft_jax.runner import enable_compilation_cache
+
+    script = f"""
+import jax, jax.numpy as jnp
+from jax import monitoring
+from dreamcraft_jax.runner import enable_compilation_cache
+hits = []
+monitoring.register_event_listener(lambda name, **kw: hits.append(name) if "cache_hits" in name else None)
+assert enable_compilation_cache({str(tmp_path / "cache")!r}, min_compile_time_s=0.0) is not None
+print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum()))
+print("HITS", len(hits))
+"""
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert any((tmp_path / "cache").iterdir())
+    assert runs[0].stdout.split()[0] == runs[1].stdout.split()[0]
+    assert "HITS 0" in runs[0].stdout and "HITS 0" not in runs[1].stdout, [r.stdout for r in runs]
+    (tmp_path / "file").write_text("not a folder")
+    assert enable_compilation_cache(str(tmp_path / "file" / "cache")) is None
+
+
+def test_random_real_size_priors_are_built_and_labelled(tmp_path, monkeypatch):
+    """guidance.random_real_size: the run builds its priors with random_priors(tiny=False) (here spied on and
+    given tiny widths, as real sizes do not fit a CPU test), guides with both, says RANDOM in its folder, and
+    writes the stage's render / guidance / update split."""
+    import dreamcraft_jax.guidance.random_priors as random_priors_module
+
+    built = []
+    real = random_priors_module.random_priors
+
+    def spy(cfg, tiny, **kw):
+        built.append(tiny)
+        return real(cfg, tiny=True, **kw)
+
+    monkeypatch.setattr(random_priors_module, "random_priors", spy)
+    cfg = tiny_config(**{"guidance.random_real_size": True, "loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1,
+                         "train.max_steps": 2, "train.mode": "alternate", "parallel.data": 1,
+                         "train.time_split": True, "workdir": str(tmp_path / "run")})
+    workdir = train(cfg, progress=False)
+    assert built == [False]
+    stage_dir = workdir / "coarse_nerf"
+    assert "RANDOM weights" in (stage_dir / "RANDOM_PRIORS.txt").read_text()
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    guided = [r for r in records if r.get("kind") == "random"]
+    assert guided and all(r["random/sd"] > 0 and r["random/3d_sd"] > 0 for r in guided)
+    # The split after the stage (its random step is the loop's compiled one).
+    timing = json.loads((stage_dir / "timing.json").read_text())
+    assert timing["kind"] == "random" and timing["step_ms"] > 0 and timing["render_ms"] > 0

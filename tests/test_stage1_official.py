@@ -5,6 +5,7 @@ workers share the stage tests)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_config
 
 from dreamcraft_jax import parallel
@@ -16,6 +17,7 @@ from dreamcraft_jax.stages.coarse_nerf import RANDOM, CoarseNerf, targets_from_r
 from dreamcraft_jax.stages.coarse_neus import CoarseNeus
 
 
+@pytest.mark.optimized
 def test_neus_alpha_pruning_keeps_the_image_with_fewer_samples():
     """The official NeuS renderer prunes occupancy-grid samples by the isotropic NeuS alpha (0.01) and by
     transmittance (1e-4): on the sphere-init field the pruned render matches the unpruned one (what is dropped
