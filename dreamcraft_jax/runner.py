@@ -18,6 +18,7 @@ checkpoint before exiting. Only process 0 writes (multi-host).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -252,9 +253,39 @@ def _load_priors(cfg, mesh):
     return priors, params
 
 
+class WallClock:
+    """Host wall-clock seconds of a stage by part, for ``wall_time.json``: where a run's time goes."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.parts: dict[str, float] = {}
+        self.first_calls: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t0
+
+    def report(self, loop_s: float, steps_run: int) -> dict:
+        """``steps_s``: the loop without its first calls (compilation + one step each), validation renders and
+        checkpoint writes inside it; ``ms_per_step`` over the steps that were not first calls."""
+        first = sum(self.first_calls.values())
+        steps_s = loop_s - first - self.parts.get("validation", 0.0) - self.parts.get("checkpoints_in_loop", 0.0)
+        timed_steps = steps_run - len(self.first_calls)
+        return {"total_s": time.perf_counter() - self.start, "loop_s": loop_s, "steps_s": steps_s,
+                "steps_run": steps_run,
+                "ms_per_step": 1000.0 * steps_s / timed_steps if timed_steps > 0 else None,
+                "first_calls_s": dict(self.first_calls), "first_calls_total_s": first,
+                **{f"{k}_s": v for k, v in self.parts.items()}}
+
+
 def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, priors, prior_params,
               progress: bool, references: dict | None = None) -> Path:
     """Run one stage to ``cfg.train.max_steps`` in ``stage_dir`` (resuming from its checkpoints if any)."""
+    clock = WallClock()
     references = references or _load_references(cfg)
     eval_ref = references["eval"]
     stage_priors = priors.configured(cfg) if priors is not None else None
@@ -297,15 +328,22 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
     start = int(state.step)
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (progress and is_writer()),
                dynamic_ncols=True, desc=stage.name)
-    last_time, last_step = time.perf_counter(), start
+    loop_start = last_time = time.perf_counter()
+    last_step = start
+    clock.parts["setup"] = loop_start - clock.start
     try:
         step = start
         while step < cfg.train.max_steps:
             hw = resolution_at(cfg, step)
             kind = step_kind(cfg.train.mode, step)
-            if (kind, hw) not in steps_fns:
+            if (kind, hw) not in steps_fns:  # its first call compiles it: timed on its own (one wait per kind)
                 steps_fns[(kind, hw)] = stage.step_fn(kind, *hw)
-            state, metrics = steps_fns[(kind, hw)](state, targets[hw], prior_params)
+                t0 = time.perf_counter()
+                state, metrics = steps_fns[(kind, hw)](state, targets[hw], prior_params)
+                jax.block_until_ready(state)
+                clock.first_calls[f"{kind}_{hw[0]}x{hw[1]}"] = time.perf_counter() - t0
+            else:
+                state, metrics = steps_fns[(kind, hw)](state, targets[hw], prior_params)
             step += 1
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 record = _scalars(metrics)
@@ -317,9 +355,11 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
                 shown = {k: record[k] for k in ("loss", "ref/psnr") if k in record}
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
             if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
-                validate_views(cfg, render, state, ref_camera, stage_dir, step, eval_ref, metrics_writer)
+                with clock.part("validation"):
+                    validate_views(cfg, render, state, ref_camera, stage_dir, step, eval_ref, metrics_writer)
             if step % cfg.train.save_every == 0:
-                checkpointer.save(state)
+                with clock.part("checkpoints_in_loop"):
+                    checkpointer.save(state)
             bar.update(1)
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), stage_dir)
@@ -328,22 +368,32 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
         raise
     finally:
         bar.close()
-    checkpointer.save(state, force=True)
-    checkpointer.wait()
-    checkpointer.close()
+    loop_s = time.perf_counter() - loop_start
+    with clock.part("final_checkpoint"):
+        checkpointer.save(state, force=True)
+        checkpointer.wait()
+        checkpointer.close()
     if cfg.train.time_split:
         # Every process takes part (the timed steps are sharded over all devices); process 0 writes. The loop's
         # compiled step of the timed kind is reused, so only the two prior-free variants compile here.
         hw = resolution_at(cfg, cfg.train.max_steps)
-        timing = time_split(stage, state, targets[hw], prior_params, hw,
-                            full_step=steps_fns.get((REF if cfg.train.mode == "reference_only" else RANDOM, hw)))
+        with clock.part("time_split"):
+            timing = time_split(stage, state, targets[hw], prior_params, hw,
+                                full_step=steps_fns.get((REF if cfg.train.mode == "reference_only" else RANDOM, hw)))
         if is_writer():
             (stage_dir / "timing.json").write_text(json.dumps(timing, indent=2))
             log.info("%s ms/step split: %s", stage.name, {k: round(v, 2) for k, v in timing.items()
                                                            if isinstance(v, float)})
     if cfg.eval.video and cfg.eval.n_video_views > 0 and is_writer():
-        write_turntable(cfg, render, state, stage_dir / "video" / "turntable.mp4")
+        with clock.part("video"):
+            write_turntable(cfg, render, state, stage_dir / "video" / "turntable.mp4")
     if is_writer():
+        wall = clock.report(loop_s, int(cfg.train.max_steps) - start)
+        (stage_dir / "wall_time.json").write_text(json.dumps(wall, indent=2))
+        log.info("%s wall time %.1f s: steps %.1f s (%s ms/step), first calls %.1f s, validation %.1f s, "
+                 "video %.1f s", stage.name, wall["total_s"], wall["steps_s"],
+                 f"{wall['ms_per_step']:.1f}" if wall["ms_per_step"] is not None else "-",
+                 wall["first_calls_total_s"], wall.get("validation_s", 0.0), wall.get("video_s", 0.0))
         (stage_dir / DONE).write_text(f"{int(state.step)}\n")
     return stage_dir
 

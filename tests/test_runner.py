@@ -147,7 +147,7 @@ print("HITS", len(hits))
 def test_random_real_size_priors_are_built_and_labelled(tmp_path, monkeypatch):
     """guidance.random_real_size: the run builds its priors with random_priors(tiny=False) (here spied on and
     given tiny widths, as real sizes do not fit a CPU test), guides with both, says RANDOM in its folder, and
-    writes the stage's render / guidance / update split."""
+    writes the stage's render / guidance / update split and its wall time by part."""
     import dreamcraft_jax.guidance.random_priors as random_priors_module
 
     built = []
@@ -171,3 +171,11 @@ def test_random_real_size_priors_are_built_and_labelled(tmp_path, monkeypatch):
     # The split after the stage (its random step is the loop's compiled one).
     timing = json.loads((stage_dir / "timing.json").read_text())
     assert timing["kind"] == "random" and timing["step_ms"] > 0 and timing["render_ms"] > 0
+    # Where the stage's wall time went: each compiled kind's first call, then the parts, within the total.
+    wall = json.loads((stage_dir / "wall_time.json").read_text())
+    assert set(wall["first_calls_s"]) == {"ref_16x16", "random_16x16"} and wall["steps_run"] == 2
+    assert wall["ms_per_step"] is None  # both steps were first calls
+    parts = [wall[k] for k in ("setup_s", "loop_s", "final_checkpoint_s", "time_split_s")]
+    assert all(p >= 0 for p in parts) and sum(parts) <= wall["total_s"]
+    assert wall["first_calls_total_s"] + wall["validation_s"] <= wall["loop_s"]
+    assert abs(wall["loop_s"] - wall["first_calls_total_s"] - wall["validation_s"] - wall["steps_s"]) < 1e-6
