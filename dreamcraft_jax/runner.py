@@ -178,7 +178,6 @@ def train(cfg, progress: bool = True) -> Path:
     run folder. Each stage writes into ``<run folder>/<stage>/``; a later stage starts from the previous
     stage's last checkpoint (``cfg.init_from`` for a single later stage)."""
     validate(cfg)
-    enable_compilation_cache(cfg.compilation_cache_dir)
     parallel.maybe_initialize_distributed(cfg)
     workdir, resuming = resolve_workdir(cfg)
     names = stages_to_run(cfg)
@@ -194,6 +193,7 @@ def train(cfg, progress: bool = True) -> Path:
     mesh = parallel.mesh_from_config(cfg)
     first_cfg = stage_config(cfg, names[0])
     references = _load_references(first_cfg)
+    enable_compilation_cache(cfg.compilation_cache_dir)  # after the input checks: a bad run creates nothing
     priors, prior_params = _load_priors(cfg, mesh)
     if is_writer():
         workdir.mkdir(parents=True, exist_ok=True)
