@@ -338,6 +338,7 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
             kind = step_kind(cfg.train.mode, step)
             if (kind, hw) not in steps_fns:  # its first call compiles it: timed on its own (one wait per kind)
                 steps_fns[(kind, hw)] = stage.step_fn(kind, *hw)
+                jax.block_until_ready(state)  # the steps still in flight are not this call's
                 t0 = time.perf_counter()
                 state, metrics = steps_fns[(kind, hw)](state, targets[hw], prior_params)
                 jax.block_until_ready(state)
