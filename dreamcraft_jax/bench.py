@@ -32,6 +32,8 @@ from dreamcraft_jax import cameras as cam
 from dreamcraft_jax import parallel
 from dreamcraft_jax.fields import hashgrid, nerf
 from dreamcraft_jax.fields.mlp import apply_mlp
+from dreamcraft_jax.guidance.random_priors import TINY_UNET, TINY_VAE, random_params, random_priors
+from dreamcraft_jax.models.reference_configs import SD21_BASE_UNET, SD_VAE, ZERO123_UNET
 from dreamcraft_jax.render import volume
 
 
@@ -395,9 +397,6 @@ def _render_report(args, cfg, field, spec, grid, fit_metrics, results) -> dict:
 
 # ---------------------------------------------------------------------------------------------- SDS steps
 
-from dreamcraft_jax.guidance.random_priors import (  # noqa: E402
-    TINY_UNET, TINY_VAE, random_params, random_priors)
-from dreamcraft_jax.models.reference_configs import SD21_BASE_UNET, SD_VAE, ZERO123_UNET  # noqa: E402
 
 def _flops(compiled) -> float | None:
     try:

@@ -217,13 +217,13 @@ def _fd_points(x: jax.Array, eps: float, neighbours, radius: float) -> jax.Array
     return jnp.clip(x[:, None, :] + jnp.asarray(offsets(neighbours, eps))[None], -radius, radius)
 
 
-def _difference(values: jax.Array, eps: float, neighbours, center, valid: jax.Array | None) -> jax.Array:
+def _difference(values: jax.Array, eps: float, center, valid: jax.Array | None) -> jax.Array:
     """(N, K) neighbour values -> (N, 3) gradient estimate, 0 where not valid.
 
     Forward (K = 3): (f(x + eps e) - f(x)) / eps with ``center`` = f(x) (N,); central (K = 6):
     (f(x + eps e) - f(x - eps e)) / 2 eps.
     """
-    if len(neighbours) == 3:
+    if values.shape[1] == 3:
         grad = (values - center[:, None]) / eps
     else:
         grad = (values[:, :3] - values[:, 3:]) / (2.0 * eps)
@@ -244,7 +244,7 @@ def finite_difference_gradient(fn, x: jax.Array, eps: float, radius: float, vali
     values = fn(points) if valid is None else fn(points, jnp.repeat(valid, k))
     if k == 3 and center is None:
         center = fn(x) if valid is None else fn(x, valid)
-    return _difference(values.reshape(x.shape[0], k), eps, neighbours, center, valid)
+    return _difference(values.reshape(x.shape[0], k), eps, center, valid)
 
 
 def uses_fd_kernel(spec: NerfFieldSpec, normal_type: str) -> bool:
@@ -274,7 +274,7 @@ def fused_finite_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfF
                                  pre_reduce_max_scale=pre_reduce)
     points = _fd_points(x, eps, neighbours, spec.radius)
     values = jnp.stack([value_fn(enc, points[:, j]) for j, enc in enumerate(encodings)], axis=1)
-    return _difference(values, eps, neighbours, center, valid)
+    return _difference(values, eps, center, valid)
 
 
 def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None, center=None) -> jax.Array:
