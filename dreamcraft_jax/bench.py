@@ -1006,7 +1006,8 @@ def bench_profile(args) -> dict:
 
     Cases: ``sd_views<V>`` / ``zero123_views<V>`` (the SDS grad of ``bench sds``), ``coarse_nerf_<R>px`` /
     ``coarse_neus_<R>px`` (gradient of one random-view step without the priors: render, normals and the per-view
-    losses, at the middle step of that resolution's phase).
+    losses, at the middle step of that resolution's phase); with ``_step`` appended, the whole step without the
+    priors (gradient + grid update + Adam + NaN guard), which is where ``bench stage``'s "update" share lives.
     """
     import re
 
@@ -1018,10 +1019,10 @@ def bench_profile(args) -> dict:
     results, fitted, cfg = {}, None, None
     for case in args.cases:
         sds = re.fullmatch(r"(sd|zero123)_views(\d+)", case)
-        stage_case = re.fullmatch(r"(coarse_nerf|coarse_neus)_(\d+)px", case)
+        stage_case = re.fullmatch(r"(coarse_nerf|coarse_neus)_(\d+)px(_step)?", case)
         if not (sds or stage_case):
             raise SystemExit(f"unknown profile case {case!r}: use sd_views<V>, zero123_views<V>, "
-                             "coarse_nerf_<R>px or coarse_neus_<R>px")
+                             "coarse_nerf_<R>px or coarse_neus_<R>px (+ _step: the whole step)")
         try:
             if sds:
                 grad_fn, fn_args = _sds_case(sds[1], int(sds[2]), args.tiny, "cudnn" if gpu else None, dtype,
@@ -1035,7 +1036,12 @@ def bench_profile(args) -> dict:
                 name, res = stage_case[1], int(stage_case[2])
                 stage, state, targets, _ = _stage_case(cfg, name, res, 1, parallel.mesh_from_config(cfg), None,
                                                        None, fitted, _phase_mid_step(cfg, name, res))
-                grad_fn, fn_args = stage.grads_fn(RANDOM, res, res), (state, targets, {})
+                if stage_case[3]:  # the step traced inside a jit that does not donate: repeat calls reuse the state
+                    no_priors = dataclasses.replace(stage, priors=None, prior_specs=None)
+                    grad_fn = jax.jit(lambda st, t, pp, inner=no_priors.step_fn(RANDOM, res, res): inner(st, t, pp))
+                else:
+                    grad_fn = stage.grads_fn(RANDOM, res, res)
+                fn_args = (state, targets, {})
             compiled = grad_fn.lower(*fn_args).compile()
             table = op_profile(compiled, *fn_args, repeats=args.repeats, top=args.top)
         except Exception as e:  # record and go on

@@ -364,8 +364,13 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
             bar.update(1)
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), stage_dir)
+        loop_s = time.perf_counter() - loop_start
         checkpointer.save(state, force=True)
         checkpointer.wait()
+        if is_writer():  # where the time went up to the interruption (a timed run cut short still reports)
+            wall = clock.report(loop_s, int(state.step) - start)
+            wall["interrupted_at_step"] = int(state.step)
+            (stage_dir / "wall_time.json").write_text(json.dumps(wall, indent=2))
         raise
     finally:
         bar.close()

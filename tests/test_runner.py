@@ -55,6 +55,30 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
         train(tiny_config(**{"resume": str(workdir), "train.max_steps": 1}), progress=False)
 
 
+def test_ctrl_c_writes_a_last_checkpoint_and_the_wall_time_so_far(tmp_path, monkeypatch):
+    """Ctrl-C in the loop (here raised by the metrics writer at step 2): the state of step 2 is checkpointed
+    even though save_every is far off, and wall_time.json says where the run stopped."""
+    from dreamcraft_jax import runner
+
+    original = runner.MetricsWriter.write
+
+    def write_then_interrupt(self, record):
+        original(self, record)
+        if record.get("step") == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.MetricsWriter, "write", write_then_interrupt)
+    cfg = tiny_config(**{"train.max_steps": 6, "train.save_every": 1000, "parallel.data": 1,
+                         "workdir": str(tmp_path / "run")})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    stage_dir = tmp_path / "run" / "coarse_nerf"
+    assert int(_final_state(cfg, tmp_path / "run").step) == 2
+    wall = json.loads((stage_dir / "wall_time.json").read_text())
+    assert wall["interrupted_at_step"] == 2 and wall["steps_run"] == 2
+    assert not (stage_dir / "DONE").exists()
+
+
 @pytest.mark.optimized
 def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_root):
     """The CPU demo config, shortened: coarse NeRF then NeuS with the tiny RANDOM priors; the NeRF's
