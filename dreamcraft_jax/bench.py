@@ -589,11 +589,7 @@ def bench_stage(args) -> dict:
                     jax.block_until_ready(fn(jax.tree.map(lambda x: x.copy(), state), targets, pp))
                     first_call_s[kind] = time.perf_counter() - t2
                 if stage_name == "coarse_neus":
-                    # NeuS starts from a fully occupied grid; reference steps fit the SDF to the image and let
-                    # the grid updates prune it, as the first steps of a run do (timings of a full grid would
-                    # hold every ray at the sample budget).
-                    for _ in range(args.neus_fit_steps):
-                        state, _ = ref_step(state, targets, pp)
+                    state = _neus_reference_fit(stage, state, targets, res, args.neus_fit_steps, ref_step, pp)
                 if args.no_split:  # the random step's latency only (two compiles fewer)
                     split = {"kind": "random", "height": res, "width": res, "step_ms": _time(
                         lambda s: random_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
@@ -635,6 +631,56 @@ def bench_stage(args) -> dict:
             "kernels_backend": nerf_stage.render.backend, "overrides": list(args.set), "results": results,
             "projection": projection,
             "peak_memory_bytes": _peak_memory_bytes()}
+
+
+def bench_eval(args) -> dict:
+    """Evaluation renders (validation views, turntable frames) per sample budget: ms per view at eval
+    resolution and what a smaller budget loses against the largest one (PSNR of rgb and normal images, max
+    opacity difference), on the fitted scene (NeRF) and the NeuS that carries it over after its reference fit."""
+    from dreamcraft_jax.config import stage_config
+
+    cfg = _load_config(args.config, args.set)
+    with cfg.unlocked():
+        cfg.parallel.data, cfg.parallel.fsdp = 1, 1
+    _, fitted, _ = fit_scene(cfg, args.fit_steps)
+    mesh = parallel.mesh_from_config(cfg)
+    budgets = sorted({float(b) for b in args.budgets}, reverse=True)
+    results = {}
+
+    def psnr(a, b):
+        return float(-10.0 * np.log10(max(float(np.mean((np.asarray(a) - np.asarray(b)) ** 2)), 1e-12)))
+
+    for stage_name in args.stages:
+        scfg = stage_config(cfg, stage_name)
+        res = int(scfg.data.heights[-1])
+        stage, state, targets, _ = _stage_case(cfg, stage_name, res, 1, mesh, None, None, fitted,
+                                               _phase_mid_step(cfg, stage_name, res))
+        if stage_name == "coarse_neus":
+            state = _neus_reference_fit(stage, state, targets, res, args.neus_fit_steps)
+        camera = cam.reference_camera(scfg.camera)
+        best = None
+        for budget in budgets:
+            name = f"{stage_name}_budget{budget:g}"
+            render = stage.render_fn(int(scfg.eval.height), int(scfg.eval.width), samples_per_ray=budget)
+            t0 = time.perf_counter()
+            image = jax.device_get(render(state.params, state.grid, camera, state.step))
+            first_s = time.perf_counter() - t0
+            timing = _time(lambda s: render(s.params, s.grid, camera, s.step), state, repeats=args.repeats)
+            best = best or image
+            results[name] = {"stage": stage_name, "samples_per_ray": budget, "ms": timing["median_ms"],
+                             "first_call_s": first_s, "height": int(scfg.eval.height),
+                             "width": int(scfg.eval.width),
+                             "vs_largest_budget": {"rgb_psnr": psnr(image["rgb"], best["rgb"]),
+                                                   "normal_psnr": psnr(image["normal"], best["normal"]),
+                                                   "opacity_max_abs": float(np.max(np.abs(
+                                                       image["opacity"] - best["opacity"])))}}
+            print(f"{name:<28} {timing['median_ms']:8.1f} ms  rgb {results[name]['vs_largest_budget']['rgb_psnr']:6.1f}"
+                  f" dB  normal {results[name]['vs_largest_budget']['normal_psnr']:6.1f} dB vs budget "
+                  f"{budgets[0]:g}", flush=True)
+            if args.out:
+                _write_partial(args.out, "eval", results)
+    return {"benchmark": "eval", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "config": args.config, "overrides": list(args.set), "results": results}
 
 
 def _prior_bytes_per_device(placed) -> int:
@@ -816,6 +862,19 @@ def _stage_case(cfg, stage_name: str, res: int, views_per_device: int, mesh, pri
     state = state.replace(step=jnp.asarray(at_step, jnp.int32))
     targets = parallel.replicate(targets_from_reference(load_targets(scfg, res, res)), mesh)
     return stage, state, targets, pp
+
+
+def _neus_reference_fit(stage, state, targets, res: int, steps: int, ref_step=None, prior_params=None):
+    """``steps`` reference steps of a NeuS case: it starts from a fully occupied grid, and these fit the SDF to
+    the image and let the grid updates prune it, as the first steps of a run do (timings on a full grid would
+    hold every ray at the sample budget). ``ref_step``: the caller's compiled reference step, if it has one, with
+    the ``prior_params`` it was compiled for (the reference step does not use them)."""
+    from dreamcraft_jax.stages.coarse_nerf import REF
+
+    ref_step = ref_step or stage.step_fn(REF, res, res)
+    for _ in range(steps):
+        state, _ = ref_step(state, targets, {} if prior_params is None else prior_params)
+    return state
 
 
 def _phase_mid_step(cfg, stage_name: str, res: int) -> int:
@@ -1007,7 +1066,9 @@ def bench_profile(args) -> dict:
     Cases: ``sd_views<V>`` / ``zero123_views<V>`` (the SDS grad of ``bench sds``), ``coarse_nerf_<R>px`` /
     ``coarse_neus_<R>px`` (gradient of one random-view step without the priors: render, normals and the per-view
     losses, at the middle step of that resolution's phase); with ``_step`` appended, the whole step without the
-    priors (gradient + grid update + Adam + NaN guard), which is where ``bench stage``'s "update" share lives.
+    priors (gradient + grid update + Adam + NaN guard), which is where ``bench stage``'s "update" share lives;
+    with ``_full``, the whole step with real-size random priors (``--tiny``: tiny ones). NeuS cases first run
+    ``--neus_fit_steps`` reference steps, as ``bench stage`` does.
     """
     import re
 
@@ -1016,13 +1077,14 @@ def bench_profile(args) -> dict:
 
     gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
-    results, fitted, cfg = {}, None, None
+    results, fitted, cfg, priors = {}, None, None, None
     for case in args.cases:
         sds = re.fullmatch(r"(sd|zero123)_views(\d+)", case)
-        stage_case = re.fullmatch(r"(coarse_nerf|coarse_neus)_(\d+)px(_step)?", case)
+        stage_case = re.fullmatch(r"(coarse_nerf|coarse_neus)_(\d+)px(_step|_full)?", case)
         if not (sds or stage_case):
             raise SystemExit(f"unknown profile case {case!r}: use sd_views<V>, zero123_views<V>, "
-                             "coarse_nerf_<R>px or coarse_neus_<R>px (+ _step: the whole step)")
+                             "coarse_nerf_<R>px or coarse_neus_<R>px (+ _step: the whole step without priors, "
+                             "_full: with them)")
         try:
             if sds:
                 grad_fn, fn_args = _sds_case(sds[1], int(sds[2]), args.tiny, "cudnn" if gpu else None, dtype,
@@ -1033,15 +1095,19 @@ def bench_profile(args) -> dict:
                     with cfg.unlocked():
                         cfg.parallel.data, cfg.parallel.fsdp = 1, 1
                     _, fitted, _ = fit_scene(cfg, args.fit_steps)
-                name, res = stage_case[1], int(stage_case[2])
-                stage, state, targets, _ = _stage_case(cfg, name, res, 1, parallel.mesh_from_config(cfg), None,
-                                                       None, fitted, _phase_mid_step(cfg, name, res))
-                if stage_case[3]:  # the step traced inside a jit that does not donate: repeat calls reuse the state
-                    no_priors = dataclasses.replace(stage, priors=None, prior_specs=None)
-                    grad_fn = jax.jit(lambda st, t, pp, inner=no_priors.step_fn(RANDOM, res, res): inner(st, t, pp))
+                name, res, what = stage_case[1], int(stage_case[2]), stage_case[3]
+                if what == "_full" and priors is None:
+                    priors = random_priors(cfg, args.tiny)
+                stage, state, targets, pp = _stage_case(
+                    cfg, name, res, 1, parallel.mesh_from_config(cfg), *(priors if what == "_full" else (None, None)),
+                    fitted, _phase_mid_step(cfg, name, res))
+                if name == "coarse_neus":
+                    state = _neus_reference_fit(stage, state, targets, res, args.neus_fit_steps)
+                if what:  # the step traced inside a jit that does not donate: repeat calls reuse the state
+                    grad_fn = jax.jit(lambda st, t, p, inner=stage.step_fn(RANDOM, res, res): inner(st, t, p))
                 else:
                     grad_fn = stage.grads_fn(RANDOM, res, res)
-                fn_args = (state, targets, {})
+                fn_args = (state, targets, pp if what == "_full" else {})
             compiled = grad_fn.lower(*fn_args).compile()
             table = op_profile(compiled, *fn_args, repeats=args.repeats, top=args.top)
         except Exception as e:  # record and go on
@@ -1244,6 +1310,16 @@ def main(argv=None) -> int:
     t.add_argument("--no_split", action="store_true",
                    help="time the random step whole, without its render / guidance / update split")
     t.add_argument("--out", default="")
+    e = sub.add_parser("eval", help="evaluation-render time per sample budget, and what a smaller budget loses")
+    e.add_argument("--config", default="configs/dreamcraft3d.py")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    e.add_argument("--stages", nargs="+", default=["coarse_nerf", "coarse_neus"],
+                   choices=["coarse_nerf", "coarse_neus"])
+    e.add_argument("--budgets", nargs="+", type=float, default=[64, 32, 24])
+    e.add_argument("--fit_steps", type=int, default=300)
+    e.add_argument("--neus_fit_steps", type=int, default=200)
+    e.add_argument("--repeats", type=int, default=5)
+    e.add_argument("--out", default="")
     h = sub.add_parser("hashgrid", help="hash-grid encoding forward / forward+backward, XLA vs Pallas backwards")
     h.add_argument("--points", type=int, default=1 << 20)
     h.add_argument("--layouts", nargs="+", default=["uniform", "rays"], choices=["uniform", "rays"])
@@ -1279,6 +1355,7 @@ def main(argv=None) -> int:
     f.add_argument("--config", default="configs/dreamcraft3d.py")
     f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     f.add_argument("--fit_steps", type=int, default=150)
+    f.add_argument("--neus_fit_steps", type=int, default=200)
     f.add_argument("--tiny", action="store_true", help="tiny priors (CPU)")
     f.add_argument("--repeats", type=int, default=3)
     f.add_argument("--top", type=int, default=25)
@@ -1309,6 +1386,8 @@ def main(argv=None) -> int:
         print(f"{'total':<40} {p['minutes']:6.1f} min")
     elif args.what == "profile":
         report = bench_profile(args)
+    elif args.what == "eval":
+        report = bench_eval(args)
     elif args.what == "stage":
         report = bench_stage(args)
         print_stage_table(report)

@@ -172,6 +172,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3
     c.train.time_split = True  # after each stage, time render / guidance / update of one step (timing.json)
+    # Compile every step a stage will run (each kind at each resolution) and its evaluation render at the
+    # stage's start, in this many threads at once, instead of one after another at each first call: XLA compiles
+    # outside Python's lock, so the ~4 programs of stage 1a (35-100 s each on an H200) overlap. 0 = compile at
+    # first call.
+    c.train.compile_workers = 4
 
     c.eval = ml_collections.ConfigDict()
     c.eval.height = 512
@@ -214,6 +219,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Stage 1a's values, spelled out so each stays overridable for 1b alone: the official NeuS renderer also
     # prunes its occupancy-grid samples by alpha (0.01, the isotropic NeuS alpha of the SDF at the sample) and
     # transmittance (nerfacc's 1e-4), and its grid keeps nerfacc's occupancy threshold 0.01.
+    # None = the shared train.max_steps (so --config.train.max_steps=N shortens both stages); set it to give 1b
+    # its own length.
+    n.train = ml_collections.ConfigDict(dict(max_steps=ml_collections.config_dict.placeholder(int)))
     n.render = ml_collections.ConfigDict(dict(alpha_threshold=0.01, early_stop_eps=1e-4, samples_per_ray=24.0,
                                               candidate_samples_per_ray=64.0))
     n.render.grid = ml_collections.ConfigDict(dict(threshold=0.01))
@@ -225,7 +233,6 @@ def base_config() -> ml_collections.ConfigDict:
     n.guidance.zero123 = ml_collections.ConfigDict(dict(min_step_percent=schedule(0.2),
                                                         max_step_percent=schedule(0.5)))
     n.optimizer = ml_collections.ConfigDict(dict(eps=1e-15))
-    n.train = ml_collections.ConfigDict(dict(max_steps=5000))
     n.eval = ml_collections.ConfigDict(dict(height=512, width=512))
     c.lock()
     return c
@@ -244,6 +251,8 @@ def stage_config(cfg, stage: str) -> ml_collections.ConfigDict:
     """A copy of ``cfg`` with ``overrides.<stage>`` applied and ``stage`` set: the config one stage runs with."""
     out = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
     for path, value in _leaves(cfg.overrides[stage]):
+        if value is None:  # an unset placeholder: the shared value stands
+            continue
         node = out
         for key in path[:-1]:
             node = node[key]

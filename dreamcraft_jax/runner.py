@@ -12,16 +12,20 @@ Run folder layout (one sub-folder per stage: coarse_nerf/, coarse_neus/)::
     <workdir>/<stage>/DONE                 the step the stage finished at (a resumed pipeline skips the stage
                                            unless its max_steps is now larger)
 
-An existing, non-empty run folder is never reused unless ``--config.resume`` names it. Ctrl-C writes a last
-checkpoint before exiting. Only process 0 writes (multi-host).
+An existing, non-empty run folder is never reused unless ``--config.resume`` names it. Ctrl-C stops the run after
+the step in flight and writes a last checkpoint (a second Ctrl-C stops at once, still checkpointing the last
+finished step when one is at hand). Only process 0 writes (multi-host).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -253,6 +257,89 @@ def _load_priors(cfg, mesh):
     return priors, params
 
 
+class _StopRequest:
+    """Ctrl-C (SIGINT) as a request: the loop stops after the step in flight, whose input the step has donated, so
+    a KeyboardInterrupt raised inside it would leave no state to checkpoint. A second Ctrl-C raises at once.
+    Only the main thread can own signal handlers; elsewhere SIGINT keeps its default behaviour."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after the step in flight and writing a checkpoint (Ctrl-C again to stop now)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _alive(state) -> bool:
+    """False once a step has consumed (donated) ``state``'s buffers."""
+    return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
+
+
+def steps_needed(cfg, start: int) -> list[tuple[str, tuple[int, int]]]:
+    """The (kind, (height, width)) steps a stage runs from ``start`` to ``train.max_steps``, in first-use order."""
+    bounds = sorted({int(start), int(cfg.train.max_steps),
+                     *(int(m) for m in cfg.data.resolution_milestones if start < int(m) < cfg.train.max_steps)})
+    needed = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for step in range(lo, min(lo + 2, hi)):  # the kinds alternate with period 2 at most
+            key = (step_kind(cfg.train.mode, step), resolution_at(cfg, step))
+            if key not in needed:
+                needed.append(key)
+    return needed
+
+
+def precompile(jobs: dict, workers: int) -> tuple[dict, dict]:
+    """Compile ``jobs`` = {name: (jitted fn, example args)} in ``workers`` threads at once (XLA compiles outside
+    the GIL). Returns ({name: compiled executable}, {name: seconds from submission to its compile's end})."""
+    compiled, seconds = {}, {}
+    t0 = time.perf_counter()
+
+    def build(name):
+        fn, args = jobs[name]
+        out = fn.lower(*args).compile()
+        return name, out, time.perf_counter() - t0
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(int(workers), 1)) as pool:
+        for name, out, done_s in pool.map(build, list(jobs)):
+            compiled[name], seconds[name] = out, done_s
+    return compiled, seconds
+
+
+def _step_name(kind: str, hw: tuple[int, int]) -> str:
+    return f"{kind}_{hw[0]}x{hw[1]}"
+
+
+class _Precompiled:
+    """A compiled executable called like its jitted function; arguments it was not compiled for (a type or
+    sharding it did not see) go to the jitted function instead, which compiles for them, once, with a warning."""
+
+    def __init__(self, jitted, compiled):
+        self.jitted, self.compiled = jitted, compiled
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except (TypeError, ValueError) as e:  # raised while checking the arguments, before anything runs
+                log.warning("a precompiled program does not take these arguments (%s); compiling it again",
+                            str(e).splitlines()[0][:200])
+                self.compiled = None
+        return self.jitted(*args)
+
+
 class WallClock:
     """Host wall-clock seconds of a stage by part, for ``wall_time.json``: where a run's time goes."""
 
@@ -260,6 +347,7 @@ class WallClock:
         self.start = time.perf_counter()
         self.parts: dict[str, float] = {}
         self.first_calls: dict[str, float] = {}
+        self.compile_s: dict[str, float] = {}  # program -> seconds from the start of the compile part to its end
 
     @contextlib.contextmanager
     def part(self, name: str):
@@ -269,17 +357,24 @@ class WallClock:
         finally:
             self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - t0
 
-    def report(self, loop_s: float, steps_run: int) -> dict:
-        """``steps_s``: the loop without its first calls (compilation + one step each), validation renders and
-        checkpoint writes inside it; ``ms_per_step`` over the steps that were not first calls."""
+    def report(self, loop_s: float, steps_run: int, first_call_in_flight_s: float = 0.0) -> dict:
+        """``steps_s``: the loop without its first calls (one step each, plus its compilation unless the stage
+        compiled it up front: ``compile_s``), validation renders and checkpoint writes inside it, and a first call
+        cut short by an interruption; ``ms_per_step`` over the steps that were not first calls."""
         first = sum(self.first_calls.values())
-        steps_s = loop_s - first - self.parts.get("validation", 0.0) - self.parts.get("checkpoints_in_loop", 0.0)
+        steps_s = (loop_s - first - first_call_in_flight_s - self.parts.get("validation", 0.0)
+                   - self.parts.get("checkpoints_in_loop", 0.0))
         timed_steps = steps_run - len(self.first_calls)
-        return {"total_s": time.perf_counter() - self.start, "loop_s": loop_s, "steps_s": steps_s,
-                "steps_run": steps_run,
-                "ms_per_step": 1000.0 * steps_s / timed_steps if timed_steps > 0 else None,
-                "first_calls_s": dict(self.first_calls), "first_calls_total_s": first,
-                **{f"{k}_s": v for k, v in self.parts.items()}}
+        out = {"total_s": time.perf_counter() - self.start, "loop_s": loop_s, "steps_s": steps_s,
+               "steps_run": steps_run,
+               "ms_per_step": 1000.0 * steps_s / timed_steps if timed_steps > 0 else None,
+               "first_calls_s": dict(self.first_calls), "first_calls_total_s": first,
+               **{f"{k}_s": v for k, v in self.parts.items()}}
+        if self.compile_s:
+            out["compiled_by_s"] = dict(self.compile_s)
+        if first_call_in_flight_s:
+            out["first_call_in_flight_s"] = first_call_in_flight_s
+        return out
 
 
 def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, priors, prior_params,
@@ -322,54 +417,83 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
             (stage_dir / "RANDOM_PRIORS.txt").write_text(
                 "The diffusion priors of this run had RANDOM weights: its guidance was noise.\n")
     metrics_writer = MetricsWriter(stage_dir / "metrics.jsonl")
-    render = stage.render_fn(cfg.eval.height, cfg.eval.width)
     ref_camera = cam.reference_camera(cfg.camera)
-    steps_fns = {}
     start = int(state.step)
+    steps_fns = {key: stage.step_fn(key[0], *key[1]) for key in steps_needed(cfg, start)}
+    render = stage.render_fn(cfg.eval.height, cfg.eval.width)
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (progress and is_writer()),
                dynamic_ncols=True, desc=stage.name)
-    loop_start = last_time = time.perf_counter()
-    last_step = start
-    clock.parts["setup"] = loop_start - clock.start
+    clock.parts["setup"] = time.perf_counter() - clock.start
+    loop_start = None
+    first_call_since = None  # when the first call in flight started (an interruption reports it)
+    step = start
     try:
-        step = start
-        while step < cfg.train.max_steps:
-            hw = resolution_at(cfg, step)
-            kind = step_kind(cfg.train.mode, step)
-            if (kind, hw) not in steps_fns:  # its first call compiles it: timed on its own (one wait per kind)
-                steps_fns[(kind, hw)] = stage.step_fn(kind, *hw)
-                jax.block_until_ready(state)  # the steps still in flight are not this call's
-                t0 = time.perf_counter()
-                state, metrics = steps_fns[(kind, hw)](state, targets[hw], prior_params)
-                jax.block_until_ready(state)
-                clock.first_calls[f"{kind}_{hw[0]}x{hw[1]}"] = time.perf_counter() - t0
-            else:
-                state, metrics = steps_fns[(kind, hw)](state, targets[hw], prior_params)
-            step += 1
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                record = _scalars(metrics)
-                now = time.perf_counter()
-                record.update(step=step, kind=kind, height=hw[0], width=hw[1],
-                              ms_per_step=1000.0 * (now - last_time) / max(step - last_step, 1))
-                last_time, last_step = now, step
-                metrics_writer.write(record)
-                shown = {k: record[k] for k in ("loss", "ref/psnr") if k in record}
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
-            if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
-                with clock.part("validation"):
-                    validate_views(cfg, render, state, ref_camera, stage_dir, step, eval_ref, metrics_writer)
-            if step % cfg.train.save_every == 0:
-                with clock.part("checkpoints_in_loop"):
-                    checkpointer.save(state)
-            bar.update(1)
+        with _StopRequest() as stop:
+            if int(cfg.train.compile_workers) > 0 and steps_fns:
+                jobs = {_step_name(kind, hw): (fn, (state, targets[hw], prior_params))
+                        for (kind, hw), fn in steps_fns.items()}
+                if is_writer():  # only process 0 renders validation views and the video
+                    jobs["eval_render"] = (render, (state.params, state.grid, ref_camera, state.step))
+                with clock.part("compile"):
+                    compiled, clock.compile_s = precompile(jobs, int(cfg.train.compile_workers))
+                log.info("%s: compiled %d programs in %.1f s (%d at a time)", stage.name, len(jobs),
+                         clock.parts["compile"], int(cfg.train.compile_workers))
+                steps_fns = {(kind, hw): _Precompiled(fn, compiled[_step_name(kind, hw)])
+                             for (kind, hw), fn in steps_fns.items()}
+                if "eval_render" in compiled:
+                    render = _Precompiled(render, compiled["eval_render"])
+            if stop.requested:
+                raise KeyboardInterrupt
+            loop_start = last_time = time.perf_counter()
+            last_step = start
+            first_done = set()
+            while step < cfg.train.max_steps:
+                hw = resolution_at(cfg, step)
+                kind = step_kind(cfg.train.mode, step)
+                fn = steps_fns[(kind, hw)]
+                if (kind, hw) not in first_done:  # timed on its own (with its compilation unless precompiled)
+                    first_done.add((kind, hw))
+                    jax.block_until_ready(state)  # the steps still in flight are not this call's
+                    first_call_since = time.perf_counter()
+                    state, metrics = fn(state, targets[hw], prior_params)
+                    jax.block_until_ready(state)
+                    clock.first_calls[_step_name(kind, hw)] = time.perf_counter() - first_call_since
+                    first_call_since = None
+                else:
+                    state, metrics = fn(state, targets[hw], prior_params)
+                step += 1
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    record = _scalars(metrics)
+                    now = time.perf_counter()
+                    record.update(step=step, kind=kind, height=hw[0], width=hw[1],
+                                  ms_per_step=1000.0 * (now - last_time) / max(step - last_step, 1))
+                    last_time, last_step = now, step
+                    metrics_writer.write(record)
+                    shown = {k: record[k] for k in ("loss", "ref/psnr") if k in record}
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
+                if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
+                    with clock.part("validation"):
+                        validate_views(cfg, render, state, ref_camera, stage_dir, step, eval_ref, metrics_writer)
+                if step % cfg.train.save_every == 0:
+                    with clock.part("checkpoints_in_loop"):
+                        checkpointer.save(state)
+                bar.update(1)
+                if stop.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), stage_dir)
-        loop_s = time.perf_counter() - loop_start
-        checkpointer.save(state, force=True)
-        checkpointer.wait()
+        now = time.perf_counter()
+        loop_s = now - loop_start if loop_start is not None else 0.0
+        if _alive(state):
+            log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), stage_dir)
+            checkpointer.save(state, force=True)
+            checkpointer.wait()
+        else:  # a second Ctrl-C inside a step, which had consumed its input
+            log.error("interrupted inside a step: its input state is gone; the last checkpoint in %s stands",
+                      stage_dir / "checkpoints")
         if is_writer():  # where the time went up to the interruption (a timed run cut short still reports)
-            wall = clock.report(loop_s, int(state.step) - start)
-            wall["interrupted_at_step"] = int(state.step)
+            wall = clock.report(loop_s, (int(state.step) if _alive(state) else step) - start,
+                                now - first_call_since if first_call_since is not None else 0.0)
+            wall["interrupted_at_step"] = int(state.step) if _alive(state) else step
             (stage_dir / "wall_time.json").write_text(json.dumps(wall, indent=2))
         raise
     finally:

@@ -329,18 +329,20 @@ class CoarseNerf:
 
     # ------------------------------------------------------------------ evaluation
 
-    def render_fn(self, height: int, width: int, chunk_rays: int | None = None):
+    def render_fn(self, height: int, width: int, chunk_rays: int | None = None,
+                  samples_per_ray: float | None = None):
         """jit (params, grid, camera, step) -> {rgb (H,W,3), normal (H,W,3), depth (H,W), opacity (H,W)}.
 
         Deterministic (no jitter, no stratification). Rays go in chunks of ``chunk_rays`` (default
         ``eval.chunk_rays``) so memory is bounded at any resolution, and the chunks are split over the ``data``
-        axis so every device renders its share.
+        axis so every device renders its share. Sample budget per ray: ``samples_per_ray`` (default
+        ``render.eval_samples_per_ray``), with max(training candidates, 2 x that) candidates.
         """
         chunk_rays = int(self.cfg.eval.chunk_rays) if chunk_rays is None else int(chunk_rays)
-        spec = self.render.replace(stratified=False,
-                                   samples_per_ray=self.cfg.render.eval_samples_per_ray,
+        budget = float(self.cfg.render.eval_samples_per_ray if samples_per_ray is None else samples_per_ray)
+        spec = self.render.replace(stratified=False, samples_per_ray=budget,
                                    candidate_samples_per_ray=max(self.cfg.render.candidate_samples_per_ray,
-                                                                 2 * self.cfg.render.eval_samples_per_ray))
+                                                                 2 * budget))
         n_dev = parallel.view_shards(self.mesh)
         n_rays = height * width
         chunk = min(chunk_rays, -(-n_rays // n_dev))
