@@ -1037,27 +1037,39 @@ def bench_hashgrid(args) -> dict:
 def bench_project(args) -> dict:
     """The 5000 + 5000-step projection of :func:`_project_wall` from stage-bench JSON files of several runs (a
     device call rarely fits all three cases): results merged in the order given, a later file's case replacing an
-    earlier one's."""
+    earlier one's. A `bench eval` file gives each stage's evaluation-render time at the config's
+    ``render.eval_samples_per_ray`` instead of the stage files' (timed at the budget of their day)."""
     cfg = _load_config(args.config, args.set)
-    results, sources, devices = {}, {}, set()
+    results, sources, devices, eval_ms = {}, {}, set(), {}
     for path in args.files:
         try:
             report = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot read stage-bench JSON {path}: {e}")
+        if report.get("benchmark") == "eval":
+            devices.add(report.get("device"))
+            for name, r in report["results"].items():
+                if float(r["samples_per_ray"]) == float(cfg.render.eval_samples_per_ray):
+                    eval_ms[r["stage"]] = (r["ms"], path)
+            continue
         if report.get("benchmark") != "stage":
-            raise SystemExit(f"error: {path} is not a `bench stage` result (benchmark={report.get('benchmark')!r})")
+            raise SystemExit(f"error: {path} is neither a `bench stage` nor a `bench eval` result "
+                             f"(benchmark={report.get('benchmark')!r})")
         devices.add(report.get("device"))
         for name, r in report["results"].items():
             if "error" not in r:
                 results[name], sources[name] = r, path
+    for stage_name, (ms, path) in eval_ms.items():  # the stage's last-phase case carries its eval-view time
+        for name in [n for n in results if n.startswith(stage_name) and n.endswith("_views1")]:
+            results[name] = {**results[name], "eval_view_ms": ms}
+            sources[f"{stage_name}_eval_view"] = path
     projection = _project_wall(cfg, results)
     if projection is None:
         wanted = "coarse_nerf_<res>px_views1 for every NeRF resolution and coarse_neus_<res>px_views1"
         raise SystemExit(f"error: the files lack a case the projection needs ({wanted}); have {sorted(results)}")
     return {"benchmark": "stage_projection", "devices": sorted(d for d in devices if d), "config": args.config,
             "overrides": list(args.set), "projection": projection,
-            "sources": {name: sources[name] for name in results if name.endswith("_views1")}}
+            "sources": {name: sources[name] for name in sources if name.endswith(("_views1", "_eval_view"))}}
 
 
 def bench_profile(args) -> dict:
