@@ -559,7 +559,7 @@ def _eval_view_ms(stage, state, repeats: int) -> tuple[float, float]:
 def bench_stage(args) -> dict:
     """ms/step of full stage steps (render + both priors + update) with real-size random priors."""
 
-    from dreamcraft_jax.runner import time_split
+    from dreamcraft_jax.runner import step_latency_ms, time_split
     from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF
 
     cfg = _load_config(args.config, args.set)
@@ -591,14 +591,12 @@ def bench_stage(args) -> dict:
                 if stage_name == "coarse_neus":
                     state = _neus_reference_fit(stage, state, targets, res, args.neus_fit_steps, ref_step, pp)
                 if args.no_split:  # the random step's latency only (two compiles fewer)
-                    split = {"kind": "random", "height": res, "width": res, "step_ms": _time(
-                        lambda s: random_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
-                        repeats=args.repeats)["median_ms"]}
+                    split = {"kind": "random", "height": res, "width": res,
+                             "step_ms": step_latency_ms(random_step, state, targets, pp, args.repeats)}
                 else:
                     split = time_split(stage, state, targets, pp, (res, res), repeats=args.repeats,
                                        full_step=random_step)
-                ref_ms = _time(lambda s: ref_step(jax.tree.map(lambda x: x.copy(), s), targets, pp), state,
-                               repeats=args.repeats)["median_ms"]
+                ref_ms = step_latency_ms(ref_step, state, targets, pp, args.repeats)
                 pair_ms = _pipelined_steps_ms((ref_step, random_step), state, targets, pp, args.repeats)
                 eval_ms, first_call_s["eval_view"] = _eval_view_ms(stage, state, args.repeats)
                 n_views = views * parallel.view_shards(mesh)

@@ -57,6 +57,20 @@ def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     assert use["random/overflow"] > 0 or use["random/candidates_per_ray"] <= budgets["candidates"]
 
 
+def test_eval_bench_compares_each_budget_with_the_largest(tmp_path, monkeypatch):
+    """`bench eval`: the largest budget is its own reference (PSNR at the 120 dB cap, no opacity change); a budget
+    of 1 sample per ray cannot draw the fitted scene the same way."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "eval.json"
+    assert bench.main(["eval", "--config", "configs/demo.py", "--stages", "coarse_nerf", "--budgets", "24", "1",
+                       "--fit_steps", "20", "--repeats", "1", "--set", "eval.height=24", "--set", "eval.width=24",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    largest, one = report["results"]["coarse_nerf_budget24"], report["results"]["coarse_nerf_budget1"]
+    assert largest["vs_largest_budget"] == {"rgb_psnr": 120.0, "normal_psnr": 120.0, "opacity_max_abs": 0.0}
+    assert one["vs_largest_budget"]["rgb_psnr"] < 60.0 and one["ms"] > 0 and (one["height"], one["width"]) == (24, 24)
+
+
 def test_scaling_bench_cpu_simulated_losses_agree(tmp_path, monkeypatch):
     """The scaling bench on CPU-simulated devices: labelled as such, and the same global views give the same
     Zero123 SDS loss on 1 and 2 devices, replicated or FSDP-split (per-view keys)."""
@@ -202,10 +216,20 @@ def test_project_merges_stage_runs_and_reports_what_is_missing(tmp_path, monkeyp
     assert abs(report["projection"]["first_calls_s"] - 179.0) < 1e-9 and "first_calls_not_timed" not in report[
         "projection"]
     assert abs(report["projection"]["minutes_with_first_calls"] - (expected + eval_min + 179.0 / 60.0)) < 1e-9
+    # A `bench eval` file: each stage's eval-view time at the config's budget (32) replaces the stage files'.
+    evals = {"benchmark": "eval", "device": "GPU", "results": {
+        "coarse_neus_budget32": {"stage": "coarse_neus", "samples_per_ray": 32.0, "ms": 12.0},
+        "coarse_neus_budget64": {"stage": "coarse_neus", "samples_per_ray": 64.0, "ms": 99.0}}}
+    (tmp_path / "eval.json").write_text(json.dumps(evals))
+    report = bench.main(["project", *map(str, paths), str(tmp_path / "eval.json"), "--out", str(out)]) == 0 and \
+        json.loads(out.read_text())
+    assert abs(report["projection"]["parts"]["coarse_neus_eval_renders_170_views_min"]
+               - 12.0 * 170 / 60000.0) < 1e-9
+    assert report["sources"]["coarse_neus_eval_view"] == str(tmp_path / "eval.json")
     with pytest.raises(SystemExit, match="lack a case"):
         bench.main(["project", str(paths[1])])
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "render", "results": {}}))
-    with pytest.raises(SystemExit, match="not a `bench stage` result"):
+    with pytest.raises(SystemExit, match="neither a `bench stage` nor a `bench eval` result"):
         bench.main(["project", str(tmp_path / "other.json")])
 
 
