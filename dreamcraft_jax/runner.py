@@ -428,8 +428,7 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
             if int(cfg.train.compile_workers) > 0 and steps_fns:
                 jobs = {_step_name(kind, hw): (fn, (state, targets[hw], prior_params))
                         for (kind, hw), fn in steps_fns.items()}
-                if is_writer():  # only process 0 renders validation views and the video
-                    jobs["eval_render"] = (render, (state.params, state.grid, ref_camera, state.step))
+                jobs["eval_render"] = (render, (state.params, state.grid, ref_camera, state.step))
                 with clock.part("compile"):
                     compiled, clock.compile_s = precompile(jobs, int(cfg.train.compile_workers))
                 log.info("%s: compiled %d programs in %.1f s (%d at a time)", stage.name, len(jobs),
@@ -512,7 +511,7 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
             (stage_dir / "timing.json").write_text(json.dumps(timing, indent=2))
             log.info("%s ms/step split: %s", stage.name, {k: round(v, 2) for k, v in timing.items()
                                                            if isinstance(v, float)})
-    if cfg.eval.video and cfg.eval.n_video_views > 0 and is_writer():
+    if cfg.eval.video and cfg.eval.n_video_views > 0:
         with clock.part("video"):
             write_turntable(cfg, render, state, stage_dir / "video" / "turntable.mp4")
     if is_writer():
@@ -580,14 +579,15 @@ def step_latency_ms(step, state, targets, prior_params, repeats: int) -> float:
 
 def validate_views(cfg, render, state, ref_camera, workdir: Path, step: int, eval_ref, writer,
                    image_writer: concurrent.futures.Executor | None = None) -> float:
-    """Render the reference view and one orbit view at eval resolution; log the eval reference PSNR. The panel
-    PNG (~0.4 s of host work at 512 px) is made and written by ``image_writer`` when given, so training goes on
-    meanwhile; the caller shuts it down (waiting) before the stage ends."""
-    if not is_writer():
-        return float("nan")
+    """Render the reference view and one orbit view at eval resolution; log the eval reference PSNR. Every
+    process renders (the render is sharded over all devices); process 0 writes. The panel PNG (~0.4 s of host
+    work at 512 px) is made and written by ``image_writer`` when given, so training goes on meanwhile; the caller
+    shuts it down (waiting) before the stage ends."""
     side = cam.make_camera(15.0, 90.0, cfg.camera.distance, cfg.camera.fovy_deg)
     ref_out = render(state.params, state.grid, ref_camera, state.step)
     side_out = render(state.params, state.grid, side, state.step)
+    if not is_writer():
+        return float("nan")
     out, side_out = jax.device_get((ref_out, side_out))
     target = eval_ref.rgb * eval_ref.mask[..., None] + np.asarray(cfg.render.background) * (
         1.0 - eval_ref.mask[..., None])
@@ -608,15 +608,17 @@ def validate_views(cfg, render, state, ref_camera, workdir: Path, step: int, eva
     return psnr
 
 
-def write_turntable(cfg, render, state, path: Path) -> str:
-    """The orbit video; each frame's panel is made on a host thread while the device renders the next frame."""
+def write_turntable(cfg, render, state, path: Path) -> str | None:
+    """The orbit video; each frame's panel is made on a host thread while the device renders the next frame.
+    Every process renders the frames (the render is sharded over all devices); process 0 writes the video."""
     cams = cam.orbit_cameras(cfg.eval.n_video_views, cfg.eval.elevation_deg, cfg.camera.distance,
                              cfg.camera.fovy_deg)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         panels = []
         for i in range(cfg.eval.n_video_views):
             camera = jax.tree.map(lambda a: a[i], cams)
-            out = jax.device_get(render(state.params, state.grid, camera, state.step))
-            panels.append(pool.submit(media.panel, out))
+            out = render(state.params, state.grid, camera, state.step)
+            if is_writer():
+                panels.append(pool.submit(media.panel, jax.device_get(out)))
         frames = [f.result() for f in panels]
-    return media.write_video(path, frames, fps=cfg.eval.fps)
+    return media.write_video(path, frames, fps=cfg.eval.fps) if is_writer() else None

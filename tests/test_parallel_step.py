@@ -82,3 +82,22 @@ def test_views_must_divide_evenly_over_devices():
     stage, state, targets = _setup(2, 3)
     ref, rand = stage._view_batches(state, BOTH)
     assert ref[0].c2w.shape == (6, 4, 4) and rand[0].c2w.shape == (6, 4, 4)
+
+
+@pytest.mark.skipif(len(jax.devices()) < N_DEV, reason="needs 8 (simulated) devices")
+def test_eval_render_split_over_eight_devices_equals_one_device_and_is_replicated():
+    """The evaluation render splits its ray chunks over the devices and hands back the whole image on every
+    device (so every process of a multi-host run can read it, as the runner's validation and video need)."""
+    from dreamcraft_jax import cameras as cam
+
+    stage8, state, _ = _setup(N_DEV, 1)
+    stage1, _, _ = _setup(1, 1)
+    camera = cam.reference_camera(stage8.cfg.camera)
+    # 20 x 24 = 480 rays in 16-ray chunks: 30 chunks, padded to 32 so each of the 8 devices takes 4.
+    out8 = stage8.render_fn(20, 24, chunk_rays=16)(state.params, state.grid, camera, state.step)
+    state1 = parallel.replicate(jax.device_get(state), stage1.mesh)
+    out1 = stage1.render_fn(20, 24, chunk_rays=16)(state1.params, state1.grid, camera, state1.step)
+    for name in ("rgb", "normal", "depth", "opacity"):
+        assert out8[name].sharding.is_fully_replicated, name
+        assert out8[name].shape[:2] == (20, 24)
+        np.testing.assert_allclose(np.asarray(out8[name]), np.asarray(out1[name]), rtol=1e-5, atol=1e-6)

@@ -335,7 +335,8 @@ class CoarseNerf:
 
         Deterministic (no jitter, no stratification). Rays go in chunks of ``chunk_rays`` (default
         ``eval.chunk_rays``) so memory is bounded at any resolution, and the chunks are split over the ``data``
-        axis so every device renders its share. Sample budget per ray: ``samples_per_ray`` (default
+        axis so every device renders its share. The images come back replicated: every process (multi-host)
+        calls this together and can read the whole image; process 0 writes it. Sample budget per ray: ``samples_per_ray`` (default
         ``render.eval_samples_per_ray``), with max(training candidates, 2 x that) candidates.
         """
         chunk_rays = int(self.cfg.eval.chunk_rays) if chunk_rays is None else int(chunk_rays)
@@ -370,7 +371,8 @@ class CoarseNerf:
             rays_d = jnp.pad(rays_d.reshape(-1, 3), ((0, pad), (0, 0)), constant_values=1.0)
             rays_d = rays_d / jnp.linalg.norm(rays_d, axis=-1, keepdims=True)
             outs = sharded(params, grid, rays_o.reshape(n_chunks, chunk, 3), rays_d.reshape(n_chunks, chunk, 3), step)
-            return {k: v.reshape((n_chunks * chunk,) + v.shape[2:])[:n_rays].reshape((height, width) + v.shape[2:])
-                    for k, v in outs.items()}
+            images = {k: v.reshape((n_chunks * chunk,) + v.shape[2:])[:n_rays].reshape((height, width) + v.shape[2:])
+                      for k, v in outs.items()}
+            return jax.lax.with_sharding_constraint(images, parallel.replicated(self.mesh))
 
         return jax.jit(render)
