@@ -81,6 +81,23 @@ def as_varying(tree, axis=VIEW_AXES):
     return jax.tree.map(lambda x: jax.lax.pvary(x, axis), tree)
 
 
+def varying_axes(x) -> frozenset:
+    """The mesh axes ``x`` varies along inside shard_map (jax >= 0.12 keeps them in ``aval.mat``, older in
+    ``aval.vma``)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def to_varying(tree, axis=VIEW_AXES):
+    """:func:`as_varying` for values that may already vary along some of ``axis`` (those are left as they are)."""
+    def one(x):
+        missing = tuple(a for a in axis if a not in varying_axes(x))
+        return as_varying(x, missing) if missing else x
+
+    return jax.tree.map(one, tree)
+
+
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 1 << 16) -> P:
     """FSDP rule for one parameter: split its largest axis divisible by the ``fsdp`` size, if it is big enough.
 

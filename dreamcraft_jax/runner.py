@@ -427,14 +427,15 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
         with _StopRequest() as stop:
             if int(cfg.train.compile_workers) > 0 and steps_fns:
                 jobs = {_step_name(kind, hw): (fn, (state, targets[hw], prior_params))
-                        for (kind, hw), fn in steps_fns.items()}
+                        for (kind, hw), fn in steps_fns.items()
+                        if hasattr(fn, "lower")}  # a three-program step (train.separate_guidance) compiles at first call
                 jobs["eval_render"] = (render, (state.params, state.grid, ref_camera, state.step))
                 with clock.part("compile"):
                     compiled, clock.compile_s = precompile(jobs, int(cfg.train.compile_workers))
                 log.info("%s: compiled %d programs in %.1f s (%d at a time)", stage.name, len(jobs),
                          clock.parts["compile"], int(cfg.train.compile_workers))
-                steps_fns = {(kind, hw): _Precompiled(fn, compiled[_step_name(kind, hw)])
-                             for (kind, hw), fn in steps_fns.items()}
+                steps_fns = {key: _Precompiled(fn, compiled[_step_name(*key)]) if _step_name(*key) in compiled else fn
+                             for key, fn in steps_fns.items()}
                 if "eval_render" in compiled:
                     render = _Precompiled(render, compiled["eval_render"])
             if stop.requested:

@@ -311,12 +311,21 @@ class Priors:
     def random_weights(self) -> bool:
         return any(p.random_weights for p in self.priors.values())
 
+    def resized(self, images) -> dict:
+        """{loss name: images (B, R, R, 3)} at each prior's input size R (the resize its loss makes first, which
+        is then the identity): renders of any size become inputs of fixed size."""
+        b, _, _, c = images.shape
+        return {name: jax.image.resize(images, (b, p.resolution, p.resolution, c), method="bilinear",
+                                       antialias=False) for name, p in self.priors.items()}
+
     def losses(self, params: dict, images, camera, keys, step) -> tuple[dict, dict]:
-        """({loss name: value}, {stat name: value}) of every prior on the batch (per-view keys (B, 2))."""
+        """({loss name: value}, {stat name: value}) of every prior on the batch (per-view keys (B, 2)). ``images``
+        (B, H, W, 3) in [0, 1], or {loss name: images} per prior (:meth:`resized`)."""
         terms, stats = {}, {}
         for i, (name, prior) in enumerate(self.priors.items()):
             view_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-            value, s = prior.loss(params[name], images, camera, view_keys, step)
+            value, s = prior.loss(params[name], images[name] if isinstance(images, dict) else images, camera,
+                                  view_keys, step)
             terms[name] = value
             stats[f"{name}_grad_norm"] = s["grad_norm"]
             stats[f"{name}_t"] = jnp.mean(s["t"].astype(jnp.float32))

@@ -22,6 +22,7 @@ field (params, field closures, optimiser, extra per-view terms).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 from typing import Any
 
@@ -223,14 +224,13 @@ class CoarseNerf:
 
     # ------------------------------------------------------------------ per-device loss and grads
 
-    def _local_loss(self, params, grid, ref_views, rand_views, step, targets, prior_params, kind, height, width):
-        """Mean loss over this device's views; ref and random parts are each averaged, then added.
+    def _render_loss(self, params, grid, ref_views, rand_views, step, targets, height, width):
+        """The per-device loss without the priors: (loss, metrics, random-view renders (V, H, W, 3) or None).
 
-        The random views' renders (V, H, W, 3) are scored by the priors as one batch; each prior's loss is already
-        the mean over the batch, so it adds to the mean of the per-view terms.
+        Reference and random parts are each averaged over their views, then added.
         """
         total = 0.0
-        metrics = {}
+        metrics, rand_rgbs = {}, None
         for is_ref, views, prefix in ((True, ref_views, "ref"), (False, rand_views, "random")):
             if views is None:
                 continue
@@ -245,16 +245,33 @@ class CoarseNerf:
                 one = jax.checkpoint(one)
             loss, terms, stats, rgbs = jax.lax.map(one, (cams, keys))
             view_loss = jnp.mean(loss)
-            if not is_ref and self.priors is not None:
-                guide_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys)
-                g_terms, g_stats = self.priors.losses(prior_params, rgbs, cams, guide_keys, step)
-                view_loss = view_loss + self.weighted_total(g_terms, step)
-                metrics.update({f"{prefix}/{k}": v for k, v in g_terms.items()})
-                metrics.update({f"{prefix}/{k}": v for k, v in g_stats.items()})
+            if not is_ref:
+                rand_rgbs = rgbs
             total = total + view_loss
             metrics[f"{prefix}/loss"] = view_loss
             metrics.update({f"{prefix}/{k}": jnp.mean(v) for k, v in terms.items()})
             metrics.update({f"{prefix}/{k}": jnp.mean(v) for k, v in stats.items()})
+        return total, metrics, rand_rgbs
+
+    def _guidance_loss(self, prior_params, images, rand_views, step):
+        """(weighted prior loss, metrics) of this device's random views, scored as one batch per prior; each
+        prior's loss is already the mean over the batch. ``images``: the renders (V, H, W, 3), or per prior the
+        renders resized to its input size (:meth:`Priors.resized`)."""
+        cams, keys = rand_views
+        guide_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys)
+        g_terms, g_stats = self.priors.losses(prior_params, images, cams, guide_keys, step)
+        metrics = {f"random/{k}": v for k, v in {**g_terms, **g_stats}.items()}
+        return self.weighted_total(g_terms, step), metrics
+
+    def _local_loss(self, params, grid, ref_views, rand_views, step, targets, prior_params, kind, height, width):
+        """Mean loss over this device's views (render terms, then the priors on the random views' renders)."""
+        del kind
+        total, metrics, rgbs = self._render_loss(params, grid, ref_views, rand_views, step, targets, height, width)
+        if rgbs is not None and self.priors is not None:
+            g_loss, g_metrics = self._guidance_loss(prior_params, rgbs, rand_views, step)
+            total = total + g_loss
+            metrics.update(g_metrics)
+            metrics["random/loss"] = metrics["random/loss"] + g_loss
         return total, metrics
 
     def _view_batches(self, state: TrainState, kind: str):
@@ -308,24 +325,108 @@ class CoarseNerf:
     def step_fn(self, kind: str, height: int, width: int):
         """jit (state, targets, prior_params) -> (new_state, metrics): one full training step."""
 
+        if self.cfg.train.separate_guidance and self.priors is not None and kind in (RANDOM, BOTH):
+            return self._three_program_step(kind, height, width)
+
         def step(state: TrainState, targets: Targets, prior_params=None):
             grid = self.update_grid(state)
             grads, metrics = self._grads(state, targets, prior_params, kind, height, width, grid)
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
-                [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            metrics["grad_norm"] = optax.global_norm(grads)
-            metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
-            metrics["active_levels"] = jnp.sum(self.level_mask(state.step))
-            metrics["grid_occupancy"] = jnp.mean(grid.binary.astype(jnp.float32))
-            new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                                   grid=grid, step=state.step + 1, rng=state.rng,
-                                   nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
-            return new_state, metrics
+            return self._apply_grads(state, grid, grads, metrics)
 
         return jax.jit(step, donate_argnums=(0,))
+
+    def _apply_grads(self, state: TrainState, grid, grads, metrics):
+        """Adam on ``grads`` (the update skipped, and counted, when the loss or a gradient is not finite)."""
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
+        metrics["active_levels"] = jnp.sum(self.level_mask(state.step))
+        metrics["grid_occupancy"] = jnp.mean(grid.binary.astype(jnp.float32))
+        new_state = TrainState(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                               grid=grid, step=state.step + 1, rng=state.rng,
+                               nonfinite_skips=state.nonfinite_skips + (~finite).astype(jnp.int32))
+        return new_state, metrics
+
+    @functools.cached_property
+    def _guidance_program(self):
+        """jit (resized renders {prior: (V, R, R, 3)}, random views, step, prior params) -> (d prior loss /
+        d renders, metrics): the priors alone, sharded over the views. Its input sizes are the priors', not the
+        render's, so one compiled program serves every resolution and step kind of the stage."""
+        prior_specs = self.prior_specs
+
+        def per_device(images, rand_views, step, prior_params):
+            prior_params = parallel.gather_fsdp(prior_params, prior_specs)
+            (loss, metrics), grads = jax.value_and_grad(
+                lambda x: self._guidance_loss(prior_params, x, rand_views, step), has_aux=True)(images)
+            metrics["guidance_loss"] = loss
+            return grads, jax.lax.pmean(metrics, parallel.VIEW_AXES)
+
+        return jax.jit(parallel.shard_map(
+            per_device, self.mesh, in_specs=(parallel.VIEWS, parallel.VIEWS, parallel.REPLICATED, prior_specs),
+            out_specs=(parallel.VIEWS, parallel.REPLICATED)))
+
+    def _three_program_step(self, kind: str, height: int, width: int):
+        """The random-view step as three compiled programs (``train.separate_guidance``): (1) grid update, render
+        and its losses forward, keeping the backward pass's residuals, and the renders resized to each prior's
+        input size; (2) the priors (:attr:`_guidance_program`, shared by all resolutions); (3) the backward pass
+        of (1) fed with (2)'s gradient w.r.t. the resized renders, then Adam. Same gradient as the one-program
+        step; the priors, ~60 % of a random-view step's compile time, then compile once per stage, not once per
+        resolution. The residuals leave (1) per device with a leading axis of 1, along ``data``."""
+        box = {}  # the residuals' tree structure, found while tracing (1) and used while tracing (3)
+
+        def forward(state: TrainState, targets: Targets):
+            grid = self.update_grid(state)
+            ref, rand = self._view_batches(state, kind)
+
+            def per_device(params, grid, ref_views, rand_views, step, targets):
+                def render_part(p):
+                    loss, metrics, rgbs = self._render_loss(p, grid, ref_views, rand_views, step, targets,
+                                                            height, width)
+                    return (loss, self.priors.resized(rgbs)), (loss, metrics)
+
+                (_, images), backward, (loss, metrics) = jax.vjp(render_part, parallel.as_varying(params),
+                                                                 has_aux=True)
+                leaves, box["residuals"] = jax.tree.flatten(backward)
+                leaves = [parallel.to_varying(x)[None] for x in leaves]
+                metrics["loss"] = loss
+                return images, leaves, jax.lax.pmean(metrics, parallel.VIEW_AXES)
+
+            images, residuals, metrics = parallel.shard_map(
+                per_device, self.mesh,
+                in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.VIEWS, parallel.VIEWS,
+                          parallel.REPLICATED, parallel.REPLICATED),
+                out_specs=(parallel.VIEWS, parallel.VIEWS, parallel.REPLICATED),
+            )(state.params, grid, ref, rand, state.step, targets)
+            return grid, rand, images, residuals, metrics, state.step + 0  # a step buffer (3) does not donate
+
+        def backward_and_update(state: TrainState, grid, residuals, image_grads, metrics, guide_metrics):
+            def per_device(residuals, image_grads):
+                backward = jax.tree.unflatten(box["residuals"], [x[0] for x in residuals])
+                (grads,) = backward((parallel.to_varying(jnp.ones((), jnp.float32)), image_grads))
+                return jax.lax.pmean(grads, parallel.VIEW_AXES)
+
+            grads = parallel.shard_map(per_device, self.mesh, in_specs=(parallel.VIEWS, parallel.VIEWS),
+                                       out_specs=parallel.REPLICATED)(residuals, image_grads)
+            guide_metrics = dict(guide_metrics)
+            g_loss = guide_metrics.pop("guidance_loss")
+            metrics = {**metrics, **guide_metrics, "loss": metrics["loss"] + g_loss,
+                       "random/loss": metrics["random/loss"] + g_loss}
+            return self._apply_grads(state, grid, grads, metrics)
+
+        forward_jit = jax.jit(forward)
+        update_jit = jax.jit(backward_and_update, donate_argnums=(0, 2))
+
+        def step(state: TrainState, targets: Targets, prior_params=None):
+            grid, rand, images, residuals, metrics, step_now = forward_jit(state, targets)
+            image_grads, guide_metrics = self._guidance_program(images, rand, step_now, prior_params)
+            return update_jit(state, grid, residuals, image_grads, metrics, guide_metrics)
+
+        return step
 
     # ------------------------------------------------------------------ evaluation
 
