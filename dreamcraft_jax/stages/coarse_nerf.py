@@ -419,7 +419,7 @@ class CoarseNerf:
             return self._apply_grads(state, grid, grads, metrics)
 
         forward_jit = jax.jit(forward)
-        update_jit = jax.jit(backward_and_update, donate_argnums=(0, 2))
+        update_jit = jax.jit(backward_and_update, donate_argnums=(0,))  # residuals: no output of their shapes
 
         def step(state: TrainState, targets: Targets, prior_params=None):
             grid, rand, images, residuals, metrics, step_now = forward_jit(state, targets)
