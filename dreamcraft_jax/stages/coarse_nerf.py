@@ -375,8 +375,8 @@ class CoarseNerf:
         and its losses forward, keeping the backward pass's residuals, and the renders resized to each prior's
         input size; (2) the priors (:attr:`_guidance_program`, shared by all resolutions); (3) the backward pass
         of (1) fed with (2)'s gradient w.r.t. the resized renders, then Adam. Same gradient as the one-program
-        step; the priors, ~60 % of a random-view step's compile time, then compile once per stage, not once per
-        resolution. The residuals leave (1) per device with a leading axis of 1, along ``data``."""
+        step; the priors, most of a random-view step's compile time, then compile once per stage, not once per
+        resolution. The residuals leave (1) per device with a leading axis of 1, split along the view axes."""
         box = {}  # the residuals' tree structure, found while tracing (1) and used while tracing (3)
 
         def forward(state: TrainState, targets: Targets):
