@@ -170,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
     # one more render forward per view.
     c.train.remat_views = False
     # Random-view steps as three compiled programs (render forward, priors, backward + Adam) instead of one: the
-    # priors then compile once per stage instead of once per render resolution (~60 s each on an H200). Same
+    # priors then compile once per stage instead of once per render resolution (40-75 s each on an H200). Same
     # gradient; its step time on a GPU is not measured yet, so off by default.
     c.train.separate_guidance = False
     c.train.log_every = 10
