@@ -89,3 +89,32 @@ def demo_prior_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_priors")
     ensure_demo_priors(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_priors(demo_prior_root):
+    """(tiny config with both priors at 32 px, (Priors, params)) of the tiny random demo priors."""
+    from dreamcraft_jax.data.reference import example_image_path, load_reference
+    from dreamcraft_jax.guidance import priors as priors_mod
+
+    cfg = tiny_config(**{"loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1, "guidance.sd.resolution": 32,
+                         "guidance.zero123.resolution": 32})
+    cfg.guidance.sd.pretrained, cfg.guidance.zero123.pretrained = priors_mod.demo_prior_paths(demo_prior_root)
+    ref = load_reference(example_image_path(), 32, 32)
+    return cfg, priors_mod.load_priors(cfg, priors_mod.reference_rgb_on_white(ref.rgb, ref.mask))
+
+
+def final_state(cfg, workdir, stage_cls=None, name="coarse_nerf"):
+    """The last checkpointed TrainState of stage ``name`` in run folder ``workdir``, on the host."""
+    import jax
+
+    from dreamcraft_jax import parallel
+    from dreamcraft_jax.config import stage_config
+    from dreamcraft_jax.runner import Checkpointer
+    from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
+
+    stage = (stage_cls or CoarseNerf).from_config(stage_config(cfg, name), parallel.mesh_from_config(cfg))
+    ckpt = Checkpointer(workdir / name / "checkpoints", 3)
+    state = ckpt.restore(stage.init_state())
+    ckpt.close()
+    return jax.device_get(state)

@@ -1,0 +1,21 @@
+"""`bench eval`: evaluation-render time per sample budget against the largest budget."""
+
+import json
+
+from configs_loader import ROOT
+
+from dreamcraft_jax import bench
+
+
+def test_eval_bench_compares_each_budget_with_the_largest(tmp_path, monkeypatch):
+    """`bench eval`: the largest budget is its own reference (PSNR at the 120 dB cap, no opacity change); a budget
+    of 1 sample per ray cannot draw the fitted scene the same way."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "eval.json"
+    assert bench.main(["eval", "--config", "configs/demo.py", "--stages", "coarse_nerf", "--budgets", "24", "1",
+                       "--fit_steps", "20", "--repeats", "1", "--set", "eval.height=24", "--set", "eval.width=24",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    largest, one = report["results"]["coarse_nerf_budget24"], report["results"]["coarse_nerf_budget1"]
+    assert largest["vs_largest_budget"] == {"rgb_psnr": 120.0, "normal_psnr": 120.0, "opacity_max_abs": 0.0}
+    assert one["vs_largest_budget"]["rgb_psnr"] < 60.0 and one["ms"] > 0 and (one["height"], one["width"]) == (24, 24)
