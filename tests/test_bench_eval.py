@@ -13,7 +13,7 @@ def test_eval_bench_compares_each_budget_with_the_largest(tmp_path, monkeypatch)
     monkeypatch.chdir(ROOT)
     out = tmp_path / "eval.json"
     assert bench.main(["eval", "--config", "configs/demo.py", "--stages", "coarse_nerf", "--budgets", "24", "1",
-                       "--fit_steps", "20", "--repeats", "1", "--set", "eval.height=24", "--set", "eval.width=24",
+                       "--fit_steps", "3", "--repeats", "1", "--set", "eval.height=24", "--set", "eval.width=24",
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     largest, one = report["results"]["coarse_nerf_budget24"], report["results"]["coarse_nerf_budget1"]

@@ -76,7 +76,7 @@ def test_precompiled_steps_match_steps_compiled_at_first_call(tmp_path, caplog):
     """Steps compiled up front, in threads, on the 8-device mesh: the same final state as compiling each at its
     first call, the precompiled programs take the loop's arguments (no fallback), and wall_time.json says when
     each finished compiling."""
-    common = {"train.mode": "alternate", "train.max_steps": 4}
+    common = {"train.mode": "alternate", "train.max_steps": 2}
     eager = tiny_config(**common, **{"train.compile_workers": 0, "workdir": str(tmp_path / "eager")})
     ahead = tiny_config(**common, **{"train.compile_workers": 3, "workdir": str(tmp_path / "ahead")})
     train(eager, progress=False)
