@@ -635,6 +635,7 @@ def bench_eval(args) -> dict:
     """Evaluation renders (validation views, turntable frames) per sample budget: ms per view at eval
     resolution and what a smaller budget loses against the largest one (PSNR of rgb and normal images, max
     opacity difference), on the fitted scene (NeRF) and the NeuS that carries it over after its reference fit."""
+    from dreamcraft_jax import losses
     from dreamcraft_jax.config import stage_config
 
     cfg = _load_config(args.config, args.set)
@@ -644,9 +645,6 @@ def bench_eval(args) -> dict:
     mesh = parallel.mesh_from_config(cfg)
     budgets = sorted({float(b) for b in args.budgets}, reverse=True)
     results = {}
-
-    def psnr(a, b):
-        return float(-10.0 * np.log10(max(float(np.mean((np.asarray(a) - np.asarray(b)) ** 2)), 1e-12)))
 
     for stage_name in args.stages:
         scfg = stage_config(cfg, stage_name)
@@ -668,8 +666,8 @@ def bench_eval(args) -> dict:
             results[name] = {"stage": stage_name, "samples_per_ray": budget, "ms": timing["median_ms"],
                              "first_call_s": first_s, "height": int(scfg.eval.height),
                              "width": int(scfg.eval.width),
-                             "vs_largest_budget": {"rgb_psnr": psnr(image["rgb"], best["rgb"]),
-                                                   "normal_psnr": psnr(image["normal"], best["normal"]),
+                             "vs_largest_budget": {"rgb_psnr": float(losses.psnr(image["rgb"], best["rgb"])),
+                                                   "normal_psnr": float(losses.psnr(image["normal"], best["normal"])),
                                                    "opacity_max_abs": float(np.max(np.abs(
                                                        image["opacity"] - best["opacity"])))}}
             print(f"{name:<28} {timing['median_ms']:8.1f} ms  rgb {results[name]['vs_largest_budget']['rgb_psnr']:6.1f}"

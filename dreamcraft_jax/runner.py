@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from dreamcraft_jax import cameras as cam
-from dreamcraft_jax import parallel
+from dreamcraft_jax import losses, parallel
 from dreamcraft_jax.config import STAGES, resolution_at, schedule_is_zero, stage_config, validate
 from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
 from dreamcraft_jax.export import media
@@ -592,7 +592,7 @@ def validate_views(cfg, render, state, ref_camera, workdir: Path, step: int, eva
     out, side_out = jax.device_get((ref_out, side_out))
     target = eval_ref.rgb * eval_ref.mask[..., None] + np.asarray(cfg.render.background) * (
         1.0 - eval_ref.mask[..., None])
-    psnr = float(-10.0 * np.log10(max(float(np.mean((out["rgb"] - target) ** 2)), 1e-12)))
+    psnr = float(losses.psnr(out["rgb"], target))
 
     def save():
         path = workdir / "val" / f"step_{step:06d}.png"

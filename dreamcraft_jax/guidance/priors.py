@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamcraft_jax.guidance import prompts as vd
-from dreamcraft_jax.guidance.sds import images_to_model_input, sds_loss
+from dreamcraft_jax.guidance.sds import images_to_model_input, resize_to_model, sds_loss
 from dreamcraft_jax.guidance.zero123 import zero123_sds_loss
 from dreamcraft_jax.models import loading
 from dreamcraft_jax.models.clip import (clip_preprocess, load_camera_projection, load_clip_text, load_clip_vision,
@@ -314,9 +314,7 @@ class Priors:
     def resized(self, images) -> dict:
         """{loss name: images (B, R, R, 3)} at each prior's input size R (the resize its loss makes first, which
         is then the identity): renders of any size become inputs of fixed size."""
-        b, _, _, c = images.shape
-        return {name: jax.image.resize(images, (b, p.resolution, p.resolution, c), method="bilinear",
-                                       antialias=False) for name, p in self.priors.items()}
+        return {name: resize_to_model(images, p.resolution) for name, p in self.priors.items()}
 
     def losses(self, params: dict, images, camera, keys, step) -> tuple[dict, dict]:
         """({loss name: value}, {stat name: value}) of every prior on the batch (per-view keys (B, 2)). ``images``

@@ -141,9 +141,14 @@ def images_to_model_input(images: jax.Array, resolution: int) -> jax.Array:
     Same sampling as torch's F.interpolate(bilinear, align_corners=False, antialias=False), which threestudio uses
     (half-pixel centres; no low-pass filter when shrinking 1024 renders).
     """
+    return resize_to_model(images, resolution) * 2.0 - 1.0
+
+
+def resize_to_model(images: jax.Array, resolution: int) -> jax.Array:
+    """(B, H, W, C) -> (B, R, R, C), the bilinear resize of :func:`images_to_model_input` (the identity when
+    the images already are R x R)."""
     b, _, _, c = images.shape
-    resized = jax.image.resize(images, (b, resolution, resolution, c), method="bilinear", antialias=False)
-    return resized * 2.0 - 1.0
+    return jax.image.resize(images, (b, resolution, resolution, c), method="bilinear", antialias=False)
 
 
 def sd_sds_from_images(images: jax.Array, key: jax.Array, step, *, encode_fn, eps_fn: EpsFn,
