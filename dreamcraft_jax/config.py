@@ -269,9 +269,12 @@ def stage_config(cfg, stage: str) -> ml_collections.ConfigDict:
 
 
 def schedule_value(value, step):
-    """A number, or (a, v0, v1, b) -> v0 + (v1 - v0) * clip((step - a) / (b - a), 0, 1). Works on traced steps."""
+    """A number, or (a, v0, v1, b) -> v0 + (v1 - v0) * clip((step - a) / (b - a), 0, 1). Works on traced steps.
+    A scalar array passes through unchanged: a schedule already evaluated, e.g. a program's input."""
     if isinstance(value, numbers.Number):
         return float(value)
+    if getattr(value, "ndim", None) == 0:
+        return value
     a, v0, v1, b = (float(v) for v in value)
     import jax.numpy as jnp  # local: keep this module importable without touching jax at config time
 

@@ -48,3 +48,41 @@ def test_three_program_step_equals_the_one_program_step(demo_priors):
     # (lr 0.01); the second step's loss above already agrees to 1e-4.
     for a, b in zip(jax.tree.leaves(s3), jax.tree.leaves(s1)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-4, atol=1e-4)
+
+
+def test_stages_share_the_priors_program(demo_priors):
+    """With ``train.separate_guidance`` the stage's schedules (timestep ranges, loss weights) are inputs of the
+    priors' program: 1a and 1b (other timestep ranges, other lambda_sd here) lower it to the same HLO, so 1b loads
+    1a's compiled program from the persistent cache; 1b's step still draws its timesteps from its own range."""
+    from dreamcraft_jax.config import stage_config
+    from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+
+    cfg0, (priors, params) = demo_priors
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    cfg = tiny_config(**{"loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1, "guidance.sd.resolution": 32,
+                         "guidance.zero123.resolution": 32, "train.separate_guidance": True})
+    with cfg.unlocked():
+        cfg.overrides.coarse_neus.loss.lambda_sd = 0.3  # 1b also weighs SD otherwise
+    ref = load_reference(example_image_path(), 16, 16)
+    targets = parallel.replicate(targets_from_reference(ref), mesh)
+    texts, stages = [], []
+    for name, cls in (("coarse_nerf", CoarseNerf), ("coarse_neus", CoarseNeus)):
+        scfg = stage_config(cfg, name)
+        stage = cls.from_config(scfg, mesh, priors.configured(scfg), params)
+        step = jax.numpy.int32(100)
+        views = stage._view_batches(stage.init_state(), RANDOM)[1]
+        images = stage.priors.resized(jax.numpy.zeros((1, 16, 16, 3)))
+        texts.append(stage._guidance_program.lower(images, views, step, stage.guidance_schedules(step),
+                                                   stage.place_prior_params(params)).as_text())
+        stages.append(stage)
+    assert texts[0] == texts[1]
+
+    neus = stages[1]
+    schedules = jax.device_get(neus.guidance_schedules(jax.numpy.int32(100)))
+    assert float(schedules["weights"]["sd"]) == np.float32(0.3)
+    for name in ("sd", "3d_sd"):  # 1b's fixed range 0.2-0.5 (1a: 0.45-0.675 at step 100, annealed)
+        assert float(schedules["priors"][name]["min_step_percent"]) == np.float32(0.2)
+        assert float(schedules["priors"][name]["max_step_percent"]) == np.float32(0.5)
+    _, metrics = neus.step_fn(RANDOM, 16, 16)(neus.init_state(), targets, neus.place_prior_params(params))
+    for name in ("sd", "3d_sd"):
+        assert 200 <= float(metrics[f"random/{name}_t"]) <= 500

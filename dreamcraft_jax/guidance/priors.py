@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamcraft_jax.config import schedule_value
 from dreamcraft_jax.guidance import prompts as vd
 from dreamcraft_jax.guidance.sds import images_to_model_input, resize_to_model, sds_loss
 from dreamcraft_jax.guidance.zero123 import zero123_sds_loss
@@ -316,11 +317,27 @@ class Priors:
         is then the identity): renders of any size become inputs of fixed size."""
         return {name: resize_to_model(images, p.resolution) for name, p in self.priors.items()}
 
-    def losses(self, params: dict, images, camera, keys, step) -> tuple[dict, dict]:
+    def schedules_at(self, step) -> dict:
+        """{loss name: {setting: float32 scalar}}: each prior's step-dependent settings (timestep range, and the
+        gradient clip where set) evaluated at ``step``. Given to :meth:`losses` as ``schedules``, they make the
+        priors' program independent of the stage's schedules, so stages with other ranges share it."""
+        out = {}
+        for name, prior in self.priors.items():
+            values = {"min_step_percent": prior.min_step_percent, "max_step_percent": prior.max_step_percent}
+            if prior.grad_clip is not None:
+                values["grad_clip"] = prior.grad_clip
+            out[name] = {k: jnp.asarray(schedule_value(v, step), jnp.float32) for k, v in values.items()}
+        return out
+
+    def losses(self, params: dict, images, camera, keys, step, schedules: dict | None = None
+               ) -> tuple[dict, dict]:
         """({loss name: value}, {stat name: value}) of every prior on the batch (per-view keys (B, 2)). ``images``
-        (B, H, W, 3) in [0, 1], or {loss name: images} per prior (:meth:`resized`)."""
+        (B, H, W, 3) in [0, 1], or {loss name: images} per prior (:meth:`resized`). ``schedules``: the output of
+        :meth:`schedules_at` (possibly traced), used instead of the priors' own schedules."""
         terms, stats = {}, {}
         for i, (name, prior) in enumerate(self.priors.items()):
+            if schedules is not None:
+                prior = dataclasses.replace(prior, **schedules[name])
             view_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
             value, s = prior.loss(params[name], images[name] if isinstance(images, dict) else images, camera,
                                   view_keys, step)

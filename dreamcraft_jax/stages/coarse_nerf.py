@@ -253,15 +253,26 @@ class CoarseNerf:
             metrics.update({f"{prefix}/{k}": jnp.mean(v) for k, v in stats.items()})
         return total, metrics, rand_rgbs
 
-    def _guidance_loss(self, prior_params, images, rand_views, step):
+    def guidance_schedules(self, step) -> dict:
+        """The step-dependent numbers of the priors' loss, evaluated at ``step`` (float32 scalars): each prior's
+        :meth:`Priors.schedules_at` under "priors" and its loss weight lambda_<name> under "weights"."""
+        return {"priors": self.priors.schedules_at(step),
+                "weights": {name: jnp.asarray(schedule_value(self.cfg.loss[f"lambda_{name}"], step), jnp.float32)
+                            for name in self.priors.priors}}
+
+    def _guidance_loss(self, prior_params, images, rand_views, step, schedules: dict | None = None):
         """(weighted prior loss, metrics) of this device's random views, scored as one batch per prior; each
         prior's loss is already the mean over the batch. ``images``: the renders (V, H, W, 3), or per prior the
-        renders resized to its input size (:meth:`Priors.resized`)."""
+        renders resized to its input size (:meth:`Priors.resized`). ``schedules``: :meth:`guidance_schedules`
+        (then no number of this stage's config is a constant of the trace), or None to read the config."""
         cams, keys = rand_views
         guide_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys)
-        g_terms, g_stats = self.priors.losses(prior_params, images, cams, guide_keys, step)
+        g_terms, g_stats = self.priors.losses(prior_params, images, cams, guide_keys, step,
+                                              None if schedules is None else schedules["priors"])
         metrics = {f"random/{k}": v for k, v in {**g_terms, **g_stats}.items()}
-        return self.weighted_total(g_terms, step), metrics
+        if schedules is None:
+            return self.weighted_total(g_terms, step), metrics
+        return sum(schedules["weights"][name] * value for name, value in g_terms.items()), metrics
 
     def _local_loss(self, params, grid, ref_views, rand_views, step, targets, prior_params, kind, height, width):
         """Mean loss over this device's views (render terms, then the priors on the random views' renders)."""
@@ -354,20 +365,23 @@ class CoarseNerf:
 
     @functools.cached_property
     def _guidance_program(self):
-        """jit (resized renders {prior: (V, R, R, 3)}, random views, step, prior params) -> (d prior loss /
-        d renders, metrics): the priors alone, sharded over the views. Its input sizes are the priors', not the
-        render's, so one compiled program serves every resolution and step kind of the stage."""
+        """jit (resized renders {prior: (V, R, R, 3)}, random views, step, schedules, prior params) -> (d prior
+        loss / d renders, metrics): the priors alone, sharded over the views. Its input sizes are the priors', not
+        the render's, so one compiled program serves every resolution and step kind of the stage; the stage's
+        schedules (timestep ranges, loss weights: :meth:`guidance_schedules`) are inputs, so a later stage with
+        other ranges lowers to the same program and loads it from the persistent compilation cache."""
         prior_specs = self.prior_specs
 
-        def per_device(images, rand_views, step, prior_params):
+        def per_device(images, rand_views, step, schedules, prior_params):
             prior_params = parallel.gather_fsdp(prior_params, prior_specs)
             (loss, metrics), grads = jax.value_and_grad(
-                lambda x: self._guidance_loss(prior_params, x, rand_views, step), has_aux=True)(images)
+                lambda x: self._guidance_loss(prior_params, x, rand_views, step, schedules), has_aux=True)(images)
             metrics["guidance_loss"] = loss
             return grads, jax.lax.pmean(metrics, parallel.VIEW_AXES)
 
         return jax.jit(parallel.shard_map(
-            per_device, self.mesh, in_specs=(parallel.VIEWS, parallel.VIEWS, parallel.REPLICATED, prior_specs),
+            per_device, self.mesh,
+            in_specs=(parallel.VIEWS, parallel.VIEWS, parallel.REPLICATED, parallel.REPLICATED, prior_specs),
             out_specs=(parallel.VIEWS, parallel.REPLICATED)))
 
     def _three_program_step(self, kind: str, height: int, width: int):
@@ -402,7 +416,8 @@ class CoarseNerf:
                           parallel.REPLICATED, parallel.REPLICATED),
                 out_specs=(parallel.VIEWS, parallel.VIEWS, parallel.REPLICATED),
             )(state.params, grid, ref, rand, state.step, targets)
-            return grid, rand, images, residuals, metrics, state.step + 0  # a step buffer (3) does not donate
+            # state.step + 0: a step buffer that (3) does not donate
+            return grid, rand, images, residuals, metrics, state.step + 0, self.guidance_schedules(state.step)
 
         def backward_and_update(state: TrainState, grid, residuals, image_grads, metrics, guide_metrics):
             def per_device(residuals, image_grads):
@@ -422,8 +437,8 @@ class CoarseNerf:
         update_jit = jax.jit(backward_and_update, donate_argnums=(0,))  # residuals: no output of their shapes
 
         def step(state: TrainState, targets: Targets, prior_params=None):
-            grid, rand, images, residuals, metrics, step_now = forward_jit(state, targets)
-            image_grads, guide_metrics = self._guidance_program(images, rand, step_now, prior_params)
+            grid, rand, images, residuals, metrics, step_now, schedules = forward_jit(state, targets)
+            image_grads, guide_metrics = self._guidance_program(images, rand, step_now, schedules, prior_params)
             return update_jit(state, grid, residuals, image_grads, metrics, guide_metrics)
 
         return step
