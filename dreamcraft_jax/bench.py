@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamcraft_jax import bench_compile, parallel
 from dreamcraft_jax import cameras as cam
-from dreamcraft_jax import parallel
 from dreamcraft_jax.fields import hashgrid, nerf
 from dreamcraft_jax.fields.mlp import apply_mlp
 from dreamcraft_jax.guidance.random_priors import TINY_UNET, TINY_VAE, random_params, random_priors
@@ -837,7 +837,8 @@ def _scaling_efficiency(results: dict, timing: str = "median_ms") -> dict:
 def _stage_case(cfg, stage_name: str, res: int, views_per_device: int, mesh, priors, prior_params, fitted,
                 at_step: int):
     """(stage, state at ``at_step``, targets, placed prior params) of one timed stage step on ``mesh``: stage 1a
-    starts from the fitted scene, stage 1b from the NeuS init that carries it over."""
+    starts from the fitted scene, stage 1b from the NeuS init that carries it over (``fitted`` None: each
+    stage's own initial state)."""
     from dreamcraft_jax.config import stage_config
     from dreamcraft_jax.runner import load_targets
     from dreamcraft_jax.stages.coarse_nerf import CoarseNerf, targets_from_reference
@@ -851,7 +852,7 @@ def _stage_case(cfg, stage_name: str, res: int, views_per_device: int, mesh, pri
     cls = CoarseNeus if stage_name == "coarse_neus" else CoarseNerf
     stage = cls.from_config(scfg, mesh, priors.configured(scfg) if priors is not None else None, prior_params)
     pp = stage.place_prior_params(prior_params)
-    if stage_name == "coarse_neus":
+    if stage_name == "coarse_neus" or fitted is None:  # None: the stage's initial state
         state = stage.init_state(previous=fitted)
     else:
         state = parallel.replicate(jax.device_get(fitted), mesh)
@@ -1371,6 +1372,7 @@ def main(argv=None) -> int:
                    help="turn XLA's GPU command buffers off so each kernel shows up on its own (busy time stays "
                         "right; wall time then includes the extra launches)")
     f.add_argument("--out", default="")
+    bench_compile.add_parser(sub)
     args = parser.parse_args(argv)
     # XLA's GPU client takes 75% of device memory by default; one executable's temporaries live in one buffer
     # (the 4-view 384 px NeRF step asks for ~100 GiB of an H200's 141), so the benches take 90% unless told
@@ -1380,7 +1382,11 @@ def main(argv=None) -> int:
         # Inside a command buffer (CUDA graph) the profiler sees one event for hundreds of kernels. Must be set
         # before the backend starts, which the first device use below does.
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
-    if args.what == "hashgrid":
+    if args.what == "compile":
+        report = bench_compile.run(args)
+        if report is None:  # a child process of the compile bench: its result line is printed
+            return 0
+    elif args.what == "hashgrid":
         report = bench_hashgrid(args)
     elif args.what == "project":
         report = bench_project(args)

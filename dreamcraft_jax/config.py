@@ -170,8 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
     # one more render forward per view.
     c.train.remat_views = False
     # Random-view steps as three compiled programs (render forward, priors, backward + Adam) instead of one: the
-    # priors then compile once per stage instead of once per render resolution (40-75 s each on an H200). Same
-    # gradient; its step time on a GPU is not measured yet, so off by default.
+    # priors then compile once for all resolutions and stages. Same gradient. Off: on an H200 its steps ran 5-11%
+    # slower and stage 1a's first calls took as long (benchmarks/separate_guidance_h200.json).
     c.train.separate_guidance = False
     c.train.log_every = 10
     c.train.val_every = 200
