@@ -44,7 +44,7 @@ def parse_case(case: str) -> tuple[str, int, str]:
 def parse_variant(text: str) -> tuple[str, str]:
     """``name=FLAGS`` -> (name, flags), e.g. ``no_autotune=--xla_gpu_autotune_level=0``."""
     name, sep, flags = text.partition("=")
-    if not sep or not name:
+    if not sep or not name or not (name[0].isalnum() and name.replace("_", "").replace("-", "").isalnum()):
         raise SystemExit(f"error: variant {text!r}: expected name=XLA_FLAGS (flags may be empty: default=)")
     return name, flags
 
@@ -63,6 +63,7 @@ def _child(args) -> dict:
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     priors, prior_params = random_priors(cfg, args.tiny)
     out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+           "xla_flags_seen": os.environ.get("XLA_FLAGS", ""),
            "setup_s": time.perf_counter() - t_start, "cases": {}}
     for case in args.cases:
         stage_name, res, kind = parse_case(case)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from configs_loader import ROOT
 
 from dreamcraft_jax import bench
@@ -237,3 +238,29 @@ def test_hashgrid_bench_writes_json_and_xla_is_float64_close(tmp_path):
     steps = np.linalg.norm(pts[1:64] - pts[:63], axis=-1)
     assert pts.shape == (640, 3) and float(pts.min()) >= 0.0 and float(pts.max()) <= 1.0
     assert float(steps.max()) <= 0.6 / 64 + 1e-6  # consecutive points of a ray are one step apart at most
+
+
+def test_compile_bench_runs_each_variant_in_its_own_process(tmp_path, monkeypatch):
+    """``bench compile``: each flag variant compiles in a child process that saw its XLA flags; the first-call
+    split and the step time come back; a malformed case or variant is one clear error."""
+    from dreamcraft_jax import bench_compile
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    out = tmp_path / "compile.json"
+    assert bench.main(["compile", "--config", "configs/demo.py", "--tiny", "--cases", "coarse_neus_16px_ref",
+                       "--variants", "default=", "noauto=--xla_gpu_autotune_level=0", "--repeats", "2",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"default", "noauto"} and "partial" not in report
+    for name, flags in (("default", ""), ("noauto", "--xla_gpu_autotune_level=0")):
+        r = report["results"][name]
+        assert r["xla_flags_seen"] == f"--xla_force_host_platform_device_count=1 {flags}".strip()
+        case = r["cases"]["coarse_neus_16px_ref"]
+        assert case["trace_lower_s"] > 0 and case["compile_s"] > 0 and case["pipelined_ms_per_step"] > 0
+        assert case["finite_loss"] and r["process_s"] > case["compile_s"]
+    for bad in ("coarse_nerf_16_random", "coarse_mesh_16px_ref", "coarse_nerf_16px_both"):
+        with pytest.raises(SystemExit, match="expected <coarse_nerf"):
+            bench_compile.parse_case(bad)
+    with pytest.raises(SystemExit, match="expected name=XLA_FLAGS"):
+        bench_compile.parse_variant("--xla_gpu_autotune_level=0")
