@@ -177,7 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.val_every = 200
     c.train.save_every = 1000
     c.train.keep_checkpoints = 3
-    c.train.time_split = True  # after each stage, time render / guidance / update of one step (timing.json)
+    # After each stage, time render / guidance / update of one random-view step (timing.json): compiles the step
+    # without priors once more (a render's compile, 30-45 s on an H200) and the update alone (seconds).
+    c.train.time_split = True
     # > 0: compile every step a stage will run (each kind at each resolution) and its evaluation render at the
     # stage's start, this many at once in threads, instead of each at its first call (0). Off by default: on an
     # H200 host, 4 at once had not finished stage 1a's 5 programs after 7.5 min, where one after another they take

@@ -107,6 +107,30 @@ def test_time_split_parts_and_the_state_survive(tiny_cfg):
     assert np.isfinite(np.asarray(jax.device_get(state.params["encoding"]))).all()  # not deleted by donation
 
 
+def test_update_fn_is_the_steps_update(tiny_cfg):
+    """The update alone (time_split's "update"), fed the step's own gradient, gives the state of the full step;
+    on zero gradients from a fresh optimizer it moves no parameter."""
+    from dreamcraft_jax.data.reference import example_image_path, load_reference
+    from dreamcraft_jax.stages.coarse_nerf import RANDOM, targets_from_reference
+
+    tiny_cfg.parallel.data = 1
+    mesh = parallel.mesh_from_config(tiny_cfg)
+    stage = CoarseNerf.from_config(tiny_cfg, mesh)
+    targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), 16, 16)), mesh)
+    state = stage.init_state()
+    grads, _ = stage.grads_fn(RANDOM, 16, 16)(state, targets, {})
+    copy = lambda s: jax.tree.map(lambda x: x.copy(), s)  # noqa: E731 (both programs donate their state)
+    full, _ = stage.step_fn(RANDOM, 16, 16)(copy(state), targets, {})
+    update = stage.update_fn()
+    alone, metrics = update(copy(state), grads)
+    assert int(alone.step) == int(state.step) + 1 and float(metrics["skipped_nonfinite"]) == 0.0
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(full)):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
+    zero, _ = update(copy(state), jax.tree.map(jax.numpy.zeros_like, state.params))
+    for a, b in zip(jax.tree.leaves(zero.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_compilation_cache_is_written_then_loaded_by_a_later_process(tmp_path):
     """enable_compilation_cache: a first process stores its compiled program, a second one with the same program
     loads it (JAX counts a persistent-cache hit), and an unusable folder only warns."""

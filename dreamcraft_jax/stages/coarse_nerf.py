@@ -346,6 +346,17 @@ class CoarseNerf:
 
         return jax.jit(step, donate_argnums=(0,))
 
+    def update_fn(self):
+        """jit (state, grads) -> (new_state, metrics): the step's update alone (occupancy-grid update, Adam with
+        the finite-gradient guard) on given gradients, e.g. zeros: what a step spends besides its gradient, at the
+        compile cost of the update only (no render, no priors)."""
+
+        def update(state: TrainState, grads):
+            grid = self.update_grid(state)
+            return self._apply_grads(state, grid, grads, {"loss": jnp.zeros((), jnp.float32)})
+
+        return jax.jit(update, donate_argnums=(0,))
+
     def _apply_grads(self, state: TrainState, grid, grads, metrics):
         """Adam on ``grads`` (the update skipped, and counted, when the loss or a gradient is not finite)."""
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
