@@ -86,3 +86,29 @@ def test_stages_share_the_priors_program(demo_priors):
     _, metrics = neus.step_fn(RANDOM, 16, 16)(neus.init_state(), targets, neus.place_prior_params(params))
     for name in ("sd", "3d_sd"):
         assert 200 <= float(metrics[f"random/{name}_t"]) <= 500
+
+
+def test_priors_trace_once_per_stage(demo_priors, monkeypatch):
+    """The one-program random-view step scores renders pre-resized to the priors' input sizes through each
+    prior's jitted loss, so a stage's steps at two resolutions trace each prior's loss once, not twice."""
+    from dreamcraft_jax.guidance import priors as priors_mod
+
+    cfg0, (priors, params) = demo_priors
+    calls = {}
+    for cls in (priors_mod.StableDiffusionPrior, priors_mod.Zero123Prior):
+        original = cls.loss
+
+        def counted(self, *args, _original=original, **kwargs):
+            calls[self.name] = calls.get(self.name, 0) + 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "loss", counted)
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    cfg = tiny_config(**{"loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1, "guidance.sd.resolution": 32,
+                         "guidance.zero123.resolution": 32})
+    stage = CoarseNerf.from_config(cfg, mesh, priors.configured(cfg), params)
+    placed = stage.place_prior_params(params)
+    for res in (16, 24):
+        targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), res, res)), mesh)
+        stage.step_fn(RANDOM, res, res).trace(stage.init_state(), targets, placed)
+    assert calls == {"sd": 1, "zero123": 1}

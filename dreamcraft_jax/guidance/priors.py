@@ -22,6 +22,7 @@ folder raises :class:`PriorUnavailableError` naming what to download and which c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,14 @@ class Priors:
     def random_weights(self) -> bool:
         return any(p.random_weights for p in self.priors.values())
 
+    @functools.cached_property
+    def _traced_once(self) -> dict:
+        """{loss name: jit(prior.loss)}: each prior's loss as a nested jitted function. The programs of a stage
+        that score inputs of one shape (renders pre-resized by :meth:`resized`) then reuse its traced jaxpr
+        (JAX's tracing cache) instead of tracing both diffusion models again for every resolution and step kind
+        (half of a random-view step's tracing). XLA inlines it: the compiled step is the same."""
+        return {name: jax.jit(prior.loss) for name, prior in self.priors.items()}
+
     def resized(self, images) -> dict:
         """{loss name: images (B, R, R, 3)} at each prior's input size R (the resize its loss makes first, which
         is then the identity): renders of any size become inputs of fixed size."""
@@ -339,8 +348,10 @@ class Priors:
             if schedules is not None:
                 prior = dataclasses.replace(prior, **schedules[name])
             view_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-            value, s = prior.loss(params[name], images[name] if isinstance(images, dict) else images, camera,
-                                  view_keys, step)
+            # Fixed-size inputs and the priors' own schedules: the loss traced once per stage (see _traced_once).
+            loss = self._traced_once[name] if schedules is None and isinstance(images, dict) else prior.loss
+            value, s = loss(params[name], images[name] if isinstance(images, dict) else images, camera, view_keys,
+                            step)
             terms[name] = value
             stats[f"{name}_grad_norm"] = s["grad_norm"]
             stats[f"{name}_t"] = jnp.mean(s["t"].astype(jnp.float32))

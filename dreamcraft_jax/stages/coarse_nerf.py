@@ -279,7 +279,9 @@ class CoarseNerf:
         del kind
         total, metrics, rgbs = self._render_loss(params, grid, ref_views, rand_views, step, targets, height, width)
         if rgbs is not None and self.priors is not None:
-            g_loss, g_metrics = self._guidance_loss(prior_params, rgbs, rand_views, step)
+            # Pre-resized to each prior's input size: inputs of one shape at every resolution, so the priors are
+            # traced once per stage (Priors._traced_once).
+            g_loss, g_metrics = self._guidance_loss(prior_params, self.priors.resized(rgbs), rand_views, step)
             total = total + g_loss
             metrics.update(g_metrics)
             metrics["random/loss"] = metrics["random/loss"] + g_loss
