@@ -217,6 +217,10 @@ def base_config() -> ml_collections.ConfigDict:
     # with the sample's own cell gathered and scattered once). H200, 384 px rgb + normals: 98-102 ms with the
     # reduced backward, 110.5 ms with XLA's, against 126-128 ms unfused and 185 ms for XLA (kernels/README.md).
     c.kernels.fused_finite_difference = True
+    # Pallas backend: the density / SDF MLP (one hidden layer) forward and backward as one kernel each, the
+    # hidden layer in registers (kernels/mlp.py). On an H200 the 384 px NeRF step spends 13 ms in ~28 small,
+    # memory-bound MLP GEMMs through XLA. Off until the kernel is timed on a GPU.
+    c.kernels.fused_mlp = False
 
     # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.
     c.overrides = ml_collections.ConfigDict()

@@ -8,12 +8,13 @@ resolved once by :func:`resolve_backend` and stored in the static specs (``Rende
 
 * :mod:`.march`: occupancy-grid marching into a fixed budget (count, scan, scatter; no (R, S) intermediate);
 * :mod:`.hashgrid`: hash-grid encoding forward, backward by atomic scatter-add;
+* :mod:`.mlp`: the density / SDF MLP forward and backward, one kernel each (``kernels.fused_mlp``);
 * :mod:`.composite`: packed compositing forward / backward (kept on the XLA path by default: slower on H100,
   see kernels/README.md).
 """
 
 BACKENDS = ("auto", "pallas", "xla")
-AVAILABLE_KERNELS: tuple[str, ...] = ("march", "hashgrid", "composite")
+AVAILABLE_KERNELS: tuple[str, ...] = ("march", "hashgrid", "density", "fd_hashgrid", "mlp", "composite")
 
 
 def resolve_backend(name: str) -> str:

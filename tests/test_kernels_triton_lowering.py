@@ -100,6 +100,21 @@ def test_density_mlp_kernel_lowers():
     assert len(sizes) == 1
 
 
+def test_field_mlp_kernels_lower():
+    """kernels.mlp: forward and backward (tt.dot with both operand layouts) lower for the GPU."""
+    from dreamcraft_jax.kernels import mlp as mlpk
+
+    enc = jax.ShapeDtypeStruct((N, SPEC.n_levels * SPEC.n_features_per_level), jnp.float32)
+    w_hidden = jax.ShapeDtypeStruct((SPEC.n_levels * SPEC.n_features_per_level, 64), jnp.float32)
+    w_out = jax.ShapeDtypeStruct((64, 1), jnp.float32)
+
+    def forward_backward(e, a, b):
+        return jax.value_and_grad(lambda *args: jnp.sum(mlpk.mlp1_pallas(*args, interpret=False)),
+                                  argnums=(0, 1, 2))(e, a, b)
+
+    assert len(_lower_for_gpu(forward_backward, enc, w_hidden, w_out)) == 2
+
+
 def test_march_and_composite_kernels_lower():
     spec = RenderSpec(grid_resolution=32)
     n_rays, budget = 1024, 1024 * 16

@@ -54,10 +54,11 @@ class NerfFieldSpec:
     hashgrid_backward: str = "xla"  # Pallas backend only: HASHGRID_BACKWARDS (XLA scatter-add or atomic kernel)
     fused_density: bool = True  # Pallas backend only: the no-grad pruning density as one encode+MLP kernel
     fused_finite_difference: bool = False  # Pallas backend only: the 6 neighbours' encodings in one kernel
+    fused_mlp: bool = False  # Pallas backend only: density MLP forward / backward as one kernel each
 
     @classmethod
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla", fused_density: bool = True,
-                    fused_finite_difference: bool = False) -> "NerfFieldSpec":
+                    fused_finite_difference: bool = False, fused_mlp: bool = False) -> "NerfFieldSpec":
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
         the rest: the ``kernels.*`` keys of the same names."""
         return cls(
@@ -65,6 +66,7 @@ class NerfFieldSpec:
             hashgrid_backward=hashgrid_backward,
             fused_density=bool(fused_density),
             fused_finite_difference=bool(fused_finite_difference),
+            fused_mlp=bool(fused_mlp),
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -160,12 +162,25 @@ def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -
                          backward=spec.hashgrid_backward)
 
 
+def scalar_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+    """module(enc)[..., 0] of a scalar-output net (density, SDF): with ``spec.fused_mlp`` on the Pallas backend,
+    one hidden layer, no bias and widths the kernel takes, :func:`dreamcraft_jax.kernels.mlp.mlp1_pallas`
+    (hidden layer in registers, forward and backward one kernel each); otherwise XLA's matmuls."""
+    if spec.backend == "pallas" and spec.fused_mlp and enc.ndim == 2 and module.n_hidden_layers == 1 \
+            and module.out_dim == 1 and not module.use_bias and module.precision is None:
+        from dreamcraft_jax.kernels import mlp as mlp_kernel
+
+        if mlp_kernel.supported(enc.shape[1], module.width):
+            return mlp_kernel.mlp1_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"])
+    return apply_mlp(module, net, enc)[..., 0]
+
+
 def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None,
             precision: jax.lax.Precision | None = None) -> jax.Array:
     """(N, 3) world points -> (N,) density sigma >= 0 (``valid`` (N,) bool: see :func:`encode_points`;
     ``precision``: of the density MLP's matmuls, None for XLA's default)."""
     enc = _encode(params, x, spec, mask, valid)
-    raw = apply_mlp(spec.density_net.clone(precision=precision), params["density_net"], enc)[..., 0]
+    raw = scalar_mlp(spec.density_net.clone(precision=precision), params["density_net"], enc, spec)
     return _activate(raw + density_bias(x, spec), spec)
 
 
@@ -194,7 +209,7 @@ def density_no_grad(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, 
 def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None):
     """(N, 3) -> (sigma (N,), albedo (N, 3) in (0, 1)); one shared encoding."""
     enc = _encode(params, x, spec, mask, valid)
-    raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
+    raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec)
     sigma = _activate(raw + density_bias(x, spec), spec)
     features = apply_mlp(spec.feature_net, params["feature_net"], enc)
     return sigma, jax.nn.sigmoid(features[..., :3])
@@ -287,7 +302,7 @@ def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
         grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask, valid)))(x)
     elif uses_fd_kernel(spec, spec.normal_type):
         def density_of(enc, points):
-            raw = apply_mlp(spec.density_net, params["density_net"], enc)[..., 0]
+            raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec)
             return _activate(raw + density_bias(points, spec), spec)
 
         if center is None and spec.normal_type == "finite_difference":

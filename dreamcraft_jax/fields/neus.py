@@ -31,7 +31,7 @@ from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
 from dreamcraft_jax.fields.nerf import (
     NORMAL_TYPES, NerfFieldSpec, _unit, encode_points, finite_difference_gradient, fused_finite_difference_gradient,
-    uses_fd_kernel,
+    scalar_mlp, uses_fd_kernel,
 )
 
 ALPHA_MAX = 1.0 - 1e-6  # keeps -log(1 - alpha) finite
@@ -51,13 +51,13 @@ class NeusFieldSpec:
 
     @classmethod
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
-                    fused_finite_difference: bool = False) -> "NeusFieldSpec":
+                    fused_finite_difference: bool = False, fused_mlp: bool = False) -> "NeusFieldSpec":
         """cfg: the whole config (``field`` for the shared parts, ``neus`` for these); the rest as
         :meth:`NerfFieldSpec.from_config`."""
         if cfg.neus.normal_type not in NORMAL_TYPES:
             raise ValueError(f"neus.normal_type must be one of {NORMAL_TYPES}, got {cfg.neus.normal_type!r}")
         base = NerfFieldSpec.from_config(cfg.field, backend, hashgrid_backward,
-                                         fused_finite_difference=fused_finite_difference)
+                                         fused_finite_difference=fused_finite_difference, fused_mlp=fused_mlp)
         return cls(base=base, sphere_radius=float(cfg.neus.sphere_radius),
                    variance_init=float(cfg.neus.variance_init),
                    cos_anneal_end_steps=int(cfg.neus.cos_anneal_end_steps), normal_type=cfg.neus.normal_type,
@@ -115,7 +115,7 @@ def sdf(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None) 
 
 
 def _sdf_from_encoding(params: dict, enc: jax.Array, x: jax.Array, spec: NeusFieldSpec) -> jax.Array:
-    return apply_mlp(spec.sdf_net, params["sdf_net"], enc)[..., 0] + (
+    return scalar_mlp(spec.sdf_net, params["sdf_net"], enc, spec.base) + (
         jnp.linalg.norm(x, axis=-1) - spec.sphere_radius)
 
 
