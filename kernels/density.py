@@ -37,7 +37,7 @@ from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
     _CORNERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather, _index_arrays,
     _level_geometry, _level_lanes, _load, _out_struct, _point_inputs, _static_level, _store, _valid_lanes,
-    cast_varying, varying_axes,
+    block_and_padding, cast_varying, varying_axes,
 )
 
 __all__ = ["density_mlp_pallas", "density_mlp_xla"]
@@ -143,8 +143,6 @@ def density_mlp_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level
             or w_out.shape != (w_hidden.shape[1], 1):
         raise ValueError(f"need w_hidden ({L * F}, H) and w_out (H, 1), got "
                          f"{None if w_hidden is None else w_hidden.shape} and {None if w_out is None else w_out.shape}")
-    if block_points < 16 or block_points & (block_points - 1):
-        raise ValueError(f"block_points must be a power of two >= 16, got {block_points}")
     H = w_hidden.shape[1]
     if H & (H - 1):
         raise ValueError(f"the hidden width must be a power of two (Triton tensor sizes), got {H}")
@@ -152,8 +150,7 @@ def density_mlp_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level
         interpret = jax.default_backend() != "gpu"
     sg = jax.lax.stop_gradient
     n = x.shape[0]
-    block = min(block_points, max(16, 1 << (max(n, 1) - 1).bit_length()))
-    n_pad = -(-max(n, 1) // block) * block
+    block, n_pad = block_and_padding(n, block_points)
     x2 = jnp.pad(sg(x).astype(jnp.float32), ((0, n_pad - n), (0, 0)))
     # Padding points are invalid: no gathers, and their raw values are cut off below.
     keep = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)

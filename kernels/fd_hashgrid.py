@@ -47,7 +47,7 @@ from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
     _CORNERS, _LEVEL_FIELDS, _N_LEADERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
     _index_arrays, _level_arrays, _level_geometry, _load, _loaded_level, _out_struct, _pre_reduced_scatter,
-    _scatter_add, _store, cast_varying, varying_axes,
+    _scatter_add, _store, block_and_padding, cast_varying, varying_axes,
 )
 
 __all__ = ["fd_encode_pallas", "fd_encode_xla", "CENTRAL", "FORWARD"]
@@ -328,13 +328,10 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
         raise ValueError(f"x must be (N, 3), got {x.shape}")
     if not 0.0 < eps < radius:
         raise ValueError(f"eps must be in (0, radius), got {eps}")
-    if block_points < 16 or block_points & (block_points - 1):
-        raise ValueError(f"block_points must be a power of two >= 16, got {block_points}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     n = x.shape[0]
-    block = min(block_points, max(16, 1 << (max(n, 1) - 1).bit_length()))
-    n_pad = -(-max(n, 1) // block) * block
+    block, n_pad = block_and_padding(n, block_points)
     x2 = jnp.pad(jax.lax.stop_gradient(x).astype(jnp.float32), ((0, n_pad - n), (0, 0)))
     keep = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
     keep = jnp.pad(keep.astype(jnp.int32), (0, n_pad - n))  # padding samples: invalid

@@ -451,6 +451,16 @@ def cast_varying(v, axes: frozenset):
     return jax.lax.pvary(v, missing)
 
 
+def block_and_padding(n: int, block: int) -> tuple[int, int]:
+    """(rows per program, padded row count) for ``n`` rows and a requested power-of-two ``block`` (>= 16):
+    small inputs get a smaller power-of-two block rather than mostly padding; the padded count is a multiple of
+    it (at least one block, so zero rows still make a valid grid)."""
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"the block size must be a power of two >= 16, got {block}")
+    block = min(block, max(16, 1 << (max(n, 1) - 1).bit_length()))
+    return block, -(-max(n, 1) // block) * block
+
+
 def _out_struct(shape, like) -> jax.ShapeDtypeStruct:
     """float32 ``ShapeDtypeStruct`` varying over the same mesh axes as ``like``: ``pallas_call`` inside
     ``shard_map(check_vma=True)`` needs the outputs' varying axes spelled out (``manual_axis_type`` on
@@ -636,8 +646,6 @@ def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask
         raise TypeError(f"encode_pallas needs a float32 table (float atomics), got {table.dtype}")
     if x.shape[-1] != 3:
         raise ValueError(f"x must be (..., 3), got {x.shape}")
-    if block_points < 1 or block_points & (block_points - 1):
-        raise ValueError(f"block_points must be a power of two, got {block_points}")
     if level_mask is not None:
         level_mask = jnp.asarray(level_mask, jnp.float32)
         if level_mask.shape != (L,):
@@ -648,9 +656,7 @@ def encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level_mask
     batch_shape = x.shape[:-1]
     n = int(np.prod(batch_shape, dtype=np.int64))
     x2 = x.reshape(n, 3).astype(jnp.float32)
-    # Small inputs get a smaller (still power-of-two) block rather than mostly padding.
-    block = min(block_points, max(16, 1 << (max(n, 1) - 1).bit_length()))
-    n_pad = -(-max(n, 1) // block) * block
+    block, n_pad = block_and_padding(n, block_points)
     # Padding points sit at the origin (valid rows) and get zero cotangents from the slice below, so
     # they add nothing to any gradient.
     x2 = jnp.pad(x2, ((0, n_pad - n), (0, 0)))

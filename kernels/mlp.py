@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dreamcraft_jax.kernels.hashgrid import _compiler_params, _load, _out_struct, _store, cast_varying, varying_axes
+from dreamcraft_jax.kernels.hashgrid import (
+    _compiler_params, _load, _out_struct, _store, block_and_padding, cast_varying, varying_axes,
+)
 
 __all__ = ["mlp1_pallas", "mlp1_xla", "supported"]
 
@@ -143,13 +145,10 @@ def mlp1_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interp
                          f"{w_out.shape}")
     if not supported(*w_hidden.shape):
         raise ValueError(f"D and H must be powers of two >= 16 (Triton dot), got {w_hidden.shape}; use mlp1_xla")
-    if block_rows < 16 or block_rows & (block_rows - 1):
-        raise ValueError(f"block_rows must be a power of two >= 16, got {block_rows}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     n = enc.shape[0]
-    block = min(block_rows, max(16, 1 << (max(n, 1) - 1).bit_length()))
-    n_pad = -(-max(n, 1) // block) * block
+    block, n_pad = block_and_padding(n, block_rows)
     operands = [jnp.pad(enc.astype(jnp.float32), ((0, n_pad - n), (0, 0))), w_hidden.astype(jnp.float32),
                 w_out.astype(jnp.float32).reshape(1, -1)]
     axes = frozenset().union(*(varying_axes(v) for v in operands))
