@@ -111,18 +111,43 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
     return out
 
 
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """{HLO instruction name: its full JAX op_name} from optimized HLO text (``compiled.as_text()``)."""
+    out = {}
+    for name, metadata in _INSTRUCTION.findall(hlo_text):
+        fields = {k: q or v for k, q, v in _FIELD.findall(metadata)}
+        out[name] = fields.get("op_name", "")
+    return out
+
+
+# A Flax module applied under autodiff shows in the op_name as "jvp(UNet2DConditionModel)" or
+# "jvp(AutoencoderKL.encode)", its backward as "transpose(jvp(...))"; the outermost one names the part.
+_MODULE = re.compile(r"(transpose\()?jvp\(([A-Z][A-Za-z0-9]*(?:\.\w+)?)\)")
+
+
+def module_of(op_name: str) -> str:
+    """The outermost Flax module an op belongs to, e.g. "AutoencoderKL.encode" or "AutoencoderKL.encode
+    (backward)", from its op_name; "(other)" when it is in none."""
+    match = _MODULE.search(op_name)
+    if match is None:
+        return "(other)"
+    return match[2] + (" (backward)" if match[1] else "")
+
+
 def op_profile(fn, *args, repeats: int = 3, top: int = 30, hlo_text: str | None = None) -> dict:
     """Run ``fn(*args)`` ``repeats`` times under the profiler (after one warm-up call) and aggregate its kernels.
 
     Returns {wall_ms, busy_ms, kernel_ms, kernels, ops: [{op, ms, calls, share, kernel, source}, ...] (top
     ``top`` by time, per call of ``fn``), by_source_line: [{line, ms, share}, ...] (time summed per file:line of
-    this project's code)}. ``kernel_ms`` sums kernel durations (streams may overlap), ``busy_ms``
+    this project's code), by_module: [{module, ms, share}, ...] (per outermost Flax module, forward and
+    backward apart: :func:`module_of`)}. ``kernel_ms`` sums kernel durations (streams may overlap), ``busy_ms``
     is their union, both per call. ``source`` is the tail of the JAX op_name of the HLO op, found in
     ``hlo_text`` (default: ``fn.as_text()`` when ``fn`` is a compiled function).
     """
     if hlo_text is None and hasattr(fn, "as_text"):
         hlo_text = fn.as_text()
     sources = hlo_sources(hlo_text) if hlo_text else {}
+    op_names = hlo_op_names(hlo_text) if hlo_text else {}
     from jax.profiler import ProfileData
 
     jax.block_until_ready(fn(*args))
@@ -146,9 +171,12 @@ def op_profile(fn, *args, repeats: int = 3, top: int = 30, hlo_text: str | None 
     busy_ns = _union_ns([(s, s + d) for _, _, s, d in events])
     ops = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
     by_line: dict[str, int] = {}
+    by_module: dict[str, int] = {}
     for op, (ns, _, _) in by_op.items():
         line = sources.get(op, "").split(" ", 1)[0] or "(no source)"
         by_line[line] = by_line.get(line, 0) + ns
+        module = module_of(op_names.get(op, ""))
+        by_module[module] = by_module.get(module, 0) + ns
     return {
         "wall_ms": 1e3 * wall / repeats,
         "busy_ms": 1e-6 * busy_ns / repeats,
@@ -159,6 +187,8 @@ def op_profile(fn, *args, repeats: int = 3, top: int = 30, hlo_text: str | None 
                  "source": sources.get(op, "")} for op, (ns, calls, kernel) in ops],
         "by_source_line": [{"line": line, "ms": 1e-6 * ns / repeats, "share": ns / max(kernel_ns, 1)}
                            for line, ns in sorted(by_line.items(), key=lambda kv: -kv[1])[:top]],
+        "by_module": [{"module": module, "ms": 1e-6 * ns / repeats, "share": ns / max(kernel_ns, 1)}
+                      for module, ns in sorted(by_module.items(), key=lambda kv: -kv[1])],
     }
 
 
@@ -166,6 +196,8 @@ def print_op_profile(name: str, table: dict, top: int = 20) -> None:
     print(f"{name}: wall {table['wall_ms']:.2f} ms, device busy {table['busy_ms']:.2f} ms, kernel sum "
           f"{table['kernel_ms']:.2f} ms over {table['kernels']} kernels per call")
     print("  by source line: " + ", ".join(f"{r['line']} {r['ms']:.2f} ms" for r in table["by_source_line"][:8]))
+    if table.get("by_module"):
+        print("  by module: " + ", ".join(f"{r['module']} {r['ms']:.2f} ms" for r in table["by_module"][:8]))
     for row in table["ops"][:top]:
         print(f"  {row['ms']:8.3f} ms {100 * row['share']:5.1f}% x{row['calls']:<4d} {row['op'][:32]:<32} "
               f"{row.get('source', '')[:90]}")

@@ -42,3 +42,29 @@ def test_hlo_sources_parses_stack_tables():
     sources = profiling.hlo_sources(text)
     line = inspect.getsourcelines(_heavy_and_light)[1] + 1
     assert any(s.startswith(f"test_profiling.py:{line} ") for s in sources.values()), sources
+
+
+def test_module_of_names_the_outermost_flax_module():
+    assert profiling.module_of("jit(loss)/jit(loss)/jvp(AutoencoderKL.encode)/encoder/down_blocks_0/conv") == \
+        "AutoencoderKL.encode"
+    assert profiling.module_of("jit(loss)/transpose(jvp(AutoencoderKL.encode))/encoder/down_blocks_0/conv") == \
+        "AutoencoderKL.encode (backward)"
+    assert profiling.module_of("jit(loss)/jvp(UNet2DConditionModel)/mid_block/attentions_0/jvp(MLP)/x") == \
+        "UNet2DConditionModel"
+    assert profiling.module_of("jit(loss)/jvp(jit(_randint))/while") == "(other)"
+    assert profiling.module_of("") == "(other)"
+
+
+@pytest.mark.optimized
+def test_op_profile_splits_the_sds_step_by_module():
+    """A tiny SD SDS gradient (VAE encoder forward and backward, UNet): every op of the compiled step is
+    attributed to one of them or to "(other)", the parts add up to the kernel time, and the three model parts
+    are there."""
+    from dreamcraft_jax.bench import _sds_case
+
+    fn, args = _sds_case("sd", 1, True, None, jnp.float32)
+    compiled = jax.jit(fn).lower(*args).compile()
+    table = profiling.op_profile(compiled, *args, repeats=2)
+    modules = {r["module"]: r["ms"] for r in table["by_module"]}
+    assert {"AutoencoderKL.encode", "AutoencoderKL.encode (backward)", "UNet2DConditionModel"} <= set(modules)
+    assert abs(sum(modules.values()) - table["kernel_ms"]) <= 1e-6 * max(table["kernel_ms"], 1.0)
