@@ -249,11 +249,13 @@ def bench_render(args) -> dict:
         no_fd = with_backend("pallas", fused_finite_difference=False)
         fd = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True)
         fd_plain = with_backend("pallas", fused_finite_difference=True)  # no block pre-reduction anywhere
+        fd_mlp = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True, fused_mlp=True)
         variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas),
                      ("pallas-unfused rgb", False, False, unfused),
                      ("pallas-unfused rgb+normals", True, True, unfused),
                      ("pallas-reduced rgb", False, False, reduced), ("pallas-reduced rgb+normals", True, True, reduced),
                      ("pallas-fd rgb+normals", True, True, fd), ("pallas-fd-plain rgb+normals", True, True, fd_plain),
+                     ("pallas-fd-mlp rgb+normals", True, True, fd_mlp), ("pallas-fd-mlp rgb", False, False, fd_mlp),
                      ("pallas-atomic rgb", False, False, atomic), ("pallas-atomic rgb+normals", True, True, atomic),
                      ("pallas-nofd rgb+normals", True, True, no_fd),
                      ("pallas rgb+normals no-perturb", True, False, pallas)]
