@@ -250,12 +250,16 @@ def bench_render(args) -> dict:
         fd = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True)
         fd_plain = with_backend("pallas", fused_finite_difference=True)  # no block pre-reduction anywhere
         fd_mlp = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True, fused_mlp=True)
+        fd_levels = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True,
+                                 encoder_per_level=True)
         variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas),
                      ("pallas-unfused rgb", False, False, unfused),
                      ("pallas-unfused rgb+normals", True, True, unfused),
                      ("pallas-reduced rgb", False, False, reduced), ("pallas-reduced rgb+normals", True, True, reduced),
                      ("pallas-fd rgb+normals", True, True, fd), ("pallas-fd-plain rgb+normals", True, True, fd_plain),
                      ("pallas-fd-mlp rgb+normals", True, True, fd_mlp), ("pallas-fd-mlp rgb", False, False, fd_mlp),
+                     ("pallas-fd-levels rgb+normals", True, True, fd_levels),
+                     ("pallas-fd-levels rgb", False, False, fd_levels),
                      ("pallas-atomic rgb", False, False, atomic), ("pallas-atomic rgb+normals", True, True, atomic),
                      ("pallas-nofd rgb+normals", True, True, no_fd),
                      ("pallas rgb+normals no-perturb", True, False, pallas)]

@@ -1,4 +1,5 @@
-"""``python -m dreamcraft_jax.bench compile``: what a step's first call costs, split, per set of XLA flags.
+"""``python -m dreamcraft_jax.bench compile``: what a step's first call costs, split, per set of XLA flags (and
+config overrides).
 
 A cold run compiles each step program at its first call: 400 s for stage 1's six programs on an H200, as much as
 the training itself. This bench splits that cost into trace + lower (Python, JAX) and the XLA compile (HLO
@@ -41,12 +42,18 @@ def parse_case(case: str) -> tuple[str, int, str]:
     return stage, int(res[:-2]), kind
 
 
-def parse_variant(text: str) -> tuple[str, str]:
-    """``name=FLAGS`` -> (name, flags), e.g. ``no_autotune=--xla_gpu_autotune_level=0``."""
-    name, sep, flags = text.partition("=")
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    """``name=FLAGS[|key=value|...]`` -> (name, XLA flags, config overrides of this variant), e.g.
+    ``no_autotune=--xla_gpu_autotune_level=0`` or ``per_level=|kernels.encoder_per_level=True``."""
+    name, sep, rest = text.partition("=")
     if not sep or not name or not (name[0].isalnum() and name.replace("_", "").replace("-", "").isalnum()):
-        raise SystemExit(f"error: variant {text!r}: expected name=XLA_FLAGS (flags may be empty: default=)")
-    return name, flags
+        raise SystemExit(f"error: variant {text!r}: expected name=XLA_FLAGS[|key=value...] (flags may be empty: "
+                         "default=)")
+    flags, *sets = rest.split("|")
+    for item in sets:
+        if "=" not in item:
+            raise SystemExit(f"error: variant {text!r}: config override {item!r} is not key=value")
+    return name, flags.strip(), sets
 
 
 def _child(args) -> dict:
@@ -63,7 +70,7 @@ def _child(args) -> dict:
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     priors, prior_params = random_priors(cfg, args.tiny)
     out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-           "xla_flags_seen": os.environ.get("XLA_FLAGS", ""),
+           "xla_flags_seen": os.environ.get("XLA_FLAGS", ""), "overrides_seen": list(args.set),
            "setup_s": time.perf_counter() - t_start, "cases": {}}
     for case in args.cases:
         stage_name, res, kind = parse_case(case)
@@ -95,10 +102,10 @@ def _child(args) -> dict:
     return out
 
 
-def _child_command(args, name: str) -> list[str]:
+def _child_command(args, name: str, sets=()) -> list[str]:
     cmd = [sys.executable, "-m", "dreamcraft_jax.bench", "compile", "--child", name, "--config", args.config,
            "--repeats", str(args.repeats), "--cases", *args.cases]
-    for item in args.set:
+    for item in [*args.set, *sets]:
         cmd += ["--set", item]
     return cmd + (["--tiny"] if args.tiny else [])
 
@@ -110,47 +117,49 @@ def bench_compile(args) -> dict:
     variants = [parse_variant(v) for v in args.variants]
     base_flags = os.environ.get("XLA_FLAGS", "")
     results = {}
-    for name, flags in variants:
+    commands = {}
+    for name, flags, sets in variants:
         env = dict(os.environ, XLA_FLAGS=f"{base_flags} {flags}".strip())
+        commands[name] = _child_command(args, name, sets)
         env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every variant compiles from nothing
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(_child_command(args, name), env=env, capture_output=True, text=True,
-                                  timeout=args.timeout_s)
+            proc = subprocess.run(commands[name], env=env, capture_output=True, text=True, timeout=args.timeout_s)
         except subprocess.TimeoutExpired:
-            results[name] = {"xla_flags": flags, "error": f"timed out after {args.timeout_s} s"}
+            results[name] = {"xla_flags": flags, "overrides": sets, "error": f"timed out after {args.timeout_s} s"}
             print(f"{name}: timed out after {args.timeout_s} s", file=sys.stderr, flush=True)
             continue
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            results[name] = {"xla_flags": flags, "error": f"exit {proc.returncode}: {' | '.join(tail)[:500]}"}
+            results[name] = {"xla_flags": flags, "overrides": sets,
+                             "error": f"exit {proc.returncode}: {' | '.join(tail)[:500]}"}
             print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
             continue
-        results[name] = {"xla_flags": flags, "process_s": time.perf_counter() - t0,
+        results[name] = {"xla_flags": flags, "overrides": sets, "process_s": time.perf_counter() - t0,
                          **json.loads(lines[-1][len(RESULT_TAG):])}
         for case, r in results[name]["cases"].items():
             print(f"{name:<16} {case:<28} trace+lower {r['trace_lower_s']:6.1f} s  compile {r['compile_s']:6.1f} s"
                   f"  first run {r['first_run_s']:5.1f} s  {r['pipelined_ms_per_step']:8.2f} ms/step", flush=True)
         if args.out:  # partial results survive a time limit
-            _write(args.out, results, args)
-    return _report(results, args)
+            _write(args.out, results, args, commands)
+    return _report(results, args, commands)
 
 
-def _report(results: dict, args) -> dict:
+def _report(results: dict, args, commands: dict) -> dict:
     # The device as the children saw it: the parent never starts a backend (it would hold the GPU's memory).
     seen = next((r for r in results.values() if "device" in r), {})
     return {"benchmark": "compile", "device": seen.get("device", "?"), "jax": seen.get("jax", jax.__version__),
             "config": args.config, "overrides": list(args.set), "tiny": args.tiny, "cases": list(args.cases),
             "base_xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results,
-            "commands": {name: shlex.join(_child_command(args, name)) for name in results}}
+            "commands": {name: shlex.join(cmd) for name, cmd in commands.items() if name in results}}
 
 
-def _write(path: str, results: dict, args) -> None:
+def _write(path: str, results: dict, args, commands: dict) -> None:
     from pathlib import Path
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({**_report(results, args), "partial": True}, indent=2))
+    Path(path).write_text(json.dumps({**_report(results, args, commands), "partial": True}, indent=2))
 
 
 def print_compile_table(report: dict) -> None:
@@ -174,8 +183,8 @@ def add_parser(sub) -> None:
     c.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
                    help="<coarse_nerf|coarse_neus>_<R>px_<ref|random>")
     c.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                   help="name=XLA_FLAGS, each in its own process, e.g. default= "
-                        "no_autotune=--xla_gpu_autotune_level=0")
+                   help="name=XLA_FLAGS[|key=value...], each in its own process, e.g. default= "
+                        "no_autotune=--xla_gpu_autotune_level=0 per_level=|kernels.encoder_per_level=True")
     c.add_argument("--repeats", type=int, default=20)
     c.add_argument("--timeout_s", type=int, default=900, help="per variant")
     c.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")

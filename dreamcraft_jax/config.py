@@ -221,6 +221,10 @@ def base_config() -> ml_collections.ConfigDict:
     # hidden layer in registers (kernels/mlp.py). On an H200 the 384 px NeRF step spends 13 ms in ~28 small,
     # memory-bound MLP GEMMs through XLA. Off until the kernel is timed on a GPU.
     c.kernels.fused_mlp = False
+    # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
+    # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward
+    # are the largest programs of a step: lowering and kernel compile time). Off until timed on a GPU.
+    c.kernels.encoder_per_level = False
 
     # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.
     c.overrides = ml_collections.ConfigDict()

@@ -250,13 +250,16 @@ def test_compile_bench_runs_each_variant_in_its_own_process(tmp_path, monkeypatc
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     out = tmp_path / "compile.json"
     assert bench.main(["compile", "--config", "configs/demo.py", "--tiny", "--cases", "coarse_neus_16px_ref",
-                       "--variants", "default=", "noauto=--xla_gpu_autotune_level=0", "--repeats", "2",
+                       "--variants", "default=", "noauto=--xla_gpu_autotune_level=0|kernels.fused_mlp=True",
+                       "--repeats", "2",
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"default", "noauto"} and "partial" not in report
-    for name, flags in (("default", ""), ("noauto", "--xla_gpu_autotune_level=0")):
+    for name, flags, sets in (("default", "", []),
+                              ("noauto", "--xla_gpu_autotune_level=0", ["kernels.fused_mlp=True"])):
         r = report["results"][name]
         assert r["xla_flags_seen"] == f"--xla_force_host_platform_device_count=1 {flags}".strip()
+        assert r["overrides_seen"] == sets and r["overrides"] == sets
         case = r["cases"]["coarse_neus_16px_ref"]
         assert case["trace_lower_s"] > 0 and case["compile_s"] > 0 and case["pipelined_ms_per_step"] > 0
         assert case["finite_loss"] and r["process_s"] > case["compile_s"]
@@ -265,3 +268,5 @@ def test_compile_bench_runs_each_variant_in_its_own_process(tmp_path, monkeypatc
             bench_compile.parse_case(bad)
     with pytest.raises(SystemExit, match="expected name=XLA_FLAGS"):
         bench_compile.parse_variant("--xla_gpu_autotune_level=0")
+    with pytest.raises(SystemExit, match="not key=value"):
+        bench_compile.parse_variant("levels=|kernels.encoder_per_level")

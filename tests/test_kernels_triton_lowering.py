@@ -91,6 +91,23 @@ def test_finite_difference_kernel_lowers_one_level_per_program(encoder_sizes, ne
     assert max(sizes) < encoder_sizes["forward"][0], (sizes, encoder_sizes)
 
 
+def test_per_level_encoder_lowers_to_a_fraction_of_the_unrolled_one(encoder_sizes):
+    """kernels.hashgrid_levels: forward + the reduced backward (coarse and fine level calls) lower for the GPU,
+    each program a fraction of the 16-level unrolled encoder's (lowering and kernel compile time)."""
+    from dreamcraft_jax.kernels import hashgrid_levels as hl
+
+    table, x, mask, valid = _points()
+
+    def loss(t, x, m, v):
+        return jax.value_and_grad(lambda t: jnp.sum(hl.encode_levels_pallas(
+            t, x, SPEC, m, v, interpret=False, pre_reduce_max_scale=128.0) ** 2))(t)
+
+    sizes = _lower_for_gpu(loss, table, x, mask, valid)
+    assert len(sizes) == 3  # forward, backward of the pre-reduced coarse levels, backward of the fine levels
+    assert 4 * sizes[0] < encoder_sizes["forward"][0], (sizes, encoder_sizes)
+    assert 2 * sum(sizes[1:]) < sum(encoder_sizes["reduced"]), (sizes, encoder_sizes)
+
+
 def test_density_mlp_kernel_lowers():
     table, x, mask, valid = _points()
     w_hidden = jax.ShapeDtypeStruct((SPEC.n_levels * SPEC.n_features_per_level, 64), jnp.float32)

@@ -55,10 +55,12 @@ class NerfFieldSpec:
     fused_density: bool = True  # Pallas backend only: the no-grad pruning density as one encode+MLP kernel
     fused_finite_difference: bool = False  # Pallas backend only: the 6 neighbours' encodings in one kernel
     fused_mlp: bool = False  # Pallas backend only: density MLP forward / backward as one kernel each
+    encoder_per_level: bool = False  # Pallas backend, atomic backwards: the encoder as one program per level
 
     @classmethod
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla", fused_density: bool = True,
-                    fused_finite_difference: bool = False, fused_mlp: bool = False) -> "NerfFieldSpec":
+                    fused_finite_difference: bool = False, fused_mlp: bool = False,
+                    encoder_per_level: bool = False) -> "NerfFieldSpec":
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
         the rest: the ``kernels.*`` keys of the same names."""
         return cls(
@@ -67,6 +69,7 @@ class NerfFieldSpec:
             fused_density=bool(fused_density),
             fused_finite_difference=bool(fused_finite_difference),
             fused_mlp=bool(fused_mlp),
+            encoder_per_level=bool(encoder_per_level),
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -132,7 +135,7 @@ def _activate(raw: jax.Array, spec: NerfFieldSpec) -> jax.Array:
 
 def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec, mask, *, backend: str,
                   remat: bool, need_x_grad: bool, valid: jax.Array | None = None,
-                  backward: str = "xla") -> jax.Array:
+                  backward: str = "xla", per_level: bool = False) -> jax.Array:
     """Hash-grid features of points in [0, 1]^3 through the chosen backend.
 
     The Pallas kernel keeps only (table, x, mask) for its backward, so it needs no remat; its backward skips the
@@ -140,13 +143,19 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
     marks the points that matter: the others get zero features and cost no table traffic in either pass.
     ``backward`` ("xla" | "atomic" | "reduced") picks the Pallas backward: XLA's scatter-add, the atomic kernel,
     or the atomic kernel with a per-block pre-reduction of the coarse levels (``PRE_REDUCE_MAX_SCALE``).
+    ``per_level`` (with an atomic backward): the encoder with one level per program
+    (:mod:`dreamcraft_jax.kernels.hashgrid_levels`, a 16x smaller Triton program).
     """
+    pre_reduce = PRE_REDUCE_MAX_SCALE if backward == "reduced" else 0.0
+    if backend == "pallas" and not need_x_grad and per_level and backward != "xla":
+        from dreamcraft_jax.kernels.hashgrid_levels import encode_levels_pallas
+
+        return encode_levels_pallas(table, unit, grid, mask, valid, pre_reduce_max_scale=pre_reduce)
     if backend == "pallas" and not need_x_grad:
         from dreamcraft_jax.kernels.hashgrid import encode_pallas
 
         return encode_pallas(table, unit, grid, mask, grad_table_only=True, block_points=128,
-                             xla_backward=backward == "xla", valid=valid,
-                             pre_reduce_max_scale=PRE_REDUCE_MAX_SCALE if backward == "reduced" else 0.0)
+                             xla_backward=backward == "xla", valid=valid, pre_reduce_max_scale=pre_reduce)
     # The level mask is a function of the step, never differentiated: switched-off levels can skip the table.
     encode = functools.partial(hashgrid.encode, spec=grid, skip_masked_levels=True)
     if remat:
@@ -159,7 +168,7 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
 def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -> jax.Array:
     return encode_points(params["encoding"], _unit(x, spec), spec.grid, mask, backend=spec.backend,
                          remat=spec.remat_encoding, need_x_grad=spec.normal_type == "analytic", valid=valid,
-                         backward=spec.hashgrid_backward)
+                         backward=spec.hashgrid_backward, per_level=spec.encoder_per_level)
 
 
 def scalar_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:

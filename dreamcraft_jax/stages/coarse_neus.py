@@ -28,7 +28,8 @@ class CoarseNeus(CoarseNerf):
     @staticmethod
     def field_spec(cfg, backend: str = "xla"):
         return neus.NeusFieldSpec.from_config(cfg, backend, cfg.kernels.hashgrid_backward,
-                                              cfg.kernels.fused_finite_difference, cfg.kernels.fused_mlp)
+                                              cfg.kernels.fused_finite_difference, cfg.kernels.fused_mlp,
+                                              cfg.kernels.encoder_per_level)
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
