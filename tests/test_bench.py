@@ -12,8 +12,7 @@ def test_render_bench_writes_json(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "render.json"
     assert bench.main(["render", "--config", "configs/demo.py", "--resolution", "16", "--fit_steps", "2",
-                       "--repeats", "1", "--out", str(out), "--variants", "xla rgb", "pallas rgb",
-                       "pallas-fd-mlp rgb"]) == 0
+                       "--repeats", "1", "--out", str(out), "--variants", "xla rgb", "pallas rgb"]) == 0
     report = json.loads(out.read_text())
     r = report["results"]
     assert report["resolution"] == 16 and report["fit"]["steps"] == 2
@@ -22,7 +21,7 @@ def test_render_bench_writes_json(tmp_path, monkeypatch):
         # Field samples are a subset of the occupied candidates.
         assert 0 < r[variant]["field_samples_per_ray"] <= r[variant]["candidates_per_ray"]
     # The Pallas kernels (interpret mode on CPU) render the fitted scene like the XLA path.
-    for variant in ("pallas rgb", "pallas-fd-mlp rgb"):  # the kernels with normals: tests/test_kernels_*.py
+    for variant in ("pallas rgb",):  # the kernels with normals and the fused MLP: tests/test_kernels_*.py
         assert r[variant]["max_abs_image_diff_vs_xla"] <= 1e-3
         assert r[variant]["field_samples_per_ray"] == r["xla rgb"]["field_samples_per_ray"]
     split = r["split_rgb_variant"]
