@@ -310,6 +310,30 @@ def _fd_core_bwd(static, res, gs):
 _fd_core.defvjp(_fd_core_fwd, _fd_core_bwd)
 
 
+def padded_point_inputs(table, x, spec: HashGridSpec, level_mask, valid, block_points: int):
+    """The checked, padded and mesh-cast inputs of a one-level-per-program point kernel: (table, x (n_pad, 3)
+    float32 without gradient, mask (L,) or None, keep (n_pad,) int32 with the padding rows invalid, block, n)."""
+    L, F = spec.n_levels, spec.n_features_per_level
+    if table.shape != (spec.total_params, F) or table.dtype != jnp.float32:
+        raise ValueError(f"table must be float32 {(spec.total_params, F)}, got {table.dtype} {table.shape}")
+    if x.ndim != 2 or x.shape[-1] != 3:
+        raise ValueError(f"x must be (N, 3), got {x.shape}")
+    n = x.shape[0]
+    block, n_pad = block_and_padding(n, block_points)
+    x2 = jnp.pad(jax.lax.stop_gradient(x).astype(jnp.float32), ((0, n_pad - n), (0, 0)))
+    keep = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
+    keep = jnp.pad(keep.astype(jnp.int32), (0, n_pad - n))  # padding points: invalid
+    mask = None if level_mask is None else jax.lax.stop_gradient(jnp.asarray(level_mask, jnp.float32))
+    if mask is not None and mask.shape != (L,):
+        raise ValueError(f"level_mask must be ({L},), got {mask.shape}")
+    axes = varying_axes(table) | varying_axes(x2) | varying_axes(keep)
+    if mask is not None:
+        axes |= varying_axes(mask)
+        mask = cast_varying(mask, axes)
+    table, x2, keep = (cast_varying(v, axes) for v in (table, x2, keep))
+    return table, x2, mask, keep, block, n
+
+
 def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: float, eps: float,
                      level_mask: jax.Array | None = None, valid: jax.Array | None = None, *,
                      neighbours=CENTRAL, interpret: bool | None = None, block_points: int = 128, num_warps: int = 4,
@@ -321,28 +345,11 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
     to this grid scale pre-reduce their shared-corner atomics per block (0: never). Differentiable w.r.t.
     ``table`` only.
     """
-    L, F = spec.n_levels, spec.n_features_per_level
-    if table.shape != (spec.total_params, F) or table.dtype != jnp.float32:
-        raise ValueError(f"table must be float32 {(spec.total_params, F)}, got {table.dtype} {table.shape}")
-    if x.ndim != 2 or x.shape[-1] != 3:
-        raise ValueError(f"x must be (N, 3), got {x.shape}")
     if not 0.0 < eps < radius:
         raise ValueError(f"eps must be in (0, radius), got {eps}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    n = x.shape[0]
-    block, n_pad = block_and_padding(n, block_points)
-    x2 = jnp.pad(jax.lax.stop_gradient(x).astype(jnp.float32), ((0, n_pad - n), (0, 0)))
-    keep = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
-    keep = jnp.pad(keep.astype(jnp.int32), (0, n_pad - n))  # padding samples: invalid
-    mask = None if level_mask is None else jax.lax.stop_gradient(jnp.asarray(level_mask, jnp.float32))
-    if mask is not None and mask.shape != (L,):
-        raise ValueError(f"level_mask must be ({L},), got {mask.shape}")
-    axes = varying_axes(table) | varying_axes(x2) | varying_axes(keep)
-    if mask is not None:
-        axes |= varying_axes(mask)
-        mask = cast_varying(mask, axes)
-    table, x2, keep = (cast_varying(v, axes) for v in (table, x2, keep))
+    table, x2, mask, keep, block, n = padded_point_inputs(table, x, spec, level_mask, valid, block_points)
     neighbours = tuple((int(a), int(s)) for a, s in neighbours)
     if not neighbours or any(a not in (0, 1, 2) or s not in (1, -1) for a, s in neighbours):
         raise ValueError(f"neighbours must be (axis in 0..2, sign +-1) pairs, got {neighbours}")

@@ -30,11 +30,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
-from dreamcraft_jax.kernels.fd_hashgrid import _inputs, _level_on, _split_refs
+from dreamcraft_jax.kernels.fd_hashgrid import _inputs, _level_on, _split_refs, padded_point_inputs
 from dreamcraft_jax.kernels.hashgrid import (
     _CORNERS, _N_LEADERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather, _index_arrays,
-    _level_geometry, _load, _loaded_level, _out_struct, _pre_reduced_scatter, _store, block_and_padding,
-    cast_varying, varying_axes,
+    _level_geometry, _load, _loaded_level, _out_struct, _pre_reduced_scatter, _store, cast_varying, varying_axes,
 )
 
 __all__ = ["encode_levels_pallas"]
@@ -164,25 +163,8 @@ def encode_levels_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, lev
     docstring. ``valid`` (N,) bool: invalid points get zero features and touch no table memory;
     ``level_mask`` (L,): switched-off levels likewise. ``block_points`` a power of two >= 16 (N is padded up),
     ``interpret`` None: interpret mode unless the default backend is GPU. Differentiable w.r.t. ``table``."""
-    L, F = spec.n_levels, spec.n_features_per_level
-    if table.shape != (spec.total_params, F) or table.dtype != jnp.float32:
-        raise ValueError(f"table must be float32 {(spec.total_params, F)}, got {table.dtype} {table.shape}")
-    if x.ndim != 2 or x.shape[-1] != 3:
-        raise ValueError(f"x must be (N, 3), got {x.shape}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    n = x.shape[0]
-    block, n_pad = block_and_padding(n, block_points)
-    x2 = jnp.pad(jax.lax.stop_gradient(x).astype(jnp.float32), ((0, n_pad - n), (0, 0)))
-    keep = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
-    keep = jnp.pad(keep.astype(jnp.int32), (0, n_pad - n))  # padding points: invalid
-    mask = None if level_mask is None else jax.lax.stop_gradient(jnp.asarray(level_mask, jnp.float32))
-    if mask is not None and mask.shape != (L,):
-        raise ValueError(f"level_mask must be ({L},), got {mask.shape}")
-    axes = varying_axes(table) | varying_axes(x2) | varying_axes(keep)
-    if mask is not None:
-        axes |= varying_axes(mask)
-        mask = cast_varying(mask, axes)
-    table, x2, keep = (cast_varying(v, axes) for v in (table, x2, keep))
+    table, x2, mask, keep, block, n = padded_point_inputs(table, x, spec, level_mask, valid, block_points)
     static = _Static(spec, block, num_warps, bool(interpret), float(pre_reduce_max_scale))
     return _encode_core(table, x2, mask, keep, static)[:n]
