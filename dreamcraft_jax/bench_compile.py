@@ -59,7 +59,7 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
 def _child(args) -> dict:
     """This process's variant: every case traced, lowered, compiled, run once, then timed."""
     from dreamcraft_jax import parallel
-    from dreamcraft_jax.bench import _load_config, _phase_mid_step, _stage_case
+    from dreamcraft_jax.bench import _load_config, _phase_mid_step, _pipelined_steps_ms, _stage_case
     from dreamcraft_jax.guidance.random_priors import random_priors
     from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF
 
@@ -88,17 +88,10 @@ def _child(args) -> dict:
         state, metrics = compiled(state, targets, pp)
         jax.block_until_ready((state, metrics))
         t3 = time.perf_counter()
-        for _ in range(2):  # warm-up
-            state, metrics = compiled(state, targets, pp)
-        jax.block_until_ready(state)
-        t4 = time.perf_counter()
-        for _ in range(args.repeats):  # back to back, as the training loop issues them
-            state, metrics = compiled(state, targets, pp)
-        jax.block_until_ready((state, metrics))
-        ms = 1000.0 * (time.perf_counter() - t4) / args.repeats
+        finite = bool(jax.numpy.isfinite(metrics["loss"]))
+        ms = _pipelined_steps_ms((compiled,), state, targets, pp, args.repeats)  # as the training loop issues them
         out["cases"][case] = {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "first_run_s": t3 - t2,
-                              "pipelined_ms_per_step": ms, "repeats": args.repeats,
-                              "finite_loss": bool(jax.numpy.isfinite(metrics["loss"]))}
+                              "pipelined_ms_per_step": ms, "repeats": args.repeats, "finite_loss": finite}
     return out
 
 
