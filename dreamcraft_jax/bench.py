@@ -257,6 +257,9 @@ def bench_render(args) -> dict:
                      ("pallas-unfused rgb+normals", True, True, unfused),
                      ("pallas-reduced rgb", False, False, reduced), ("pallas-reduced rgb+normals", True, True, reduced),
                      ("pallas-fd rgb+normals", True, True, fd), ("pallas-fd-plain rgb+normals", True, True, fd_plain),
+                     # The main pass encodes the samples with the encoder kernel, not in the finite-difference
+                     # kernel's call (CENTER): what that fusion saves.
+                     ("pallas-fd-nocenter rgb+normals", True, True, fd),
                      ("pallas-fd-mlp rgb+normals", True, True, fd_mlp), ("pallas-fd-mlp rgb", False, False, fd_mlp),
                      ("pallas-fd-levels rgb+normals", True, True, fd_levels),
                      ("pallas-fd-levels rgb", False, False, fd_levels),
@@ -273,13 +276,17 @@ def bench_render(args) -> dict:
     inverse = jnp.argsort(permutation)
     for variant, need_normals, need_perturb, st in variants:
         unjittered, permuted = variant.startswith("xla-unjittered"), variant.startswith("xla-unjittered-permuted")
+        separate_main_pass = variant.startswith("pallas-fd-nocenter")
 
         def loss(p, rays_o, rays_d, key, need_normals=need_normals, need_perturb=need_perturb, st=st,
-                 unjittered=unjittered, permuted=permuted):
+                 unjittered=unjittered, permuted=permuted, separate_main_pass=separate_main_pass):
             key = None if unjittered else key
             if permuted:
                 rays_o, rays_d = rays_o[permutation], rays_d[permutation]
-            out = volume.render_rays(rays_o, rays_d, grid, key, st.field_fns(p, level_mask), st.render,
+            fns = st.field_fns(p, level_mask)
+            if separate_main_pass:
+                fns = dataclasses.replace(fns, radiance_normal=None)
+            out = volume.render_rays(rays_o, rays_d, grid, key, fns, st.render,
                                      need_normals=need_normals, need_normal_perturb=need_perturb)
             if permuted:
                 out = {k: v[inverse] if getattr(v, "ndim", 0) and v.shape[0] == n_rays else v

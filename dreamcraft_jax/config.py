@@ -218,9 +218,11 @@ def base_config() -> ml_collections.ConfigDict:
     # reduced backward, 110.5 ms with XLA's, against 126-128 ms unfused and 185 ms for XLA (kernels/README.md).
     c.kernels.fused_finite_difference = True
     # Pallas backend: the density / SDF MLP (one hidden layer) forward and backward as one kernel each, the
-    # hidden layer in registers (kernels/mlp.py). On an H200 the 384 px NeRF step spends 13 ms in ~28 small,
-    # memory-bound MLP GEMMs through XLA. Off until the kernel is timed on a GPU.
-    c.kernels.fused_mlp = False
+    # hidden layer in registers (kernels/mlp.py), instead of ~28 small memory-bound XLA GEMMs. H200, 384 px
+    # rgb + normals render forward + backward: 66.7 ms against 73.3 (benchmarks/render384_mlp_h200.json). Both
+    # take TF32 matmuls (XLA's default for float32 on the GPU; the official tiny-cuda-nn MLP runs in float16);
+    # their table gradients differ most on the fine levels (kernels/README.md).
+    c.kernels.fused_mlp = True
     # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
     # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward
     # are the largest programs of a step: lowering and kernel compile time). Off until timed on a GPU.

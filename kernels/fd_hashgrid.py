@@ -25,7 +25,9 @@ reference exactly. Neighbour order: that of the set given (the fields' order of 
 
 Neighbour sets (static): :data:`CENTRAL` (six, ``finite_difference_laplacian`` in threestudio's terms) or
 :data:`FORWARD` (``+x, +y, +z``: threestudio's ``finite_difference``, the official setting, which differences
-against the sample's own value).
+against the sample's own value), optionally with :data:`CENTER` (the sample itself, no shift): its encoding comes
+from the own corners already gathered (no extra table reads) and its gradient joins the own-cell accumulators (no
+extra atomics), so the renderer's main pass needs no separate encoder call.
 
 Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid, neighbours=CENTRAL) -> tuple of
 len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla`; differentiable w.r.t. the table only (the positions
@@ -50,11 +52,15 @@ from dreamcraft_jax.kernels.hashgrid import (
     _scatter_add, _store, block_and_padding, cast_varying, varying_axes,
 )
 
-__all__ = ["fd_encode_pallas", "fd_encode_xla", "CENTRAL", "FORWARD"]
+__all__ = ["fd_encode_pallas", "fd_encode_xla", "CENTER", "CENTRAL", "FORWARD"]
 
 # (axis, sign) of the neighbours, in the order of the fields' differences.
 CENTRAL = ((0, 1), (1, 1), (2, 1), (0, -1), (1, -1), (2, -1))
 FORWARD = ((0, 1), (1, 1), (2, 1))
+# The sample itself (no shift): put first in a set, the kernel also returns the sample's own encoding, from the
+# corners it gathers anyway, and its backward adds that gradient into the own-cell accumulators, so a field that
+# needs both (the renderer's main pass with normals) skips the separate encoder call and its atomics.
+CENTER = (0, 0)
 
 
 def offsets(neighbours, eps: float) -> np.ndarray:
@@ -101,6 +107,9 @@ def _geometry(xs, level, radius: float, eps: float, neighbours):
     own_w, own_t = _level_geometry(units, level)
     out = []
     for axis, sign in neighbours:
+        if sign == 0:  # the sample itself (CENTER): its own cell, nothing to match
+            out.append((own_w, own_t, None, None))
+            continue
         shifted = list(units)
         shifted[axis] = _unit(xs[axis] + np.float32(sign * np.float32(eps)), radius)
         w_shift, t_shift = _level_geometry(shifted, level)
@@ -170,6 +179,10 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
         for c in range(n_chunks):
             acc = jnp.zeros((B, fw), jnp.float32)
             for k, bits in enumerate(_CORNERS):
+                if sign == 0:  # the sample itself: its own corners, the reference's weights and order
+                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
+                    acc = acc + weight[:, None] * own[k][c]
+                    continue
                 face = _shares_face(bits, axis, sign)
                 reused = (same | shared_step) if face else same
                 lanes = jnp.broadcast_to((on & ~reused)[:, None], (B, fw))
@@ -211,6 +224,9 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
             for k, bits in enumerate(_CORNERS):
                 weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
                 contribution = weight[:, None] * g
+                if sign == 0:  # the sample itself: all its corners are the own cell's
+                    acc[k][c] = acc[k][c] + contribution
+                    continue
                 acc[k][c] = acc[k][c] + jnp.where(same[:, None], contribution, 0.0)
                 direct = ~same
                 if _shares_face(bits, axis, sign):
@@ -351,8 +367,8 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
         interpret = jax.default_backend() != "gpu"
     table, x2, mask, keep, block, n = padded_point_inputs(table, x, spec, level_mask, valid, block_points)
     neighbours = tuple((int(a), int(s)) for a, s in neighbours)
-    if not neighbours or any(a not in (0, 1, 2) or s not in (1, -1) for a, s in neighbours):
-        raise ValueError(f"neighbours must be (axis in 0..2, sign +-1) pairs, got {neighbours}")
+    if not neighbours or any((a not in (0, 1, 2) or s not in (1, -1)) and (a, s) != CENTER for a, s in neighbours):
+        raise ValueError(f"neighbours must be (axis in 0..2, sign +-1) pairs or CENTER (0, 0), got {neighbours}")
     static = (spec, float(radius), float(eps), block, num_warps, bool(interpret), float(pre_reduce_max_scale),
               neighbours)
     return tuple(out[:n] for out in _fd_core(table, x2, mask, keep, static))

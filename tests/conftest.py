@@ -11,7 +11,21 @@ if "xla_force_host_platform_device_count" not in _flags:
 # tiny, so run time barely grows). Tolerances are the same; the demo (`make run`) and benches compile normally.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same programs again (each train() call traces fresh closures, so JAX's in-memory cache
+# misses; resume and interrupt tests run the same tiny stage two or three times): a persistent cache private to
+# this test process, deleted at exit, lets the repeats load them. Set in-process (not through the environment),
+# so child processes that time compilation (bench compile) still compile from nothing.
+_CACHE_DIR = tempfile.mkdtemp(prefix="dreamcraft-jax-tests-xla-")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def tiny_config(**overrides):

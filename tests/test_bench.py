@@ -44,7 +44,7 @@ def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     # One device and the NeRF stage only (the NeuS step and 8-device steps are tested in test_stage1.py).
     assert bench.main(["stage", "--config", "configs/demo.py", "--tiny", "--data", "1", "--nerf_resolutions", "16",
                        "--neus_resolutions", "--views", "1", "--fit_steps", "2", "--repeats", "1", "--no_split",
-                       "--out", str(out)]) == 0
+                       "--set", "eval.height=16", "--set", "eval.width=16", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     case = report["results"]["coarse_nerf_16px_views1"]
     split = case["random_step"]  # --no_split: the whole step (the split: tests/test_runner.py)

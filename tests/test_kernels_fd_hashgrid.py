@@ -32,8 +32,9 @@ def _samples(n, seed=0):
 
 @pytest.mark.parametrize("spec,eps,max_scale,neighbours", [
     (MIXED, 0.01, 128.0, fk.CENTRAL), (F3, 0.6, 0.0, fk.CENTRAL), (MIXED, 0.01, 20.0, fk.CENTRAL),
-    (MIXED, 0.01, 128.0, fk.FORWARD)],
-    ids=["official_eps", "F3_wide_eps_no_prereduce", "coarse_prereduced_fine_plain", "forward_official_eps"])
+    (MIXED, 0.01, 128.0, fk.FORWARD), (MIXED, 0.01, 20.0, (fk.CENTER,) + fk.FORWARD)],
+    ids=["official_eps", "F3_wide_eps_no_prereduce", "coarse_prereduced_fine_plain", "forward_official_eps",
+         "center_forward"])
 def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale, neighbours):
     x, valid, key = _samples(100)
     n = x.shape[0]
@@ -119,6 +120,23 @@ def test_nerf_normals_through_the_kernel_match_xla_values_and_grads(normal_type)
     _assert_same_loss_and_grads(loss, params, spec_x, spec_k)
 
 
+def test_nerf_main_pass_and_perturbed_normals_through_the_kernel_match_xla():
+    """The renderer's main pass with normals (x's own encoding from the finite-difference kernel, led by CENTER)
+    and the perturbed points' normals (no centre given: the kernel encodes the centre too) against the XLA field:
+    sigma, albedo, normals and all parameter gradients."""
+    nerf, spec_x, spec_k, params, x, valid = _field_case(seed=4)
+    mask = jnp.array([1.0, 0.5])
+    w = jax.random.normal(jax.random.PRNGKey(8), (x.shape[0], 7))
+
+    def loss(p, spec):
+        sigma, albedo, normal = nerf.density_albedo_and_normals(p, x, spec, mask, valid)
+        perturbed = nerf.normals(p, x + 0.01, spec, mask, valid)
+        out = jnp.concatenate([jnp.log1p(sigma)[:, None], albedo, normal * perturbed], axis=1)
+        return jnp.sum(w * out)
+
+    _assert_same_loss_and_grads(loss, params, spec_x, spec_k)
+
+
 def _assert_same_loss_and_grads(loss, params, spec_ref, spec_kernel):
     """loss(params, spec) and its params gradient agree between the XLA and the kernel field specs (FD normals
     divide rounding differences of the encodings by 2 eps: a looser bound than the encodings')."""
@@ -141,8 +159,14 @@ def test_neus_sdf_gradient_through_the_kernel_matches_xla(normal_type):
     nspec_k = dataclasses.replace(nspec_x, base=spec_k)
     nparams = neus.init_field(jax.random.PRNGKey(3), nspec_x, params)
 
+    dirs = jnp.tile(jnp.array([[0.6, 0.0, -0.8]]), (x.shape[0], 1))
+    dts = jnp.full((x.shape[0],), 0.05)
+
     def loss(p, s):
-        return jnp.sum(jnp.square(neus.sdf_gradient(p, x, s, None, valid)))
+        # sdf_gradient without a centre, and the main pass (own encoding from the finite-difference kernel).
+        sigma, albedo, normal, grad = neus.alpha_radiance(p, x, dirs, dts, 100, s, None, valid)
+        return (jnp.sum(jnp.square(neus.sdf_gradient(p, x + 0.01, s, None, valid))) + jnp.sum(jnp.log1p(sigma))
+                + jnp.sum(albedo * normal) + jnp.sum(jnp.square(grad)))
 
     _assert_same_loss_and_grads(loss, nparams, nspec_x, nspec_k)
 

@@ -77,7 +77,7 @@ def test_hash_grid_encoder_lowers(encoder_sizes):
     assert len(encoder_sizes["reduced"]) == 2
 
 
-@pytest.mark.parametrize("neighbours", [fk.CENTRAL, fk.FORWARD], ids=["central", "forward"])
+@pytest.mark.parametrize("neighbours", [fk.CENTRAL, (fk.CENTER,) + fk.FORWARD], ids=["central", "center_forward"])
 def test_finite_difference_kernel_lowers_one_level_per_program(encoder_sizes, neighbours):
     table, x, mask, valid = _points()
 

@@ -65,8 +65,8 @@ def test_nerf_normals_reuse_the_main_pass_density_without_changing_them():
 
     def loss(p, reuse):
         fns = stage.field_fns(p, stage.level_mask(10**6))
-        assert fns.normal_takes_center
-        fns = fns if reuse else dataclasses.replace(fns, normal_takes_center=False)
+        assert fns.radiance_normal is not None
+        fns = fns if reuse else dataclasses.replace(fns, radiance_normal=None)
         out = volume.render_rays(o, d, state.grid, key, fns, stage.render, need_normals=True,
                                  need_normal_perturb=True)
         terms = (jnp.sum(jnp.sin(3.0 * out["normal"])), jnp.sum(out["sample_normal"] * out["sample_normal_perturb"]))

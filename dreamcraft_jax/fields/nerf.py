@@ -278,27 +278,75 @@ def uses_fd_kernel(spec: NerfFieldSpec, normal_type: str) -> bool:
             and normal_type in ("finite_difference", "finite_difference_laplacian"))
 
 
+def _fd_kernel_encodings(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, mask, valid, normal_type: str,
+                         with_center: bool) -> tuple[jax.Array, ...]:
+    """The (N, L*F) encodings of x's finite-difference neighbours from one kernel call, led by x's own encoding
+    when ``with_center`` (the kernel reuses the own corners it gathers anyway: no extra table reads or atomics).
+    With ``spec.hashgrid_backward == "reduced"`` the coarse levels' shared corners are also pre-reduced over each
+    block of samples; otherwise each lane adds its own accumulated corners."""
+    from dreamcraft_jax.kernels.fd_hashgrid import CENTER, fd_encode_pallas
+
+    neighbours = ((CENTER,) if with_center else ()) + fd_neighbours(normal_type)
+    pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
+    return fd_encode_pallas(table, x, spec.grid, spec.radius, spec.finite_difference_eps, mask, valid,
+                            neighbours=neighbours, pre_reduce_max_scale=pre_reduce)
+
+
+def _fd_gradient_of_encodings(encodings, x: jax.Array, spec: NerfFieldSpec, value_fn, valid, normal_type: str,
+                              center) -> jax.Array:
+    """(N, 3) finite-difference gradient from the neighbours' encodings and ``value_fn(encoding, points) -> (N,)``
+    (forward differences: ``center`` = the value at x)."""
+    eps = spec.finite_difference_eps
+    points = _fd_points(x, eps, fd_neighbours(normal_type), spec.radius)
+    values = jnp.stack([value_fn(enc, points[:, j]) for j, enc in enumerate(encodings)], axis=1)
+    return _difference(values, eps, center, valid)
+
+
 def fused_finite_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
                                      valid=None, normal_type: str = "finite_difference", center=None) -> jax.Array:
     """:func:`finite_difference_gradient` of ``value_fn(encoding (N, L*F), points (N, 3)) -> (N,)`` with the
     neighbours' encodings from one kernel (shared corners gathered and scattered once; table gradient only, as
-    the fields never differentiate positions here). With ``spec.hashgrid_backward == "reduced"`` the coarse
-    levels' shared corners are also pre-reduced over each block of samples. Forward differences need
-    ``center`` = value at x (N,)."""
-    from dreamcraft_jax.kernels.fd_hashgrid import fd_encode_pallas
+    the fields never differentiate positions here). Forward differences without ``center`` (the value at x, (N,))
+    take x's own encoding from the same kernel call."""
+    with_center = len(fd_neighbours(normal_type)) == 3 and center is None
+    encodings = _fd_kernel_encodings(table, x, spec, mask, valid, normal_type, with_center)
+    if with_center:
+        center, encodings = value_fn(encodings[0], x), encodings[1:]
+    return _fd_gradient_of_encodings(encodings, x, spec, value_fn, valid, normal_type, center)
 
-    eps = spec.finite_difference_eps
-    neighbours = fd_neighbours(normal_type)
-    if len(neighbours) == 3 and center is None:
-        raise ValueError("forward differences need the value at the point itself (center)")
-    # The block pre-reduction of the coarse levels goes with the `reduced` backward; otherwise each lane adds
-    # its own accumulated corners.
-    pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
-    encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, eps, mask, valid, neighbours=neighbours,
-                                 pre_reduce_max_scale=pre_reduce)
-    points = _fd_points(x, eps, neighbours, spec.radius)
-    values = jnp.stack([value_fn(enc, points[:, j]) for j, enc in enumerate(encodings)], axis=1)
-    return _difference(values, eps, center, valid)
+
+def encoding_and_fd_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
+                             valid=None, normal_type: str = "finite_difference"):
+    """(x's own encoding (N, L*F), its value ``value_fn(enc, x)`` (N,), the finite-difference gradient (N, 3)) with
+    every encoding from one kernel call: a main pass that needs features and normals (the renderer's, or NeuS's
+    every pass) encodes x without the separate encoder (its table reads and backward atomics)."""
+    enc, *encodings = _fd_kernel_encodings(table, x, spec, mask, valid, normal_type, with_center=True)
+    value = value_fn(enc, x)
+    return enc, value, _fd_gradient_of_encodings(encodings, x, spec, value_fn, valid, normal_type, value)
+
+
+def _density_of_encoding(params: dict, spec: NerfFieldSpec):
+    def density_of(enc, points):
+        raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec)
+        return _activate(raw + density_bias(points, spec), spec)
+    return density_of
+
+
+def _unit_normals(grad: jax.Array) -> jax.Array:
+    """-grad / |grad|: normals point out of the density (0 where grad is 0)."""
+    return -grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
+
+
+def density_albedo_and_normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None):
+    """(N, 3) -> (sigma (N,), albedo (N, 3), normals (N, 3)): :func:`density_and_albedo` and :func:`normals` with
+    the centre's sigma reused; through the finite-difference kernel, x's own encoding comes from the same call."""
+    if not uses_fd_kernel(spec, spec.normal_type):
+        sigma, albedo = density_and_albedo(params, x, spec, mask, valid)
+        return sigma, albedo, normals(params, x, spec, mask, valid, center=sigma)
+    enc, sigma, grad = encoding_and_fd_gradient(params["encoding"], x, spec, _density_of_encoding(params, spec),
+                                                mask, valid, spec.normal_type)
+    features = apply_mlp(spec.feature_net, params["feature_net"], enc)
+    return sigma, jax.nn.sigmoid(features[..., :3]), _unit_normals(grad)
 
 
 def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None, center=None) -> jax.Array:
@@ -310,15 +358,9 @@ def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
     if spec.normal_type == "analytic":
         grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask, valid)))(x)
     elif uses_fd_kernel(spec, spec.normal_type):
-        def density_of(enc, points):
-            raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec)
-            return _activate(raw + density_bias(points, spec), spec)
-
-        if center is None and spec.normal_type == "finite_difference":
-            center = density(params, x, spec, mask, valid)
-        grad = fused_finite_difference_gradient(params["encoding"], x, spec, density_of, mask, valid,
-                                                spec.normal_type, center)
+        grad = fused_finite_difference_gradient(params["encoding"], x, spec, _density_of_encoding(params, spec),
+                                                mask, valid, spec.normal_type, center)
     else:
         grad = finite_difference_gradient(lambda p, v=None: density(params, p, spec, mask, v), x,
                                           spec.finite_difference_eps, spec.radius, valid, spec.normal_type, center)
-    return -grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
+    return _unit_normals(grad)

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
 from dreamcraft_jax.fields.nerf import (
-    NORMAL_TYPES, NerfFieldSpec, _unit, encode_points, finite_difference_gradient, fused_finite_difference_gradient,
-    scalar_mlp, uses_fd_kernel,
+    NORMAL_TYPES, NerfFieldSpec, _unit, encode_points, encoding_and_fd_gradient, finite_difference_gradient,
+    fused_finite_difference_gradient, scalar_mlp, uses_fd_kernel,
 )
 
 ALPHA_MAX = 1.0 - 1e-6  # keeps -log(1 - alpha) finite
@@ -127,8 +127,6 @@ def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, val
     if spec.normal_type == "analytic":
         return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask, valid)))(x)
     if uses_fd_kernel(spec.base, spec.normal_type):
-        if center is None and spec.normal_type == "finite_difference":
-            center = sdf(params, x, spec, mask, valid)
         return fused_finite_difference_gradient(params["encoding"], x, spec.base,
                                                 lambda enc, p: _sdf_from_encoding(params, enc, p, spec), mask, valid,
                                                 spec.normal_type, center)
@@ -177,9 +175,15 @@ def alpha_radiance(params: dict, x: jax.Array, dirs: jax.Array, dt: jax.Array, s
 
     One encoding serves the SDF, the feature MLP and (analytic normals) the gradient.
     """
-    enc = _encode(params, x, spec, mask, valid)
-    sdf_values = _sdf_from_encoding(params, enc, x, spec)
-    grad = sdf_gradient(params, x, spec, mask, valid, center=sdf_values)
+    if uses_fd_kernel(spec.base, spec.normal_type):
+        # x's own encoding from the finite-difference kernel's call (its own corners): no separate encoder.
+        enc, sdf_values, grad = encoding_and_fd_gradient(params["encoding"], x, spec.base,
+                                                         lambda e, p: _sdf_from_encoding(params, e, p, spec), mask,
+                                                         valid, spec.normal_type)
+    else:
+        enc = _encode(params, x, spec, mask, valid)
+        sdf_values = _sdf_from_encoding(params, enc, x, spec)
+        grad = sdf_gradient(params, x, spec, mask, valid, center=sdf_values)
     normal = grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
     cos = jnp.sum(dirs * normal, axis=-1)
     alpha = neus_alpha(sdf_values, cos, dt, inv_s(params), cos_anneal_ratio(step, spec))

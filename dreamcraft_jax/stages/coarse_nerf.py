@@ -155,8 +155,8 @@ class CoarseNerf:
         return volume.FieldFns(
             density=lambda x, valid=None: nerf.density_no_grad(params, x, spec, mask, valid),
             radiance=lambda x, valid=None: nerf.density_and_albedo(params, x, spec, mask, valid),
-            normal=lambda x, valid=None, center=None: nerf.normals(params, x, spec, mask, valid, center),
-            normal_takes_center=True,
+            normal=lambda x, valid=None: nerf.normals(params, x, spec, mask, valid),
+            radiance_normal=lambda x, valid=None: nerf.density_albedo_and_normals(params, x, spec, mask, valid),
         )
 
     def extra_terms(self, out: dict, is_ref: bool) -> dict:

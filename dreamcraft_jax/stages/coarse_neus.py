@@ -56,7 +56,7 @@ class CoarseNeus(CoarseNerf):
         return volume.FieldFns(
             density=lambda x, valid=None: neus.isotropic_density(params, x, spec, dt, mask, valid),
             radiance=None,
-            normal=lambda x, valid=None, center=None: neus.normals(params, x, spec, mask, valid, center),
+            normal=lambda x, valid=None: neus.normals(params, x, spec, mask, valid),
             radiance_dir=radiance_dir,
         )
 
