@@ -217,9 +217,10 @@ def base_config() -> ml_collections.ConfigDict:
     # with the sample's own cell gathered and scattered once). H200, 384 px rgb + normals: 98-102 ms with the
     # reduced backward, 110.5 ms with XLA's, against 126-128 ms unfused and 185 ms for XLA (kernels/README.md).
     c.kernels.fused_finite_difference = True
-    # Pallas backend: the density / SDF MLP (one hidden layer) forward and backward as one kernel each, the
-    # hidden layer in registers (kernels/mlp.py), instead of ~28 small memory-bound XLA GEMMs. H200, 384 px
-    # rgb + normals render forward + backward: 66.7 ms against 73.3 (benchmarks/render384_mlp_h200.json). Both
+    # Pallas backend: the density / SDF and albedo MLPs (one hidden layer) forward and backward as one kernel
+    # each, the hidden layer in registers (kernels/mlp.py), instead of ~28 small memory-bound XLA GEMMs. H200,
+    # 384 px rgb + normals render forward + backward: 66.7 ms against 73.3 with the density net fused
+    # (benchmarks/render384_mlp_h200.json; the albedo net's kernel came after that run, untimed). Both
     # take TF32 matmuls (XLA's default for float32 on the GPU; the official tiny-cuda-nn MLP runs in float16);
     # their table gradients differ most on the fine levels (kernels/README.md).
     c.kernels.fused_mlp = True

@@ -8,7 +8,7 @@ resolved once by :func:`resolve_backend` and stored in the static specs (``Rende
 
 * :mod:`.march`: occupancy-grid marching into a fixed budget (count, scan, scatter; no (R, S) intermediate);
 * :mod:`.hashgrid`: hash-grid encoding forward, backward by atomic scatter-add;
-* :mod:`.mlp`: the density / SDF MLP forward and backward, one kernel each (``kernels.fused_mlp``);
+* :mod:`.mlp`: the density / SDF and albedo MLPs forward and backward, one kernel each (``kernels.fused_mlp``);
 * :mod:`.hashgrid_levels`: the hash-grid encoding with one level per program (``kernels.encoder_per_level``);
 * :mod:`.composite`: packed compositing forward / backward (kept on the XLA path by default: slower on H100,
   see kernels/README.md).

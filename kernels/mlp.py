@@ -1,4 +1,4 @@
-"""The fields' one-hidden-layer scalar MLP, forward and backward each as one Pallas kernel, beside its reference.
+"""The fields' one-hidden-layer MLPs, forward and backward each as one Pallas kernel, beside the reference.
 
 Every density (NeRF) or SDF (NeuS) value a step needs goes through ``relu(enc @ W0) @ W1`` with enc (N, D) the
 hash-grid features (D = L*F = 32), W0 (D, H) (H = 64) and W1 (H, 1): the samples themselves and, for the
@@ -14,8 +14,10 @@ rows keeps the hidden layer in registers:
 
 so HBM sees enc and y (forward), enc, g and d_enc (backward), and (N / B) small partial weight gradients.
 
-Contract: ``mlp1_pallas(enc, w_hidden, w_out) -> (N,)`` equals :func:`mlp1_xla` (the reference), differentiable
-w.r.t. all three. The matmuls take the backend's default precision (TF32 on recent GPUs, as XLA's default for
+The albedo (feature) net, K = 3 outputs, runs the same way, its output columns unrolled.
+
+Contract: ``mlp_pallas(enc, w_hidden, w_out) -> (N, K)`` equals :func:`mlp_xla` (the reference), differentiable
+w.r.t. all three; ``mlp1_pallas`` is its scalar form (N,). The matmuls take the backend's default precision (TF32 on recent GPUs, as XLA's default for
 the reference; full float32 in interpret mode). D and H must be powers of two >= 16 (Triton's ``dot``); the
 fields fall back to the reference otherwise (:func:`supported`). Triton specifics come from
 :mod:`kernels.hashgrid`'s helpers.
@@ -34,91 +36,107 @@ from dreamcraft_jax.kernels.hashgrid import (
     _compiler_params, _load, _out_struct, _store, block_and_padding, cast_varying, varying_axes,
 )
 
-__all__ = ["mlp1_pallas", "mlp1_xla", "supported"]
+__all__ = ["mlp_pallas", "mlp_xla", "mlp1_pallas", "mlp1_xla", "supported", "MAX_OUTPUTS"]
+
+# Output columns are unrolled (one reduction over H each): the nets here have 1 (density, SDF) or 3 (albedo).
+MAX_OUTPUTS = 8
+
+
+def mlp_xla(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array) -> jax.Array:
+    """Pure-jnp reference: relu(enc @ w_hidden) @ w_out, enc (N, D), w_hidden (D, H), w_out (H, K) -> (N, K)."""
+    return jnp.dot(jax.nn.relu(jnp.dot(enc, w_hidden)), w_out)
 
 
 def mlp1_xla(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array) -> jax.Array:
-    """Pure-jnp reference: relu(enc @ w_hidden) @ w_out, enc (N, D), w_hidden (D, H), w_out (H, 1) -> (N,)."""
-    return jnp.dot(jax.nn.relu(jnp.dot(enc, w_hidden)), w_out)[:, 0]
+    """:func:`mlp_xla` of a scalar net: w_out (H, 1) -> (N,)."""
+    return mlp_xla(enc, w_hidden, w_out)[:, 0]
 
 
-def supported(in_dim: int, hidden: int) -> bool:
-    """Whether the kernel takes these widths (Triton ``dot`` wants power-of-two sizes of at least 16)."""
-    return all(n >= 16 and not n & (n - 1) for n in (in_dim, hidden))
+def supported(in_dim: int, hidden: int, out_dim: int = 1) -> bool:
+    """Whether the kernel takes these widths (Triton ``dot`` wants power-of-two sizes of at least 16; the output
+    columns are unrolled, up to :data:`MAX_OUTPUTS`)."""
+    return all(n >= 16 and not n & (n - 1) for n in (in_dim, hidden)) and 1 <= out_dim <= MAX_OUTPUTS
 
 
-def _forward_kernel(enc_ref, w_hidden_ref, w_out_ref, out_ref):
-    """Refs: enc (B, D) block, w_hidden (D, H), w_out (1, H) -> y (B,) block."""
+def _forward_kernel(enc_ref, w_hidden_ref, w_out_ref, out_ref, *, n_out: int):
+    """Refs: enc (B, D) block, w_hidden (D, H), w_out^T (K, H) -> y^T (K, B) block."""
     hidden = jnp.maximum(jnp.dot(_load(enc_ref, (slice(None), slice(None))),
                                  _load(w_hidden_ref, (slice(None), slice(None)))), 0.0)
-    _store(out_ref, slice(None), jnp.sum(hidden * _load(w_out_ref, (slice(None), slice(None))), axis=1))
+    for k in range(n_out):
+        w_k = _load(w_out_ref, (pl.ds(k, 1), slice(None)))  # (1, H)
+        _store(out_ref, (k, slice(None)), jnp.sum(hidden * w_k, axis=1))
 
 
-def _backward_kernel(enc_ref, g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidden_ref, d_out_ref):
-    """Refs: enc (B, D), g (B,) blocks, w_hidden (D, H), w_out (1, H) -> d_enc (B, D) block, and this block's
-    partial weight gradients d_hidden (1, D, H), d_out (1, 1, H)."""
+def _backward_kernel(enc_ref, g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidden_ref, d_out_ref, *, n_out: int):
+    """Refs: enc (B, D), g^T (K, B) blocks, w_hidden (D, H), w_out^T (K, H) -> d_enc (B, D) block, and this
+    block's partial weight gradients d_hidden (1, D, H), d_out^T (1, K, H)."""
     enc = _load(enc_ref, (slice(None), slice(None)))
     w_hidden = _load(w_hidden_ref, (slice(None), slice(None)))
-    g = _load(g_ref, slice(None))[:, None]  # (B, 1)
     pre = jnp.dot(enc, w_hidden)  # (B, H)
-    d_pre = jnp.where(pre > 0.0, g * _load(w_out_ref, (slice(None), slice(None))), 0.0)  # (B, H)
+    hidden = jnp.maximum(pre, 0.0)
+    gs = [_load(g_ref, (k, slice(None)))[:, None] for k in range(n_out)]  # K x (B, 1)
+    d_hidden_act = gs[0] * _load(w_out_ref, (pl.ds(0, 1), slice(None)))
+    for k in range(1, n_out):
+        d_hidden_act = d_hidden_act + gs[k] * _load(w_out_ref, (pl.ds(k, 1), slice(None)))
+    d_pre = jnp.where(pre > 0.0, d_hidden_act, 0.0)  # (B, H)
     # d_enc = d_pre @ w_hidden^T; d_hidden = enc^T @ d_pre (contracting the rows: no transposed copies).
     d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())))
     _store(d_enc_ref, (slice(None), slice(None)), d_enc)
     d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())))  # (D, H)
     _store(d_hidden_ref, (0, slice(None), slice(None)), d_hidden)
-    _store(d_out_ref, (0, 0, slice(None)), jnp.sum(jnp.maximum(pre, 0.0) * g, axis=0))
+    for k in range(n_out):
+        _store(d_out_ref, (0, k, slice(None)), jnp.sum(hidden * gs[k], axis=0))
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret"))
-def _forward(enc, w_hidden, w_out_row, *, block_rows: int, num_warps: int, interpret: bool):
-    (N, D), H = enc.shape, w_hidden.shape[1]
+def _forward(enc, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool):
+    (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
     B = block_rows
     return pl.pallas_call(
-        _forward_kernel,
-        out_shape=_out_struct((N,), enc),
+        functools.partial(_forward_kernel, n_out=K),
+        out_shape=_out_struct((K, N), enc),
         grid=(N // B,),
         in_specs=[pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((D, H), lambda i: (0, 0)),
-                  pl.BlockSpec((1, H), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((B,), lambda i: (i,)),
+                  pl.BlockSpec((K, H), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((K, B), lambda i: (0, i)),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="mlp1_fwd",
-    )(enc, w_hidden, w_out_row)
+    )(enc, w_hidden, w_out_t)
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret"))
-def _backward(enc, g, w_hidden, w_out_row, *, block_rows: int, num_warps: int, interpret: bool):
-    (N, D), H = enc.shape, w_hidden.shape[1]
+def _backward(enc, g_t, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool):
+    (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
     B = block_rows
     n_blocks = N // B
     d_enc, d_hidden, d_out = pl.pallas_call(
-        _backward_kernel,
-        out_shape=(_out_struct((N, D), enc), _out_struct((n_blocks, D, H), enc), _out_struct((n_blocks, 1, H), enc)),
+        functools.partial(_backward_kernel, n_out=K),
+        out_shape=(_out_struct((N, D), enc), _out_struct((n_blocks, D, H), enc), _out_struct((n_blocks, K, H), enc)),
         grid=(n_blocks,),
-        in_specs=[pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((B,), lambda i: (i,)),
-                  pl.BlockSpec((D, H), lambda i: (0, 0)), pl.BlockSpec((1, H), lambda i: (0, 0))],
+        in_specs=[pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((K, B), lambda i: (0, i)),
+                  pl.BlockSpec((D, H), lambda i: (0, 0)), pl.BlockSpec((K, H), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((1, D, H), lambda i: (i, 0, 0)),
-                   pl.BlockSpec((1, 1, H), lambda i: (i, 0, 0))),
+                   pl.BlockSpec((1, K, H), lambda i: (i, 0, 0))),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="mlp1_bwd",
-    )(enc, g, w_hidden, w_out_row)
-    return d_enc, jnp.sum(d_hidden, axis=0), jnp.sum(d_out, axis=0)  # (N, D), (D, H), (1, H)
+    )(enc, g_t, w_hidden, w_out_t)
+    return d_enc, jnp.sum(d_hidden, axis=0), jnp.sum(d_out, axis=0)  # (N, D), (D, H), (K, H)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mlp(enc, w_hidden, w_out_row, static):
-    return _forward(enc, w_hidden, w_out_row, **static._asdict())
+def _mlp(enc, w_hidden, w_out_t, static):
+    return _forward(enc, w_hidden, w_out_t, **static._asdict())
 
 
-def _mlp_fwd(enc, w_hidden, w_out_row, static):
-    return _mlp(enc, w_hidden, w_out_row, static), (enc, w_hidden, w_out_row)
+def _mlp_fwd(enc, w_hidden, w_out_t, static):
+    return _mlp(enc, w_hidden, w_out_t, static), (enc, w_hidden, w_out_t)
 
 
-def _mlp_bwd(static, residuals, g):
-    enc, w_hidden, w_out_row = residuals
-    return _backward(enc, g, w_hidden, w_out_row, **static._asdict())
+def _mlp_bwd(static, residuals, g_t):
+    enc, w_hidden, w_out_t = residuals
+    return _backward(enc, g_t, w_hidden, w_out_t, **static._asdict())
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
@@ -132,25 +150,36 @@ class _Static(NamedTuple):
     interpret: bool
 
 
-def mlp1_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpret: bool | None = None,
-                block_rows: int = 128, num_warps: int = 4) -> jax.Array:
-    """relu(enc @ w_hidden) @ w_out with the hidden layer in registers; (N,) float32, differentiable.
+def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpret: bool | None = None,
+               block_rows: int = 128, num_warps: int = 4) -> jax.Array:
+    """relu(enc @ w_hidden) @ w_out with the hidden layer in registers; (N, K) float32, differentiable.
 
-    Same arguments as :func:`mlp1_xla`; ``block_rows`` a power of two (N is padded with zero rows, which add
-    nothing to the weight gradients), ``interpret`` None: interpret mode unless the default backend is GPU.
+    Same arguments as :func:`mlp_xla` (K <= :data:`MAX_OUTPUTS`); ``block_rows`` a power of two (N is padded with
+    zero rows, which add nothing to the weight gradients), ``interpret`` None: interpret mode unless the default
+    backend is GPU.
     """
-    if enc.ndim != 2 or w_hidden.ndim != 2 or enc.shape[1] != w_hidden.shape[0] \
-            or w_out.shape != (w_hidden.shape[1], 1):
-        raise ValueError(f"need enc (N, D), w_hidden (D, H), w_out (H, 1); got {enc.shape}, {w_hidden.shape}, "
+    if enc.ndim != 2 or w_hidden.ndim != 2 or w_out.ndim != 2 or enc.shape[1] != w_hidden.shape[0] \
+            or w_out.shape[0] != w_hidden.shape[1]:
+        raise ValueError(f"need enc (N, D), w_hidden (D, H), w_out (H, K); got {enc.shape}, {w_hidden.shape}, "
                          f"{w_out.shape}")
-    if not supported(*w_hidden.shape):
-        raise ValueError(f"D and H must be powers of two >= 16 (Triton dot), got {w_hidden.shape}; use mlp1_xla")
+    if not supported(*w_hidden.shape, w_out.shape[1]):
+        raise ValueError(f"D and H must be powers of two >= 16 (Triton dot) and K <= {MAX_OUTPUTS}, got "
+                         f"{w_hidden.shape} and K = {w_out.shape[1]}; use mlp_xla")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     n = enc.shape[0]
     block, n_pad = block_and_padding(n, block_rows)
+    # Outputs (and their cotangents) travel as (K, N): each output's rows are contiguous for the kernel.
     operands = [jnp.pad(enc.astype(jnp.float32), ((0, n_pad - n), (0, 0))), w_hidden.astype(jnp.float32),
-                w_out.astype(jnp.float32).reshape(1, -1)]
+                w_out.astype(jnp.float32).T]
     axes = frozenset().union(*(varying_axes(v) for v in operands))
-    enc2, w_hidden2, w_out_row = (cast_varying(v, axes) for v in operands)
-    return _mlp(enc2, w_hidden2, w_out_row, _Static(block, num_warps, bool(interpret)))[:n]
+    enc2, w_hidden2, w_out_t = (cast_varying(v, axes) for v in operands)
+    return _mlp(enc2, w_hidden2, w_out_t, _Static(block, num_warps, bool(interpret)))[:, :n].T
+
+
+def mlp1_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpret: bool | None = None,
+                block_rows: int = 128, num_warps: int = 4) -> jax.Array:
+    """:func:`mlp_pallas` of a scalar net: w_out (H, 1) -> (N,)."""
+    if w_out.ndim != 2 or w_out.shape[1] != 1:
+        raise ValueError(f"need w_out (H, 1) for a scalar net, got {w_out.shape}; use mlp_pallas")
+    return mlp_pallas(enc, w_hidden, w_out, interpret=interpret, block_rows=block_rows, num_warps=num_warps)[:, 0]

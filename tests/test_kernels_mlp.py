@@ -1,5 +1,6 @@
-"""kernels.mlp: the fields' one-hidden-layer scalar MLP as Pallas kernels (CPU interpret mode) against the
-pure-jnp reference, values and all three gradients; the fields use it only where asked and where it applies."""
+"""kernels.mlp: the fields' one-hidden-layer MLPs (scalar density / SDF, 3-output albedo) as Pallas kernels (CPU
+interpret mode) against the pure-jnp reference, values and all three gradients; the fields use them only where asked
+and where they apply."""
 
 import jax
 import jax.numpy as jnp
@@ -9,25 +10,28 @@ import pytest
 from dreamcraft_jax.kernels import mlp as mk
 
 
-def _inputs(n, d=32, h=64, seed=0):
+def _inputs(n, d=32, h=64, seed=0, k_out=1):
     k = jax.random.split(jax.random.PRNGKey(seed), 4)
     enc = jax.random.normal(k[0], (n, d), jnp.float32)
     w_hidden = jax.random.normal(k[1], (d, h), jnp.float32) / np.sqrt(d)
-    w_out = jax.random.normal(k[2], (h, 1), jnp.float32) / np.sqrt(h)
-    g = jax.random.normal(k[3], (n,), jnp.float32)
+    w_out = jax.random.normal(k[2], (h, k_out), jnp.float32) / np.sqrt(h)
+    g = jax.random.normal(k[3], (n,) if k_out == 1 else (n, k_out), jnp.float32)
     return enc, w_hidden, w_out, g
 
 
-@pytest.mark.parametrize("n, block", [(300, 128), (64, 16), (1, 128)])
-def test_values_and_gradients_match_the_reference(n, block):
+@pytest.mark.parametrize("n, block, k_out", [(300, 128, 1), (64, 16, 1), (1, 128, 1), (300, 128, 3)])
+def test_values_and_gradients_match_the_reference(n, block, k_out):
     """Forward and the gradients w.r.t. enc, w_hidden and w_out of sum(g * y) equal the reference's (full float32
-    on CPU), with N not a multiple of the block (zero padding rows add nothing to the weight gradients)."""
-    enc, w_hidden, w_out, g = _inputs(n)
-    kernel = lambda e, a, b: mk.mlp1_pallas(e, a, b, interpret=True, block_rows=block)  # noqa: E731
-    np.testing.assert_allclose(kernel(enc, w_hidden, w_out), mk.mlp1_xla(enc, w_hidden, w_out), rtol=1e-5,
-                               atol=1e-5)
+    on CPU), with N not a multiple of the block (zero padding rows add nothing to the weight gradients); scalar
+    nets through ``mlp1_pallas`` (N,), the 3-output albedo net through ``mlp_pallas`` (N, 3)."""
+    enc, w_hidden, w_out, g = _inputs(n, k_out=k_out)
+    pallas, xla = (mk.mlp1_pallas, mk.mlp1_xla) if k_out == 1 else (mk.mlp_pallas, mk.mlp_xla)
+    kernel = lambda e, a, b: pallas(e, a, b, interpret=True, block_rows=block)  # noqa: E731
+    out = kernel(enc, w_hidden, w_out)
+    assert out.shape == g.shape
+    np.testing.assert_allclose(out, xla(enc, w_hidden, w_out), rtol=1e-5, atol=1e-5)
     grads_k = jax.grad(lambda *a: jnp.sum(g * kernel(*a)), argnums=(0, 1, 2))(enc, w_hidden, w_out)
-    grads_r = jax.grad(lambda *a: jnp.sum(g * mk.mlp1_xla(*a)), argnums=(0, 1, 2))(enc, w_hidden, w_out)
+    grads_r = jax.grad(lambda *a: jnp.sum(g * xla(*a)), argnums=(0, 1, 2))(enc, w_hidden, w_out)
     for name, a, b in zip(("enc", "w_hidden", "w_out"), grads_k, grads_r):
         assert a.shape == b.shape, name
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
@@ -52,16 +56,21 @@ def test_relu_gate_by_hand():
 def test_bad_shapes_are_one_clear_error():
     enc, w_hidden, w_out, _ = _inputs(8)
     with pytest.raises(ValueError, match="need enc"):
-        mk.mlp1_pallas(enc, w_hidden, w_out.reshape(1, -1), interpret=True)
+        mk.mlp1_pallas(enc, w_hidden, w_out[:32], interpret=True)  # H of w_out != H of w_hidden
     with pytest.raises(ValueError, match="powers of two"):
         mk.mlp1_pallas(enc[:, :24], w_hidden[:24], w_out, interpret=True)
+    with pytest.raises(ValueError, match="scalar net"):
+        mk.mlp1_pallas(enc, w_hidden, jnp.zeros((64, 3)), interpret=True)
+    with pytest.raises(ValueError, match="K <= "):
+        mk.mlp_pallas(enc, w_hidden, jnp.zeros((64, mk.MAX_OUTPUTS + 1)), interpret=True)
     assert mk.supported(32, 64) and not mk.supported(8, 64) and not mk.supported(32, 48)
+    assert mk.supported(32, 64, 3) and not mk.supported(32, 64, 0)
 
 
 def test_fields_use_the_kernel_only_where_asked(monkeypatch):
-    """kernels.fused_mlp routes the density MLP (and its finite-difference normals) through the kernel on the
-    Pallas backend, with the values and parameter gradients of the XLA path; off, or with the XLA backend, the
-    kernel is not called."""
+    """kernels.fused_mlp routes the density MLP (and its finite-difference normals) and the albedo MLP through the
+    kernel on the Pallas backend, with the values and parameter gradients of the XLA path; off, or with the XLA
+    backend, the kernel is not called."""
     from dreamcraft_jax.config import base_config
     from dreamcraft_jax.fields import nerf
 
@@ -69,8 +78,8 @@ def test_fields_use_the_kernel_only_where_asked(monkeypatch):
     cfg.field.hashgrid.n_levels = 8  # L*F = 16: the smallest width the kernel takes
     cfg.field.hashgrid.log2_hashmap_size = 12
     calls = []
-    original = mk.mlp1_pallas
-    monkeypatch.setattr(mk, "mlp1_pallas", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = mk.mlp_pallas
+    monkeypatch.setattr(mk, "mlp_pallas", lambda *a, **k: calls.append(a[2].shape[1]) or original(*a, **k))
     x = jax.random.uniform(jax.random.PRNGKey(1), (50, 3), minval=-0.6, maxval=0.6)
     results = {}
     for backend, fused in (("xla", True), ("pallas", False), ("pallas", True)):
@@ -80,11 +89,14 @@ def test_fields_use_the_kernel_only_where_asked(monkeypatch):
         n_before = len(calls)
 
         def loss(p):
-            return jnp.sum(nerf.density(p, x, spec)) + jnp.sum(nerf.normals(p, x, spec) ** 3)
+            sigma, albedo = nerf.density_and_albedo(p, x, spec)
+            return jnp.sum(sigma) + jnp.sum(jnp.sin(3.0 * albedo)) + jnp.sum(nerf.normals(p, x, spec) ** 3)
 
         value, grads = jax.value_and_grad(loss)(params)
         results[(backend, fused)] = (value, grads)
         assert (len(calls) > n_before) == (backend == "pallas" and fused)
+        if backend == "pallas" and fused:
+            assert set(calls[n_before:]) == {1, 3}  # the density net and the albedo net
     ref_value, ref_grads = results[("pallas", False)]
     value, grads = results[("pallas", True)]
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
@@ -110,3 +122,33 @@ def test_neus_sdf_uses_the_kernel_with_the_same_gradients():
     np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1])):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_gpu_default_field_path_matches_xla():
+    """The GPU defaults together: finite-difference kernel with the sample's own encoding (CENTER), fused density
+    and albedo MLPs, on the renderer's main pass with normals: sigma, albedo, normals and every parameter gradient
+    equal the XLA field's."""
+    from dreamcraft_jax.config import base_config
+    from dreamcraft_jax.fields import nerf
+
+    cfg = base_config()
+    cfg.field.hashgrid.n_levels = 8  # L*F = 16: the smallest width the MLP kernel takes
+    cfg.field.hashgrid.log2_hashmap_size = 10
+    x = jax.random.uniform(jax.random.PRNGKey(3), (24, 3), minval=-0.6, maxval=0.6)
+    w = jax.random.normal(jax.random.PRNGKey(4), (24, 7))
+    out = []
+    for backend, fused in (("xla", False), ("pallas", True)):
+        spec = nerf.NerfFieldSpec.from_config(cfg.field, backend, "reduced", fused_density=False,
+                                              fused_finite_difference=fused, fused_mlp=fused)
+        params = nerf.init_field(jax.random.PRNGKey(0), spec)
+        params["encoding"] = 0.5 * jax.random.normal(jax.random.PRNGKey(5), params["encoding"].shape)
+
+        def loss(p, spec=spec):
+            sigma, albedo, normal = nerf.density_albedo_and_normals(p, x, spec)
+            return jnp.sum(w * jnp.concatenate([jnp.log1p(sigma)[:, None], albedo, normal], axis=1))
+
+        out.append(jax.jit(jax.value_and_grad(loss))(params))
+    (l_x, g_x), (l_k, g_k) = out
+    np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(np.max(np.abs(b))))

@@ -171,17 +171,27 @@ def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -
                          backward=spec.hashgrid_backward, per_level=spec.encoder_per_level)
 
 
-def scalar_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
-    """module(enc)[..., 0] of a scalar-output net (density, SDF): with ``spec.fused_mlp`` on the Pallas backend,
-    one hidden layer, no bias and widths the kernel takes, :func:`dreamcraft_jax.kernels.mlp.mlp1_pallas`
-    (hidden layer in registers, forward and backward one kernel each); otherwise XLA's matmuls."""
+def field_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+    """module(enc) (N, out_dim): with ``spec.fused_mlp`` on the Pallas backend, one hidden layer, no bias and widths
+    the kernel takes, :func:`dreamcraft_jax.kernels.mlp.mlp_pallas` (hidden layer in registers, forward and
+    backward one kernel each); otherwise XLA's matmuls."""
     if spec.backend == "pallas" and spec.fused_mlp and enc.ndim == 2 and module.n_hidden_layers == 1 \
-            and module.out_dim == 1 and not module.use_bias and module.precision is None:
+            and not module.use_bias and module.precision is None:
         from dreamcraft_jax.kernels import mlp as mlp_kernel
 
-        if mlp_kernel.supported(enc.shape[1], module.width):
-            return mlp_kernel.mlp1_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"])
-    return apply_mlp(module, net, enc)[..., 0]
+        if mlp_kernel.supported(enc.shape[1], module.width, module.out_dim):
+            return mlp_kernel.mlp_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"])
+    return apply_mlp(module, net, enc)
+
+
+def scalar_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+    """:func:`field_mlp` of a scalar-output net (density, SDF): (N,)."""
+    return field_mlp(module, net, enc, spec)[..., 0]
+
+
+def albedo_of_encoding(params: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+    """(N, L*F) features -> (N, 3) albedo sigmoid(feature_net(enc)[:, :3]) in (0, 1)."""
+    return jax.nn.sigmoid(field_mlp(spec.feature_net, params["feature_net"], enc, spec)[..., :3])
 
 
 def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None,
@@ -220,8 +230,7 @@ def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=Non
     enc = _encode(params, x, spec, mask, valid)
     raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec)
     sigma = _activate(raw + density_bias(x, spec), spec)
-    features = apply_mlp(spec.feature_net, params["feature_net"], enc)
-    return sigma, jax.nn.sigmoid(features[..., :3])
+    return sigma, albedo_of_encoding(params, enc, spec)
 
 
 def fd_neighbours(normal_type: str) -> tuple:
@@ -345,8 +354,7 @@ def density_albedo_and_normals(params: dict, x: jax.Array, spec: NerfFieldSpec, 
         return sigma, albedo, normals(params, x, spec, mask, valid, center=sigma)
     enc, sigma, grad = encoding_and_fd_gradient(params["encoding"], x, spec, _density_of_encoding(params, spec),
                                                 mask, valid, spec.normal_type)
-    features = apply_mlp(spec.feature_net, params["feature_net"], enc)
-    return sigma, jax.nn.sigmoid(features[..., :3]), _unit_normals(grad)
+    return sigma, albedo_of_encoding(params, enc, spec), _unit_normals(grad)
 
 
 def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None, center=None) -> jax.Array:

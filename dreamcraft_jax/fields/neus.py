@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from dreamcraft_jax.fields import hashgrid
-from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
+from dreamcraft_jax.fields.mlp import MLP, init_mlp
 from dreamcraft_jax.fields.nerf import (
-    NORMAL_TYPES, NerfFieldSpec, _unit, encode_points, encoding_and_fd_gradient, finite_difference_gradient,
-    fused_finite_difference_gradient, scalar_mlp, uses_fd_kernel,
+    NORMAL_TYPES, NerfFieldSpec, _unit, albedo_of_encoding, encode_points, encoding_and_fd_gradient,
+    finite_difference_gradient, fused_finite_difference_gradient, scalar_mlp, uses_fd_kernel,
 )
 
 ALPHA_MAX = 1.0 - 1e-6  # keeps -log(1 - alpha) finite
@@ -187,7 +187,7 @@ def alpha_radiance(params: dict, x: jax.Array, dirs: jax.Array, dt: jax.Array, s
     normal = grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
     cos = jnp.sum(dirs * normal, axis=-1)
     alpha = neus_alpha(sdf_values, cos, dt, inv_s(params), cos_anneal_ratio(step, spec))
-    albedo = jax.nn.sigmoid(apply_mlp(spec.base.feature_net, params["feature_net"], enc)[..., :3])
+    albedo = albedo_of_encoding(params, enc, spec.base)
     return alpha_to_density(alpha, dt), albedo, normal, grad
 
 
