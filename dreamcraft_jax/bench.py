@@ -456,8 +456,8 @@ def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype, param_dt
     vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=attention_impl)
     k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(0), 5)
     # Frozen priors can be stored in the compute dtype: no per-step cast of ~1e9 float32 weights.
-    unet_params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=1))
-    vae_params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2))
+    unet_params = random_params(unet, *unet.dummy_inputs(), seed=1, dtype=param_dtype)
+    vae_params = random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2, dtype=param_dtype)
     schedule = default_schedule()
     resolution = (64 if tiny else 512) if kind == "sd" else (32 if tiny else 256)
     images = jax.random.uniform(k3, (views, resolution, resolution, 3))

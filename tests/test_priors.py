@@ -81,3 +81,26 @@ def test_txt2img_cli_writes_once_and_reports_missing_weights(priors, tmp_path):
     missing = subprocess.run(args[:4] + [str(tmp_path / "nowhere")] + args[5:8] + [str(tmp_path / "x.png")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_random_params_have_the_module_shapes_dtype_and_statistics():
+    """guidance.random_priors.random_params: every leaf of the module's init tree, in the asked dtype, N(0, std)
+    values (norm scales around 1), different leaves drawn at different offsets of the pool."""
+    import jax.numpy as jnp
+
+    from dreamcraft_jax.guidance.random_priors import TINY_UNET, random_params
+    from dreamcraft_jax.models.unet import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(TINY_UNET, dtype=jnp.float32)
+    shapes = jax.eval_shape(unet.init, jax.random.PRNGKey(0), *unet.dummy_inputs())["params"]
+    params = random_params(unet, *unet.dummy_inputs(), seed=3, std=0.05, dtype=jnp.bfloat16)
+    assert jax.tree.structure(params) == jax.tree.structure(shapes)
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    for (path, leaf), ref in zip(flat, jax.tree.leaves(shapes)):
+        assert leaf.shape == ref.shape and leaf.dtype == jnp.bfloat16, path
+    weights = np.concatenate([np.asarray(x, np.float32).ravel() for p, x in flat if "scale" not in str(p[-1])])
+    scales = np.concatenate([np.asarray(x, np.float32).ravel() for p, x in flat if "scale" in str(p[-1])])
+    assert abs(weights.std() - 0.05) < 0.002 and abs(weights.mean()) < 0.002
+    assert abs(scales.mean() - 1.0) < 0.01
+    big = [np.asarray(x, np.float32).ravel()[:64] for _, x in flat if x.size >= 64]
+    assert len({b.tobytes() for b in big}) == len(big)  # no two leaves start at the same offset

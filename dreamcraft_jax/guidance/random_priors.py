@@ -21,17 +21,29 @@ TINY_VAE = dict(SD_VAE, block_out_channels=[16, 32], layers_per_block=1, norm_nu
                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
 
 
-def random_params(module, *inputs, seed: int = 0, std: float = 0.02):
-    """Random N(0, std) weights (norm scales around 1) made on the host: fast for ~1e9 parameters, where a
-    jitted ``module.init`` spends minutes compiling per-leaf random initialisers."""
+# Random weights are cut from one pool of normals at random offsets: drawing ~1e9 normals on the host takes tens of
+# seconds per process (a benchmark's setup), copying slices of a pool a few.
+_POOL_SIZE = 1 << 24
+
+
+def random_params(module, *inputs, seed: int = 0, std: float = 0.02, dtype=jnp.float32):
+    """Random N(0, std) weights (norm scales around 1) in ``dtype``, made on the host: each leaf a slice of a pool
+    of 2^24 normals at a random offset (weights of different leaves may repeat; for timings and smoke tests,
+    where a jitted ``module.init`` would spend minutes compiling per-leaf random initialisers)."""
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)["params"]
     rng = np.random.default_rng(seed)
+    pool = std * rng.standard_normal(_POOL_SIZE, np.float32)
+    pool = np.concatenate([pool, pool])  # any window of up to _POOL_SIZE values is one slice
+    np_dtype = np.dtype(dtype)
 
     def make(path, leaf):
-        name = str(path[-1])
-        if "scale" in name:
-            return jnp.asarray(1.0 + std * rng.standard_normal(leaf.shape, np.float32))
-        return jnp.asarray(std * rng.standard_normal(leaf.shape, np.float32))
+        n = int(np.prod(leaf.shape))
+        values = pool[(start := int(rng.integers(0, _POOL_SIZE))):start + n] if n <= _POOL_SIZE else \
+            np.resize(pool[:_POOL_SIZE], n)
+        values = values.reshape(leaf.shape)
+        if "scale" in str(path[-1]):
+            values = 1.0 + values
+        return jnp.asarray(values.astype(np_dtype))
 
     return jax.tree_util.tree_map_with_path(make, shapes)
 
@@ -48,7 +60,7 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
     dtype = jnp.bfloat16 if gpu else jnp.float32
     impl = "cudnn" if gpu else None
     vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=impl)
-    vae_params = jax.tree.map(lambda x: x.astype(param_dtype), random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2))
+    vae_params = random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2, dtype=param_dtype)
     sd_cfg = dict(TINY_UNET if tiny else SD21_BASE_UNET)
     z_cfg = dict(TINY_UNET if tiny else ZERO123_UNET)
     z_cfg.update(in_channels=8, use_linear_projection=False, cross_attention_dim=32 if tiny else 768,
@@ -61,7 +73,7 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
     keys = jax.random.split(jax.random.PRNGKey(7), 4)
     if not schedule_is_zero(cfg.loss.lambda_sd):
         unet = UNet2DConditionModel.from_config(sd_cfg, dtype=dtype, attention_impl=impl)
-        up = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=1))
+        up = random_params(unet, *unet.dummy_inputs(), seed=1, dtype=param_dtype)
         d = sd_cfg["cross_attention_dim"]
         priors["sd"] = StableDiffusionPrior(
             unet=unet, vae=vae, schedule=default_schedule(), perp_neg=bool(g.sd.perp_neg),
@@ -72,7 +84,7 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
                         "uncond": jax.random.normal(keys[2], (77, d), dtype)}
     if not schedule_is_zero(cfg.loss.lambda_3d_sd):
         unet = UNet2DConditionModel.from_config(z_cfg, dtype=dtype, attention_impl=impl)
-        up = jax.tree.map(lambda x: x.astype(param_dtype), random_params(unet, *unet.dummy_inputs(), seed=3))
+        up = random_params(unet, *unet.dummy_inputs(), seed=3, dtype=param_dtype)
         d = z_cfg["cross_attention_dim"]
         proj = Zero123CameraProjection(in_features=d + 4, out_features=d)
         res = 32 if tiny else int(g.zero123.resolution)
