@@ -250,6 +250,8 @@ def bench_render(args) -> dict:
         fd = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True)
         fd_plain = with_backend("pallas", fused_finite_difference=True)  # no block pre-reduction anywhere
         fd_mlp = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True, fused_mlp=True)
+        fd_mlp_x3, fd_mlp_ieee = (with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True,
+                                               fused_mlp=True, fused_mlp_precision=p) for p in ("tf32x3", "ieee"))
         fd_levels = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True,
                                  encoder_per_level=True)
         variants += [("pallas rgb", False, False, pallas), ("pallas rgb+normals", True, True, pallas),
@@ -261,6 +263,10 @@ def bench_render(args) -> dict:
                      # kernel's call (CENTER): what that fusion saves.
                      ("pallas-fd-nocenter rgb+normals", True, True, fd),
                      ("pallas-fd-mlp rgb+normals", True, True, fd_mlp), ("pallas-fd-mlp rgb", False, False, fd_mlp),
+                     # The fused MLPs' matmuls in three-pass TF32 / float32 FMAs: time and numerics (with
+                     # --f64_reference) against the one-pass TF32 default.
+                     ("pallas-fd-mlp-tf32x3 rgb+normals", True, True, fd_mlp_x3),
+                     ("pallas-fd-mlp-ieee rgb+normals", True, True, fd_mlp_ieee),
                      ("pallas-fd-levels rgb+normals", True, True, fd_levels),
                      ("pallas-fd-levels rgb", False, False, fd_levels),
                      ("pallas-atomic rgb", False, False, atomic), ("pallas-atomic rgb+normals", True, True, atomic),

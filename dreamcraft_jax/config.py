@@ -224,6 +224,10 @@ def base_config() -> ml_collections.ConfigDict:
     # take TF32 matmuls (XLA's default for float32 on the GPU; the official tiny-cuda-nn MLP runs in float16);
     # their table gradients differ most on the fine levels (kernels/README.md).
     c.kernels.fused_mlp = True
+    # Their matmuls' input precision on the GPU: "tf32" (one tensor-core pass, as XLA's float32 default), "tf32x3"
+    # (three passes, about float32) or "ieee" (float32 FMAs). Not yet compared on a GPU (bench render variants
+    # pallas-fd-mlp-tf32x3 / -ieee with --f64_reference).
+    c.kernels.fused_mlp_precision = "tf32"
     # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
     # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward
     # are the largest programs of a step: lowering and kernel compile time). Off until timed on a GPU.
@@ -310,6 +314,10 @@ def resolution_at(cfg, step: int) -> tuple[int, int]:
 
 def _fail(key: str, value, expected: str):
     raise ConfigError(f"invalid config value {key}={value!r}: expected {expected}")
+
+
+# kernels.fused_mlp_precision: the input precision of the fused MLP kernels' matmuls (kernels/mlp.py PRECISIONS).
+FUSED_MLP_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 
 def _check_choice(cfg, key: str, choices):
@@ -420,6 +428,7 @@ def _validate_one(cfg) -> None:
     _check_choice(cfg, "train.mode", TRAIN_MODES)
     _check_choice(cfg, "kernels.backend", KERNEL_BACKENDS)
     _check_choice(cfg, "kernels.hashgrid_backward", HASHGRID_BACKWARDS)
+    _check_choice(cfg, "kernels.fused_mlp_precision", FUSED_MLP_PRECISIONS)
     _check_choice(cfg, "data.background", ("alpha", "flat"))
     _check_choice(cfg, "field.density_activation", DENSITY_ACTIVATIONS)
     _check_choice(cfg, "field.density_bias", DENSITY_BIASES)

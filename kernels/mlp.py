@@ -17,8 +17,9 @@ so HBM sees enc and y (forward), enc, g and d_enc (backward), and (N / B) small 
 The albedo (feature) net, K = 3 outputs, runs the same way, its output columns unrolled.
 
 Contract: ``mlp_pallas(enc, w_hidden, w_out) -> (N, K)`` equals :func:`mlp_xla` (the reference), differentiable
-w.r.t. all three; ``mlp1_pallas`` is its scalar form (N,). The matmuls take the backend's default precision (TF32 on recent GPUs, as XLA's default for
-the reference; full float32 in interpret mode). D and H must be powers of two >= 16 (Triton's ``dot``); the
+w.r.t. all three; ``mlp1_pallas`` is its scalar form (N,). The matmuls take TF32 on the GPU by default (XLA's
+default for the reference there), or three-pass TF32 / float32 FMAs (``precision``); full float32 in interpret
+mode. D and H must be powers of two >= 16 (Triton's ``dot``); the
 fields fall back to the reference otherwise (:func:`supported`). Triton specifics come from
 :mod:`kernels.hashgrid`'s helpers.
 """
@@ -36,10 +37,22 @@ from dreamcraft_jax.kernels.hashgrid import (
     _compiler_params, _load, _out_struct, _store, block_and_padding, cast_varying, varying_axes,
 )
 
-__all__ = ["mlp_pallas", "mlp_xla", "mlp1_pallas", "mlp1_xla", "supported", "MAX_OUTPUTS"]
+__all__ = ["mlp_pallas", "mlp_xla", "mlp1_pallas", "mlp1_xla", "supported", "MAX_OUTPUTS", "PRECISIONS"]
 
 # Output columns are unrolled (one reduction over H each): the nets here have 1 (density, SDF) or 3 (albedo).
 MAX_OUTPUTS = 8
+# Matmul input precision on the GPU: "tf32" (XLA's float32 default there, one tensor-core pass), "tf32x3" (three
+# passes, about float32 accuracy), "ieee" (float32 FMAs). Interpret mode (CPU) is float32 whatever the choice.
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+def _dot_precision(precision: str, interpret: bool):
+    """The ``precision`` argument of the kernels' dots (None: the backend's default, TF32 in Triton)."""
+    if interpret or precision == "tf32":
+        return None
+    if precision == "tf32x3":
+        return jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return jax.lax.Precision.HIGHEST  # Triton lowering: input_precision IEEE for float32 operands
 
 
 def mlp_xla(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array) -> jax.Array:
@@ -58,21 +71,22 @@ def supported(in_dim: int, hidden: int, out_dim: int = 1) -> bool:
     return all(n >= 16 and not n & (n - 1) for n in (in_dim, hidden)) and 1 <= out_dim <= MAX_OUTPUTS
 
 
-def _forward_kernel(enc_ref, w_hidden_ref, w_out_ref, out_ref, *, n_out: int):
+def _forward_kernel(enc_ref, w_hidden_ref, w_out_ref, out_ref, *, n_out: int, precision):
     """Refs: enc (B, D) block, w_hidden (D, H), w_out^T (K, H) -> y^T (K, B) block."""
     hidden = jnp.maximum(jnp.dot(_load(enc_ref, (slice(None), slice(None))),
-                                 _load(w_hidden_ref, (slice(None), slice(None)))), 0.0)
+                                 _load(w_hidden_ref, (slice(None), slice(None))), precision=precision), 0.0)
     for k in range(n_out):
         w_k = _load(w_out_ref, (pl.ds(k, 1), slice(None)))  # (1, H)
         _store(out_ref, (k, slice(None)), jnp.sum(hidden * w_k, axis=1))
 
 
-def _backward_kernel(enc_ref, g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidden_ref, d_out_ref, *, n_out: int):
+def _backward_kernel(enc_ref, g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidden_ref, d_out_ref, *, n_out: int,
+                     precision):
     """Refs: enc (B, D), g^T (K, B) blocks, w_hidden (D, H), w_out^T (K, H) -> d_enc (B, D) block, and this
     block's partial weight gradients d_hidden (1, D, H), d_out^T (1, K, H)."""
     enc = _load(enc_ref, (slice(None), slice(None)))
     w_hidden = _load(w_hidden_ref, (slice(None), slice(None)))
-    pre = jnp.dot(enc, w_hidden)  # (B, H)
+    pre = jnp.dot(enc, w_hidden, precision=precision)  # (B, H)
     hidden = jnp.maximum(pre, 0.0)
     gs = [_load(g_ref, (k, slice(None)))[:, None] for k in range(n_out)]  # K x (B, 1)
     d_hidden_act = gs[0] * _load(w_out_ref, (pl.ds(0, 1), slice(None)))
@@ -80,20 +94,20 @@ def _backward_kernel(enc_ref, g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidde
         d_hidden_act = d_hidden_act + gs[k] * _load(w_out_ref, (pl.ds(k, 1), slice(None)))
     d_pre = jnp.where(pre > 0.0, d_hidden_act, 0.0)  # (B, H)
     # d_enc = d_pre @ w_hidden^T; d_hidden = enc^T @ d_pre (contracting the rows: no transposed copies).
-    d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())))
+    d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())), precision=precision)
     _store(d_enc_ref, (slice(None), slice(None)), d_enc)
-    d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())))  # (D, H)
+    d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())), precision=precision)  # (D, H)
     _store(d_hidden_ref, (0, slice(None), slice(None)), d_hidden)
     for k in range(n_out):
         _store(d_out_ref, (0, k, slice(None)), jnp.sum(hidden * gs[k], axis=0))
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret"))
-def _forward(enc, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision"))
+def _forward(enc, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool, precision: str):
     (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
     B = block_rows
     return pl.pallas_call(
-        functools.partial(_forward_kernel, n_out=K),
+        functools.partial(_forward_kernel, n_out=K, precision=_dot_precision(precision, interpret)),
         out_shape=_out_struct((K, N), enc),
         grid=(N // B,),
         in_specs=[pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((D, H), lambda i: (0, 0)),
@@ -105,13 +119,13 @@ def _forward(enc, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpr
     )(enc, w_hidden, w_out_t)
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret"))
-def _backward(enc, g_t, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision"))
+def _backward(enc, g_t, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool, precision: str):
     (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
     B = block_rows
     n_blocks = N // B
     d_enc, d_hidden, d_out = pl.pallas_call(
-        functools.partial(_backward_kernel, n_out=K),
+        functools.partial(_backward_kernel, n_out=K, precision=_dot_precision(precision, interpret)),
         out_shape=(_out_struct((N, D), enc), _out_struct((n_blocks, D, H), enc), _out_struct((n_blocks, K, H), enc)),
         grid=(n_blocks,),
         in_specs=[pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((K, B), lambda i: (0, i)),
@@ -148,16 +162,19 @@ class _Static(NamedTuple):
     block_rows: int
     num_warps: int
     interpret: bool
+    precision: str
 
 
 def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpret: bool | None = None,
-               block_rows: int = 128, num_warps: int = 4) -> jax.Array:
+               block_rows: int = 128, num_warps: int = 4, precision: str = "tf32") -> jax.Array:
     """relu(enc @ w_hidden) @ w_out with the hidden layer in registers; (N, K) float32, differentiable.
 
     Same arguments as :func:`mlp_xla` (K <= :data:`MAX_OUTPUTS`); ``block_rows`` a power of two (N is padded with
     zero rows, which add nothing to the weight gradients), ``interpret`` None: interpret mode unless the default
-    backend is GPU.
+    backend is GPU, ``precision`` one of :data:`PRECISIONS` (the matmuls' input precision on the GPU).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if enc.ndim != 2 or w_hidden.ndim != 2 or w_out.ndim != 2 or enc.shape[1] != w_hidden.shape[0] \
             or w_out.shape[0] != w_hidden.shape[1]:
         raise ValueError(f"need enc (N, D), w_hidden (D, H), w_out (H, K); got {enc.shape}, {w_hidden.shape}, "
@@ -174,12 +191,13 @@ def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpr
                 w_out.astype(jnp.float32).T]
     axes = frozenset().union(*(varying_axes(v) for v in operands))
     enc2, w_hidden2, w_out_t = (cast_varying(v, axes) for v in operands)
-    return _mlp(enc2, w_hidden2, w_out_t, _Static(block, num_warps, bool(interpret)))[:, :n].T
+    return _mlp(enc2, w_hidden2, w_out_t, _Static(block, num_warps, bool(interpret), precision))[:, :n].T
 
 
 def mlp1_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpret: bool | None = None,
-                block_rows: int = 128, num_warps: int = 4) -> jax.Array:
+                block_rows: int = 128, num_warps: int = 4, precision: str = "tf32") -> jax.Array:
     """:func:`mlp_pallas` of a scalar net: w_out (H, 1) -> (N,)."""
     if w_out.ndim != 2 or w_out.shape[1] != 1:
         raise ValueError(f"need w_out (H, 1) for a scalar net, got {w_out.shape}; use mlp_pallas")
-    return mlp_pallas(enc, w_hidden, w_out, interpret=interpret, block_rows=block_rows, num_warps=num_warps)[:, 0]
+    return mlp_pallas(enc, w_hidden, w_out, interpret=interpret, block_rows=block_rows, num_warps=num_warps,
+                      precision=precision)[:, 0]

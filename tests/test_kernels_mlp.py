@@ -152,3 +152,39 @@ def test_gpu_default_field_path_matches_xla():
     np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(np.max(np.abs(b))))
+
+
+def test_precision_choices_are_the_configs_and_change_only_the_gpu_dots():
+    """kernels.fused_mlp_precision: the config's choices are the kernel's; in interpret mode (float32 on CPU) every
+    choice gives the reference values; lowered for the GPU, each choice reaches the Triton kernels (the IR is MLIR
+    bytecode, so the check is that the three lower to three different kernels, forward and backward)."""
+    import re
+
+    from dreamcraft_jax.config import FUSED_MLP_PRECISIONS
+
+    assert FUSED_MLP_PRECISIONS == mk.PRECISIONS
+    enc, w_hidden, w_out, _ = _inputs(40, k_out=3)
+    want = mk.mlp_xla(enc, w_hidden, w_out)
+    for precision in mk.PRECISIONS:
+        got = mk.mlp_pallas(enc, w_hidden, w_out, interpret=True, precision=precision)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        mk.mlp_pallas(enc, w_hidden, w_out, interpret=True, precision="bf16")
+
+    from jax._src import mesh as mesh_lib
+
+    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
+        pytest.skip(f"jax {jax.__version__} cannot lower for an abstract GPU device")
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
+    kernels = {}
+    for precision in mk.PRECISIONS:
+        fn = lambda e, a, b, p=precision: jax.value_and_grad(  # noqa: E731
+            lambda *args: jnp.sum(mk.mlp_pallas(*args, interpret=False, precision=p)), argnums=(0, 1, 2))(e, a, b)
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = jax.jit(fn).trace(enc, w_hidden, w_out).lower(lowering_platforms=("cuda",)).as_text()
+        kernels[precision] = tuple(re.findall(r'ir = "(.*?)", name', text))
+        assert len(kernels[precision]) == 2  # forward, backward
+    for i in range(2):
+        assert len({k[i] for k in kernels.values()}) == 3

@@ -54,13 +54,14 @@ class NerfFieldSpec:
     hashgrid_backward: str = "xla"  # Pallas backend only: HASHGRID_BACKWARDS (XLA scatter-add or atomic kernel)
     fused_density: bool = True  # Pallas backend only: the no-grad pruning density as one encode+MLP kernel
     fused_finite_difference: bool = False  # Pallas backend only: the 6 neighbours' encodings in one kernel
-    fused_mlp: bool = False  # Pallas backend only: density MLP forward / backward as one kernel each
+    fused_mlp: bool = False  # Pallas backend only: density / SDF and albedo MLPs forward / backward, one kernel each
+    fused_mlp_precision: str = "tf32"  # their matmuls' input precision on the GPU (kernels.mlp.PRECISIONS)
     encoder_per_level: bool = False  # Pallas backend, atomic backwards: the encoder as one program per level
 
     @classmethod
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla", fused_density: bool = True,
                     fused_finite_difference: bool = False, fused_mlp: bool = False,
-                    encoder_per_level: bool = False) -> "NerfFieldSpec":
+                    encoder_per_level: bool = False, fused_mlp_precision: str = "tf32") -> "NerfFieldSpec":
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
         the rest: the ``kernels.*`` keys of the same names."""
         return cls(
@@ -69,6 +70,7 @@ class NerfFieldSpec:
             fused_density=bool(fused_density),
             fused_finite_difference=bool(fused_finite_difference),
             fused_mlp=bool(fused_mlp),
+            fused_mlp_precision=str(fused_mlp_precision),
             encoder_per_level=bool(encoder_per_level),
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
@@ -180,7 +182,8 @@ def field_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> ja
         from dreamcraft_jax.kernels import mlp as mlp_kernel
 
         if mlp_kernel.supported(enc.shape[1], module.width, module.out_dim):
-            return mlp_kernel.mlp_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"])
+            return mlp_kernel.mlp_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"],
+                                         precision=spec.fused_mlp_precision)
     return apply_mlp(module, net, enc)
 
 

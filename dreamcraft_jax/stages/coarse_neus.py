@@ -29,7 +29,7 @@ class CoarseNeus(CoarseNerf):
     def field_spec(cfg, backend: str = "xla"):
         return neus.NeusFieldSpec.from_config(cfg, backend, cfg.kernels.hashgrid_backward,
                                               cfg.kernels.fused_finite_difference, cfg.kernels.fused_mlp,
-                                              cfg.kernels.encoder_per_level)
+                                              cfg.kernels.encoder_per_level, cfg.kernels.fused_mlp_precision)
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
