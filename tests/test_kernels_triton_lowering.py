@@ -161,3 +161,33 @@ def test_march_and_composite_kernels_lower():
         return jax.grad(loss, argnums=(0, 1))(sigma, color)
 
     assert len(_lower_for_gpu(composite, f32, color, f32, f32, ray_idx, valid)) == 2
+
+
+def test_the_fields_gpu_path_needs_no_separate_encoder_kernel(monkeypatch):
+    """With the GPU defaults (finite-difference kernel, fused MLPs), a pass with normals and the perturbed normals
+    (the stage-1 training passes) lower to the finite-difference encode kernels and the MLP kernels only: the
+    samples' own encodings come from the finite-difference call (CENTER), not from the plain encoder."""
+    from dreamcraft_jax.config import base_config
+    from dreamcraft_jax.fields import nerf
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels pick Triton, not interpret mode
+    cfg = base_config()
+    spec = nerf.NerfFieldSpec.from_config(cfg.field, "pallas", "reduced", fused_density=True,
+                                          fused_finite_difference=True, fused_mlp=True)
+    params = jax.eval_shape(lambda: nerf.init_field(jax.random.PRNGKey(0), spec))
+    x = jax.ShapeDtypeStruct((4096, 3), jnp.float32)
+    valid = jax.ShapeDtypeStruct((4096,), jnp.bool_)
+
+    def loss(p, x, v):
+        sigma, albedo, normal = nerf.density_albedo_and_normals(p, x, spec, None, v)
+        return jnp.sum(sigma) + jnp.sum(albedo) + jnp.sum(normal * nerf.normals(p, x + 0.01, spec, None, v))
+
+    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
+        pytest.skip(f"jax {jax.__version__} cannot lower for an abstract GPU device")
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(jax.grad(loss)).trace(params, x, valid).lower(lowering_platforms=("cuda",)).as_text()
+    names = set(re.findall(r'ir = ".*?", name = "(\w+)"', text))
+    assert names == {"hashgrid_fd_encode_fwd", "hashgrid_fd_encode_bwd", "mlp1_fwd", "mlp1_bwd"}, names
