@@ -68,30 +68,45 @@ def _density_kernel(*refs, spec: HashGridSpec, B: int, H: int, use_mask: bool, u
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
     lanes = _valid_lanes(valid_ref, B, fw)
-    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
-    # One-hot column selectors: Triton has no column slicing of a register tensor, a masked row sum does it.
-    columns = [(jnp.arange(fw, dtype=jnp.int32) == j).astype(jnp.float32)[None, :] for j in range(fw)]
-    hidden = jnp.zeros((B, H), jnp.float32)
-    for l in range(spec.n_levels):
-        level = _static_level(spec, l)
-        w, terms = _level_geometry(xs, level)
-        mask_l = _load(mask_ref, l) if use_mask else None
-        lanes_l = _level_lanes(lanes, mask_l, B, fw)
-        for c in range(n_chunks):
-            acc = jnp.zeros((B, fw), jnp.float32)
-            for bits in _CORNERS:
-                row = _corner_row(terms, bits, level)
-                weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
-                rows, cols = _index_arrays(row, c, fw, B)
-                acc = acc + weight[:, None] * _gather(table_ref, rows, cols, lanes_l)
-            if use_mask:
-                acc = acc * mask_l
-            for j in range(fw):
-                feature = l * F + c * fw + j
-                col = acc if fw == 1 else jnp.sum(acc * columns[j], axis=1, keepdims=True)  # (B, 1)
-                hidden = hidden + col * _load(w_hidden_ref, (pl.ds(feature, 1), slice(None)))  # (B,1)*(1,H)
-    hidden = jnp.maximum(hidden, 0.0)
-    _store(out_ref, slice(None), jnp.sum(hidden * _load(w_out_ref, (slice(None), slice(None))), axis=1))
+
+    def encode_and_mlp():
+        xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+        # One-hot column selectors: Triton has no column slicing of a register tensor, a masked row sum does it.
+        columns = [(jnp.arange(fw, dtype=jnp.int32) == j).astype(jnp.float32)[None, :] for j in range(fw)]
+        hidden = jnp.zeros((B, H), jnp.float32)
+        for l in range(spec.n_levels):
+            level = _static_level(spec, l)
+            w, terms = _level_geometry(xs, level)
+            mask_l = _load(mask_ref, l) if use_mask else None
+            lanes_l = _level_lanes(lanes, mask_l, B, fw)
+            for c in range(n_chunks):
+                acc = jnp.zeros((B, fw), jnp.float32)
+                for bits in _CORNERS:
+                    row = _corner_row(terms, bits, level)
+                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
+                    rows, cols = _index_arrays(row, c, fw, B)
+                    acc = acc + weight[:, None] * _gather(table_ref, rows, cols, lanes_l)
+                if use_mask:
+                    acc = acc * mask_l
+                for j in range(fw):
+                    feature = l * F + c * fw + j
+                    col = acc if fw == 1 else jnp.sum(acc * columns[j], axis=1, keepdims=True)  # (B, 1)
+                    hidden = hidden + col * _load(w_hidden_ref, (pl.ds(feature, 1), slice(None)))  # (B,1)*(1,H)
+        hidden = jnp.maximum(hidden, 0.0)
+        _store(out_ref, slice(None), jnp.sum(hidden * _load(w_out_ref, (slice(None), slice(None))), axis=1))
+
+    if lanes is None:
+        encode_and_mlp()
+        return
+    # A block past the valid prefix of the packed candidates (their budget is well above what a view uses) reads
+    # no table rows anyway: skip its geometry and MLP too; its raw values are 0, as the bias-free MLP of zero
+    # features gives.
+    any_valid = jnp.max(_load(valid_ref, slice(None))) != 0
+    pl.when(any_valid)(encode_and_mlp)
+
+    @pl.when(jnp.logical_not(any_valid))
+    def _zeros():
+        _store(out_ref, slice(None), jnp.zeros((B,), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_points", "num_warps", "interpret"))

@@ -138,12 +138,16 @@ def _level_on(valid_ref, mask_l, B: int):
     return on if mask_l is None else on & (mask_l != 0)
 
 
-def _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius: float, eps: float, B: int, neighbours):
-    """(level constants, mask_l or None, lanes on (B,), own cell terms, neighbours) of the (traced) level ``l``
-    (see :func:`_geometry`)."""
+def _level_setup(valid_ref, mask_ref, level_refs, l, B: int):
+    """(level constants, mask_l or None, lanes on (B,), whether any lane is on) of the (traced) level ``l``.
+
+    A program with no lane on (a block past the valid prefix of the packed samples: the sample budgets are about
+    twice what a view uses; or a level the progressive band keeps off) has nothing to read or add: the kernels
+    skip its geometry, gathers and atomics (``pl.when``)."""
     level = _loaded_level(level_refs, l)
     mask_l = None if mask_ref is None else _load(mask_ref, l)
-    return (level, mask_l, _level_on(valid_ref, mask_l, B), *_geometry(xs, level, radius, eps, neighbours))
+    on = _level_on(valid_ref, mask_l, B)
+    return level, mask_l, on, jnp.max(on.astype(jnp.int32)) > 0
 
 
 def _split_refs(refs, use_valid: bool, use_mask: bool):
@@ -168,33 +172,42 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
     x_ref, valid_ref, mask_ref, level_refs, (table_ref, *out_refs) = _split_refs(refs, use_valid, use_mask)
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
-    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     l = pl.program_id(1)
-    level, mask_l, on, own_terms, shared = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B,
-                                                        neighbours)
-    own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, level), c, fw, B),
-                    jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
-    for j, (axis, sign) in enumerate(neighbours):
-        w, terms, same, shared_step = shared[j]
-        for c in range(n_chunks):
-            acc = jnp.zeros((B, fw), jnp.float32)
-            for k, bits in enumerate(_CORNERS):
-                if sign == 0:  # the sample itself: its own corners, the reference's weights and order
-                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
-                    acc = acc + weight[:, None] * own[k][c]
-                    continue
-                face = _shares_face(bits, axis, sign)
-                reused = (same | shared_step) if face else same
-                lanes = jnp.broadcast_to((on & ~reused)[:, None], (B, fw))
-                value = _gather(table_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B), lanes)
-                if face:
-                    value = jnp.where(shared_step[:, None], own[_partner(k, axis)][c], value)
-                value = jnp.where(same[:, None], own[k][c], value)
-                weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order
-                acc = acc + weight[:, None] * value
-            if use_mask:
-                acc = acc * mask_l
-            _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), acc)
+    level, mask_l, on, any_on = _level_setup(valid_ref, mask_ref, level_refs, l, B)
+
+    @pl.when(any_on)
+    def _encode():
+        xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+        own_terms, shared = _geometry(xs, level, radius, eps, neighbours)
+        own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, level), c, fw, B),
+                        jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
+        for j, (axis, sign) in enumerate(neighbours):
+            w, terms, same, shared_step = shared[j]
+            for c in range(n_chunks):
+                acc = jnp.zeros((B, fw), jnp.float32)
+                for k, bits in enumerate(_CORNERS):
+                    if sign == 0:  # the sample itself: its own corners, the reference's weights and order
+                        weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
+                        acc = acc + weight[:, None] * own[k][c]
+                        continue
+                    face = _shares_face(bits, axis, sign)
+                    reused = (same | shared_step) if face else same
+                    lanes = jnp.broadcast_to((on & ~reused)[:, None], (B, fw))
+                    value = _gather(table_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B), lanes)
+                    if face:
+                        value = jnp.where(shared_step[:, None], own[_partner(k, axis)][c], value)
+                    value = jnp.where(same[:, None], own[k][c], value)
+                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # reference order
+                    acc = acc + weight[:, None] * value
+                if use_mask:
+                    acc = acc * mask_l
+                _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), acc)
+
+    @pl.when(jnp.logical_not(any_on))
+    def _zeros():  # no lane on: zero features, as the lanes' masks would give
+        for j in range(len(neighbours)):
+            for c in range(n_chunks):
+                _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), jnp.zeros((B, fw), jnp.float32))
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
@@ -210,36 +223,39 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
     g_refs, (_dtable_in_ref, dtable_ref) = refs[:n_nb], refs[n_nb:]
     F = spec.n_features_per_level
     fw, n_chunks = _feature_chunks(F)
-    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
     l = pl.program_id(1) + level_start
-    level, mask_l, on, own_terms, shared = _level_setup(xs, valid_ref, mask_ref, level_refs, l, radius, eps, B,
-                                                        neighbours)
-    acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
-    for j, (axis, sign) in enumerate(neighbours):
-        w, terms, same, step = shared[j]
-        for c in range(n_chunks):
-            g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
-            if use_mask:
-                g = g * mask_l
-            for k, bits in enumerate(_CORNERS):
-                weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
-                contribution = weight[:, None] * g
-                if sign == 0:  # the sample itself: all its corners are the own cell's
-                    acc[k][c] = acc[k][c] + contribution
-                    continue
-                acc[k][c] = acc[k][c] + jnp.where(same[:, None], contribution, 0.0)
-                direct = ~same
-                if _shares_face(bits, axis, sign):
-                    p = _partner(k, axis)
-                    acc[p][c] = acc[p][c] + jnp.where(step[:, None], contribution, 0.0)
-                    direct = direct & ~step
-                lanes = jnp.broadcast_to((on & direct)[:, None], (B, fw))
-                _scatter_add(dtable_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B),
-                             contribution, interpret=interpret, lanes=lanes)
-    # The own cell's corners: what the neighbours that share them added up, one atomic per corner
-    # (per leader cell of the block on the coarse levels).
-    _pre_reduced_scatter(dtable_ref, own_terms, level, lambda k, c: acc[k][c], on, B, fw, n_chunks, interpret,
-                         leaders=leaders)
+    level, mask_l, on, any_on = _level_setup(valid_ref, mask_ref, level_refs, l, B)
+
+    @pl.when(any_on)  # no lane on: nothing to add
+    def _scatter():
+        xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+        own_terms, shared = _geometry(xs, level, radius, eps, neighbours)
+        acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
+        for j, (axis, sign) in enumerate(neighbours):
+            w, terms, same, step = shared[j]
+            for c in range(n_chunks):
+                g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
+                if use_mask:
+                    g = g * mask_l
+                for k, bits in enumerate(_CORNERS):
+                    weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
+                    contribution = weight[:, None] * g
+                    if sign == 0:  # the sample itself: all its corners are the own cell's
+                        acc[k][c] = acc[k][c] + contribution
+                        continue
+                    acc[k][c] = acc[k][c] + jnp.where(same[:, None], contribution, 0.0)
+                    direct = ~same
+                    if _shares_face(bits, axis, sign):
+                        p = _partner(k, axis)
+                        acc[p][c] = acc[p][c] + jnp.where(step[:, None], contribution, 0.0)
+                        direct = direct & ~step
+                    lanes = jnp.broadcast_to((on & direct)[:, None], (B, fw))
+                    _scatter_add(dtable_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B),
+                                 contribution, interpret=interpret, lanes=lanes)
+        # The own cell's corners: what the neighbours that share them added up, one atomic per corner
+        # (per leader cell of the block on the coarse levels).
+        _pre_reduced_scatter(dtable_ref, own_terms, level, lambda k, c: acc[k][c], on, B, fw, n_chunks, interpret,
+                             leaders=leaders)
 
 
 def _inputs(x, valid, mask, spec: HashGridSpec, B: int):

@@ -55,6 +55,16 @@ def test_fused_density_matches_reference(spec, n):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_fused_density_blocks_past_the_valid_prefix_are_zero():
+    """Packed candidates: a valid prefix (50 of 300, blocks of 64): blocks without a valid point skip their work
+    and still write 0, as the reference gives for invalid points."""
+    table, x, w_hidden, w_out, _ = _inputs(MIXED, 300, seed=2)
+    valid = jnp.arange(300) < 50
+    got, want = _both(MIXED, table, x, None, valid, w_hidden, w_out)
+    assert np.all(got[50:] == 0.0) and np.any(got[:50] != 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_density_no_mask_no_valid_and_tiny_batch():
     table, x, w_hidden, w_out, _ = _inputs(MIXED, 5, hidden=32, seed=1)
     got, want = _both(MIXED, table, x, None, None, w_hidden, w_out)

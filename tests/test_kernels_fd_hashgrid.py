@@ -62,6 +62,33 @@ def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale, n
     np.testing.assert_allclose(np.asarray(dt_k), np.asarray(dt_r), rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_blocks_without_valid_samples_write_zeros_and_add_nothing():
+    """The packed samples' valid prefix (here 40 of 200, blocks of 64: the last two blocks have no valid sample)
+    and a switched-off level: those programs skip their work, and still give zero features and no gradient."""
+    x, _, key = _samples(200, seed=3)
+    valid = jnp.arange(x.shape[0]) < 40
+    spec, n = MIXED, x.shape[0]
+    table = jax.random.normal(key, (spec.total_params, 2), jnp.float32)
+    mask = jnp.array([1.0, 0.0])
+    neighbours = (fk.CENTER,) + fk.FORWARD
+    gs = tuple(jax.random.normal(k, (n, spec.output_dim)) for k in jax.random.split(key, len(neighbours)))
+
+    def run(fn, **kw):
+        def f(t):
+            out, back = jax.vjp(lambda t: fn(t, x, spec, RADIUS, 0.01, mask, valid, neighbours=neighbours, **kw), t)
+            return out, back(gs)[0]
+        return jax.jit(f)(table)
+
+    out_k, dt_k = run(fk.fd_encode_pallas, interpret=True, block_points=64)
+    out_r, dt_r = run(fk.fd_encode_xla)
+    for a, b in zip(out_k, out_r):
+        assert np.all(np.asarray(a)[40:] == 0.0) and np.all(np.asarray(a)[:, 2:] == 0.0)  # level 1 is off
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dt_k), np.asarray(dt_r), rtol=1e-5,
+                               atol=1e-6 * float(jnp.max(jnp.abs(dt_r))))
+    assert float(jnp.max(jnp.abs(dt_k[spec.offsets[1]:]))) == 0.0  # nothing added to the switched-off level
+
+
 def test_fd_encode_shares_corners_on_coarse_levels():
     """The case the kernel is for: with eps much smaller than the cells, most neighbours share the own cell,
     and the independent per-point encoder still agrees (so sharing is not just never taken)."""
