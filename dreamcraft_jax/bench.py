@@ -632,7 +632,9 @@ def bench_stage(args) -> dict:
                                  "at_step": at_step, "active_levels": int(jnp.sum(stage.level_mask(at_step) != 0)),
                                  "fit_steps_before": args.neus_fit_steps if stage_name == "coarse_neus" else 0,
                                  "random_views_per_s": n_views / (split["step_ms"] * 1e-3),
-                                 "wall_incl_compile_s": time.perf_counter() - t1}
+                                 "wall_incl_compile_s": time.perf_counter() - t1,
+                                 # The process's device-memory peak so far (cases run in order; None on CPU).
+                                 "peak_memory_bytes_so_far": _peak_memory_bytes()}
                 if args.out:  # partial results survive a time limit
                     _write_partial(args.out, "stage", results)
                 parts = ("" if args.no_split else f" (render {split['render_ms']:.1f}, guidance "

@@ -51,6 +51,7 @@ def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     assert split["kind"] == "random" and split["step_ms"] > 0 and "render_ms" not in split
     assert case["ref_step_ms"] > 0 and case["views_per_step"] == 1
     assert case["alternating_pipelined_ms_per_step"] > 0 and case["eval_view_ms"] > 0
+    assert "peak_memory_bytes_so_far" in case  # None on CPU (no device memory stats)
     # The random step's sample use, against the budgets it was compiled with.
     use, budgets = case["sampling"], case["budgets_per_ray"]
     assert 0 < use["random/samples_per_ray"] <= budgets["samples"]
