@@ -118,6 +118,21 @@ def demo_priors(demo_prior_root):
     return cfg, priors_mod.load_priors(cfg, priors_mod.reference_rgb_on_white(ref.rgb, ref.mask))
 
 
+def lowered_for_gpu(fn, *args) -> str:
+    """The text of ``jit(fn)(*args)`` lowered for CUDA as on an H200, from this CPU-only machine (an abstract GPU
+    device); skips the test where this jax cannot do that. Pallas kernels called with ``interpret=False`` (or
+    seeing a GPU default backend) appear as Triton calls with their IR."""
+    from jax._src import mesh as mesh_lib
+
+    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
+        pytest.skip(f"jax {jax.__version__} cannot lower for an abstract GPU device")
+    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
+                                     abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def final_state(cfg, workdir, stage_cls=None, name="coarse_nerf"):
     """The last checkpointed TrainState of stage ``name`` in run folder ``workdir``, on the host."""
     import jax

@@ -171,19 +171,13 @@ def test_precision_choices_are_the_configs_and_change_only_the_gpu_dots():
     with pytest.raises(ValueError, match="precision must be one of"):
         mk.mlp_pallas(enc, w_hidden, w_out, interpret=True, precision="bf16")
 
-    from jax._src import mesh as mesh_lib
+    from conftest import lowered_for_gpu
 
-    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
-        pytest.skip(f"jax {jax.__version__} cannot lower for an abstract GPU device")
-    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
-                                     abstract_device=device)
     kernels = {}
     for precision in mk.PRECISIONS:
         fn = lambda e, a, b, p=precision: jax.value_and_grad(  # noqa: E731
             lambda *args: jnp.sum(mk.mlp_pallas(*args, interpret=False, precision=p)), argnums=(0, 1, 2))(e, a, b)
-        with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.jit(fn).trace(enc, w_hidden, w_out).lower(lowering_platforms=("cuda",)).as_text()
+        text = lowered_for_gpu(fn, enc, w_hidden, w_out)
         kernels[precision] = tuple(re.findall(r'ir = "(.*?)", name', text))
         assert len(kernels[precision]) == 2  # forward, backward
     for i in range(2):

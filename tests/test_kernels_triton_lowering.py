@@ -15,7 +15,7 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from jax._src import mesh as mesh_lib
+from conftest import lowered_for_gpu
 
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels import composite as ck
@@ -32,13 +32,7 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 
 def _lower_for_gpu(fn, *args) -> list[int]:
     """Lower ``jit(fn)(*args)`` for CUDA as on an H200; returns the size (characters) of each Triton kernel's IR."""
-    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
-        pytest.skip(f"jax {jax.__version__} cannot lower for an abstract GPU device")
-    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
-                                     abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_gpu(fn, *args)
     sizes = [len(ir) for ir in re.findall(r'ir = "(.*?)", name', text)]
     assert text.count(TRITON_CALL) == len(sizes) > 0, "no Triton kernel in the lowered module"
     return sizes
@@ -182,12 +176,6 @@ def test_the_fields_gpu_path_needs_no_separate_encoder_kernel(monkeypatch):
         sigma, albedo, normal = nerf.density_albedo_and_normals(p, x, spec, None, v)
         return jnp.sum(sigma) + jnp.sum(albedo) + jnp.sum(normal * nerf.normals(p, x + 0.01, spec, None, v))
 
-    if not hasattr(mesh_lib, "AbstractDevice") or not hasattr(jax.sharding, "use_abstract_mesh"):
-        pytest.skip(f"jax {jax.__version__} cannot lower for an abstract GPU device")
-    device = mesh_lib.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("lowering",), axis_types=(jax.sharding.AxisType.Auto,),
-                                     abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        text = jax.jit(jax.grad(loss)).trace(params, x, valid).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_gpu(jax.grad(loss), params, x, valid)
     names = set(re.findall(r'ir = ".*?", name = "(\w+)"', text))
     assert names == {"hashgrid_fd_encode_fwd", "hashgrid_fd_encode_bwd", "mlp1_fwd", "mlp1_bwd"}, names
