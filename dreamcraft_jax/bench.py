@@ -1139,6 +1139,9 @@ def bench_profile(args) -> dict:
                     grad_fn = stage.grads_fn(RANDOM, res, res)
                 fn_args = (state, targets, pp if what == "_full" else {})
             compiled = grad_fn.lower(*fn_args).compile()
+            if args.hlo_out:  # the fusions behind the op names in the table
+                Path(args.hlo_out).mkdir(parents=True, exist_ok=True)
+                (Path(args.hlo_out) / f"{case}.hlo.txt").write_text(compiled.as_text())
             table = op_profile(compiled, *fn_args, repeats=args.repeats, top=args.top)
         except Exception as e:  # record and go on
             results[case] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
@@ -1392,6 +1395,7 @@ def main(argv=None) -> int:
     f.add_argument("--kernel_breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="turn XLA's GPU command buffers off so each kernel shows up on its own (busy time stays "
                         "right; wall time then includes the extra launches)")
+    f.add_argument("--hlo_out", default="", help="folder: write each case's optimized HLO text there")
     f.add_argument("--out", default="")
     bench_compile.add_parser(sub)
     args = parser.parse_args(argv)
