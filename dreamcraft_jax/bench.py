@@ -166,11 +166,12 @@ def _render_bench_loss(out: dict, need_normals: bool, need_perturb: bool) -> jax
     return total
 
 
-def _f64_encode_points(table, unit, grid, mask, *, backend, remat, need_x_grad, valid=None, backward="xla"):
+def _f64_encode_points(table, unit, grid, mask, *, valid=None, **backend_options):
     """:func:`nerf.encode_points` with the table gathered in float64 (x64 on) and the features rounded to
     float32: the float32 points' own trilinear weights, so the same forward to an ulp, and the table
-    gradient's products and sums in float64."""
-    del backend, remat, need_x_grad, backward
+    gradient's products and sums in float64. ``backend_options`` (backend, remat, backward, ...) pick how the
+    real call computes the same values: ignored here."""
+    del backend_options
     features = hashgrid.encode(table.astype(jnp.float64), unit.astype(jnp.float32), grid, level_mask=mask,
                                valid=valid, skip_masked_levels=True)
     return features.astype(jnp.float32)

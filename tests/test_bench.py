@@ -117,7 +117,9 @@ def test_f64_reference_encoding_keeps_the_forward_and_accumulates_in_float64():
     import jax.numpy as jnp
     import numpy as np
 
-    from dreamcraft_jax.fields import hashgrid
+    import inspect
+
+    from dreamcraft_jax.fields import hashgrid, nerf
 
     spec = hashgrid.HashGridSpec(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
                                  per_level_scale=2.0)
@@ -127,7 +129,11 @@ def test_f64_reference_encoding_keeps_the_forward_and_accumulates_in_float64():
     cot = jax.random.normal(key_g, (4096, spec.output_dim))
     with jax.enable_x64(True):
         def f64_loss(t):
-            enc = bench._f64_encode_points(t, x, spec, None, backend="xla", remat=False, need_x_grad=False)
+            # every keyword the fields pass to nerf.encode_points (the patch replaces it in the real render)
+            options = {name: (p.default if p.default is not p.empty else False)
+                       for name, p in inspect.signature(nerf.encode_points).parameters.items()
+                       if p.kind == p.KEYWORD_ONLY}
+            enc = bench._f64_encode_points(t, x, spec, None, **options)
             assert enc.dtype == jnp.float32
             return jnp.sum(enc * cot), enc
 

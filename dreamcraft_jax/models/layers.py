@@ -49,13 +49,15 @@ def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True, **kw) -
 
 
 def conv(features: int, name: str | None, dtype: Dtype, kernel_size: int = 3, stride: int = 1,
-         padding: int | None = None) -> nn.Conv:
+         padding: int | tuple[tuple[int, int], tuple[int, int]] | None = None) -> nn.Conv:
     """A 2-D convolution on NHWC input (diffusers ``nn.Conv2d``); padding defaults to "same" for odd kernels.
 
-    name None: for ``setup``, where the attribute name names the module.
+    ``padding``: one int for all sides, or ((top, bottom), (left, right)). name None: for ``setup``, where the
+    attribute name names the module.
     """
     pad = (kernel_size - 1) // 2 if padding is None else padding
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+    pads = ((pad, pad), (pad, pad)) if isinstance(pad, int) else tuple(tuple(p) for p in pad)
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=pads,
                    dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
@@ -123,21 +125,35 @@ def _group_norm_act_bwd(num_groups, eps, silu, residuals, dy):
     group_size = c // num_groups
     reduce_axes = tuple(range(1, x.ndim - 1))
     rstd_c, mean_c = _per_channel(rstd, x, group_size), _per_channel(mean, x, group_size)
-    xhat = (x.astype(jnp.float32) - mean_c) * rstd_c
-    dz = dy.astype(jnp.float32)
-    if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-        z = xhat * scale + bias
-        sig = jax.nn.sigmoid(z)
-        dz = dz * sig * (1.0 + z * (1.0 - sig))
+
+    def dz_and_xhat(x, dy):
+        xhat = (x.astype(jnp.float32) - mean_c) * rstd_c
+        dz = dy.astype(jnp.float32)
+        if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+            z = xhat * scale + bias
+            sig = jax.nn.sigmoid(z)
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        return dz, xhat
+
+    dz, xhat = dz_and_xhat(x, dy)
     sum_dz = jnp.sum(dz, axis=reduce_axes)  # (B, C)
     sum_dz_xhat = jnp.sum(dz * xhat, axis=reduce_axes)
     count = group_size * np.prod([x.shape[a] for a in reduce_axes])
     mean_dxhat = jnp.sum((sum_dz * scale).reshape(-1, num_groups, group_size), axis=-1) / count  # (B, G)
     mean_dxhat_xhat = jnp.sum((sum_dz_xhat * scale).reshape(-1, num_groups, group_size), axis=-1) / count
+    if _RECOMPUTE_IN_BACKWARD:
+        # The elementwise pass recomputes dz and xhat from x and dy. Left shared with the reduction, XLA writes
+        # dz to memory in float32 (twice the bytes of x) and reads it back twice: 11 passes' worth of traffic
+        # instead of 5. The barrier gives the second use distinct operands, so CSE cannot merge them again.
+        dz, xhat = dz_and_xhat(*jax.lax.optimization_barrier((x, dy)))
     dx = rstd_c * (dz * scale - _per_channel(mean_dxhat, x, group_size)
                    - xhat * _per_channel(mean_dxhat_xhat, x, group_size))
     return dx.astype(x.dtype), jnp.sum(sum_dz_xhat, axis=0).astype(scale.dtype), \
         jnp.sum(sum_dz, axis=0).astype(bias.dtype)
+
+
+# Module-level so a benchmark can A/B it (read when a step is traced).
+_RECOMPUTE_IN_BACKWARD = True
 
 
 _group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
@@ -384,9 +400,10 @@ class Downsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.padding == 0:
-            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.out_channels, "conv", self.dtype, stride=2, padding=self.padding)(x)
+        # The VAE's one-sided padding goes into the convolution itself: a separate jnp.pad copies the whole
+        # activation (and its backward slices the gradient back).
+        padding = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        return conv(self.out_channels, "conv", self.dtype, stride=2, padding=padding)(x)
 
 
 class Upsample2D(nn.Module):
