@@ -125,35 +125,21 @@ def _group_norm_act_bwd(num_groups, eps, silu, residuals, dy):
     group_size = c // num_groups
     reduce_axes = tuple(range(1, x.ndim - 1))
     rstd_c, mean_c = _per_channel(rstd, x, group_size), _per_channel(mean, x, group_size)
-
-    def dz_and_xhat(x, dy):
-        xhat = (x.astype(jnp.float32) - mean_c) * rstd_c
-        dz = dy.astype(jnp.float32)
-        if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-            z = xhat * scale + bias
-            sig = jax.nn.sigmoid(z)
-            dz = dz * sig * (1.0 + z * (1.0 - sig))
-        return dz, xhat
-
-    dz, xhat = dz_and_xhat(x, dy)
+    xhat = (x.astype(jnp.float32) - mean_c) * rstd_c
+    dz = dy.astype(jnp.float32)
+    if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+        z = xhat * scale + bias
+        sig = jax.nn.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
     sum_dz = jnp.sum(dz, axis=reduce_axes)  # (B, C)
     sum_dz_xhat = jnp.sum(dz * xhat, axis=reduce_axes)
     count = group_size * np.prod([x.shape[a] for a in reduce_axes])
     mean_dxhat = jnp.sum((sum_dz * scale).reshape(-1, num_groups, group_size), axis=-1) / count  # (B, G)
     mean_dxhat_xhat = jnp.sum((sum_dz_xhat * scale).reshape(-1, num_groups, group_size), axis=-1) / count
-    if _RECOMPUTE_IN_BACKWARD:
-        # The elementwise pass recomputes dz and xhat from x and dy. Left shared with the reduction, XLA writes
-        # dz to memory in float32 (twice the bytes of x) and reads it back twice: 11 passes' worth of traffic
-        # instead of 5. The barrier gives the second use distinct operands, so CSE cannot merge them again.
-        dz, xhat = dz_and_xhat(*jax.lax.optimization_barrier((x, dy)))
     dx = rstd_c * (dz * scale - _per_channel(mean_dxhat, x, group_size)
                    - xhat * _per_channel(mean_dxhat_xhat, x, group_size))
     return dx.astype(x.dtype), jnp.sum(sum_dz_xhat, axis=0).astype(scale.dtype), \
         jnp.sum(sum_dz, axis=0).astype(bias.dtype)
-
-
-# Module-level so a benchmark can A/B it (read when a step is traced).
-_RECOMPUTE_IN_BACKWARD = True
 
 
 _group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
