@@ -180,9 +180,13 @@ def _f64_encode_points(table, unit, grid, mask, *, valid=None, **backend_options
 def _compare_with_f64_table_gradient(results, table_grads, images, variants, params, rays_o, rays_d, key, grid,
                                      level_mask, xla_stage, grid_spec) -> None:
     """Each variant's table gradient against one accumulated in float64 (the XLA render of the same outputs, its
-    hash-grid products and scatter-adds in float64): which of two float32 gradients is off, not just by how much
-    they differ. Adds ``table_grad_rel_err_vs_f64`` (+ per level) to each variant and an ``f64 <outputs>`` entry
-    (its sample count and image difference) to the results."""
+    hash-grid products and scatter-adds in float64, and every parameter, so every MLP matmul, in float64): which
+    of two float32 gradients is off, not just by how much they differ. Adds ``table_grad_rel_err_vs_f64`` (+ per
+    level) to each variant and an ``f64 <outputs>`` entry (its sample count and image difference) to the results.
+
+    The MLPs must run in float64 too: in float32 on a GPU, XLA's matmuls take TF32, and at the fine levels, where
+    the finite-difference normals' +-1/eps terms nearly cancel, a reference with TF32 MLPs agrees with XLA's own
+    TF32 path by construction (as the first H200 run showed), not with the exact gradient."""
     from unittest import mock
 
     for suffix, need_normals, need_perturb in (("rgb", False, False), ("rgb+normals", True, True)):
@@ -192,6 +196,7 @@ def _compare_with_f64_table_gradient(results, table_grads, images, variants, par
             continue
 
         def loss(p, need_normals=need_normals, need_perturb=need_perturb):
+            p = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, p)
             out = volume.render_rays(rays_o, rays_d, grid, key, xla_stage.field_fns(p, level_mask),
                                      xla_stage.render, need_normals=need_normals, need_normal_perturb=need_perturb)
             return _render_bench_loss(out, need_normals, need_perturb), out

@@ -28,6 +28,29 @@ def test_render_bench_writes_json(tmp_path, monkeypatch):
     assert split["valid_samples"] <= split["packed_slots"] <= split["candidate_slots"]
 
 
+def test_render_bench_float64_reference_runs_the_mlps_in_float64(tmp_path, monkeypatch):
+    """--f64_reference: every MLP of the reference render sees float64 weights (a float32 reference would run
+    them in TF32 on a GPU, like the path it judges), and XLA's float32 path on this CPU (no TF32) lands within
+    float32 accumulation error of it."""
+    from dreamcraft_jax.fields import nerf
+
+    monkeypatch.chdir(ROOT)
+    weight_dtypes = set()
+
+    def recording_apply_mlp(module, net, enc, _apply=nerf.apply_mlp):
+        weight_dtypes.add(str(net["layers_0"]["kernel"].dtype))
+        return _apply(module, net, enc)
+
+    monkeypatch.setattr(nerf, "apply_mlp", recording_apply_mlp)
+    out = tmp_path / "render.json"
+    assert bench.main(["render", "--config", "configs/demo.py", "--resolution", "16", "--fit_steps", "2",
+                       "--repeats", "1", "--out", str(out), "--variants", "xla rgb+normals", "--f64_reference"]) == 0
+    r = json.loads(out.read_text())["results"]
+    assert weight_dtypes == {"float32", "float64"}  # the timed float32 variant, then the reference
+    assert r["f64 rgb+normals"]["max_abs_image_diff_vs_xla"] < 1e-5
+    assert 0 < r["xla rgb+normals"]["table_grad_rel_err_vs_f64"] < 1e-3
+
+
 def test_sds_bench_tiny_writes_json(tmp_path):
     out = tmp_path / "sds.json"
     assert bench.main(["sds", "--tiny", "--kinds", "zero123", "--views", "2", "--repeats", "1",

@@ -369,7 +369,7 @@ class CoarseNerf:
             [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         metrics = dict(metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
         metrics["active_levels"] = jnp.sum(self.level_mask(state.step))
         metrics["grid_occupancy"] = jnp.mean(grid.binary.astype(jnp.float32))
