@@ -14,7 +14,9 @@ rows keeps the hidden layer in registers:
 
 so HBM sees enc and y (forward), enc, g and d_enc (backward), and (N / B) small partial weight gradients.
 
-The albedo (feature) net, K = 3 outputs, runs the same way, its output columns unrolled.
+The albedo (feature) net, K = 3 outputs, runs the same way, its output columns unrolled. With ``valid`` (the
+samples' mask) a block of rows with no valid sample skips its loads and matmuls and writes zeros: about half of
+the packed sample slots, as the per-ray budgets are twice the use.
 
 Contract: ``mlp_pallas(enc, w_hidden, w_out) -> (N, K)`` equals :func:`mlp_xla` (the reference), differentiable
 w.r.t. all three; ``mlp1_pallas`` is its scalar form (N,). The matmuls take TF32 on the GPU by default (XLA's
@@ -31,6 +33,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from dreamcraft_jax.kernels.hashgrid import (
@@ -55,14 +58,16 @@ def _dot_precision(precision: str, interpret: bool):
     return jax.lax.Precision.HIGHEST  # Triton lowering: input_precision IEEE for float32 operands
 
 
-def mlp_xla(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array) -> jax.Array:
-    """Pure-jnp reference: relu(enc @ w_hidden) @ w_out, enc (N, D), w_hidden (D, H), w_out (H, K) -> (N, K)."""
-    return jnp.dot(jax.nn.relu(jnp.dot(enc, w_hidden)), w_out)
+def mlp_xla(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Pure-jnp reference: relu(enc @ w_hidden) @ w_out, enc (N, D), w_hidden (D, H), w_out (H, K) -> (N, K);
+    0 (and no gradient) on rows where ``valid`` (N,) is False."""
+    out = jnp.dot(jax.nn.relu(jnp.dot(enc, w_hidden)), w_out)
+    return out if valid is None else jnp.where(valid[:, None], out, 0.0)
 
 
-def mlp1_xla(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array) -> jax.Array:
+def mlp1_xla(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """:func:`mlp_xla` of a scalar net: w_out (H, 1) -> (N,)."""
-    return mlp_xla(enc, w_hidden, w_out)[:, 0]
+    return mlp_xla(enc, w_hidden, w_out, valid)[:, 0]
 
 
 def supported(in_dim: int, hidden: int, out_dim: int = 1) -> bool:
@@ -71,86 +76,146 @@ def supported(in_dim: int, hidden: int, out_dim: int = 1) -> bool:
     return all(n >= 16 and not n & (n - 1) for n in (in_dim, hidden)) and 1 <= out_dim <= MAX_OUTPUTS
 
 
-def _forward_kernel(enc_ref, w_hidden_ref, w_out_ref, out_ref, *, n_out: int, precision):
-    """Refs: enc (B, D) block, w_hidden (D, H), w_out^T (K, H) -> y^T (K, B) block."""
-    hidden = jnp.maximum(jnp.dot(_load(enc_ref, (slice(None), slice(None))),
-                                 _load(w_hidden_ref, (slice(None), slice(None))), precision=precision), 0.0)
-    for k in range(n_out):
-        w_k = _load(w_out_ref, (pl.ds(k, 1), slice(None)))  # (1, H)
-        _store(out_ref, (k, slice(None)), jnp.sum(hidden * w_k, axis=1))
+def _block_valid(valid_ref, B: int):
+    """(rows on (B,) bool, whether any is on) of this block; all on without a ``valid`` input."""
+    if valid_ref is None:
+        return jnp.ones((B,), bool), None
+    on = _load(valid_ref, slice(None)) != 0
+    return on, jnp.max(on.astype(jnp.int32)) > 0
 
 
-def _backward_kernel(enc_ref, g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidden_ref, d_out_ref, *, n_out: int,
-                     precision):
-    """Refs: enc (B, D), g^T (K, B) blocks, w_hidden (D, H), w_out^T (K, H) -> d_enc (B, D) block, and this
-    block's partial weight gradients d_hidden (1, D, H), d_out^T (1, K, H)."""
-    enc = _load(enc_ref, (slice(None), slice(None)))
-    w_hidden = _load(w_hidden_ref, (slice(None), slice(None)))
-    pre = jnp.dot(enc, w_hidden, precision=precision)  # (B, H)
-    hidden = jnp.maximum(pre, 0.0)
-    gs = [_load(g_ref, (k, slice(None)))[:, None] for k in range(n_out)]  # K x (B, 1)
-    d_hidden_act = gs[0] * _load(w_out_ref, (pl.ds(0, 1), slice(None)))
-    for k in range(1, n_out):
-        d_hidden_act = d_hidden_act + gs[k] * _load(w_out_ref, (pl.ds(k, 1), slice(None)))
-    d_pre = jnp.where(pre > 0.0, d_hidden_act, 0.0)  # (B, H)
-    # d_enc = d_pre @ w_hidden^T; d_hidden = enc^T @ d_pre (contracting the rows: no transposed copies).
-    d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())), precision=precision)
-    _store(d_enc_ref, (slice(None), slice(None)), d_enc)
-    d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())), precision=precision)  # (D, H)
-    _store(d_hidden_ref, (0, slice(None), slice(None)), d_hidden)
-    for k in range(n_out):
-        _store(d_out_ref, (0, k, slice(None)), jnp.sum(hidden * gs[k], axis=0))
+def _when_any(any_on, work, zeros) -> None:
+    """``work()`` where a row of the block is on, else ``zeros()`` (``any_on`` None: always ``work``). A block
+    past the valid prefix of the packed samples (about half of them: the per-ray budgets are twice the use) then
+    skips its loads and matmuls."""
+    if any_on is None:
+        work()
+        return
+    pl.when(any_on)(work)
+    pl.when(jnp.logical_not(any_on))(zeros)
+
+
+def _forward_kernel(*refs, n_out: int, precision, use_valid: bool):
+    """Refs: enc (B, D) block, [valid (B,) int32], w_hidden (D, H), w_out^T (K, H) -> y^T (K, B) block; rows not
+    on give 0."""
+    enc_ref, *refs = refs
+    valid_ref = refs.pop(0) if use_valid else None
+    w_hidden_ref, w_out_ref, out_ref = refs
+    B = enc_ref.shape[0]
+    on, any_on = _block_valid(valid_ref, B)
+
+    def work():
+        hidden = jnp.maximum(jnp.dot(_load(enc_ref, (slice(None), slice(None))),
+                                     _load(w_hidden_ref, (slice(None), slice(None))), precision=precision), 0.0)
+        for k in range(n_out):
+            w_k = _load(w_out_ref, (pl.ds(k, 1), slice(None)))  # (1, H)
+            _store(out_ref, (k, slice(None)), jnp.where(on, jnp.sum(hidden * w_k, axis=1), 0.0))
+
+    def zeros():
+        for k in range(n_out):
+            _store(out_ref, (k, slice(None)), jnp.zeros((B,), jnp.float32))
+
+    _when_any(any_on, work, zeros)
+
+
+def _backward_kernel(*refs, n_out: int, precision, use_valid: bool):
+    """Refs: enc (B, D), [valid (B,) int32], g^T (K, B) blocks, w_hidden (D, H), w_out^T (K, H) -> d_enc (B, D)
+    block, and this block's partial weight gradients d_hidden (1, D, H), d_out^T (1, K, H); rows not on take no
+    cotangent."""
+    enc_ref, *refs = refs
+    valid_ref = refs.pop(0) if use_valid else None
+    g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidden_ref, d_out_ref = refs
+    (B, D), H = enc_ref.shape, w_hidden_ref.shape[1]
+    on, any_on = _block_valid(valid_ref, B)
+
+    def work():
+        enc = _load(enc_ref, (slice(None), slice(None)))
+        w_hidden = _load(w_hidden_ref, (slice(None), slice(None)))
+        pre = jnp.dot(enc, w_hidden, precision=precision)  # (B, H)
+        hidden = jnp.maximum(pre, 0.0)
+        gs = [jnp.where(on, _load(g_ref, (k, slice(None))), 0.0)[:, None] for k in range(n_out)]  # K x (B, 1)
+        d_hidden_act = gs[0] * _load(w_out_ref, (pl.ds(0, 1), slice(None)))
+        for k in range(1, n_out):
+            d_hidden_act = d_hidden_act + gs[k] * _load(w_out_ref, (pl.ds(k, 1), slice(None)))
+        d_pre = jnp.where(pre > 0.0, d_hidden_act, 0.0)  # (B, H)
+        # d_enc = d_pre @ w_hidden^T; d_hidden = enc^T @ d_pre (contracting the rows: no transposed copies).
+        d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())), precision=precision)
+        _store(d_enc_ref, (slice(None), slice(None)), d_enc)
+        d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())), precision=precision)  # (D, H)
+        _store(d_hidden_ref, (0, slice(None), slice(None)), d_hidden)
+        for k in range(n_out):
+            _store(d_out_ref, (0, k, slice(None)), jnp.sum(hidden * gs[k], axis=0))
+
+    def zeros():
+        _store(d_enc_ref, (slice(None), slice(None)), jnp.zeros((B, D), jnp.float32))
+        _store(d_hidden_ref, (0, slice(None), slice(None)), jnp.zeros((D, H), jnp.float32))
+        for k in range(n_out):
+            _store(d_out_ref, (0, k, slice(None)), jnp.zeros((H,), jnp.float32))
+
+    _when_any(any_on, work, zeros)
+
+
+def _row_specs(B: int, D: int, valid):
+    """BlockSpecs and operands of the per-row inputs: enc (B, D) blocks and, when given, valid (B,) blocks."""
+    specs = [pl.BlockSpec((B, D), lambda i: (i, 0))]
+    return (specs + [pl.BlockSpec((B,), lambda i: (i,))], [valid]) if valid is not None else (specs, [])
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision"))
-def _forward(enc, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool, precision: str):
+def _forward(enc, valid, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool, precision: str):
     (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
     B = block_rows
+    row_specs, valid_args = _row_specs(B, D, valid)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, n_out=K, precision=_dot_precision(precision, interpret)),
+        functools.partial(_forward_kernel, n_out=K, precision=_dot_precision(precision, interpret),
+                          use_valid=valid is not None),
         out_shape=_out_struct((K, N), enc),
         grid=(N // B,),
-        in_specs=[pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((D, H), lambda i: (0, 0)),
-                  pl.BlockSpec((K, H), lambda i: (0, 0))],
+        in_specs=row_specs + [pl.BlockSpec((D, H), lambda i: (0, 0)), pl.BlockSpec((K, H), lambda i: (0, 0))],
         out_specs=pl.BlockSpec((K, B), lambda i: (0, i)),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="mlp1_fwd",
-    )(enc, w_hidden, w_out_t)
+    )(enc, *valid_args, w_hidden, w_out_t)
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision"))
-def _backward(enc, g_t, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool, precision: str):
+def _backward(enc, valid, g_t, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool,
+              precision: str):
     (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
     B = block_rows
     n_blocks = N // B
+    row_specs, valid_args = _row_specs(B, D, valid)
     d_enc, d_hidden, d_out = pl.pallas_call(
-        functools.partial(_backward_kernel, n_out=K, precision=_dot_precision(precision, interpret)),
+        functools.partial(_backward_kernel, n_out=K, precision=_dot_precision(precision, interpret),
+                          use_valid=valid is not None),
         out_shape=(_out_struct((N, D), enc), _out_struct((n_blocks, D, H), enc), _out_struct((n_blocks, K, H), enc)),
         grid=(n_blocks,),
-        in_specs=[pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((K, B), lambda i: (0, i)),
-                  pl.BlockSpec((D, H), lambda i: (0, 0)), pl.BlockSpec((K, H), lambda i: (0, 0))],
+        in_specs=row_specs + [pl.BlockSpec((K, B), lambda i: (0, i)), pl.BlockSpec((D, H), lambda i: (0, 0)),
+                              pl.BlockSpec((K, H), lambda i: (0, 0))],
         out_specs=(pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((1, D, H), lambda i: (i, 0, 0)),
                    pl.BlockSpec((1, K, H), lambda i: (i, 0, 0))),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="mlp1_bwd",
-    )(enc, g_t, w_hidden, w_out_t)
+    )(enc, *valid_args, g_t, w_hidden, w_out_t)
     return d_enc, jnp.sum(d_hidden, axis=0), jnp.sum(d_out, axis=0)  # (N, D), (D, H), (K, H)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mlp(enc, w_hidden, w_out_t, static):
-    return _forward(enc, w_hidden, w_out_t, **static._asdict())
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _mlp(enc, valid, w_hidden, w_out_t, static):
+    return _forward(enc, valid, w_hidden, w_out_t, **static._asdict())
 
 
-def _mlp_fwd(enc, w_hidden, w_out_t, static):
-    return _mlp(enc, w_hidden, w_out_t, static), (enc, w_hidden, w_out_t)
+def _mlp_fwd(enc, valid, w_hidden, w_out_t, static):
+    return _mlp(enc, valid, w_hidden, w_out_t, static), (enc, valid, w_hidden, w_out_t)
 
 
 def _mlp_bwd(static, residuals, g_t):
-    enc, w_hidden, w_out_t = residuals
-    return _backward(enc, g_t, w_hidden, w_out_t, **static._asdict())
+    enc, valid, w_hidden, w_out_t = residuals
+    d_enc, d_hidden, d_out = _backward(enc, valid, g_t, w_hidden, w_out_t, **static._asdict())
+    d_valid = None if valid is None else np.zeros(valid.shape, jax.dtypes.float0)  # an integer input
+    return d_enc, d_valid, d_hidden, d_out
 
 
 _mlp.defvjp(_mlp_fwd, _mlp_bwd)
@@ -165,13 +230,16 @@ class _Static(NamedTuple):
     precision: str
 
 
-def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpret: bool | None = None,
-               block_rows: int = 128, num_warps: int = 4, precision: str = "tf32") -> jax.Array:
+def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, valid: jax.Array | None = None,
+               interpret: bool | None = None, block_rows: int = 128, num_warps: int = 4,
+               precision: str = "tf32") -> jax.Array:
     """relu(enc @ w_hidden) @ w_out with the hidden layer in registers; (N, K) float32, differentiable.
 
-    Same arguments as :func:`mlp_xla` (K <= :data:`MAX_OUTPUTS`); ``block_rows`` a power of two (N is padded with
-    zero rows, which add nothing to the weight gradients), ``interpret`` None: interpret mode unless the default
-    backend is GPU, ``precision`` one of :data:`PRECISIONS` (the matmuls' input precision on the GPU).
+    Same arguments as :func:`mlp_xla` (K <= :data:`MAX_OUTPUTS`); ``valid`` (N,) bool or None: rows where it is
+    False give 0 and take no gradient, and blocks with no valid row skip their work (pass it for samples whose
+    features are zero, where the net gives 0 anyway); ``block_rows`` a power of two (N is padded with zero rows,
+    which add nothing to the weight gradients), ``interpret`` None: interpret mode unless the default backend is
+    GPU, ``precision`` one of :data:`PRECISIONS` (the matmuls' input precision on the GPU).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -179,6 +247,8 @@ def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpr
             or w_out.shape[0] != w_hidden.shape[1]:
         raise ValueError(f"need enc (N, D), w_hidden (D, H), w_out (H, K); got {enc.shape}, {w_hidden.shape}, "
                          f"{w_out.shape}")
+    if valid is not None and valid.shape != enc.shape[:1]:
+        raise ValueError(f"need valid (N,) for enc (N, D); got {valid.shape} for {enc.shape}")
     if not supported(*w_hidden.shape, w_out.shape[1]):
         raise ValueError(f"D and H must be powers of two >= 16 (Triton dot) and K <= {MAX_OUTPUTS}, got "
                          f"{w_hidden.shape} and K = {w_out.shape[1]}; use mlp_xla")
@@ -189,15 +259,19 @@ def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpr
     # Outputs (and their cotangents) travel as (K, N): each output's rows are contiguous for the kernel.
     operands = [jnp.pad(enc.astype(jnp.float32), ((0, n_pad - n), (0, 0))), w_hidden.astype(jnp.float32),
                 w_out.astype(jnp.float32).T]
+    if valid is not None:  # padding rows: not valid
+        operands.append(jnp.pad(jnp.asarray(valid, bool).astype(jnp.int32), (0, n_pad - n)))
     axes = frozenset().union(*(varying_axes(v) for v in operands))
-    enc2, w_hidden2, w_out_t = (cast_varying(v, axes) for v in operands)
-    return _mlp(enc2, w_hidden2, w_out_t, _Static(block, num_warps, bool(interpret), precision))[:, :n].T
+    enc2, w_hidden2, w_out_t, *valid2 = (cast_varying(v, axes) for v in operands)
+    static = _Static(block, num_warps, bool(interpret), precision)
+    return _mlp(enc2, valid2[0] if valid2 else None, w_hidden2, w_out_t, static)[:, :n].T
 
 
-def mlp1_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, interpret: bool | None = None,
-                block_rows: int = 128, num_warps: int = 4, precision: str = "tf32") -> jax.Array:
+def mlp1_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, valid: jax.Array | None = None,
+                interpret: bool | None = None, block_rows: int = 128, num_warps: int = 4,
+                precision: str = "tf32") -> jax.Array:
     """:func:`mlp_pallas` of a scalar net: w_out (H, 1) -> (N,)."""
     if w_out.ndim != 2 or w_out.shape[1] != 1:
         raise ValueError(f"need w_out (H, 1) for a scalar net, got {w_out.shape}; use mlp_pallas")
-    return mlp_pallas(enc, w_hidden, w_out, interpret=interpret, block_rows=block_rows, num_warps=num_warps,
-                      precision=precision)[:, 0]
+    return mlp_pallas(enc, w_hidden, w_out, valid=valid, interpret=interpret, block_rows=block_rows,
+                      num_warps=num_warps, precision=precision)[:, 0]

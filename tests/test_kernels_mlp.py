@@ -37,6 +37,31 @@ def test_values_and_gradients_match_the_reference(n, block, k_out):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("k_out", [1, 3])
+def test_valid_rows_match_the_reference_and_empty_blocks_write_zeros(k_out):
+    """``valid``: rows where it is False give 0 and take no gradient, as in the reference. The mask has a valid
+    prefix, whole blocks without a valid row (the kernel skips those and writes zeros), and a mixed block; the
+    invalid rows carry nonzero features, so a skipped block that left its output unwritten or ran the net would
+    differ from the reference."""
+    n, block = 300, 32
+    enc, w_hidden, w_out, g = _inputs(n, k_out=k_out, seed=5)
+    valid = (jnp.arange(n) < 70) | (jnp.arange(n) % 97 == 0)  # blocks 0-1 valid, 2 mixed, 3+ mostly empty
+    pallas, xla = (mk.mlp1_pallas, mk.mlp1_xla) if k_out == 1 else (mk.mlp_pallas, mk.mlp_xla)
+    kernel = lambda e, a, b: pallas(e, a, b, valid=valid, interpret=True, block_rows=block)  # noqa: E731
+    ref = lambda e, a, b: xla(e, a, b, valid)  # noqa: E731
+    out = kernel(enc, w_hidden, w_out)
+    np.testing.assert_allclose(out, ref(enc, w_hidden, w_out), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out)[~np.asarray(valid)] == 0.0)
+    assert np.any(np.asarray(xla(enc, w_hidden, w_out))[~np.asarray(valid)] != 0.0)  # the mask matters here
+    grads_k = jax.grad(lambda *a: jnp.sum(g * kernel(*a)), argnums=(0, 1, 2))(enc, w_hidden, w_out)
+    grads_r = jax.grad(lambda *a: jnp.sum(g * ref(*a)), argnums=(0, 1, 2))(enc, w_hidden, w_out)
+    for name, a, b in zip(("enc", "w_hidden", "w_out"), grads_k, grads_r):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert np.all(np.asarray(grads_k[0])[~np.asarray(valid)] == 0.0)
+    with pytest.raises(ValueError, match="need valid"):
+        pallas(enc, w_hidden, w_out, valid=valid[:10], interpret=True)
+
+
 def test_relu_gate_by_hand():
     """A hand-computed case: hidden units below zero pass neither value nor gradient."""
     enc = jnp.asarray(np.eye(16, dtype=np.float32)[:2])  # rows e0, e1
@@ -124,18 +149,24 @@ def test_neus_sdf_uses_the_kernel_with_the_same_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_gpu_default_field_path_matches_xla():
+def test_gpu_default_field_path_matches_xla(monkeypatch):
     """The GPU defaults together: finite-difference kernel with the sample's own encoding (CENTER), fused density
-    and albedo MLPs, on the renderer's main pass with normals: sigma, albedo, normals and every parameter gradient
-    equal the XLA field's."""
+    and albedo MLPs, on the renderer's main pass with normals over packed samples (a valid prefix, then blocks
+    with none, which the kernels skip): sigma, albedo, normals and every parameter gradient equal the XLA
+    field's, and every MLP kernel call gets the samples' mask."""
     from dreamcraft_jax.config import base_config
     from dreamcraft_jax.fields import nerf
 
     cfg = base_config()
     cfg.field.hashgrid.n_levels = 8  # L*F = 16: the smallest width the MLP kernel takes
     cfg.field.hashgrid.log2_hashmap_size = 10
-    x = jax.random.uniform(jax.random.PRNGKey(3), (24, 3), minval=-0.6, maxval=0.6)
-    w = jax.random.normal(jax.random.PRNGKey(4), (24, 7))
+    n = 300  # MLP blocks of 128: one mixed, two without a valid sample
+    x = jax.random.uniform(jax.random.PRNGKey(3), (n, 3), minval=-0.6, maxval=0.6)
+    valid = jnp.arange(n) < 100
+    w = jax.random.normal(jax.random.PRNGKey(4), (n, 7))
+    masks = []
+    original = mk.mlp_pallas
+    monkeypatch.setattr(mk, "mlp_pallas", lambda *a, **k: masks.append(k.get("valid")) or original(*a, **k))
     out = []
     for backend, fused in (("xla", False), ("pallas", True)):
         spec = nerf.NerfFieldSpec.from_config(cfg.field, backend, "reduced", fused_density=False,
@@ -144,10 +175,11 @@ def test_gpu_default_field_path_matches_xla():
         params["encoding"] = 0.5 * jax.random.normal(jax.random.PRNGKey(5), params["encoding"].shape)
 
         def loss(p, spec=spec):
-            sigma, albedo, normal = nerf.density_albedo_and_normals(p, x, spec)
+            sigma, albedo, normal = nerf.density_albedo_and_normals(p, x, spec, valid=valid)
             return jnp.sum(w * jnp.concatenate([jnp.log1p(sigma)[:, None], albedo, normal], axis=1))
 
         out.append(jax.jit(jax.value_and_grad(loss))(params))
+    assert len(masks) == 5 and all(m is valid for m in masks)  # density at x and 3 neighbours, albedo
     (l_x, g_x), (l_k, g_k) = out
     np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):

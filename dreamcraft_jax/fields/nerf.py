@@ -173,28 +173,30 @@ def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -
                          backward=spec.hashgrid_backward, per_level=spec.encoder_per_level)
 
 
-def field_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+def field_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec, valid=None) -> jax.Array:
     """module(enc) (N, out_dim): with ``spec.fused_mlp`` on the Pallas backend, one hidden layer, no bias and widths
     the kernel takes, :func:`dreamcraft_jax.kernels.mlp.mlp_pallas` (hidden layer in registers, forward and
-    backward one kernel each); otherwise XLA's matmuls."""
+    backward one kernel each; ``valid`` (N,): the samples whose features can be nonzero, the kernel's blocks
+    without one skip their work); otherwise XLA's matmuls. Invalid samples have zero features, so both give 0
+    there (no bias)."""
     if spec.backend == "pallas" and spec.fused_mlp and enc.ndim == 2 and module.n_hidden_layers == 1 \
             and not module.use_bias and module.precision is None:
         from dreamcraft_jax.kernels import mlp as mlp_kernel
 
         if mlp_kernel.supported(enc.shape[1], module.width, module.out_dim):
-            return mlp_kernel.mlp_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"],
+            return mlp_kernel.mlp_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"], valid=valid,
                                          precision=spec.fused_mlp_precision)
     return apply_mlp(module, net, enc)
 
 
-def scalar_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+def scalar_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec, valid=None) -> jax.Array:
     """:func:`field_mlp` of a scalar-output net (density, SDF): (N,)."""
-    return field_mlp(module, net, enc, spec)[..., 0]
+    return field_mlp(module, net, enc, spec, valid)[..., 0]
 
 
-def albedo_of_encoding(params: dict, enc: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+def albedo_of_encoding(params: dict, enc: jax.Array, spec: NerfFieldSpec, valid=None) -> jax.Array:
     """(N, L*F) features -> (N, 3) albedo sigmoid(feature_net(enc)[:, :3]) in (0, 1)."""
-    return jax.nn.sigmoid(field_mlp(spec.feature_net, params["feature_net"], enc, spec)[..., :3])
+    return jax.nn.sigmoid(field_mlp(spec.feature_net, params["feature_net"], enc, spec, valid)[..., :3])
 
 
 def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None,
@@ -202,7 +204,7 @@ def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
     """(N, 3) world points -> (N,) density sigma >= 0 (``valid`` (N,) bool: see :func:`encode_points`;
     ``precision``: of the density MLP's matmuls, None for XLA's default)."""
     enc = _encode(params, x, spec, mask, valid)
-    raw = scalar_mlp(spec.density_net.clone(precision=precision), params["density_net"], enc, spec)
+    raw = scalar_mlp(spec.density_net.clone(precision=precision), params["density_net"], enc, spec, valid)
     return _activate(raw + density_bias(x, spec), spec)
 
 
@@ -231,9 +233,9 @@ def density_no_grad(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, 
 def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None):
     """(N, 3) -> (sigma (N,), albedo (N, 3) in (0, 1)); one shared encoding."""
     enc = _encode(params, x, spec, mask, valid)
-    raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec)
+    raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec, valid)
     sigma = _activate(raw + density_bias(x, spec), spec)
-    return sigma, albedo_of_encoding(params, enc, spec)
+    return sigma, albedo_of_encoding(params, enc, spec, valid)
 
 
 def fd_neighbours(normal_type: str) -> tuple:
@@ -337,9 +339,9 @@ def encoding_and_fd_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec
     return enc, value, _fd_gradient_of_encodings(encodings, x, spec, value_fn, valid, normal_type, value)
 
 
-def _density_of_encoding(params: dict, spec: NerfFieldSpec):
+def _density_of_encoding(params: dict, spec: NerfFieldSpec, valid=None):
     def density_of(enc, points):
-        raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec)
+        raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec, valid)
         return _activate(raw + density_bias(points, spec), spec)
     return density_of
 
@@ -355,9 +357,10 @@ def density_albedo_and_normals(params: dict, x: jax.Array, spec: NerfFieldSpec, 
     if not uses_fd_kernel(spec, spec.normal_type):
         sigma, albedo = density_and_albedo(params, x, spec, mask, valid)
         return sigma, albedo, normals(params, x, spec, mask, valid, center=sigma)
-    enc, sigma, grad = encoding_and_fd_gradient(params["encoding"], x, spec, _density_of_encoding(params, spec),
-                                                mask, valid, spec.normal_type)
-    return sigma, albedo_of_encoding(params, enc, spec), _unit_normals(grad)
+    enc, sigma, grad = encoding_and_fd_gradient(params["encoding"], x, spec,
+                                                _density_of_encoding(params, spec, valid), mask, valid,
+                                                spec.normal_type)
+    return sigma, albedo_of_encoding(params, enc, spec, valid), _unit_normals(grad)
 
 
 def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None, center=None) -> jax.Array:
@@ -369,8 +372,9 @@ def normals(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
     if spec.normal_type == "analytic":
         grad = jax.grad(lambda p: jnp.sum(density(params, p, spec, mask, valid)))(x)
     elif uses_fd_kernel(spec, spec.normal_type):
-        grad = fused_finite_difference_gradient(params["encoding"], x, spec, _density_of_encoding(params, spec),
-                                                mask, valid, spec.normal_type, center)
+        grad = fused_finite_difference_gradient(params["encoding"], x, spec,
+                                                _density_of_encoding(params, spec, valid), mask, valid,
+                                                spec.normal_type, center)
     else:
         grad = finite_difference_gradient(lambda p, v=None: density(params, p, spec, mask, v), x,
                                           spec.finite_difference_eps, spec.radius, valid, spec.normal_type, center)

@@ -114,11 +114,11 @@ def _encode(params: dict, x: jax.Array, spec: NeusFieldSpec, mask, valid=None) -
 
 def sdf(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, valid=None) -> jax.Array:
     """(N, 3) world points -> (N,) signed distance (negative inside); ``valid`` as in ``nerf.encode_points``."""
-    return _sdf_from_encoding(params, _encode(params, x, spec, mask, valid), x, spec)
+    return _sdf_from_encoding(params, _encode(params, x, spec, mask, valid), x, spec, valid)
 
 
-def _sdf_from_encoding(params: dict, enc: jax.Array, x: jax.Array, spec: NeusFieldSpec) -> jax.Array:
-    return scalar_mlp(spec.sdf_net, params["sdf_net"], enc, spec.base) + (
+def _sdf_from_encoding(params: dict, enc: jax.Array, x: jax.Array, spec: NeusFieldSpec, valid=None) -> jax.Array:
+    return scalar_mlp(spec.sdf_net, params["sdf_net"], enc, spec.base, valid) + (
         jnp.linalg.norm(x, axis=-1) - spec.sphere_radius)
 
 
@@ -129,8 +129,8 @@ def sdf_gradient(params: dict, x: jax.Array, spec: NeusFieldSpec, mask=None, val
         return jax.grad(lambda p: jnp.sum(sdf(params, p, spec, mask, valid)))(x)
     if uses_fd_kernel(spec.base, spec.normal_type):
         return fused_finite_difference_gradient(params["encoding"], x, spec.base,
-                                                lambda enc, p: _sdf_from_encoding(params, enc, p, spec), mask, valid,
-                                                spec.normal_type, center)
+                                                lambda enc, p: _sdf_from_encoding(params, enc, p, spec, valid),
+                                                mask, valid, spec.normal_type, center)
     return finite_difference_gradient(lambda p, v=None: sdf(params, p, spec, mask, v), x,
                                       spec.finite_difference_eps, spec.radius, valid, spec.normal_type, center)
 
@@ -178,17 +178,17 @@ def alpha_radiance(params: dict, x: jax.Array, dirs: jax.Array, dt: jax.Array, s
     """
     if uses_fd_kernel(spec.base, spec.normal_type):
         # x's own encoding from the finite-difference kernel's call (its own corners): no separate encoder.
-        enc, sdf_values, grad = encoding_and_fd_gradient(params["encoding"], x, spec.base,
-                                                         lambda e, p: _sdf_from_encoding(params, e, p, spec), mask,
-                                                         valid, spec.normal_type)
+        sdf_of = lambda e, p: _sdf_from_encoding(params, e, p, spec, valid)  # noqa: E731
+        enc, sdf_values, grad = encoding_and_fd_gradient(params["encoding"], x, spec.base, sdf_of, mask, valid,
+                                                         spec.normal_type)
     else:
         enc = _encode(params, x, spec, mask, valid)
-        sdf_values = _sdf_from_encoding(params, enc, x, spec)
+        sdf_values = _sdf_from_encoding(params, enc, x, spec, valid)
         grad = sdf_gradient(params, x, spec, mask, valid, center=sdf_values)
     normal = grad / jnp.maximum(jnp.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
     cos = jnp.sum(dirs * normal, axis=-1)
     alpha = neus_alpha(sdf_values, cos, dt, inv_s(params), cos_anneal_ratio(step, spec))
-    albedo = albedo_of_encoding(params, enc, spec.base)
+    albedo = albedo_of_encoding(params, enc, spec.base, valid)
     return alpha_to_density(alpha, dt), albedo, normal, grad
 
 
