@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import platform
@@ -110,6 +111,9 @@ def _load_config(path: str, overrides=()):
         with cfg.unlocked():
             node[leaf] = value
     validate(cfg)
+    from dreamcraft_jax.models import layers
+
+    layers.set_groupnorm_kernel(cfg.kernels.fused_groupnorm)  # as runner.train: before any prior is traced
     return cfg
 
 
@@ -519,42 +523,46 @@ def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype, param_dt
 
 
 def bench_sds(args) -> dict:
+    from dreamcraft_jax.models import layers
+
     gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
     impls = ["cudnn", None] if (gpu and args.compare_attention) else ["cudnn" if gpu else None]
+    groupnorm_choices = [False, True] if args.compare_groupnorm else [args.groupnorm_kernel]
     results = {}
-    for kind in args.kinds:
-        for views in args.views:
-            for impl in impls:
-                if impl is None and gpu and views != args.views[0]:
-                    continue  # the XLA-attention comparison at one batch size is enough
-                name = f"{kind}_views{views}" + ("" if impl == impls[0] else "_xla_attention")
-                try:
-                    t0 = time.perf_counter()
-                    grad_fn, fn_args = _sds_case(kind, views, args.tiny, impl, dtype,
-                                                 jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32)
-                    jax.block_until_ready(fn_args)
-                    t1 = time.perf_counter()
-                    lowered = grad_fn.lower(*fn_args)
-                    t2 = time.perf_counter()
-                    compiled = lowered.compile()
-                    t_compile = time.perf_counter() - t2
-                    print(f"{name}: init {t1 - t0:.1f} s, trace+lower {t2 - t1:.1f} s, compile {t_compile:.1f} s",
-                          file=sys.stderr, flush=True)
-                    timing = _time(compiled, *fn_args, repeats=args.repeats, pipelined=True)
-                except Exception as e:  # record and go on (e.g. out of memory)
-                    results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-                    print(f"{name}: {results[name]['error']}", file=sys.stderr)
-                    continue
-                flops = None if args.tiny else SDS_TFLOP_PER_VIEW[kind] * 1e12 * views
-                results[name] = {"views": views, "attention": impl or "xla", "compile_s": t_compile, **timing,
-                                 "views_per_s": views / (timing["median_ms"] * 1e-3), "flops_model": flops,
-                                 "xla_cost_analysis_flops": _flops(compiled),
-                                 "tflops_per_s": flops / (timing["median_ms"] * 1e-3) / 1e12 if flops else None,
-                                 "pipelined_tflops_per_s": (flops / (timing["pipelined_ms"] * 1e-3) / 1e12
-                                                            if flops else None)}
-                print(f"{name:<28} {timing['median_ms']:9.2f} ms  {results[name]['views_per_s']:7.1f} views/s",
-                      flush=True)
+    for kind, views, impl, gn_kernel in itertools.product(args.kinds, args.views, impls, groupnorm_choices):
+        if impl is None and gpu and views != args.views[0]:
+            continue  # the XLA-attention comparison at one batch size is enough
+        name = f"{kind}_views{views}" + ("" if impl == impls[0] else "_xla_attention")
+        if args.compare_groupnorm and gn_kernel:
+            name += "_groupnorm_kernel"
+        layers.set_groupnorm_kernel(gn_kernel)  # read when the step is traced (lower, below)
+        try:
+            t0 = time.perf_counter()
+            grad_fn, fn_args = _sds_case(kind, views, args.tiny, impl, dtype,
+                                         jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32)
+            jax.block_until_ready(fn_args)
+            t1 = time.perf_counter()
+            lowered = grad_fn.lower(*fn_args)
+            t2 = time.perf_counter()
+            compiled = lowered.compile()
+            t_compile = time.perf_counter() - t2
+            print(f"{name}: init {t1 - t0:.1f} s, trace+lower {t2 - t1:.1f} s, compile {t_compile:.1f} s",
+                  file=sys.stderr, flush=True)
+            timing = _time(compiled, *fn_args, repeats=args.repeats, pipelined=True)
+        except Exception as e:  # record and go on (e.g. out of memory)
+            results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(f"{name}: {results[name]['error']}", file=sys.stderr)
+            continue
+        flops = None if args.tiny else SDS_TFLOP_PER_VIEW[kind] * 1e12 * views
+        results[name] = {"views": views, "attention": impl or "xla", "compile_s": t_compile, **timing,
+                         "views_per_s": views / (timing["median_ms"] * 1e-3), "flops_model": flops,
+                         "xla_cost_analysis_flops": _flops(compiled),
+                         "tflops_per_s": flops / (timing["median_ms"] * 1e-3) / 1e12 if flops else None,
+                         "pipelined_tflops_per_s": (flops / (timing["pipelined_ms"] * 1e-3) / 1e12
+                                                    if flops else None)}
+        print(f"{name:<28} {timing['median_ms']:9.2f} ms  {results[name]['views_per_s']:7.1f} views/s",
+              flush=True)
     peak = matmul_peak_tflops(args.repeats) if gpu else None
     for r in results.values():
         if peak and r.get("tflops_per_s"):
@@ -1268,8 +1276,8 @@ def print_sds_table(report: dict) -> None:
         if "error" in r:
             print(f"{name:<28} {r['error']}")
             continue
-        base = name.split("_xla")[0].replace("sd_views", "sd_sds_512_views").replace("zero123_views",
-                                                                                      "zero123_sds_256_views")
+        case = name.split("_xla")[0].split("_groupnorm")[0]
+        base = case.replace("sd_views", "sd_sds_512_views").replace("zero123_views", "zero123_sds_256_views")
         t_ms = torch_ref.get(base + "_ms")
         tf = r.get("tflops_per_s") or float("nan")
         nan = float("nan")
@@ -1328,6 +1336,11 @@ def main(argv=None) -> int:
     q.add_argument("--tiny", action="store_true", help="tiny widths (CPU smoke test of the same code path)")
     q.add_argument("--compare_attention", action="store_true", help="also time XLA attention on GPU")
     q.add_argument("--torch_json", default="", help="JSON of benchmarks/torch_sds_baseline.py to compare with")
+    q.add_argument("--groupnorm_kernel", action=argparse.BooleanOptionalAction, default=False,
+                   help="small GroupNorms through the Pallas kernel (kernels.fused_groupnorm); with "
+                        "--compare_groupnorm both ways")
+    q.add_argument("--compare_groupnorm", action="store_true",
+                   help="time each case with and without the GroupNorm kernel (an A/B in one process)")
     q.add_argument("--param_dtype", default="bf16", choices=["fp32", "bf16"],
                    help="storage dtype of the frozen prior weights")
     q.add_argument("--repeats", type=int, default=10)

@@ -219,19 +219,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.kernels.fused_finite_difference = True
     # Pallas backend: the density / SDF and albedo MLPs (one hidden layer) forward and backward as one kernel
     # each, the hidden layer in registers (kernels/mlp.py), instead of ~28 small memory-bound XLA GEMMs. H200,
-    # 384 px rgb + normals render forward + backward: 66.7 ms against 73.3 with the density net fused
-    # (benchmarks/render384_mlp_h200.json; the albedo net's kernel came after that run, untimed). Both
-    # take TF32 matmuls (XLA's default for float32 on the GPU; the official tiny-cuda-nn MLP runs in float16);
-    # their table gradients differ most on the fine levels (kernels/README.md).
+    # 384 px rgb + normals render forward + backward: 52.5 ms against 118.2 through XLA, with both nets and the
+    # samples' mask (benchmarks/render384_mlp_skip_f64_h200.json). Both take TF32 matmuls (XLA's default for
+    # float32 on the GPU; the official tiny-cuda-nn MLP runs in float16).
     c.kernels.fused_mlp = True
     # Their matmuls' input precision on the GPU: "tf32" (one tensor-core pass, as XLA's float32 default), "tf32x3"
-    # (three passes, about float32) or "ieee" (float32 FMAs). Not yet compared on a GPU (bench render variants
-    # pallas-fd-mlp-tf32x3 / -ieee with --f64_reference).
+    # (three passes, about float32) or "ieee" (float32 FMAs). H200: 55.6 / 64.6 / 79.5 ms; against a float64
+    # render the tf32 kernel's table gradient is at least as close as XLA's on every level (kernels/README.md).
     c.kernels.fused_mlp_precision = "tf32"
     # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
     # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward
     # are the largest programs of a step: lowering and kernel compile time). Off until timed on a GPU.
     c.kernels.encoder_per_level = False
+    # The diffusion priors' small GroupNorm (+ SiLU) layers (<= 128 x 128 positions: the UNet's, the VAE
+    # encoder's 64 / 128 px levels) as one Pallas kernel per pass (kernels/groupnorm.py) instead of XLA's chain
+    # of ~5-9 launch-bound fusions. Off until timed on a GPU (bench sds --groupnorm_kernel).
+    c.kernels.fused_groupnorm = False
 
     # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.
     c.overrides = ml_collections.ConfigDict()

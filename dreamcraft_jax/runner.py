@@ -40,6 +40,7 @@ from dreamcraft_jax import losses, parallel
 from dreamcraft_jax.config import STAGES, resolution_at, schedule_is_zero, stage_config, validate
 from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
 from dreamcraft_jax.export import media
+from dreamcraft_jax.models import layers
 from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF, CoarseNerf, TrainState, step_kind, targets_from_reference
 from dreamcraft_jax.stages.coarse_neus import CoarseNeus
 
@@ -177,6 +178,7 @@ def train(cfg, progress: bool = True) -> Path:
     run folder. Each stage writes into ``<run folder>/<stage>/``; a later stage starts from the previous
     stage's last checkpoint (``cfg.init_from`` for a single later stage)."""
     validate(cfg)
+    layers.set_groupnorm_kernel(cfg.kernels.fused_groupnorm)  # read when the priors are traced
     parallel.maybe_initialize_distributed(cfg)
     workdir, resuming = resolve_workdir(cfg)
     names = stages_to_run(cfg)

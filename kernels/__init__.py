@@ -1,4 +1,4 @@
-"""Pallas kernels for the renderer; installed as ``dreamcraft_jax.kernels`` (see kernels/README.md).
+"""Pallas kernels for the renderer (and the priors' small GroupNorms); installed as ``dreamcraft_jax.kernels`` (see kernels/README.md).
 
 Each kernel sits beside its pure-jnp reference with the same signature, has a ``custom_vjp`` where it is
 differentiated, and a CPU interpret-mode test. The renderer and the fields pick one through the config key
@@ -10,13 +10,15 @@ resolved once by :func:`resolve_backend` and stored in the static specs (``Rende
 * :mod:`.hashgrid`: hash-grid encoding forward, backward by atomic scatter-add;
 * :mod:`.mlp`: the density / SDF and albedo MLPs forward and backward, one kernel each (``kernels.fused_mlp``);
 * :mod:`.hashgrid_levels`: the hash-grid encoding with one level per program (``kernels.encoder_per_level``);
+* :mod:`.groupnorm`: the diffusion priors' small GroupNorm (+ SiLU) layers, forward and backward one kernel each
+  (``kernels.fused_groupnorm``);
 * :mod:`.composite`: packed compositing forward / backward (kept on the XLA path by default: slower on H100,
   see kernels/README.md).
 """
 
 BACKENDS = ("auto", "pallas", "xla")
 AVAILABLE_KERNELS: tuple[str, ...] = ("march", "hashgrid", "hashgrid_levels", "density", "fd_hashgrid", "mlp",
-                                         "composite")
+                                         "groupnorm", "composite")
 
 
 def resolve_backend(name: str) -> str:

@@ -461,17 +461,17 @@ def block_and_padding(n: int, block: int) -> tuple[int, int]:
     return block, -(-max(n, 1) // block) * block
 
 
-def _out_struct(shape, like) -> jax.ShapeDtypeStruct:
-    """float32 ``ShapeDtypeStruct`` varying over the same mesh axes as ``like``: ``pallas_call`` inside
-    ``shard_map(check_vma=True)`` needs the outputs' varying axes spelled out (``manual_axis_type`` on
+def _out_struct(shape, like, dtype=jnp.float32) -> jax.ShapeDtypeStruct:
+    """``ShapeDtypeStruct`` (float32 unless told) varying over the same mesh axes as ``like``: ``pallas_call``
+    inside ``shard_map(check_vma=True)`` needs the outputs' varying axes spelled out (``manual_axis_type`` on
     jax 0.12, ``vma`` before); outside shard_map the field is ignored."""
     params = inspect.signature(jax.ShapeDtypeStruct).parameters
     aval = jax.typeof(like)
     if "manual_axis_type" in params:
-        return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=aval.manual_axis_type)
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
     if "vma" in params:
-        return jax.ShapeDtypeStruct(shape, jnp.float32, vma=aval.vma)
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
+        return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _point_inputs(x, valid, B: int):

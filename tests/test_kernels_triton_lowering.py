@@ -127,6 +127,45 @@ def test_field_mlp_kernels_lower(k_out):
     assert len(_lower_for_gpu(forward_backward, enc, w_hidden, w_out)) == 2
 
 
+@pytest.mark.parametrize("shape", [(8, 64, 64, 320), (4, 128, 128, 512)], ids=["unet64", "vae128"])
+def test_groupnorm_kernels_lower(shape):
+    """kernels.groupnorm: forward and backward (row loops, masked lane loads and stores) lower for the GPU at the
+    UNet's 64 px and the VAE encoder's 128 px shapes, bf16 activations."""
+    from dreamcraft_jax.kernels import groupnorm as gk
+
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
+
+    def forward_backward(x, scale, bias):
+        return jax.value_and_grad(lambda *a: jnp.sum(gk.group_norm_act_pallas(
+            *a, 32, 1e-6, True, interpret=False).astype(jnp.float32) ** 2), argnums=(0, 1, 2))(x, scale, bias)
+
+    assert len(_lower_for_gpu(forward_backward, x, vec, vec)) == 2
+
+
+def test_groupnorm_kernels_lower_inside_shard_map():
+    """As the priors run in a sharded step: x split along the mesh, scale / bias replicated, parameter gradients
+    psum'd. The kernels' outputs carry the varying mesh axes (``check_vma``). Interpret mode cannot run this on
+    the CPU (its gathers mix varying and unvarying operands)."""
+    from jax.sharding import PartitionSpec as P
+
+    from dreamcraft_jax.kernels import groupnorm as gk
+
+    x = jax.ShapeDtypeStruct((8, 64, 64, 320), jnp.bfloat16)
+    vec = jax.ShapeDtypeStruct((320,), jnp.float32)
+
+    def loss(x, scale, bias):
+        return jnp.sum(gk.group_norm_act_pallas(x, scale, bias, 32, 1e-6, True, interpret=False)
+                       .astype(jnp.float32) ** 2)
+
+    def per_shard(x, scale, bias):
+        return jnp.stack(jax.grad(lambda s, b: jax.lax.psum(loss(x, s, b), "lowering"), argnums=(0, 1))(
+            scale, bias))
+
+    sharded = jax.shard_map(per_shard, in_specs=(P("lowering"), P(), P()), out_specs=P())
+    assert len(_lower_for_gpu(sharded, x, vec, vec)) == 2
+
+
 def test_march_and_composite_kernels_lower():
     spec = RenderSpec(grid_resolution=32)
     n_rays, budget = 1024, 1024 * 16

@@ -9,7 +9,9 @@ Numerics:
 * parameters are created in float32 (``param_dtype``); activations are computed in the module's ``dtype``
   (bfloat16 on GPU, float32 in tests);
 * GroupNorm and LayerNorm run in float32 (input cast up, output cast back); GroupNorm has its own VJP and
-  fuses the SiLU that follows it, so that each takes two passes over memory forward and two backward;
+  fuses the SiLU that follows it, so that each takes two passes over memory forward and two backward; with
+  :func:`set_groupnorm_kernel` on, the small ones on a GPU run as one Pallas kernel per pass instead
+  (:mod:`dreamcraft_jax.kernels.groupnorm`);
 * attention goes through :func:`jax.nn.dot_product_attention`: its XLA path accumulates the logits in float32
   and takes the softmax in float32; cuDNN flash attention (``attention_impl="cudnn"``) does the same on chip.
 
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamcraft_jax.kernels import groupnorm as groupnorm_kernel
 from dreamcraft_jax.kernels.hashgrid import cast_varying, varying_axes
 
 Dtype = Any
@@ -87,6 +90,26 @@ def _per_channel(v: jax.Array, x: jax.Array, group_size: int) -> jax.Array:
     return v.reshape((v.shape[0],) + (1,) * (x.ndim - 2) + (v.shape[-1],))
 
 
+# Whether small GroupNorms on a GPU take the Pallas kernel (kernels.fused_groupnorm). Read when a step is traced:
+# set once at start-up (runner.train, the benches), before any prior is traced.
+_GROUPNORM_KERNEL = False
+
+
+def set_groupnorm_kernel(enabled: bool) -> None:
+    """Route GroupNorms that suit it (:func:`dreamcraft_jax.kernels.groupnorm.suited`) through the Pallas kernel
+    on GPU backends; takes effect for steps traced afterwards."""
+    global _GROUPNORM_KERNEL
+    _GROUPNORM_KERNEL = bool(enabled)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _groupnorm_takes_kernel(x: jax.Array, num_groups: int) -> bool:
+    return _GROUPNORM_KERNEL and _on_gpu() and groupnorm_kernel.suited(x.shape, num_groups)
+
+
 def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, eps: float,
                    silu: bool) -> jax.Array:
     """y = act((x - mean_g) / sqrt(var_g + eps) * scale + bias), x (B, ..., C), scale/bias (C,), y in x.dtype.
@@ -98,6 +121,8 @@ def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: 
     Inside shard_map, scale and bias are first marked varying like x: a custom VJP must return cotangents of
     its inputs' types, and the transpose of that mark sums the per-shard parameter gradients, as autodiff would.
     """
+    if _groupnorm_takes_kernel(x, num_groups):
+        return groupnorm_kernel.group_norm_act_pallas(x, scale, bias, num_groups, eps, silu)
     axes = varying_axes(x)
     return _group_norm_act(x, cast_varying(scale, axes), cast_varying(bias, axes), num_groups, eps, silu)
 
