@@ -555,7 +555,8 @@ def bench_sds(args) -> dict:
             print(f"{name}: {results[name]['error']}", file=sys.stderr)
             continue
         flops = None if args.tiny else SDS_TFLOP_PER_VIEW[kind] * 1e12 * views
-        results[name] = {"views": views, "attention": impl or "xla", "compile_s": t_compile, **timing,
+        results[name] = {"views": views, "attention": impl or "xla", "groupnorm_kernel": gn_kernel,
+                         "compile_s": t_compile, **timing,
                          "views_per_s": views / (timing["median_ms"] * 1e-3), "flops_model": flops,
                          "xla_cost_analysis_flops": _flops(compiled),
                          "tflops_per_s": flops / (timing["median_ms"] * 1e-3) / 1e12 if flops else None,
@@ -563,6 +564,7 @@ def bench_sds(args) -> dict:
                                                     if flops else None)}
         print(f"{name:<28} {timing['median_ms']:9.2f} ms  {results[name]['views_per_s']:7.1f} views/s",
               flush=True)
+    layers.set_groupnorm_kernel(False)
     peak = matmul_peak_tflops(args.repeats) if gpu else None
     for r in results.values():
         if peak and r.get("tflops_per_s"):

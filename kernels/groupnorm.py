@@ -121,8 +121,8 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, s:
     """Refs: x, y (B * rows, C) in HBM, scale / bias (C,) in HBM; mean / rstd (1, 1) blocks of (B, G)."""
     b, g = pl.program_id(0), pl.program_id(1)
     cg = s.channels // s.groups
-    lane_on = jnp.arange(s.lanes, dtype=jnp.int32) < cg
     lane = jnp.arange(s.lanes, dtype=jnp.int32)
+    lane_on = lane < cg
     first_row = jnp.full((s.lanes,), b * s.rows, jnp.int32)
     shift = plgpu.load(x_ref.at[first_row, g * cg + lane], mask=lane_on, other=0.0).astype(jnp.float32)
 
