@@ -37,7 +37,7 @@ from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
     _CORNERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather, _index_arrays,
     _level_geometry, _level_lanes, _load, _out_struct, _point_inputs, _static_level, _store, _valid_lanes,
-    block_and_padding, cast_varying, varying_axes,
+    _when_else, block_and_padding, cast_varying, varying_axes,
 )
 
 __all__ = ["density_mlp_pallas", "density_mlp_xla"]
@@ -95,18 +95,11 @@ def _density_kernel(*refs, spec: HashGridSpec, B: int, H: int, use_mask: bool, u
         hidden = jnp.maximum(hidden, 0.0)
         _store(out_ref, slice(None), jnp.sum(hidden * _load(w_out_ref, (slice(None), slice(None))), axis=1))
 
-    if lanes is None:
-        encode_and_mlp()
-        return
     # A block past the valid prefix of the packed candidates (their budget is well above what a view uses) reads
     # no table rows anyway: skip its geometry and MLP too; its raw values are 0, as the bias-free MLP of zero
     # features gives.
-    any_valid = jnp.max(_load(valid_ref, slice(None))) != 0
-    pl.when(any_valid)(encode_and_mlp)
-
-    @pl.when(jnp.logical_not(any_valid))
-    def _zeros():
-        _store(out_ref, slice(None), jnp.zeros((B,), jnp.float32))
+    any_valid = None if lanes is None else jnp.max(_load(valid_ref, slice(None))) != 0
+    _when_else(any_valid, encode_and_mlp, lambda: _store(out_ref, slice(None), jnp.zeros((B,), jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_points", "num_warps", "interpret"))

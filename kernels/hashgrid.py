@@ -253,6 +253,17 @@ def _valid_lanes(valid_ref, B: int, fw: int):
     return jnp.broadcast_to((_load(valid_ref, slice(None)) != 0)[:, None], (B, fw))
 
 
+def _when_else(condition, work, otherwise) -> None:
+    """``work()`` where the traced bool ``condition`` holds, else ``otherwise()`` (``condition`` None: always
+    ``work``). The kernels' skip of a block with no valid point: ``otherwise`` writes the zeros its outputs
+    would have had."""
+    if condition is None:
+        work()
+        return
+    pl.when(condition)(work)
+    pl.when(jnp.logical_not(condition))(otherwise)
+
+
 def _level_lanes(lanes, mask_l, B: int, fw: int):
     """Lanes that touch the table at a level: none where the level mask is 0 (its features are 0 and its
     table gradient is 0, so the progressive band's switched-off levels cost no memory traffic)."""

@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from dreamcraft_jax.kernels.hashgrid import (
-    _compiler_params, _load, _out_struct, _store, block_and_padding, cast_varying, varying_axes,
+    _compiler_params, _load, _out_struct, _store, _when_else, block_and_padding, cast_varying, varying_axes,
 )
 
 __all__ = ["mlp_pallas", "mlp_xla", "mlp1_pallas", "mlp1_xla", "supported", "MAX_OUTPUTS", "PRECISIONS"]
@@ -77,22 +77,13 @@ def supported(in_dim: int, hidden: int, out_dim: int = 1) -> bool:
 
 
 def _block_valid(valid_ref, B: int):
-    """(rows on (B,) bool, whether any is on) of this block; all on without a ``valid`` input."""
+    """(rows on (B,) bool, whether any is on) of this block; all on without a ``valid`` input. A block past the
+    valid prefix of the packed samples (about half of them: the per-ray budgets are twice the use) then skips its
+    loads and matmuls (:func:`_when_else`)."""
     if valid_ref is None:
         return jnp.ones((B,), bool), None
     on = _load(valid_ref, slice(None)) != 0
     return on, jnp.max(on.astype(jnp.int32)) > 0
-
-
-def _when_any(any_on, work, zeros) -> None:
-    """``work()`` where a row of the block is on, else ``zeros()`` (``any_on`` None: always ``work``). A block
-    past the valid prefix of the packed samples (about half of them: the per-ray budgets are twice the use) then
-    skips its loads and matmuls."""
-    if any_on is None:
-        work()
-        return
-    pl.when(any_on)(work)
-    pl.when(jnp.logical_not(any_on))(zeros)
 
 
 def _forward_kernel(*refs, n_out: int, precision, use_valid: bool):
@@ -115,7 +106,7 @@ def _forward_kernel(*refs, n_out: int, precision, use_valid: bool):
         for k in range(n_out):
             _store(out_ref, (k, slice(None)), jnp.zeros((B,), jnp.float32))
 
-    _when_any(any_on, work, zeros)
+    _when_else(any_on, work, zeros)
 
 
 def _backward_kernel(*refs, n_out: int, precision, use_valid: bool):
@@ -152,7 +143,7 @@ def _backward_kernel(*refs, n_out: int, precision, use_valid: bool):
         for k in range(n_out):
             _store(d_out_ref, (0, k, slice(None)), jnp.zeros((H,), jnp.float32))
 
-    _when_any(any_on, work, zeros)
+    _when_else(any_on, work, zeros)
 
 
 def _row_specs(B: int, D: int, valid):
