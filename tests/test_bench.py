@@ -301,3 +301,30 @@ def test_compile_bench_runs_a_variant_in_a_child_process(tmp_path, monkeypatch):
         bench_compile.parse_variant("--xla_gpu_autotune_level=0")
     with pytest.raises(SystemExit, match="not key=value"):
         bench_compile.parse_variant("levels=|kernels.encoder_per_level")
+
+
+def test_fd_bench_packs_ray_samples_as_the_renderer_and_compares_launch_shapes(tmp_path):
+    """`bench fd`'s points: the hitting rays' samples on their chords inside the object sphere, ray after ray in a
+    valid prefix of the budget, as many as the sphere's pixel coverage gives; and the CLI's launch-shape variants
+    agree with the first (same rows and order: bit-equal features)."""
+    import jax
+    import numpy as np
+
+    x, valid, n_valid = bench._packed_ray_samples(jax.random.PRNGKey(0), 32, 5, 8, object_radius=0.6,
+                                                  distance=3.8, fovy_deg=20.0)
+    x, valid = np.asarray(x), np.asarray(valid)
+    assert x.shape == (8 * 32 * 32, 3) and valid.sum() == n_valid and valid[:n_valid].all()
+    assert np.all(np.linalg.norm(x[:n_valid], axis=-1) <= 0.6 + 1e-5) and not x[n_valid:].any()
+    # Pixel centres whose ray meets the sphere: |perpendicular distance of the ray to the centre| < r.
+    u = (np.arange(32) + 0.5) / 32 * 2 - 1
+    half = np.tan(np.deg2rad(10.0))
+    px, py = np.meshgrid(u * half, u * half)
+    sin_angle = np.sqrt(px ** 2 + py ** 2) / np.sqrt(1 + px ** 2 + py ** 2)
+    assert n_valid == 5 * int(np.sum(3.8 * sin_angle < 0.6))
+    out = tmp_path / "fd.json"
+    assert bench.main(["fd", "--resolution", "4", "--samples_per_hit", "3", "--budget_per_ray", "4",
+                       "--block_points", "32", "16", "--num_warps", "4", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    second = report["results"]["block16 warps4 prereduce128"]
+    assert report["valid_samples"] > 0 and second["max_abs_feature_diff_vs_first"] == 0.0
+    assert second["table_grad_rel_diff_vs_first"] < 1e-5
