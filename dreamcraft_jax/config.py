@@ -151,10 +151,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Real SD 2.1-base / Zero123 architectures with RANDOM weights, made in memory: a run that times the real-size
     # computation (compilation, steps, evaluation) where no weights are at hand. Its guidance is noise.
     c.guidance.random_real_size = False
-    # GPU: each prior's loss (its forward and, in the step's gradient, its backward) on a CUDA stream of its own
-    # (jax.experimental.compute_on "gpu_stream:i"), so the two priors' launch-bound 1-view networks run side by
-    # side instead of one after the other. Ignored off the GPU and with one prior.
-    c.guidance.prior_streams = False
 
     # progressive_band: the official NeuS geometry's encoding is a plain HashGrid (its start_level / start_step
     # keys are ignored there), so every level is on from step 0; True applies stage 1a's progressive band.

@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.compute_on import compute_on
 
 from dreamcraft_jax.config import schedule_value
 from dreamcraft_jax.guidance import prompts as vd
@@ -295,12 +294,9 @@ class Priors:
     """The priors a stage uses, by loss name: ``sd`` (lambda_sd) and ``3d_sd`` (lambda_3d_sd)."""
 
     priors: dict  # loss name -> prior object
-    # Each prior's loss on a GPU stream of its own (config guidance.prior_streams; see :meth:`losses`).
-    streams: bool = False
 
     def configured(self, cfg) -> "Priors":
-        """The same weights with one stage's guidance settings (CFG, timestep ranges, weighting, clip), and
-        ``streams`` from ``guidance.prior_streams`` where the backend is a GPU."""
+        """The same weights with one stage's guidance settings (CFG, timestep ranges, weighting, clip)."""
         from dreamcraft_jax.config import schedule_is_zero
 
         out = {}
@@ -311,8 +307,7 @@ class Priors:
             out[name] = dataclasses.replace(
                 prior, guidance_scale=float(g.guidance_scale), weighting=g.weighting,
                 min_step_percent=g.min_step_percent, max_step_percent=g.max_step_percent, grad_clip=g.grad_clip)
-        streams = bool(cfg.guidance.get("prior_streams", False)) and jax.default_backend() == "gpu"
-        return Priors(out, streams=streams)
+        return Priors(out)
 
     @property
     def random_weights(self) -> bool:
@@ -347,12 +342,7 @@ class Priors:
                ) -> tuple[dict, dict]:
         """({loss name: value}, {stat name: value}) of every prior on the batch (per-view keys (B, 2)). ``images``
         (B, H, W, 3) in [0, 1], or {loss name: images} per prior (:meth:`resized`). ``schedules``: the output of
-        :meth:`schedules_at` (possibly traced), used instead of the priors' own schedules.
-
-        With ``streams`` (and more than one prior) prior i's loss is a ``compute_on("gpu_stream:<i+1>")`` region:
-        XLA runs it, and the regions its gradient makes (the VAE encoder's backward), on a CUDA stream of its own,
-        so the priors' kernels, each too small at one view to fill the GPU, overlap. Same values and gradients
-        (the annotation only places the work)."""
+        :meth:`schedules_at` (possibly traced), used instead of the priors' own schedules."""
         terms, stats = {}, {}
         for i, (name, prior) in enumerate(self.priors.items()):
             if schedules is not None:
@@ -360,8 +350,6 @@ class Priors:
             view_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
             # Fixed-size inputs and the priors' own schedules: the loss traced once per stage (see _traced_once).
             loss = self._traced_once[name] if schedules is None and isinstance(images, dict) else prior.loss
-            if self.streams and len(self.priors) > 1:
-                loss = compute_on(compute_type=f"gpu_stream:{i + 1}", out_memory_spaces=jax.memory.Space.Device)(loss)
             value, s = loss(params[name], images[name] if isinstance(images, dict) else images, camera, view_keys,
                             step)
             terms[name] = value
