@@ -1095,8 +1095,9 @@ def _packed_ray_samples(key, resolution: int, samples_per_hit: int, budget_per_r
 
 
 def bench_fd(args) -> dict:
-    """The finite-difference kernel (``kernels.fd_hashgrid``) alone, forward and forward + backward, over launch
-    shapes (points per program x warps) and backwards (per-lane atomics, coarse levels pre-reduced), on samples
+    """The finite-difference kernel (``kernels.fd_hashgrid``) alone, forward and forward + backward, over output
+    layouts, launch shapes (points per program x warps) and backwards (per-lane atomics, coarse levels
+    pre-reduced), on samples
     packed as the 384 px NeRF step's (official grid at 12 of 16 levels, the sample with its three forward
     neighbours, as the renderer's main pass asks). Each variant's features against the default's (bit-equal
     expected: same rows, same order) and its table gradient against the default's."""
@@ -1112,30 +1113,38 @@ def bench_fd(args) -> dict:
                  for j in range(len(neighbours)))
     print(f"fd bench: {x.shape[0]} slots, {n_valid} valid samples, {args.levels} levels on", flush=True)
     results, reference = {}, None
-    for block, warps, pre_reduce in itertools.product(args.block_points, args.num_warps, args.pre_reduce):
-        key = f"block{block} warps{warps} prereduce{pre_reduce:g}"
+    for layout, block, warps, pre_reduce in itertools.product(args.layouts, args.block_points, args.num_warps,
+                                                              args.pre_reduce):
+        key = f"{layout} block{block} warps{warps} prereduce{pre_reduce:g}"
+        columns = layout == "columns"
         encode = functools.partial(fd_encode_pallas, spec=spec, radius=2.0, eps=0.01, level_mask=mask,
                                    valid=valid, neighbours=neighbours, block_points=block, num_warps=warps,
-                                   pre_reduce_max_scale=pre_reduce)
+                                   pre_reduce_max_scale=pre_reduce, columns=columns)
+        layout_cots = tuple(g.T for g in cots) if columns else cots
         try:
             fwd = jax.jit(lambda t, x, encode=encode: encode(t, x))
 
-            def fwd_bwd(t, x, encode=encode):
+            def fwd_bwd(t, x, encode=encode, layout_cots=layout_cots):
                 y, vjp = jax.vjp(lambda t: encode(t, x), t)
-                return y, vjp(cots)[0]
+                return y, vjp(layout_cots)[0]
 
-            fwd_bwd = jax.jit(fwd_bwd)
-            y, grad = fwd_bwd(table, x)
-            r = {"forward": _time(fwd, table, x, repeats=args.repeats),
-                 "forward_backward": _time(fwd_bwd, table, x, repeats=args.repeats)}
+            r = {"forward": _time(fwd, table, x, repeats=args.repeats)}
+            if args.forward_only:
+                y, grad = fwd(table, x), None
+            else:
+                fwd_bwd = jax.jit(fwd_bwd)
+                y, grad = fwd_bwd(table, x)
+                r["forward_backward"] = _time(fwd_bwd, table, x, repeats=args.repeats)
+            y = tuple(e.T for e in y) if columns else y  # compared in the row layout
+            timed = "forward" if args.forward_only else "forward_backward"
             if reference is None:
                 reference = (y, grad, r)
             else:
                 r["max_abs_feature_diff_vs_first"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(y, reference[0]))
-                r["table_grad_rel_diff_vs_first"] = (float(jnp.max(jnp.abs(grad - reference[1])))
-                                                     / max(float(jnp.max(jnp.abs(reference[1]))), 1e-30))
-                r["speedup_vs_first"] = (reference[2]["forward_backward"]["median_ms"]
-                                         / r["forward_backward"]["median_ms"])
+                if grad is not None:
+                    r["table_grad_rel_diff_vs_first"] = (float(jnp.max(jnp.abs(grad - reference[1])))
+                                                         / max(float(jnp.max(jnp.abs(reference[1]))), 1e-30))
+                r[f"{timed}_speedup_vs_first"] = reference[2][timed]["median_ms"] / r[timed]["median_ms"]
         except Exception as e:  # record and go on with the other variants
             r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         results[key] = r
@@ -1471,6 +1480,9 @@ def main(argv=None) -> int:
     d.add_argument("--num_warps", nargs="+", type=int, default=[4, 2, 8])
     d.add_argument("--pre_reduce", nargs="+", type=float, default=[nerf.PRE_REDUCE_MAX_SCALE],
                    help="pre_reduce_max_scale values (0: per-lane atomics on every level)")
+    d.add_argument("--layouts", nargs="+", default=["rows"], choices=["rows", "columns"],
+                   help="output layout: (N, L*F) rows or (L*F, N) columns (fd_encode_pallas(columns=True))")
+    d.add_argument("--forward_only", action="store_true", help="time the forward kernel only")
     d.add_argument("--repeats", type=int, default=10)
     d.add_argument("--out", default="")
     j = sub.add_parser("project", help="5000 + 5000-step wall-time projection from `bench stage` JSON files")

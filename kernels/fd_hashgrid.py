@@ -161,10 +161,11 @@ def _split_refs(refs, use_valid: bool, use_mask: bool):
 
 
 def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
-                    use_valid: bool, neighbours):
+                    use_valid: bool, neighbours, columns: bool):
     """Grid (point blocks, levels). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants (L,) each,
     table (R, F) in HBM -> one (B, L*F) block per neighbour, of which this program writes level
-    ``program_id(1)``'s columns.
+    ``program_id(1)``'s columns; with ``columns`` one (L*F, B) block (the transposed layout), of which it writes
+    the level's rows: B contiguous values each instead of F values every L*F.
 
     One level per program, its constants loaded: a 16-level kernel is one level's code, not sixteen unrolled
     copies (Triton compile time grows faster than the code), and the levels of a block run side by side.
@@ -174,6 +175,12 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
     fw, n_chunks = _feature_chunks(F)
     l = pl.program_id(1)
     level, mask_l, on, any_on = _level_setup(valid_ref, mask_ref, level_refs, l, B)
+
+    def store(out_ref, c, value):  # value (B, fw): this level's feature chunk c
+        if columns:
+            _store(out_ref, (pl.ds(l * F + c * fw, fw), slice(None)), value.T)
+        else:
+            _store(out_ref, (slice(None), pl.ds(l * F + c * fw, fw)), value)
 
     @pl.when(any_on)
     def _encode():
@@ -201,13 +208,13 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
                     acc = acc + weight[:, None] * value
                 if use_mask:
                     acc = acc * mask_l
-                _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), acc)
+                store(out_refs[j], c, acc)
 
     @pl.when(jnp.logical_not(any_on))
     def _zeros():  # no lane on: zero features, as the lanes' masks would give
         for j in range(len(neighbours)):
             for c in range(n_chunks):
-                _store(out_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)), jnp.zeros((B, fw), jnp.float32))
+                store(out_refs[j], c, jnp.zeros((B, fw), jnp.float32))
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
@@ -281,21 +288,24 @@ def _fd_core(table, x, mask, valid, static):
 
 
 def _forward(table, x, mask, valid, static):
-    spec, radius, eps, B, num_warps, interpret, _, neighbours = static
+    spec, radius, eps, B, num_warps, interpret, _, neighbours, columns = static
     N = x.shape[0]
     L, F = spec.n_levels, spec.n_features_per_level
     in_specs, args = _inputs(x, valid, mask, spec, B)
     in_specs.append(_full_hbm_spec())
     args.append(table)
     kernel = functools.partial(_forward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
-                               use_valid=valid is not None, neighbours=neighbours)
+                               use_valid=valid is not None, neighbours=neighbours, columns=columns)
+    # Every level's program of a point block writes its own columns of the block's rows (or, transposed, its
+    # own rows of the block's columns).
+    shape, block, index = ((L * F, N), (L * F, B), lambda i, l: (0, i)) if columns else \
+        ((N, L * F), (B, L * F), lambda i, l: (i, 0))
     return tuple(pl.pallas_call(
         kernel,
-        out_shape=tuple(_out_struct((N, L * F), x) for _ in neighbours),
+        out_shape=tuple(_out_struct(shape, x) for _ in neighbours),
         grid=(N // B, L),
         in_specs=in_specs,
-        # Every level's program of a point block writes its own columns of the block's rows.
-        out_specs=tuple(pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in neighbours),
+        out_specs=tuple(pl.BlockSpec(block, index) for _ in neighbours),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="hashgrid_fd_encode_fwd",
@@ -307,13 +317,13 @@ def _fd_core_fwd(table, x, mask, valid, static):
 
 
 def _fd_core_bwd(static, res, gs):
-    spec, radius, eps, B, num_warps, interpret, pre_reduce_max_scale, neighbours = static
+    spec, radius, eps, B, num_warps, interpret, pre_reduce_max_scale, neighbours, columns = static
     x, mask, valid = res
     N = x.shape[0]
     L, F = spec.n_levels, spec.n_features_per_level
     R = spec.total_params
     dtable = cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x))
-    gs = [g.astype(jnp.float32) for g in gs]
+    gs = [(g.T if columns else g).astype(jnp.float32) for g in gs]  # the backward reads rows
     # Scales grow with the level: the pre-reduced (coarse) levels are a prefix, one call each part.
     n_coarse = sum(1 for scale in spec.scales if scale <= pre_reduce_max_scale) if B >= 2 * _N_LEADERS else 0
     for start, stop, leaders in ((0, n_coarse, _N_LEADERS), (n_coarse, L, 0)):
@@ -369,13 +379,15 @@ def padded_point_inputs(table, x, spec: HashGridSpec, level_mask, valid, block_p
 def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: float, eps: float,
                      level_mask: jax.Array | None = None, valid: jax.Array | None = None, *,
                      neighbours=CENTRAL, interpret: bool | None = None, block_points: int = 128, num_warps: int = 4,
-                     pre_reduce_max_scale: float = 128.0) -> tuple[jax.Array, ...]:
+                     pre_reduce_max_scale: float = 128.0, columns: bool = False) -> tuple[jax.Array, ...]:
     """Encodings of the finite-difference neighbours of (N, 3) world points; see the module docstring.
 
     Same arguments and result as :func:`fd_encode_xla`; ``block_points`` a power of two (N is padded up),
     ``interpret`` None: interpret mode unless the default backend is GPU, ``pre_reduce_max_scale``: levels up
-    to this grid scale pre-reduce their shared-corner atomics per block (0: never). Differentiable w.r.t.
-    ``table`` only.
+    to this grid scale pre-reduce their shared-corner atomics per block (0: never). ``columns``: each encoding
+    transposed, (L*F, N) (a level's program then writes contiguous rows instead of F values every L*F; the
+    cotangents are transposed back for the backward); not yet used by the fields (`bench fd --layouts` times it).
+    Differentiable w.r.t. ``table`` only.
     """
     if not 0.0 < eps < radius:
         raise ValueError(f"eps must be in (0, radius), got {eps}")
@@ -386,5 +398,6 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
     if not neighbours or any((a not in (0, 1, 2) or s not in (1, -1)) and (a, s) != CENTER for a, s in neighbours):
         raise ValueError(f"neighbours must be (axis in 0..2, sign +-1) pairs or CENTER (0, 0), got {neighbours}")
     static = (spec, float(radius), float(eps), block, num_warps, bool(interpret), float(pre_reduce_max_scale),
-              neighbours)
-    return tuple(out[:n] for out in _fd_core(table, x2, mask, keep, static))
+              neighbours, bool(columns))
+    outs = _fd_core(table, x2, mask, keep, static)
+    return tuple(out[:, :n] if columns else out[:n] for out in outs)

@@ -325,6 +325,11 @@ def test_fd_bench_packs_ray_samples_as_the_renderer_and_compares_launch_shapes(t
     assert bench.main(["fd", "--resolution", "4", "--samples_per_hit", "3", "--budget_per_ray", "4",
                        "--block_points", "32", "16", "--num_warps", "4", "--repeats", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    second = report["results"]["block16 warps4 prereduce128"]
+    second = report["results"]["rows block16 warps4 prereduce128"]
     assert report["valid_samples"] > 0 and second["max_abs_feature_diff_vs_first"] == 0.0
-    assert second["table_grad_rel_diff_vs_first"] < 1e-5
+    assert second["table_grad_rel_diff_vs_first"] < 1e-5 and second["forward_backward_speedup_vs_first"] > 0
+    assert bench.main(["fd", "--resolution", "4", "--samples_per_hit", "3", "--budget_per_ray", "4",
+                       "--block_points", "16", "--num_warps", "4", "--layouts", "rows", "columns", "--forward_only",
+                       "--repeats", "1", "--out", str(out)]) == 0
+    columns = json.loads(out.read_text())["results"]["columns block16 warps4 prereduce128"]
+    assert columns["max_abs_feature_diff_vs_first"] < 1e-6 and "forward_backward" not in columns

@@ -89,6 +89,37 @@ def test_blocks_without_valid_samples_write_zeros_and_add_nothing():
     assert float(jnp.max(jnp.abs(dt_k[spec.offsets[1]:]))) == 0.0  # nothing added to the switched-off level
 
 
+@pytest.mark.parametrize("spec", [MIXED, F3], ids=["F2", "F3"])
+def test_columns_layout_is_the_transposed_encoding_with_the_same_gradient(spec):
+    """``columns=True``: each encoding (L*F, N) equals the row layout transposed (including the zeros of blocks
+    without a valid sample), and the table gradient of transposed cotangents is the row layout's."""
+    x, _, key = _samples(200, seed=5)
+    valid = jnp.arange(x.shape[0]) < 90  # blocks of 64: the last one has no valid sample
+    n = x.shape[0]
+    table = jax.random.normal(key, (spec.total_params, spec.n_features_per_level), jnp.float32)
+    mask = jnp.array([1.0, 0.5])
+    neighbours = (fk.CENTER,) + fk.FORWARD
+    gs = tuple(jax.random.normal(k, (n, spec.output_dim)) for k in jax.random.split(key, len(neighbours)))
+
+    def run(columns):
+        def f(t):
+            out, back = jax.vjp(lambda t: fk.fd_encode_pallas(t, x, spec, RADIUS, 0.01, mask, valid,
+                                                              neighbours=neighbours, interpret=True,
+                                                              block_points=64, columns=columns), t)
+            return out, back(tuple(g.T for g in gs) if columns else gs)[0]
+        return jax.jit(f)(table)
+
+    (rows, dt_rows), (cols, dt_cols) = run(False), run(True)
+    for a, b in zip(rows, cols):
+        assert b.shape == (spec.output_dim, n)
+        # Same arithmetic; the CPU compiles the two interpret-mode programs apart (an ulp of FMA contraction).
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a).T, rtol=1e-6, atol=1e-6)
+        assert np.all(np.asarray(b)[:, 128:] == 0.0)  # the block without a valid sample
+    assert float(jnp.max(jnp.abs(rows[0]))) > 0
+    np.testing.assert_allclose(np.asarray(dt_cols), np.asarray(dt_rows), rtol=1e-6,
+                               atol=1e-7 * float(jnp.max(jnp.abs(dt_rows))))
+
+
 def test_fd_encode_shares_corners_on_coarse_levels():
     """The case the kernel is for: with eps much smaller than the cells, most neighbours share the own cell,
     and the independent per-point encoder still agrees (so sharing is not just never taken)."""

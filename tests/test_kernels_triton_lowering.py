@@ -71,13 +71,15 @@ def test_hash_grid_encoder_lowers(encoder_sizes):
     assert len(encoder_sizes["reduced"]) == 2
 
 
-@pytest.mark.parametrize("neighbours", [fk.CENTRAL, (fk.CENTER,) + fk.FORWARD], ids=["central", "center_forward"])
-def test_finite_difference_kernel_lowers_one_level_per_program(encoder_sizes, neighbours):
+@pytest.mark.parametrize("neighbours,columns", [(fk.CENTRAL, False), ((fk.CENTER,) + fk.FORWARD, False),
+                                               ((fk.CENTER,) + fk.FORWARD, True)],
+                         ids=["central", "center_forward", "center_forward_columns"])
+def test_finite_difference_kernel_lowers_one_level_per_program(encoder_sizes, neighbours, columns):
     table, x, mask, valid = _points()
 
     def fd_loss(t, x, m, v):
         return jax.value_and_grad(lambda t: sum(jnp.sum(e ** 2) for e in fk.fd_encode_pallas(
-            t, x, SPEC, 0.5, 0.01, m, v, neighbours=neighbours, interpret=False)))(t)
+            t, x, SPEC, 0.5, 0.01, m, v, neighbours=neighbours, interpret=False, columns=columns)))(t)
 
     sizes = _lower_for_gpu(fd_loss, table, x, mask, valid)
     # forward, backward of the pre-reduced coarse levels, backward of the fine levels
