@@ -260,6 +260,8 @@ def bench_render(args) -> dict:
         fd = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True)
         fd_plain = with_backend("pallas", fused_finite_difference=True)  # no block pre-reduction anywhere
         fd_mlp = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True, fused_mlp=True)
+        fd_mlp_columns = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True,
+                                      fused_mlp=True, fd_columns=True)
         fd_mlp_x3, fd_mlp_ieee = (with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True,
                                                fused_mlp=True, fused_mlp_precision=p) for p in ("tf32x3", "ieee"))
         fd_levels = with_backend("pallas", hashgrid_backward="reduced", fused_finite_difference=True,
@@ -273,6 +275,7 @@ def bench_render(args) -> dict:
                      # kernel's call (CENTER): what that fusion saves.
                      ("pallas-fd-nocenter rgb+normals", True, True, fd),
                      ("pallas-fd-mlp rgb+normals", True, True, fd_mlp), ("pallas-fd-mlp rgb", False, False, fd_mlp),
+                     ("pallas-fd-mlp-columns rgb+normals", True, True, fd_mlp_columns),
                      # The fused MLPs' matmuls in three-pass TF32 / float32 FMAs: time and numerics (with
                      # --f64_reference) against the one-pass TF32 default.
                      ("pallas-fd-mlp-tf32x3 rgb+normals", True, True, fd_mlp_x3),

@@ -227,6 +227,11 @@ def base_config() -> ml_collections.ConfigDict:
     # (three passes, about float32) or "ieee" (float32 FMAs). H200: 55.6 / 64.6 / 79.5 ms; against a float64
     # render the tf32 kernel's table gradient is at least as close as XLA's on every level (kernels/README.md).
     c.kernels.fused_mlp_precision = "tf32"
+    # The finite-difference kernel's encodings in the transposed (L*F, N) layout: a level's program writes (and its
+    # backward reads) B contiguous values per feature instead of 2 every 128 bytes. The forward kernel alone on
+    # 384 px samples, H200: 2.3 ms against 10.3 (bench fd --layouts rows columns); one XLA transpose per
+    # neighbour then gives the MLPs their rows. Off until timed in a render / stage step.
+    c.kernels.fd_columns = False
     # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
     # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward
     # are the largest programs of a step: lowering and kernel compile time). Off until timed on a GPU.

@@ -30,7 +30,8 @@ from the own corners already gathered (no extra table reads) and its gradient jo
 extra atomics), so the renderer's main pass needs no separate encoder call.
 
 Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid, neighbours=CENTRAL) -> tuple of
-len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla`; differentiable w.r.t. the table only (the positions
+len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla` (``columns=True``: each transposed, (L*F, N), so that a
+level's program writes and reads B contiguous values per feature; 4.4x faster forward on an H200); differentiable w.r.t. the table only (the positions
 and the level mask get zero cotangents, as the fields never differentiate them through this path). Triton
 specifics come from :mod:`kernels.hashgrid`'s helpers.
 """
@@ -218,10 +219,10 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
-                     use_valid: bool, interpret: bool, level_start: int, leaders: int, neighbours):
+                     use_valid: bool, interpret: bool, level_start: int, leaders: int, neighbours, columns: bool):
     """Grid (point blocks, levels level_start...). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants,
-    one g (B, L*F) block per neighbour, d_table in (R, F) (aliased to the output) -> d_table (R, F) accumulated
-    with atomics.
+    one g (B, L*F) block per neighbour (``columns``: (L*F, B), whose level rows are contiguous), d_table in
+    (R, F) (aliased to the output) -> d_table (R, F) accumulated with atomics.
 
     ``leaders`` > 0 (the coarse levels): the own cell's corners are pre-reduced over the block first.
     """
@@ -241,7 +242,10 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
         for j, (axis, sign) in enumerate(neighbours):
             w, terms, same, step = shared[j]
             for c in range(n_chunks):
-                g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
+                if columns:
+                    g = _load(g_refs[j], (pl.ds(l * F + c * fw, fw), slice(None))).T
+                else:
+                    g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
                 if use_mask:
                     g = g * mask_l
                 for k, bits in enumerate(_CORNERS):
@@ -323,18 +327,19 @@ def _fd_core_bwd(static, res, gs):
     L, F = spec.n_levels, spec.n_features_per_level
     R = spec.total_params
     dtable = cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x))
-    gs = [(g.T if columns else g).astype(jnp.float32) for g in gs]  # the backward reads rows
+    gs = [g.astype(jnp.float32) for g in gs]
+    g_block, g_index = ((L * F, B), lambda i, l: (0, i)) if columns else ((B, L * F), lambda i, l: (i, 0))
     # Scales grow with the level: the pre-reduced (coarse) levels are a prefix, one call each part.
     n_coarse = sum(1 for scale in spec.scales if scale <= pre_reduce_max_scale) if B >= 2 * _N_LEADERS else 0
     for start, stop, leaders in ((0, n_coarse, _N_LEADERS), (n_coarse, L, 0)):
         if stop <= start:
             continue
         in_specs, args = _inputs(x, valid, mask, spec, B)
-        in_specs += [pl.BlockSpec((B, L * F), lambda i, l: (i, 0)) for _ in neighbours] + [_full_hbm_spec()]
+        in_specs += [pl.BlockSpec(g_block, g_index) for _ in neighbours] + [_full_hbm_spec()]
         args += gs + [dtable]
         kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps,
                                    use_mask=mask is not None, use_valid=valid is not None, interpret=interpret,
-                                   level_start=start, leaders=leaders, neighbours=neighbours)
+                                   level_start=start, leaders=leaders, neighbours=neighbours, columns=columns)
         dtable = pl.pallas_call(
             kernel,
             out_shape=_out_struct((R, F), x),
@@ -385,9 +390,9 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
     Same arguments and result as :func:`fd_encode_xla`; ``block_points`` a power of two (N is padded up),
     ``interpret`` None: interpret mode unless the default backend is GPU, ``pre_reduce_max_scale``: levels up
     to this grid scale pre-reduce their shared-corner atomics per block (0: never). ``columns``: each encoding
-    transposed, (L*F, N) (a level's program then writes contiguous rows instead of F values every L*F; the
-    cotangents are transposed back for the backward); not yet used by the fields (`bench fd --layouts` times it).
-    Differentiable w.r.t. ``table`` only.
+    transposed, (L*F, N): a level's program then writes (and in the backward reads) B contiguous values per
+    feature instead of F values every L*F (H200, 384 px samples: forward 2.3 ms against 10.3,
+    ``bench fd --layouts rows columns``). Differentiable w.r.t. ``table`` only.
     """
     if not 0.0 < eps < radius:
         raise ValueError(f"eps must be in (0, radius), got {eps}")

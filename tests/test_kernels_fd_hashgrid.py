@@ -178,11 +178,16 @@ def test_nerf_normals_through_the_kernel_match_xla_values_and_grads(normal_type)
     _assert_same_loss_and_grads(loss, params, spec_x, spec_k)
 
 
-def test_nerf_main_pass_and_perturbed_normals_through_the_kernel_match_xla():
+@pytest.mark.parametrize("columns", [False, True], ids=["rows", "columns"])
+def test_nerf_main_pass_and_perturbed_normals_through_the_kernel_match_xla(columns):
     """The renderer's main pass with normals (x's own encoding from the finite-difference kernel, led by CENTER)
     and the perturbed points' normals (no centre given: the kernel encodes the centre too) against the XLA field:
-    sigma, albedo, normals and all parameter gradients."""
+    sigma, albedo, normals and all parameter gradients; also with the kernel's transposed layout
+    (``kernels.fd_columns``)."""
+    import dataclasses
+
     nerf, spec_x, spec_k, params, x, valid = _field_case(seed=4)
+    spec_k = dataclasses.replace(spec_k, fd_columns=columns)
     mask = jnp.array([1.0, 0.5])
     w = jax.random.normal(jax.random.PRNGKey(8), (x.shape[0], 7))
 
@@ -206,13 +211,15 @@ def _assert_same_loss_and_grads(loss, params, spec_ref, spec_kernel):
                                    atol=2e-4 * float(np.max(np.abs(np.asarray(b)))))
 
 
-@pytest.mark.parametrize("normal_type", ["finite_difference", "finite_difference_laplacian"])
-def test_neus_sdf_gradient_through_the_kernel_matches_xla(normal_type):
+@pytest.mark.parametrize("normal_type,columns", [("finite_difference", False), ("finite_difference_laplacian", False),
+                                                ("finite_difference", True)], ids=["forward", "central", "columns"])
+def test_neus_sdf_gradient_through_the_kernel_matches_xla(normal_type, columns):
     import dataclasses
 
     from dreamcraft_jax.fields import neus
 
     nerf, spec_x, spec_k, params, x, valid = _field_case(seed=2)
+    spec_k = dataclasses.replace(spec_k, fd_columns=columns)
     nspec_x = neus.NeusFieldSpec(base=spec_x, finite_difference_eps=0.02, normal_type=normal_type)
     nspec_k = dataclasses.replace(nspec_x, base=spec_k)
     nparams = neus.init_field(jax.random.PRNGKey(3), nspec_x, params)
@@ -253,3 +260,15 @@ def test_finite_differences_of_a_quadratic_field_in_closed_form(normal_type):
     # At the box face x0 = radius the +x neighbour is clamped back onto the face: no difference along x0.
     edge = nerf.finite_difference_gradient(f, jnp.array([[2.0, 0.0, 0.0]]), eps, 2.0, normal_type="finite_difference")
     assert float(edge[0, 0]) == 0.0
+
+
+def test_fd_columns_config_reaches_both_stage_field_specs():
+    """kernels.fd_columns (off by default) is the NeRF and the NeuS field specs' fd_columns."""
+    from conftest import tiny_config
+
+    from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
+    from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+
+    assert not CoarseNerf.field_spec(tiny_config(), "pallas").fd_columns
+    cfg = tiny_config(**{"kernels.fd_columns": True})
+    assert CoarseNerf.field_spec(cfg, "pallas").fd_columns and CoarseNeus.field_spec(cfg, "pallas").base.fd_columns

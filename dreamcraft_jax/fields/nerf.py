@@ -57,14 +57,17 @@ class NerfFieldSpec:
     fused_mlp: bool = False  # Pallas backend only: density / SDF and albedo MLPs forward / backward, one kernel each
     fused_mlp_precision: str = "tf32"  # their matmuls' input precision on the GPU (kernels.mlp.PRECISIONS)
     encoder_per_level: bool = False  # Pallas backend, atomic backwards: the encoder as one program per level
+    fd_columns: bool = False  # finite-difference kernel in the transposed (L*F, N) layout (kernels.fd_columns)
 
     @classmethod
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla", fused_density: bool = True,
                     fused_finite_difference: bool = False, fused_mlp: bool = False,
-                    encoder_per_level: bool = False, fused_mlp_precision: str = "tf32") -> "NerfFieldSpec":
+                    encoder_per_level: bool = False, fused_mlp_precision: str = "tf32",
+                    fd_columns: bool = False) -> "NerfFieldSpec":
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
         the rest: the ``kernels.*`` keys of the same names."""
         return cls(
+            fd_columns=bool(fd_columns),
             backend=backend,
             hashgrid_backward=hashgrid_backward,
             fused_density=bool(fused_density),
@@ -297,13 +300,16 @@ def _fd_kernel_encodings(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, ma
     """The (N, L*F) encodings of x's finite-difference neighbours from one kernel call, led by x's own encoding
     when ``with_center`` (the kernel reuses the own corners it gathers anyway: no extra table reads or atomics).
     With ``spec.hashgrid_backward == "reduced"`` the coarse levels' shared corners are also pre-reduced over each
-    block of samples; otherwise each lane adds its own accumulated corners."""
+    block of samples; otherwise each lane adds its own accumulated corners. With ``spec.fd_columns`` the kernel
+    writes (and its backward reads) the transposed (L*F, N) layout, whose level rows are contiguous, and one XLA
+    transpose per neighbour gives the MLPs their rows (and takes their cotangents back)."""
     from dreamcraft_jax.kernels.fd_hashgrid import CENTER, fd_encode_pallas
 
     neighbours = ((CENTER,) if with_center else ()) + fd_neighbours(normal_type)
     pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
-    return fd_encode_pallas(table, x, spec.grid, spec.radius, spec.finite_difference_eps, mask, valid,
-                            neighbours=neighbours, pre_reduce_max_scale=pre_reduce)
+    encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, spec.finite_difference_eps, mask, valid,
+                                 neighbours=neighbours, pre_reduce_max_scale=pre_reduce, columns=spec.fd_columns)
+    return tuple(e.T for e in encodings) if spec.fd_columns else encodings
 
 
 def _fd_gradient_of_encodings(encodings, x: jax.Array, spec: NerfFieldSpec, value_fn, valid, normal_type: str,

@@ -52,7 +52,8 @@ class NeusFieldSpec:
     @classmethod
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
                     fused_finite_difference: bool = False, fused_mlp: bool = False,
-                    encoder_per_level: bool = False, fused_mlp_precision: str = "tf32") -> "NeusFieldSpec":
+                    encoder_per_level: bool = False, fused_mlp_precision: str = "tf32",
+                    fd_columns: bool = False) -> "NeusFieldSpec":
         """cfg: the whole config (``field`` for the shared parts, ``neus`` for these); the rest as
         :meth:`NerfFieldSpec.from_config`."""
         if cfg.neus.normal_type not in NORMAL_TYPES:
@@ -60,7 +61,7 @@ class NeusFieldSpec:
         base = NerfFieldSpec.from_config(cfg.field, backend, hashgrid_backward,
                                          fused_finite_difference=fused_finite_difference, fused_mlp=fused_mlp,
                                          encoder_per_level=encoder_per_level,
-                                         fused_mlp_precision=fused_mlp_precision)
+                                         fused_mlp_precision=fused_mlp_precision, fd_columns=fd_columns)
         return cls(base=base, sphere_radius=float(cfg.neus.sphere_radius),
                    variance_init=float(cfg.neus.variance_init),
                    cos_anneal_end_steps=int(cfg.neus.cos_anneal_end_steps), normal_type=cfg.neus.normal_type,

@@ -108,7 +108,7 @@ class CoarseNerf:
         return nerf.NerfFieldSpec.from_config(cfg.field, backend, cfg.kernels.hashgrid_backward,
                                               cfg.kernels.fused_density, cfg.kernels.fused_finite_difference,
                                               cfg.kernels.fused_mlp, cfg.kernels.encoder_per_level,
-                                              cfg.kernels.fused_mlp_precision)
+                                              cfg.kernels.fused_mlp_precision, cfg.kernels.fd_columns)
 
     def place_prior_params(self, prior_params):
         """Put the prior params on the mesh: FSDP-split where ``parallel.fsdp`` > 1, else replicated."""

@@ -29,7 +29,8 @@ class CoarseNeus(CoarseNerf):
     def field_spec(cfg, backend: str = "xla"):
         return neus.NeusFieldSpec.from_config(cfg, backend, cfg.kernels.hashgrid_backward,
                                               cfg.kernels.fused_finite_difference, cfg.kernels.fused_mlp,
-                                              cfg.kernels.encoder_per_level, cfg.kernels.fused_mlp_precision)
+                                              cfg.kernels.encoder_per_level, cfg.kernels.fused_mlp_precision,
+                                              cfg.kernels.fd_columns)
 
     @property
     def optimizer(self) -> optax.GradientTransformation:
