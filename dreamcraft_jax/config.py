@@ -229,8 +229,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.kernels.fused_mlp_precision = "tf32"
     # The finite-difference kernel's encodings in the transposed (L*F, N) layout: a level's program writes (and its
     # backward reads) B contiguous values per feature instead of 2 every 128 bytes. The forward kernel alone on
-    # 384 px samples, H200: 2.3 ms against 10.3 (bench fd --layouts rows columns); one XLA transpose per
-    # neighbour then gives the MLPs their rows. Off until timed in a render / stage step.
+    # 384 px samples, H200: 2.3 ms against 10.3 (bench fd --layouts rows columns); the fused MLP kernels read the
+    # layout as it is (mlp_pallas(columns=True)), other consumers transpose. Off until timed in a render / stage
+    # step (bench render variant "pallas-fd-mlp-columns rgb+normals", or --set kernels.fd_columns=true).
     c.kernels.fd_columns = False
     # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
     # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward

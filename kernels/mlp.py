@@ -86,18 +86,26 @@ def _block_valid(valid_ref, B: int):
     return on, jnp.max(on.astype(jnp.int32)) > 0
 
 
-def _forward_kernel(*refs, n_out: int, precision, use_valid: bool):
-    """Refs: enc (B, D) block, [valid (B,) int32], w_hidden (D, H), w_out^T (K, H) -> y^T (K, B) block; rows not
-    on give 0."""
+def _pre_activation(enc_ref, w_hidden, precision, columns: bool):
+    """(enc block (B, D), or (D, B) with ``columns``; enc @ w_hidden (B, H))."""
+    enc = _load(enc_ref, (slice(None), slice(None)))
+    if columns:  # contract the features, dim 0 of the (D, B) block: no transposed copy
+        return enc, jax.lax.dot_general(enc, w_hidden, (((0,), (0,)), ((), ())), precision=precision)
+    return enc, jnp.dot(enc, w_hidden, precision=precision)
+
+
+def _forward_kernel(*refs, n_out: int, precision, use_valid: bool, columns: bool):
+    """Refs: enc (B, D) block (``columns``: (D, B)), [valid (B,) int32], w_hidden (D, H), w_out^T (K, H) -> y^T
+    (K, B) block; rows not on give 0."""
     enc_ref, *refs = refs
     valid_ref = refs.pop(0) if use_valid else None
     w_hidden_ref, w_out_ref, out_ref = refs
-    B = enc_ref.shape[0]
+    B = enc_ref.shape[1 if columns else 0]
     on, any_on = _block_valid(valid_ref, B)
 
     def work():
-        hidden = jnp.maximum(jnp.dot(_load(enc_ref, (slice(None), slice(None))),
-                                     _load(w_hidden_ref, (slice(None), slice(None))), precision=precision), 0.0)
+        hidden = jnp.maximum(_pre_activation(enc_ref, _load(w_hidden_ref, (slice(None), slice(None))), precision,
+                                             columns)[1], 0.0)
         for k in range(n_out):
             w_k = _load(w_out_ref, (pl.ds(k, 1), slice(None)))  # (1, H)
             _store(out_ref, (k, slice(None)), jnp.where(on, jnp.sum(hidden * w_k, axis=1), 0.0))
@@ -109,20 +117,20 @@ def _forward_kernel(*refs, n_out: int, precision, use_valid: bool):
     _when_else(any_on, work, zeros)
 
 
-def _backward_kernel(*refs, n_out: int, precision, use_valid: bool):
-    """Refs: enc (B, D), [valid (B,) int32], g^T (K, B) blocks, w_hidden (D, H), w_out^T (K, H) -> d_enc (B, D)
-    block, and this block's partial weight gradients d_hidden (1, D, H), d_out^T (1, K, H); rows not on take no
-    cotangent."""
+def _backward_kernel(*refs, n_out: int, precision, use_valid: bool, columns: bool):
+    """Refs: enc (B, D) (``columns``: (D, B)), [valid (B,) int32], g^T (K, B) blocks, w_hidden (D, H), w_out^T
+    (K, H) -> d_enc (B, D) block (``columns``: (D, B)), and this block's partial weight gradients d_hidden
+    (1, D, H), d_out^T (1, K, H); rows not on take no cotangent."""
     enc_ref, *refs = refs
     valid_ref = refs.pop(0) if use_valid else None
     g_ref, w_hidden_ref, w_out_ref, d_enc_ref, d_hidden_ref, d_out_ref = refs
-    (B, D), H = enc_ref.shape, w_hidden_ref.shape[1]
+    D, H = w_hidden_ref.shape
+    B = enc_ref.shape[1 if columns else 0]
     on, any_on = _block_valid(valid_ref, B)
 
     def work():
-        enc = _load(enc_ref, (slice(None), slice(None)))
         w_hidden = _load(w_hidden_ref, (slice(None), slice(None)))
-        pre = jnp.dot(enc, w_hidden, precision=precision)  # (B, H)
+        enc, pre = _pre_activation(enc_ref, w_hidden, precision, columns)  # pre (B, H)
         hidden = jnp.maximum(pre, 0.0)
         gs = [jnp.where(on, _load(g_ref, (k, slice(None))), 0.0)[:, None] for k in range(n_out)]  # K x (B, 1)
         d_hidden_act = gs[0] * _load(w_out_ref, (pl.ds(0, 1), slice(None)))
@@ -130,15 +138,20 @@ def _backward_kernel(*refs, n_out: int, precision, use_valid: bool):
             d_hidden_act = d_hidden_act + gs[k] * _load(w_out_ref, (pl.ds(k, 1), slice(None)))
         d_pre = jnp.where(pre > 0.0, d_hidden_act, 0.0)  # (B, H)
         # d_enc = d_pre @ w_hidden^T; d_hidden = enc^T @ d_pre (contracting the rows: no transposed copies).
-        d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())), precision=precision)
+        # Columns: d_enc^T = w_hidden @ d_pre^T, d_hidden = enc^T-block @ d_pre.
+        if columns:
+            d_enc = jax.lax.dot_general(w_hidden, d_pre, (((1,), (1,)), ((), ())), precision=precision)  # (D, B)
+            d_hidden = jnp.dot(enc, d_pre, precision=precision)
+        else:
+            d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())), precision=precision)
+            d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())), precision=precision)  # (D, H)
         _store(d_enc_ref, (slice(None), slice(None)), d_enc)
-        d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())), precision=precision)  # (D, H)
         _store(d_hidden_ref, (0, slice(None), slice(None)), d_hidden)
         for k in range(n_out):
             _store(d_out_ref, (0, k, slice(None)), jnp.sum(hidden * gs[k], axis=0))
 
     def zeros():
-        _store(d_enc_ref, (slice(None), slice(None)), jnp.zeros((B, D), jnp.float32))
+        _store(d_enc_ref, (slice(None), slice(None)), jnp.zeros((D, B) if columns else (B, D), jnp.float32))
         _store(d_hidden_ref, (0, slice(None), slice(None)), jnp.zeros((D, H), jnp.float32))
         for k in range(n_out):
             _store(d_out_ref, (0, k, slice(None)), jnp.zeros((H,), jnp.float32))
@@ -146,20 +159,27 @@ def _backward_kernel(*refs, n_out: int, precision, use_valid: bool):
     _when_else(any_on, work, zeros)
 
 
-def _row_specs(B: int, D: int, valid):
-    """BlockSpecs and operands of the per-row inputs: enc (B, D) blocks and, when given, valid (B,) blocks."""
-    specs = [pl.BlockSpec((B, D), lambda i: (i, 0))]
+def _enc_spec(B: int, D: int, columns: bool):
+    """BlockSpec of enc (N, D) in (B, D) blocks, or of enc^T (D, N) in (D, B) blocks."""
+    return pl.BlockSpec((D, B), lambda i: (0, i)) if columns else pl.BlockSpec((B, D), lambda i: (i, 0))
+
+
+def _row_specs(B: int, D: int, valid, columns: bool):
+    """BlockSpecs and operands of the per-row inputs: enc blocks and, when given, valid (B,) blocks."""
+    specs = [_enc_spec(B, D, columns)]
     return (specs + [pl.BlockSpec((B,), lambda i: (i,))], [valid]) if valid is not None else (specs, [])
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision"))
-def _forward(enc, valid, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool, precision: str):
-    (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
+@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision", "columns"))
+def _forward(enc, valid, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool, precision: str,
+             columns: bool):
+    (D, H), K = w_hidden.shape, w_out_t.shape[0]
+    N = enc.shape[1 if columns else 0]
     B = block_rows
-    row_specs, valid_args = _row_specs(B, D, valid)
+    row_specs, valid_args = _row_specs(B, D, valid, columns)
     return pl.pallas_call(
         functools.partial(_forward_kernel, n_out=K, precision=_dot_precision(precision, interpret),
-                          use_valid=valid is not None),
+                          use_valid=valid is not None, columns=columns),
         out_shape=_out_struct((K, N), enc),
         grid=(N // B,),
         in_specs=row_specs + [pl.BlockSpec((D, H), lambda i: (0, 0)), pl.BlockSpec((K, H), lambda i: (0, 0))],
@@ -170,21 +190,23 @@ def _forward(enc, valid, w_hidden, w_out_t, *, block_rows: int, num_warps: int, 
     )(enc, *valid_args, w_hidden, w_out_t)
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision"))
+@functools.partial(jax.jit, static_argnames=("block_rows", "num_warps", "interpret", "precision", "columns"))
 def _backward(enc, valid, g_t, w_hidden, w_out_t, *, block_rows: int, num_warps: int, interpret: bool,
-              precision: str):
-    (N, D), H, K = enc.shape, w_hidden.shape[1], w_out_t.shape[0]
+              precision: str, columns: bool):
+    (D, H), K = w_hidden.shape, w_out_t.shape[0]
+    N = enc.shape[1 if columns else 0]
     B = block_rows
     n_blocks = N // B
-    row_specs, valid_args = _row_specs(B, D, valid)
+    row_specs, valid_args = _row_specs(B, D, valid, columns)
     d_enc, d_hidden, d_out = pl.pallas_call(
         functools.partial(_backward_kernel, n_out=K, precision=_dot_precision(precision, interpret),
-                          use_valid=valid is not None),
-        out_shape=(_out_struct((N, D), enc), _out_struct((n_blocks, D, H), enc), _out_struct((n_blocks, K, H), enc)),
+                          use_valid=valid is not None, columns=columns),
+        out_shape=(_out_struct(enc.shape, enc), _out_struct((n_blocks, D, H), enc),
+                   _out_struct((n_blocks, K, H), enc)),
         grid=(n_blocks,),
         in_specs=row_specs + [pl.BlockSpec((K, B), lambda i: (0, i)), pl.BlockSpec((D, H), lambda i: (0, 0)),
                               pl.BlockSpec((K, H), lambda i: (0, 0))],
-        out_specs=(pl.BlockSpec((B, D), lambda i: (i, 0)), pl.BlockSpec((1, D, H), lambda i: (i, 0, 0)),
+        out_specs=(_enc_spec(B, D, columns), pl.BlockSpec((1, D, H), lambda i: (i, 0, 0)),
                    pl.BlockSpec((1, K, H), lambda i: (i, 0, 0))),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
@@ -219,50 +241,55 @@ class _Static(NamedTuple):
     num_warps: int
     interpret: bool
     precision: str
+    columns: bool
 
 
 def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, valid: jax.Array | None = None,
                interpret: bool | None = None, block_rows: int = 128, num_warps: int = 4,
-               precision: str = "tf32") -> jax.Array:
+               precision: str = "tf32", columns: bool = False) -> jax.Array:
     """relu(enc @ w_hidden) @ w_out with the hidden layer in registers; (N, K) float32, differentiable.
 
     Same arguments as :func:`mlp_xla` (K <= :data:`MAX_OUTPUTS`); ``valid`` (N,) bool or None: rows where it is
     False give 0 and take no gradient, and blocks with no valid row skip their work (pass it for samples whose
     features are zero, where the net gives 0 anyway); ``block_rows`` a power of two (N is padded with zero rows,
     which add nothing to the weight gradients), ``interpret`` None: interpret mode unless the default backend is
-    GPU, ``precision`` one of :data:`PRECISIONS` (the matmuls' input precision on the GPU).
+    GPU, ``precision`` one of :data:`PRECISIONS` (the matmuls' input precision on the GPU). ``columns``: enc is
+    given transposed, (D, N) (the finite-difference kernel's column layout), and its cotangent comes back so.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if enc.ndim != 2 or w_hidden.ndim != 2 or w_out.ndim != 2 or enc.shape[1] != w_hidden.shape[0] \
+    rows = enc.T if columns and enc.ndim == 2 else enc  # (N, D) view, for the checks only
+    if enc.ndim != 2 or w_hidden.ndim != 2 or w_out.ndim != 2 or rows.shape[1] != w_hidden.shape[0] \
             or w_out.shape[0] != w_hidden.shape[1]:
-        raise ValueError(f"need enc (N, D), w_hidden (D, H), w_out (H, K); got {enc.shape}, {w_hidden.shape}, "
+        layout = "enc^T (D, N)" if columns else "enc (N, D)"
+        raise ValueError(f"need {layout}, w_hidden (D, H), w_out (H, K); got {enc.shape}, {w_hidden.shape}, "
                          f"{w_out.shape}")
-    if valid is not None and valid.shape != enc.shape[:1]:
-        raise ValueError(f"need valid (N,) for enc (N, D); got {valid.shape} for {enc.shape}")
+    if valid is not None and valid.shape != rows.shape[:1]:
+        raise ValueError(f"need valid (N,) for enc of N = {rows.shape[0]} rows; got {valid.shape}")
     if not supported(*w_hidden.shape, w_out.shape[1]):
         raise ValueError(f"D and H must be powers of two >= 16 (Triton dot) and K <= {MAX_OUTPUTS}, got "
                          f"{w_hidden.shape} and K = {w_out.shape[1]}; use mlp_xla")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    n = enc.shape[0]
+    n = rows.shape[0]
     block, n_pad = block_and_padding(n, block_rows)
+    padding = ((0, 0), (0, n_pad - n)) if columns else ((0, n_pad - n), (0, 0))
     # Outputs (and their cotangents) travel as (K, N): each output's rows are contiguous for the kernel.
-    operands = [jnp.pad(enc.astype(jnp.float32), ((0, n_pad - n), (0, 0))), w_hidden.astype(jnp.float32),
+    operands = [jnp.pad(enc.astype(jnp.float32), padding), w_hidden.astype(jnp.float32),
                 w_out.astype(jnp.float32).T]
     if valid is not None:  # padding rows: not valid
         operands.append(jnp.pad(jnp.asarray(valid, bool).astype(jnp.int32), (0, n_pad - n)))
     axes = frozenset().union(*(varying_axes(v) for v in operands))
     enc2, w_hidden2, w_out_t, *valid2 = (cast_varying(v, axes) for v in operands)
-    static = _Static(block, num_warps, bool(interpret), precision)
+    static = _Static(block, num_warps, bool(interpret), precision, bool(columns))
     return _mlp(enc2, valid2[0] if valid2 else None, w_hidden2, w_out_t, static)[:, :n].T
 
 
 def mlp1_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, valid: jax.Array | None = None,
                 interpret: bool | None = None, block_rows: int = 128, num_warps: int = 4,
-                precision: str = "tf32") -> jax.Array:
+                precision: str = "tf32", columns: bool = False) -> jax.Array:
     """:func:`mlp_pallas` of a scalar net: w_out (H, 1) -> (N,)."""
     if w_out.ndim != 2 or w_out.shape[1] != 1:
         raise ValueError(f"need w_out (H, 1) for a scalar net, got {w_out.shape}; use mlp_pallas")
     return mlp_pallas(enc, w_hidden, w_out, valid=valid, interpret=interpret, block_rows=block_rows,
-                      num_warps=num_warps, precision=precision)[:, 0]
+                      num_warps=num_warps, precision=precision, columns=columns)[:, 0]

@@ -62,6 +62,27 @@ def test_valid_rows_match_the_reference_and_empty_blocks_write_zeros(k_out):
         pallas(enc, w_hidden, w_out, valid=valid[:10], interpret=True)
 
 
+@pytest.mark.parametrize("k_out", [1, 3])
+def test_columns_layout_takes_the_transposed_features_and_gives_their_gradient_so(k_out):
+    """``columns=True``: enc given as (D, N) (the finite-difference kernel's column layout) gives the reference's
+    values, weight gradients and the enc gradient transposed, with valid / mixed / empty blocks."""
+    n, block = 300, 32
+    enc, w_hidden, w_out, g = _inputs(n, k_out=k_out, seed=6)
+    valid = (jnp.arange(n) < 70) | (jnp.arange(n) % 97 == 0)
+    pallas, xla = (mk.mlp1_pallas, mk.mlp1_xla) if k_out == 1 else (mk.mlp_pallas, mk.mlp_xla)
+    kernel = lambda e_t, a, b: pallas(e_t, a, b, valid=valid, interpret=True, block_rows=block,  # noqa: E731
+                                      columns=True)
+    ref = lambda e, a, b: xla(e, a, b, valid)  # noqa: E731
+    np.testing.assert_allclose(kernel(enc.T, w_hidden, w_out), ref(enc, w_hidden, w_out), rtol=1e-5, atol=1e-5)
+    grads_k = jax.grad(lambda *a: jnp.sum(g * kernel(*a)), argnums=(0, 1, 2))(enc.T, w_hidden, w_out)
+    grads_r = jax.grad(lambda *a: jnp.sum(g * ref(*a)), argnums=(0, 1, 2))(enc, w_hidden, w_out)
+    assert grads_k[0].shape == enc.T.shape
+    for name, a, b in zip(("enc", "w_hidden", "w_out"), (grads_k[0].T, *grads_k[1:]), grads_r):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    with pytest.raises(ValueError, match=r"need enc\^T \(D, N\)"):
+        pallas(enc, w_hidden, w_out, interpret=True, columns=True)
+
+
 def test_relu_gate_by_hand():
     """A hand-computed case: hidden units below zero pass neither value nor gradient."""
     enc = jnp.asarray(np.eye(16, dtype=np.float32)[:2])  # rows e0, e1
@@ -130,7 +151,8 @@ def test_fields_use_the_kernel_only_where_asked(monkeypatch):
 
 
 def test_neus_sdf_uses_the_kernel_with_the_same_gradients():
-    """The NeuS SDF net (and its finite-difference gradient) through the kernel equals the XLA path."""
+    """The NeuS SDF net (and its finite-difference gradient) through the kernel equals the XLA path; so does the
+    main pass (``alpha_radiance``) with the finite-difference kernel's column layout read by the MLP kernel."""
     from dreamcraft_jax.config import base_config
     from dreamcraft_jax.fields import neus
 
@@ -147,13 +169,30 @@ def test_neus_sdf_uses_the_kernel_with_the_same_gradients():
     np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1])):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    dirs = jnp.tile(jnp.array([[0.0, 0.6, -0.8]]), (x.shape[0], 1))
+    out = []
+    for fused in (False, True):
+        spec = neus.NeusFieldSpec.from_config(cfg, "pallas", "reduced", fused_finite_difference=True,
+                                              fused_mlp=fused, fd_columns=fused)
+        params = neus.init_field(jax.random.PRNGKey(0), spec)
+
+        def loss(p, spec=spec):
+            sigma, albedo, normal, grad = neus.alpha_radiance(p, x, dirs, jnp.full((x.shape[0],), 0.05), 100, spec)
+            return jnp.sum(jnp.log1p(sigma)) + jnp.sum(albedo * normal) + jnp.sum(grad ** 2)
+
+        out.append(jax.jit(jax.value_and_grad(loss))(params))
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * float(np.max(np.abs(b))) + 1e-6)
 
 
-def test_gpu_default_field_path_matches_xla(monkeypatch):
+@pytest.mark.parametrize("fd_columns", [False, True], ids=["rows", "columns"])
+def test_gpu_default_field_path_matches_xla(monkeypatch, fd_columns):
     """The GPU defaults together: finite-difference kernel with the sample's own encoding (CENTER), fused density
     and albedo MLPs, on the renderer's main pass with normals over packed samples (a valid prefix, then blocks
     with none, which the kernels skip): sigma, albedo, normals and every parameter gradient equal the XLA
-    field's, and every MLP kernel call gets the samples' mask."""
+    field's, and every MLP kernel call gets the samples' mask; with ``kernels.fd_columns`` every MLP kernel call
+    reads the finite-difference kernel's column layout as it is."""
     from dreamcraft_jax.config import base_config
     from dreamcraft_jax.fields import nerf
 
@@ -164,13 +203,20 @@ def test_gpu_default_field_path_matches_xla(monkeypatch):
     x = jax.random.uniform(jax.random.PRNGKey(3), (n, 3), minval=-0.6, maxval=0.6)
     valid = jnp.arange(n) < 100
     w = jax.random.normal(jax.random.PRNGKey(4), (n, 7))
-    masks = []
+    masks, layouts = [], []
     original = mk.mlp_pallas
-    monkeypatch.setattr(mk, "mlp_pallas", lambda *a, **k: masks.append(k.get("valid")) or original(*a, **k))
+
+    def spy(*a, **k):
+        masks.append(k.get("valid"))
+        layouts.append(k.get("columns", False))
+        return original(*a, **k)
+
+    monkeypatch.setattr(mk, "mlp_pallas", spy)
     out = []
     for backend, fused in (("xla", False), ("pallas", True)):
         spec = nerf.NerfFieldSpec.from_config(cfg.field, backend, "reduced", fused_density=False,
-                                              fused_finite_difference=fused, fused_mlp=fused)
+                                              fused_finite_difference=fused, fused_mlp=fused,
+                                              fd_columns=fused and fd_columns)
         params = nerf.init_field(jax.random.PRNGKey(0), spec)
         params["encoding"] = 0.5 * jax.random.normal(jax.random.PRNGKey(5), params["encoding"].shape)
 
@@ -180,6 +226,7 @@ def test_gpu_default_field_path_matches_xla(monkeypatch):
 
         out.append(jax.jit(jax.value_and_grad(loss))(params))
     assert len(masks) == 5 and all(m is valid for m in masks)  # density at x and 3 neighbours, albedo
+    assert layouts == [fd_columns] * 5
     (l_x, g_x), (l_k, g_k) = out
     np.testing.assert_allclose(float(l_k), float(l_x), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_x)):

@@ -113,17 +113,21 @@ def test_density_mlp_kernel_lowers():
     assert len(sizes) == 1
 
 
-@pytest.mark.parametrize("k_out", [1, 3], ids=["scalar", "albedo"])
-def test_field_mlp_kernels_lower(k_out):
-    """kernels.mlp: forward and backward (tt.dot with both operand layouts) lower for the GPU, scalar and 3-output."""
+@pytest.mark.parametrize("k_out,columns", [(1, False), (3, False), (1, True), (3, True)],
+                         ids=["scalar", "albedo", "scalar_columns", "albedo_columns"])
+def test_field_mlp_kernels_lower(k_out, columns):
+    """kernels.mlp: forward and backward (tt.dot with both operand layouts) lower for the GPU, scalar and 3-output,
+    features as rows or (``columns``) transposed."""
     from dreamcraft_jax.kernels import mlp as mlpk
 
-    enc = jax.ShapeDtypeStruct((N, SPEC.n_levels * SPEC.n_features_per_level), jnp.float32)
-    w_hidden = jax.ShapeDtypeStruct((SPEC.n_levels * SPEC.n_features_per_level, 64), jnp.float32)
+    d = SPEC.n_levels * SPEC.n_features_per_level
+    enc = jax.ShapeDtypeStruct((d, N) if columns else (N, d), jnp.float32)
+    w_hidden = jax.ShapeDtypeStruct((d, 64), jnp.float32)
     w_out = jax.ShapeDtypeStruct((64, k_out), jnp.float32)
 
     def forward_backward(e, a, b):
-        return jax.value_and_grad(lambda *args: jnp.sum(jnp.sin(mlpk.mlp_pallas(*args, interpret=False))),
+        return jax.value_and_grad(lambda *args: jnp.sum(jnp.sin(mlpk.mlp_pallas(*args, interpret=False,
+                                                                                 columns=columns))),
                                   argnums=(0, 1, 2))(e, a, b)
 
     assert len(_lower_for_gpu(forward_backward, enc, w_hidden, w_out)) == 2

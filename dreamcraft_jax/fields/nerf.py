@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -176,20 +177,32 @@ def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -
                          backward=spec.hashgrid_backward, per_level=spec.encoder_per_level)
 
 
-def field_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec, valid=None) -> jax.Array:
-    """module(enc) (N, out_dim): with ``spec.fused_mlp`` on the Pallas backend, one hidden layer, no bias and widths
-    the kernel takes, :func:`dreamcraft_jax.kernels.mlp.mlp_pallas` (hidden layer in registers, forward and
-    backward one kernel each; ``valid`` (N,): the samples whose features can be nonzero, the kernel's blocks
-    without one skip their work); otherwise XLA's matmuls. Invalid samples have zero features, so both give 0
-    there (no bias)."""
-    if spec.backend == "pallas" and spec.fused_mlp and enc.ndim == 2 and module.n_hidden_layers == 1 \
+class FeatureColumns(NamedTuple):
+    """Encodings in the finite-difference kernel's column layout (``kernels.fd_columns``): ``t`` (L*F, N). The
+    fused MLP kernel reads them as they are (no transpose either way); any other consumer takes :meth:`rows`."""
+
+    t: jax.Array
+
+    def rows(self) -> jax.Array:
+        return self.t.T
+
+
+def field_mlp(module: MLP, net: dict, enc, spec: NerfFieldSpec, valid=None) -> jax.Array:
+    """module(enc) (N, out_dim), enc (N, L*F) or :class:`FeatureColumns`: with ``spec.fused_mlp`` on the Pallas
+    backend, one hidden layer, no bias and widths the kernel takes, :func:`dreamcraft_jax.kernels.mlp.mlp_pallas`
+    (hidden layer in registers, forward and backward one kernel each; ``valid`` (N,): the samples whose features
+    can be nonzero, the kernel's blocks without one skip their work); otherwise XLA's matmuls. Invalid samples have
+    zero features, so both give 0 there (no bias)."""
+    columns = isinstance(enc, FeatureColumns)
+    features = enc.t if columns else enc
+    if spec.backend == "pallas" and spec.fused_mlp and features.ndim == 2 and module.n_hidden_layers == 1 \
             and not module.use_bias and module.precision is None:
         from dreamcraft_jax.kernels import mlp as mlp_kernel
 
-        if mlp_kernel.supported(enc.shape[1], module.width, module.out_dim):
-            return mlp_kernel.mlp_pallas(enc, net["layers_0"]["kernel"], net["layers_1"]["kernel"], valid=valid,
-                                         precision=spec.fused_mlp_precision)
-    return apply_mlp(module, net, enc)
+        if mlp_kernel.supported(features.shape[0 if columns else 1], module.width, module.out_dim):
+            return mlp_kernel.mlp_pallas(features, net["layers_0"]["kernel"], net["layers_1"]["kernel"],
+                                         valid=valid, precision=spec.fused_mlp_precision, columns=columns)
+    return apply_mlp(module, net, enc.rows() if columns else enc)
 
 
 def scalar_mlp(module: MLP, net: dict, enc: jax.Array, spec: NerfFieldSpec, valid=None) -> jax.Array:
@@ -301,15 +314,15 @@ def _fd_kernel_encodings(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, ma
     when ``with_center`` (the kernel reuses the own corners it gathers anyway: no extra table reads or atomics).
     With ``spec.hashgrid_backward == "reduced"`` the coarse levels' shared corners are also pre-reduced over each
     block of samples; otherwise each lane adds its own accumulated corners. With ``spec.fd_columns`` the kernel
-    writes (and its backward reads) the transposed (L*F, N) layout, whose level rows are contiguous, and one XLA
-    transpose per neighbour gives the MLPs their rows (and takes their cotangents back)."""
+    writes (and its backward reads) the transposed (L*F, N) layout, whose level rows are contiguous; the encodings
+    come as :class:`FeatureColumns`, which the fused MLP kernel reads as they are (other consumers transpose)."""
     from dreamcraft_jax.kernels.fd_hashgrid import CENTER, fd_encode_pallas
 
     neighbours = ((CENTER,) if with_center else ()) + fd_neighbours(normal_type)
     pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
     encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, spec.finite_difference_eps, mask, valid,
                                  neighbours=neighbours, pre_reduce_max_scale=pre_reduce, columns=spec.fd_columns)
-    return tuple(e.T for e in encodings) if spec.fd_columns else encodings
+    return tuple(FeatureColumns(e) for e in encodings) if spec.fd_columns else encodings
 
 
 def _fd_gradient_of_encodings(encodings, x: jax.Array, spec: NerfFieldSpec, value_fn, valid, normal_type: str,
