@@ -93,8 +93,8 @@ def test_blocks_without_valid_samples_write_zeros_and_add_nothing():
 def test_columns_layout_is_the_transposed_encoding_with_the_same_gradient(spec):
     """``columns=True``: each encoding (L*F, N) equals the row layout transposed (including the zeros of blocks
     without a valid sample), and the table gradient of transposed cotangents is the row layout's."""
-    x, _, key = _samples(200, seed=5)
-    valid = jnp.arange(x.shape[0]) < 90  # blocks of 64: the last one has no valid sample
+    x, _, key = _samples(130, seed=5)
+    valid = jnp.arange(x.shape[0]) < 50  # blocks of 64: the last two have no valid sample
     n = x.shape[0]
     table = jax.random.normal(key, (spec.total_params, spec.n_features_per_level), jnp.float32)
     mask = jnp.array([1.0, 0.5])
@@ -114,7 +114,7 @@ def test_columns_layout_is_the_transposed_encoding_with_the_same_gradient(spec):
         assert b.shape == (spec.output_dim, n)
         # Same arithmetic; the CPU compiles the two interpret-mode programs apart (an ulp of FMA contraction).
         np.testing.assert_allclose(np.asarray(b), np.asarray(a).T, rtol=1e-6, atol=1e-6)
-        assert np.all(np.asarray(b)[:, 128:] == 0.0)  # the block without a valid sample
+        assert np.all(np.asarray(b)[:, 64:] == 0.0)  # the blocks without a valid sample
     assert float(jnp.max(jnp.abs(rows[0]))) > 0
     np.testing.assert_allclose(np.asarray(dt_cols), np.asarray(dt_rows), rtol=1e-6,
                                atol=1e-7 * float(jnp.max(jnp.abs(dt_rows))))
