@@ -202,17 +202,20 @@ def test_march_and_composite_kernels_lower():
     assert len(_lower_for_gpu(composite, f32, color, f32, f32, ray_idx, valid)) == 2
 
 
-def test_the_fields_gpu_path_needs_no_separate_encoder_kernel(monkeypatch):
+@pytest.mark.parametrize("fd_columns", [False, True], ids=["rows", "columns"])
+def test_the_fields_gpu_path_needs_no_separate_encoder_kernel(monkeypatch, fd_columns):
     """With the GPU defaults (finite-difference kernel, fused MLPs), a pass with normals and the perturbed normals
     (the stage-1 training passes) lower to the finite-difference encode kernels and the MLP kernels only: the
-    samples' own encodings come from the finite-difference call (CENTER), not from the plain encoder."""
+    samples' own encodings come from the finite-difference call (CENTER), not from the plain encoder. With
+    ``kernels.fd_columns`` the MLP kernels take the column layout as it is: no transpose of an encoding (or of
+    its cotangent) in the program."""
     from dreamcraft_jax.config import base_config
     from dreamcraft_jax.fields import nerf
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels pick Triton, not interpret mode
     cfg = base_config()
     spec = nerf.NerfFieldSpec.from_config(cfg.field, "pallas", "reduced", fused_density=True,
-                                          fused_finite_difference=True, fused_mlp=True)
+                                          fused_finite_difference=True, fused_mlp=True, fd_columns=fd_columns)
     params = jax.eval_shape(lambda: nerf.init_field(jax.random.PRNGKey(0), spec))
     x = jax.ShapeDtypeStruct((4096, 3), jnp.float32)
     valid = jax.ShapeDtypeStruct((4096,), jnp.bool_)
@@ -224,3 +227,6 @@ def test_the_fields_gpu_path_needs_no_separate_encoder_kernel(monkeypatch):
     text = lowered_for_gpu(jax.grad(loss), params, x, valid)
     names = set(re.findall(r'ir = ".*?", name = "(\w+)"', text))
     assert names == {"hashgrid_fd_encode_fwd", "hashgrid_fd_encode_bwd", "mlp1_fwd", "mlp1_bwd"}, names
+    transposes = re.findall(r"stablehlo.transpose .*", text)
+    encoding_shapes = ("tensor<32x4096xf32>", "tensor<4096x32xf32>")  # L*F = 32 features of 4096 points
+    assert not any(shape in t for t in transposes for shape in encoding_shapes) or not fd_columns, transposes
