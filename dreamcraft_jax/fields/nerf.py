@@ -327,8 +327,8 @@ def _fd_kernel_encodings(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, ma
 
 def _fd_gradient_of_encodings(encodings, x: jax.Array, spec: NerfFieldSpec, value_fn, valid, normal_type: str,
                               center) -> jax.Array:
-    """(N, 3) finite-difference gradient from the neighbours' encodings and ``value_fn(encoding, points) -> (N,)``
-    (forward differences: ``center`` = the value at x)."""
+    """(N, 3) finite-difference gradient from the neighbours' encodings (rows or :class:`FeatureColumns`, passed
+    on to ``value_fn(encoding, points) -> (N,)`` as they are; forward differences: ``center`` = the value at x)."""
     eps = spec.finite_difference_eps
     points = _fd_points(x, eps, fd_neighbours(normal_type), spec.radius)
     values = jnp.stack([value_fn(enc, points[:, j]) for j, enc in enumerate(encodings)], axis=1)
@@ -350,8 +350,8 @@ def fused_finite_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfF
 
 def encoding_and_fd_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
                              valid=None, normal_type: str = "finite_difference"):
-    """(x's own encoding (N, L*F), its value ``value_fn(enc, x)`` (N,), the finite-difference gradient (N, 3)) with
-    every encoding from one kernel call: a main pass that needs features and normals (the renderer's, or NeuS's
+    """(x's own encoding (N, L*F), or :class:`FeatureColumns` with ``spec.fd_columns``, its value
+    ``value_fn(enc, x)`` (N,), the finite-difference gradient (N, 3)) with every encoding from one kernel call: a main pass that needs features and normals (the renderer's, or NeuS's
     every pass) encodes x without the separate encoder (its table reads and backward atomics)."""
     enc, *encodings = _fd_kernel_encodings(table, x, spec, mask, valid, normal_type, with_center=True)
     value = value_fn(enc, x)
