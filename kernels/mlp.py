@@ -19,7 +19,8 @@ samples' mask) a block of rows with no valid sample skips its loads and matmuls 
 the packed sample slots, as the per-ray budgets are twice the use.
 
 Contract: ``mlp_pallas(enc, w_hidden, w_out) -> (N, K)`` equals :func:`mlp_xla` (the reference), differentiable
-w.r.t. all three; ``mlp1_pallas`` is its scalar form (N,). The matmuls take TF32 on the GPU by default (XLA's
+w.r.t. all three; ``mlp1_pallas`` is its scalar form (N,). ``columns=True`` takes enc transposed, (D, N) (the
+finite-difference kernel's column layout, ``kernels.fd_columns``), in (D, B) blocks, and returns its cotangent so. The matmuls take TF32 on the GPU by default (XLA's
 default for the reference there), or three-pass TF32 / float32 FMAs (``precision``); full float32 in interpret
 mode. D and H must be powers of two >= 16 (Triton's ``dot``); the
 fields fall back to the reference otherwise (:func:`supported`). Triton specifics come from
