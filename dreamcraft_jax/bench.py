@@ -1006,6 +1006,16 @@ def _clustered_points(key, n: int, points_per_ray: int = 64) -> jax.Array:
     return jnp.clip(start + direction * t * (0.6 / points_per_ray), 0.0, 1.0).reshape(-1, 3)[:n]
 
 
+def _record_variant(results: dict, key: str, r: dict, out: str, benchmark: str) -> None:
+    """Store one variant's result, print its line (timings in ms, other numbers, or its error) and, with an
+    ``out`` path, write the results so far (a run cut off by its time limit keeps them)."""
+    results[key] = r
+    print(f"{key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms" if isinstance(v, dict) else f"{k} {v:.3g}"
+                                 for k, v in r.items() if k != "error") + r.get("error", ""), flush=True)
+    if out:
+        _write_partial(out, benchmark, results)
+
+
 def bench_hashgrid(args) -> dict:
     """Hash-grid encoding forward and forward+backward of N points (official grid L16 F2 T2^19): XLA against the
     Pallas kernel with each backward (XLA's scatter-add, atomics, atomics with the coarse levels pre-reduced per
@@ -1060,11 +1070,7 @@ def bench_hashgrid(args) -> dict:
                                            / r["forward_backward"]["median_ms"])
             except Exception as e:  # record and go on with the other variants
                 r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-            results[key] = r
-            print(f"{key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms" if isinstance(v, dict) else f"{k} {v:.3g}"
-                                         for k, v in r.items() if k != "error") + r.get("error", ""), flush=True)
-            if args.out:
-                _write_partial(args.out, "hashgrid", results)
+            _record_variant(results, key, r, args.out, "hashgrid")
     return {"benchmark": "hashgrid", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "points": n, "grid": {k: getattr(spec, k) for k in ("n_levels", "n_features_per_level", "log2_hashmap_size",
                                                              "base_resolution", "per_level_scale")},
@@ -1143,18 +1149,15 @@ def bench_fd(args) -> dict:
             if reference is None:
                 reference = (y, grad, r)
             else:
-                r["max_abs_feature_diff_vs_first"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(y, reference[0]))
+                r["max_abs_feature_diff_vs_first"] = max(float(jnp.max(jnp.abs(a - b)))
+                                                         for a, b in zip(y, reference[0]))
                 if grad is not None:
                     r["table_grad_rel_diff_vs_first"] = (float(jnp.max(jnp.abs(grad - reference[1])))
                                                          / max(float(jnp.max(jnp.abs(reference[1]))), 1e-30))
                 r[f"{timed}_speedup_vs_first"] = reference[2][timed]["median_ms"] / r[timed]["median_ms"]
         except Exception as e:  # record and go on with the other variants
             r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-        results[key] = r
-        print(f"{key}: " + ", ".join(f"{k} {v['median_ms']:.3f} ms" if isinstance(v, dict) else f"{k} {v:.3g}"
-                                     for k, v in r.items() if k != "error") + r.get("error", ""), flush=True)
-        if args.out:
-            _write_partial(args.out, "fd", results)
+        _record_variant(results, key, r, args.out, "fd")
     return {"benchmark": "fd", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "slots": int(x.shape[0]), "valid_samples": n_valid, "levels_on": args.levels,
             "neighbours": [list(n) for n in neighbours], "results": results}

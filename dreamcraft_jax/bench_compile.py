@@ -145,7 +145,8 @@ def _report(results: dict, args, commands: dict) -> dict:
     return {"benchmark": "compile", "device": seen.get("device", "?"), "jax": seen.get("jax", jax.__version__),
             "config": args.config, "overrides": list(args.set), "tiny": args.tiny, "cases": list(args.cases),
             "base_xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results,
-            "commands": {name: shlex.join(cmd) for name, cmd in commands.items() if name in results}}
+            # "python", not this interpreter's path: the command to rerun, and no machine's paths in the JSON.
+            "commands": {name: shlex.join(["python", *cmd[1:]]) for name, cmd in commands.items() if name in results}}
 
 
 def _write(path: str, results: dict, args, commands: dict) -> None:

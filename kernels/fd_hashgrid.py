@@ -30,9 +30,10 @@ from the own corners already gathered (no extra table reads) and its gradient jo
 extra atomics), so the renderer's main pass needs no separate encoder call.
 
 Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid, neighbours=CENTRAL) -> tuple of
-len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla` (``columns=True``: each transposed, (L*F, N), so that a
-level's program writes and reads B contiguous values per feature; 4.4x faster forward on an H200); differentiable w.r.t. the table only (the positions
-and the level mask get zero cotangents, as the fields never differentiate them through this path). Triton
+len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla` (``columns=True``: each transposed, (L*F, N), so that
+a level's program writes and reads B contiguous values per feature; 4.4x faster forward on an H200);
+differentiable w.r.t. the table only (the positions and the level mask get zero cotangents, as the fields never
+differentiate them through this path). Triton
 specifics come from :mod:`kernels.hashgrid`'s helpers.
 """
 
@@ -161,6 +162,21 @@ def _split_refs(refs, use_valid: bool, use_mask: bool):
     return x_ref, valid_ref, mask_ref, level_refs, refs
 
 
+def _encoding_block(L: int, F: int, B: int, columns: bool) -> pl.BlockSpec:
+    """Grid (point blocks, levels): a point block's (B, L*F) rows of an encoding, or (``columns``) its (L*F, B)
+    columns of the transposed one; every level's program of the block reads / writes its own part."""
+    if columns:
+        return pl.BlockSpec((L * F, B), lambda i, l: (0, i))
+    return pl.BlockSpec((B, L * F), lambda i, l: (i, 0))
+
+
+def _level_chunk(l, F: int, c: int, fw: int, columns: bool):
+    """Index of level ``l``'s feature chunk ``c`` (width fw) in a block of :func:`_encoding_block`; its values are
+    (B, fw), stored / loaded transposed in the column layout."""
+    chunk = pl.ds(l * F + c * fw, fw)
+    return (chunk, slice(None)) if columns else (slice(None), chunk)
+
+
 def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
                     use_valid: bool, neighbours, columns: bool):
     """Grid (point blocks, levels). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants (L,) each,
@@ -178,10 +194,7 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
     level, mask_l, on, any_on = _level_setup(valid_ref, mask_ref, level_refs, l, B)
 
     def store(out_ref, c, value):  # value (B, fw): this level's feature chunk c
-        if columns:
-            _store(out_ref, (pl.ds(l * F + c * fw, fw), slice(None)), value.T)
-        else:
-            _store(out_ref, (slice(None), pl.ds(l * F + c * fw, fw)), value)
+        _store(out_ref, _level_chunk(l, F, c, fw, columns), value.T if columns else value)
 
     @pl.when(any_on)
     def _encode():
@@ -242,10 +255,8 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
         for j, (axis, sign) in enumerate(neighbours):
             w, terms, same, step = shared[j]
             for c in range(n_chunks):
-                if columns:
-                    g = _load(g_refs[j], (pl.ds(l * F + c * fw, fw), slice(None))).T
-                else:
-                    g = _load(g_refs[j], (slice(None), pl.ds(l * F + c * fw, fw)))
+                g = _load(g_refs[j], _level_chunk(l, F, c, fw, columns))
+                g = g.T if columns else g
                 if use_mask:
                     g = g * mask_l
                 for k, bits in enumerate(_CORNERS):
@@ -300,16 +311,13 @@ def _forward(table, x, mask, valid, static):
     args.append(table)
     kernel = functools.partial(_forward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
                                use_valid=valid is not None, neighbours=neighbours, columns=columns)
-    # Every level's program of a point block writes its own columns of the block's rows (or, transposed, its
-    # own rows of the block's columns).
-    shape, block, index = ((L * F, N), (L * F, B), lambda i, l: (0, i)) if columns else \
-        ((N, L * F), (B, L * F), lambda i, l: (i, 0))
+    shape = (L * F, N) if columns else (N, L * F)
     return tuple(pl.pallas_call(
         kernel,
         out_shape=tuple(_out_struct(shape, x) for _ in neighbours),
         grid=(N // B, L),
         in_specs=in_specs,
-        out_specs=tuple(pl.BlockSpec(block, index) for _ in neighbours),
+        out_specs=tuple(_encoding_block(L, F, B, columns) for _ in neighbours),
         compiler_params=_compiler_params(num_warps, 1),
         interpret=interpret,
         name="hashgrid_fd_encode_fwd",
@@ -328,14 +336,13 @@ def _fd_core_bwd(static, res, gs):
     R = spec.total_params
     dtable = cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x))
     gs = [g.astype(jnp.float32) for g in gs]
-    g_block, g_index = ((L * F, B), lambda i, l: (0, i)) if columns else ((B, L * F), lambda i, l: (i, 0))
     # Scales grow with the level: the pre-reduced (coarse) levels are a prefix, one call each part.
     n_coarse = sum(1 for scale in spec.scales if scale <= pre_reduce_max_scale) if B >= 2 * _N_LEADERS else 0
     for start, stop, leaders in ((0, n_coarse, _N_LEADERS), (n_coarse, L, 0)):
         if stop <= start:
             continue
         in_specs, args = _inputs(x, valid, mask, spec, B)
-        in_specs += [pl.BlockSpec(g_block, g_index) for _ in neighbours] + [_full_hbm_spec()]
+        in_specs += [_encoding_block(L, F, B, columns) for _ in neighbours] + [_full_hbm_spec()]
         args += gs + [dtable]
         kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps,
                                    use_mask=mask is not None, use_valid=valid is not None, interpret=interpret,

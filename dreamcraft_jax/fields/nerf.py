@@ -68,7 +68,6 @@ class NerfFieldSpec:
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
         the rest: the ``kernels.*`` keys of the same names."""
         return cls(
-            fd_columns=bool(fd_columns),
             backend=backend,
             hashgrid_backward=hashgrid_backward,
             fused_density=bool(fused_density),
@@ -76,6 +75,7 @@ class NerfFieldSpec:
             fused_mlp=bool(fused_mlp),
             fused_mlp_precision=str(fused_mlp_precision),
             encoder_per_level=bool(encoder_per_level),
+            fd_columns=bool(fd_columns),
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -351,8 +351,9 @@ def fused_finite_difference_gradient(table: jax.Array, x: jax.Array, spec: NerfF
 def encoding_and_fd_gradient(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, value_fn, mask=None,
                              valid=None, normal_type: str = "finite_difference"):
     """(x's own encoding (N, L*F), or :class:`FeatureColumns` with ``spec.fd_columns``, its value
-    ``value_fn(enc, x)`` (N,), the finite-difference gradient (N, 3)) with every encoding from one kernel call: a main pass that needs features and normals (the renderer's, or NeuS's
-    every pass) encodes x without the separate encoder (its table reads and backward atomics)."""
+    ``value_fn(enc, x)`` (N,), the finite-difference gradient (N, 3)) with every encoding from one kernel call: a
+    main pass that needs features and normals (the renderer's, or NeuS's every pass) encodes x without the
+    separate encoder (its table reads and backward atomics)."""
     enc, *encodings = _fd_kernel_encodings(table, x, spec, mask, valid, normal_type, with_center=True)
     value = value_fn(enc, x)
     return enc, value, _fd_gradient_of_encodings(encodings, x, spec, value_fn, valid, normal_type, value)
