@@ -228,11 +228,11 @@ def base_config() -> ml_collections.ConfigDict:
     # render the tf32 kernel's table gradient is at least as close as XLA's on every level (kernels/README.md).
     c.kernels.fused_mlp_precision = "tf32"
     # The finite-difference kernel's encodings in the transposed (L*F, N) layout: a level's program writes (and its
-    # backward reads) B contiguous values per feature instead of 2 every 128 bytes. The forward kernel alone on
-    # 384 px samples, H200: 2.3 ms against 10.3 (bench fd --layouts rows columns); the fused MLP kernels read the
-    # layout as it is (mlp_pallas(columns=True)), other consumers transpose. Off until timed in a render / stage
-    # step (bench render variant "pallas-fd-mlp-columns rgb+normals", or --set kernels.fd_columns=true).
-    c.kernels.fd_columns = False
+    # backward reads) B contiguous values per feature instead of 2 every 128 bytes. The fused MLP kernels read the
+    # layout as it is (mlp_pallas(columns=True)); other consumers transpose. H200: 384 px rgb + normals render
+    # fwd + bwd 36.0 ms against 52.6 with rows (benchmarks/render384_fd_columns_h200.json); stage pairs NeRF 384
+    # 55.5 against 71.4 ms, NeuS 256 26.4 against 29.8 (benchmarks/stage_*_fd_columns.json).
+    c.kernels.fd_columns = True
     # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
     # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward
     # are the largest programs of a step: lowering and kernel compile time). Off until timed on a GPU.

@@ -263,12 +263,13 @@ def test_finite_differences_of_a_quadratic_field_in_closed_form(normal_type):
 
 
 def test_fd_columns_config_reaches_both_stage_field_specs():
-    """kernels.fd_columns (off by default) is the NeRF and the NeuS field specs' fd_columns."""
+    """kernels.fd_columns (on by default) is the NeRF and the NeuS field specs' fd_columns."""
     from conftest import tiny_config
 
     from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
     from dreamcraft_jax.stages.coarse_neus import CoarseNeus
 
-    assert not CoarseNerf.field_spec(tiny_config(), "pallas").fd_columns
-    cfg = tiny_config(**{"kernels.fd_columns": True})
-    assert CoarseNerf.field_spec(cfg, "pallas").fd_columns and CoarseNeus.field_spec(cfg, "pallas").base.fd_columns
+    assert CoarseNerf.field_spec(tiny_config(), "pallas").fd_columns
+    cfg = tiny_config(**{"kernels.fd_columns": False})
+    assert not CoarseNerf.field_spec(cfg, "pallas").fd_columns
+    assert not CoarseNeus.field_spec(cfg, "pallas").base.fd_columns
