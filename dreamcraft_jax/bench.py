@@ -1126,24 +1126,26 @@ def bench_fd(args) -> dict:
                                                               args.pre_reduce):
         key = f"{layout} block{block} warps{warps} prereduce{pre_reduce:g}"
         columns = layout == "columns"
-        encode = functools.partial(fd_encode_pallas, spec=spec, radius=2.0, eps=0.01, level_mask=mask,
-                                   valid=valid, neighbours=neighbours, block_points=block, num_warps=warps,
-                                   pre_reduce_max_scale=pre_reduce, columns=columns)
+        # The samples' arrays go in as arguments: closed over, each variant's program would embed them as constants.
+        encode = functools.partial(fd_encode_pallas, spec=spec, radius=2.0, eps=0.01, neighbours=neighbours,
+                                   block_points=block, num_warps=warps, pre_reduce_max_scale=pre_reduce,
+                                   columns=columns)
         layout_cots = tuple(g.T for g in cots) if columns else cots
+        inputs = (table, x, mask, valid)
         try:
-            fwd = jax.jit(lambda t, x, encode=encode: encode(t, x))
+            fwd = jax.jit(lambda t, x, mask, valid, encode=encode: encode(t, x, level_mask=mask, valid=valid))
 
-            def fwd_bwd(t, x, encode=encode, layout_cots=layout_cots):
-                y, vjp = jax.vjp(lambda t: encode(t, x), t)
-                return y, vjp(layout_cots)[0]
+            def fwd_bwd(t, x, mask, valid, cots, encode=encode):
+                y, vjp = jax.vjp(lambda t: encode(t, x, level_mask=mask, valid=valid), t)
+                return y, vjp(cots)[0]
 
-            r = {"forward": _time(fwd, table, x, repeats=args.repeats)}
+            r = {"forward": _time(fwd, *inputs, repeats=args.repeats)}
             if args.forward_only:
-                y, grad = fwd(table, x), None
+                y, grad = fwd(*inputs), None
             else:
                 fwd_bwd = jax.jit(fwd_bwd)
-                y, grad = fwd_bwd(table, x)
-                r["forward_backward"] = _time(fwd_bwd, table, x, repeats=args.repeats)
+                y, grad = fwd_bwd(*inputs, layout_cots)
+                r["forward_backward"] = _time(fwd_bwd, *inputs, layout_cots, repeats=args.repeats)
             y = tuple(e.T for e in y) if columns else y  # compared in the row layout
             timed = "forward" if args.forward_only else "forward_backward"
             if reference is None:
