@@ -231,7 +231,7 @@ def base_config() -> ml_collections.ConfigDict:
     # backward reads) B contiguous values per feature instead of 2 every 128 bytes. The fused MLP kernels read the
     # layout as it is (mlp_pallas(columns=True)); other consumers transpose. H200: 384 px rgb + normals render
     # fwd + bwd 36.0 ms against 52.6 with rows (benchmarks/render384_fd_columns_h200.json); stage pairs NeRF 384
-    # 55.5 against 71.4 ms, NeuS 256 26.4 against 29.8 (benchmarks/stage_*_fd_columns.json).
+    # 55.5 against 71.4 ms, NeuS 256 26.4-27.1 against 29.8 (benchmarks/stage_*_fd_columns.json).
     c.kernels.fd_columns = True
     # Pallas backend with an atomic hash-grid backward: the encoder with one level per program
     # (kernels/hashgrid_levels.py), a 16x smaller Triton program than the unrolled one (its forward and backward
