@@ -51,7 +51,7 @@ from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
     _CORNERS, _LEVEL_FIELDS, _N_LEADERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
     _index_arrays, _level_arrays, _level_geometry, _load, _loaded_level, _out_struct, _pre_reduced_scatter,
-    _scatter_add, _store, block_and_padding, cast_varying, varying_axes,
+    _scatter_add, _store, _when_else, block_and_padding, cast_varying, varying_axes,
 )
 
 __all__ = ["fd_encode_pallas", "fd_encode_xla", "CENTER", "CENTRAL", "FORWARD"]
@@ -196,7 +196,6 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
     def store(out_ref, c, value):  # value (B, fw): this level's feature chunk c
         _store(out_ref, _level_chunk(l, F, c, fw, columns), value.T if columns else value)
 
-    @pl.when(any_on)
     def _encode():
         xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
         own_terms, shared = _geometry(xs, level, radius, eps, neighbours)
@@ -224,11 +223,12 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
                     acc = acc * mask_l
                 store(out_refs[j], c, acc)
 
-    @pl.when(jnp.logical_not(any_on))
     def _zeros():  # no lane on: zero features, as the lanes' masks would give
         for j in range(len(neighbours)):
             for c in range(n_chunks):
                 store(out_refs[j], c, jnp.zeros((B, fw), jnp.float32))
+
+    _when_else(any_on, _encode, _zeros)
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
