@@ -172,6 +172,27 @@ def test_groupnorm_kernels_lower_inside_shard_map():
     assert len(_lower_for_gpu(sharded, x, vec, vec)) == 2
 
 
+@pytest.mark.parametrize("shape", [(8, 16, 16, 1280), (4, 512, 512, 128)], ids=["unet16", "vae512"])
+def test_channel_sums_kernels_lower(shape):
+    """kernels.channel_sums: the GroupNorm forward moments and backward dz sums (split rows, masked tiles) lower
+    for the GPU at a UNet 16 px and the VAE encoder's 512 px shape, bf16 activations, also inside shard_map."""
+    from jax.sharding import PartitionSpec as P
+
+    from dreamcraft_jax.kernels import channel_sums as cs
+
+    x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    per_channel = jax.ShapeDtypeStruct((shape[0], 1, 1, shape[-1]), jnp.float32)
+    vec = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
+
+    def both(x, dy, mean_c, rstd_c, scale, bias):
+        return (cs.shifted_channel_sums(x, interpret=False),
+                cs.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, True, interpret=False))
+
+    assert len(_lower_for_gpu(both, x, x, per_channel, per_channel, vec, vec)) == 2
+    sharded = jax.shard_map(both, in_specs=(P("lowering"),) * 4 + (P(), P()), out_specs=P("lowering"))
+    assert len(_lower_for_gpu(sharded, x, x, per_channel, per_channel, vec, vec)) == 2
+
+
 def test_march_and_composite_kernels_lower():
     spec = RenderSpec(grid_resolution=32)
     n_rays, budget = 1024, 1024 * 16

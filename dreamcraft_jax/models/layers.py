@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamcraft_jax.kernels import channel_sums as channel_sums_kernel
 from dreamcraft_jax.kernels import groupnorm as groupnorm_kernel
 from dreamcraft_jax.kernels.hashgrid import cast_varying, varying_axes
 
@@ -67,21 +68,56 @@ def conv(features: int, name: str | None, dtype: Dtype, kernel_size: int = 3, st
 def _group_statistics(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
     """Per-(batch, group) mean and 1/sqrt(var + eps) of x (B, ..., C), float32, each (B, G).
 
-    One read of x: per-channel sums of d = x - x[first pixel] and d^2 (one multi-output reduction), then per-group
-    moments by the parallel-variance rule var_g = mean_c(var_c + (mean_c - mean_g)^2). The shift keeps the
-    one-pass E[d^2] - E[d]^2 accurate when a channel's mean dwarfs its spread.
+    One read of x: per-channel sums of d = x - x[first pixel] and d^2 (:func:`_shifted_channel_sums`), then
+    per-group moments by the parallel-variance rule var_g = mean_c(var_c + (mean_c - mean_g)^2). The shift keeps
+    the one-pass E[d^2] - E[d]^2 accurate when a channel's mean dwarfs its spread.
     """
     b, c = x.shape[0], x.shape[-1]
-    xs = x.reshape(b, -1, c).astype(jnp.float32)
-    n = xs.shape[1]
-    shift = xs[:, 0, :]
-    d = xs - shift[:, None, :]
-    mean_d = jnp.sum(d, axis=1) / n
-    var_c = jnp.maximum(jnp.sum(d * d, axis=1) / n - mean_d * mean_d, 0.0)
+    n = int(np.prod(x.shape[1:-1]))
+    shift, sum_d, sum_d2 = _shifted_channel_sums(x)
+    mean_d = sum_d / n
+    var_c = jnp.maximum(sum_d2 / n - mean_d * mean_d, 0.0)
     mean_c = (mean_d + shift).reshape(b, num_groups, c // num_groups)
     mean_g = jnp.mean(mean_c, axis=-1)
     var_g = jnp.mean(var_c.reshape(mean_c.shape) + (mean_c - mean_g[..., None]) ** 2, axis=-1)
     return mean_g, jax.lax.rsqrt(var_g + eps)
+
+
+def _shifted_channel_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, ..., C) -> (shift, sum_d, sum_d2), each (B, C) float32: shift = x[:, first pixel], sums over the
+    spatial axes of d = x - shift and d^2 (one multi-output reduction)."""
+    if _sums_take_kernel(x):
+        return channel_sums_kernel.shifted_channel_sums(x)
+    b, c = x.shape[0], x.shape[-1]
+    xs = x.reshape(b, -1, c).astype(jnp.float32)
+    shift = xs[:, 0, :]
+    d = xs - shift[:, None, :]
+    return shift, jnp.sum(d, axis=1), jnp.sum(d * d, axis=1)
+
+
+def _backward_channel_sums(x: jax.Array, dy: jax.Array, mean_c: jax.Array, rstd_c: jax.Array, scale: jax.Array,
+                           bias: jax.Array, silu: bool) -> tuple[jax.Array, jax.Array]:
+    """(sum_dz, sum_dz_xhat), each (B, C) float32: sums over the spatial axes of dz and dz * xhat, where
+    xhat = (x - mean_c) * rstd_c, z = xhat * scale + bias and dz = dy * act'(z).
+
+    x, dy (B, ..., C); mean_c, rstd_c (B, 1, ..., 1, C) float32; scale, bias (C,).
+    """
+    if _sums_take_kernel(x):
+        return channel_sums_kernel.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu)
+    xhat, dz = _backward_dz(x, dy, mean_c, rstd_c, scale, bias, silu)
+    reduce_axes = tuple(range(1, x.ndim - 1))
+    return jnp.sum(dz, axis=reduce_axes), jnp.sum(dz * xhat, axis=reduce_axes)
+
+
+def _backward_dz(x, dy, mean_c, rstd_c, scale, bias, silu):
+    """(xhat, dz) in float32, as in :func:`_backward_channel_sums`."""
+    xhat = (x.astype(jnp.float32) - mean_c) * rstd_c
+    dz = dy.astype(jnp.float32)
+    if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
+        z = xhat * scale + bias
+        sig = jax.nn.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    return xhat, dz
 
 
 def _per_channel(v: jax.Array, x: jax.Array, group_size: int) -> jax.Array:
@@ -100,6 +136,24 @@ def set_groupnorm_kernel(enabled: bool) -> None:
     on GPU backends; takes effect for steps traced afterwards."""
     global _GROUPNORM_KERNEL
     _GROUPNORM_KERNEL = bool(enabled)
+
+
+# GroupNorms whose rows (spatial positions) per batch element are at most this many take the split-row Pallas
+# kernels for their per-channel sums on a GPU (kernels.groupnorm_sums_max_rows; 0: none). Read when traced.
+_GROUPNORM_SUMS_MAX_ROWS = 0
+
+
+def set_groupnorm_sums_kernel(max_rows: int) -> None:
+    """Route the per-channel sums (forward moments, backward dz sums) of GroupNorms with at most ``max_rows``
+    spatial positions per batch element through :mod:`dreamcraft_jax.kernels.channel_sums` on GPU backends
+    (0: none); takes effect for steps traced afterwards."""
+    global _GROUPNORM_SUMS_MAX_ROWS
+    _GROUPNORM_SUMS_MAX_ROWS = int(max_rows)
+
+
+def _sums_take_kernel(x: jax.Array) -> bool:
+    return (_GROUPNORM_SUMS_MAX_ROWS > 0 and _on_gpu() and x.ndim >= 3
+            and int(np.prod(x.shape[1:-1])) <= _GROUPNORM_SUMS_MAX_ROWS)
 
 
 def _on_gpu() -> bool:
@@ -148,19 +202,12 @@ def _group_norm_act_bwd(num_groups, eps, silu, residuals, dy):
     x, scale, bias, mean, rstd = residuals
     c = x.shape[-1]
     group_size = c // num_groups
-    reduce_axes = tuple(range(1, x.ndim - 1))
     rstd_c, mean_c = _per_channel(rstd, x, group_size), _per_channel(mean, x, group_size)
-    xhat = (x.astype(jnp.float32) - mean_c) * rstd_c
-    dz = dy.astype(jnp.float32)
-    if silu:  # d silu(z) / dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-        z = xhat * scale + bias
-        sig = jax.nn.sigmoid(z)
-        dz = dz * sig * (1.0 + z * (1.0 - sig))
-    sum_dz = jnp.sum(dz, axis=reduce_axes)  # (B, C)
-    sum_dz_xhat = jnp.sum(dz * xhat, axis=reduce_axes)
-    count = group_size * np.prod([x.shape[a] for a in reduce_axes])
+    sum_dz, sum_dz_xhat = _backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu)  # (B, C) each
+    count = group_size * int(np.prod(x.shape[1:-1]))
     mean_dxhat = jnp.sum((sum_dz * scale).reshape(-1, num_groups, group_size), axis=-1) / count  # (B, G)
     mean_dxhat_xhat = jnp.sum((sum_dz_xhat * scale).reshape(-1, num_groups, group_size), axis=-1) / count
+    xhat, dz = _backward_dz(x, dy, mean_c, rstd_c, scale, bias, silu)
     dx = rstd_c * (dz * scale - _per_channel(mean_dxhat, x, group_size)
                    - xhat * _per_channel(mean_dxhat_xhat, x, group_size))
     return dx.astype(x.dtype), jnp.sum(sum_dz_xhat, axis=0).astype(scale.dtype), \
