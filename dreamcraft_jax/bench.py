@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamcraft_jax import bench_compile, parallel
+from dreamcraft_jax import config as config_lib
 from dreamcraft_jax import cameras as cam
 from dreamcraft_jax.fields import hashgrid, nerf
 from dreamcraft_jax.fields.mlp import apply_mlp
@@ -113,7 +114,7 @@ def _load_config(path: str, overrides=()):
     validate(cfg)
     from dreamcraft_jax.models import layers
 
-    layers.set_groupnorm_kernel(cfg.kernels.fused_groupnorm)  # as runner.train: before any prior is traced
+    layers.configure_groupnorm_kernels(cfg.kernels)  # before any prior is traced
     return cfg
 
 
@@ -532,14 +533,19 @@ def bench_sds(args) -> dict:
     dtype = jnp.bfloat16 if gpu else jnp.float32
     impls = ["cudnn", None] if (gpu and args.compare_attention) else ["cudnn" if gpu else None]
     groupnorm_choices = [False, True] if args.compare_groupnorm else [args.groupnorm_kernel]
+    sums_choices = args.groupnorm_sums_max_rows
     results = {}
-    for kind, views, impl, gn_kernel in itertools.product(args.kinds, args.views, impls, groupnorm_choices):
+    for kind, views, impl, gn_kernel, sums_rows in itertools.product(args.kinds, args.views, impls,
+                                                                     groupnorm_choices, sums_choices):
         if impl is None and gpu and views != args.views[0]:
             continue  # the XLA-attention comparison at one batch size is enough
         name = f"{kind}_views{views}" + ("" if impl == impls[0] else "_xla_attention")
         if args.compare_groupnorm and gn_kernel:
             name += "_groupnorm_kernel"
+        if sums_rows != sums_choices[0]:
+            name += f"_groupnorm_sums{sums_rows}"
         layers.set_groupnorm_kernel(gn_kernel)  # read when the step is traced (lower, below)
+        layers.set_groupnorm_sums_kernel(sums_rows)
         try:
             t0 = time.perf_counter()
             grad_fn, fn_args = _sds_case(kind, views, args.tiny, impl, dtype,
@@ -559,6 +565,7 @@ def bench_sds(args) -> dict:
             continue
         flops = None if args.tiny else SDS_TFLOP_PER_VIEW[kind] * 1e12 * views
         results[name] = {"views": views, "attention": impl or "xla", "groupnorm_kernel": gn_kernel,
+                         "groupnorm_sums_max_rows": sums_rows,
                          "compile_s": t_compile, **timing,
                          "views_per_s": views / (timing["median_ms"] * 1e-3), "flops_model": flops,
                          "xla_cost_analysis_flops": _flops(compiled),
@@ -568,6 +575,7 @@ def bench_sds(args) -> dict:
         print(f"{name:<28} {timing['median_ms']:9.2f} ms  {results[name]['views_per_s']:7.1f} views/s",
               flush=True)
     layers.set_groupnorm_kernel(False)
+    layers.set_groupnorm_sums_kernel(0)
     peak = matmul_peak_tflops(args.repeats) if gpu else None
     for r in results.values():
         if peak and r.get("tflops_per_s"):
@@ -1440,6 +1448,10 @@ def main(argv=None) -> int:
                         "--compare_groupnorm both ways")
     q.add_argument("--compare_groupnorm", action="store_true",
                    help="time each case with and without the GroupNorm kernel (an A/B in one process)")
+    q.add_argument("--groupnorm_sums_max_rows", nargs="+", type=int,
+                   default=[config_lib.base_config().kernels.groupnorm_sums_max_rows],
+                   help="kernels.groupnorm_sums_max_rows (0: XLA's sums); several values: each case with each, "
+                        "named after the first (an A/B in one process)")
     q.add_argument("--param_dtype", default="bf16", choices=["fp32", "bf16"],
                    help="storage dtype of the frozen prior weights")
     q.add_argument("--repeats", type=int, default=10)

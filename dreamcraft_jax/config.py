@@ -242,6 +242,12 @@ def base_config() -> ml_collections.ConfigDict:
     # of ~5-9 launch-bound fusions. Off: slower than XLA in every SDS case on an H200 (SD 1 view 16.9 -> 20.4 ms;
     # too few programs, one per batch element and group), though its SDS steps compile in half the time.
     c.kernels.fused_groupnorm = False
+    # The per-channel sums of every GroupNorm with at most this many positions per batch element (forward
+    # moments, backward dz sums) as split-row Pallas kernels (kernels/channel_sums.py); 0: XLA's column
+    # reductions, whose B x C-way parallelism leaves most of a large GPU idle. The elementwise passes stay XLA
+    # fusions. H200, SD SDS 4 views 43.3 -> 39.9 ms pipelined, 1 view 14.4 -> 13.4 (the kernels on every level,
+    # 512 px included, beat them on the <= 128 px ones only: benchmarks/explore_sums_views4_h200.json).
+    c.kernels.groupnorm_sums_max_rows = 1 << 20
 
     # Stage 1b (dreamcraft3d-coarse-neus): what differs from the values above.
     c.overrides = ml_collections.ConfigDict()
@@ -439,6 +445,7 @@ def _validate_one(cfg) -> None:
     _check_choice(cfg, "kernels.backend", KERNEL_BACKENDS)
     _check_choice(cfg, "kernels.hashgrid_backward", HASHGRID_BACKWARDS)
     _check_choice(cfg, "kernels.fused_mlp_precision", FUSED_MLP_PRECISIONS)
+    _check_number(cfg, "kernels.groupnorm_sums_max_rows", low=0, integer=True)
     _check_choice(cfg, "data.background", ("alpha", "flat"))
     _check_choice(cfg, "field.density_activation", DENSITY_ACTIVATIONS)
     _check_choice(cfg, "field.density_bias", DENSITY_BIASES)

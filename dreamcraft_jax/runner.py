@@ -178,7 +178,7 @@ def train(cfg, progress: bool = True) -> Path:
     run folder. Each stage writes into ``<run folder>/<stage>/``; a later stage starts from the previous
     stage's last checkpoint (``cfg.init_from`` for a single later stage)."""
     validate(cfg)
-    layers.set_groupnorm_kernel(cfg.kernels.fused_groupnorm)  # read when the priors are traced
+    layers.configure_groupnorm_kernels(cfg.kernels)  # before any prior is traced
     parallel.maybe_initialize_distributed(cfg)
     workdir, resuming = resolve_workdir(cfg)
     names = stages_to_run(cfg)

@@ -12,13 +12,15 @@ resolved once by :func:`resolve_backend` and stored in the static specs (``Rende
 * :mod:`.hashgrid_levels`: the hash-grid encoding with one level per program (``kernels.encoder_per_level``);
 * :mod:`.groupnorm`: the diffusion priors' small GroupNorm (+ SiLU) layers, forward and backward one kernel each
   (``kernels.fused_groupnorm``);
+* :mod:`.channel_sums`: the per-channel sums of every prior GroupNorm (forward moments, backward dz sums) with
+  the rows split over many programs (``kernels.groupnorm_sums_max_rows``, on by default);
 * :mod:`.composite`: packed compositing forward / backward (kept on the XLA path by default: slower on H100,
   see kernels/README.md).
 """
 
 BACKENDS = ("auto", "pallas", "xla")
 AVAILABLE_KERNELS: tuple[str, ...] = ("march", "hashgrid", "hashgrid_levels", "density", "fd_hashgrid", "mlp",
-                                         "groupnorm", "composite")
+                                         "groupnorm", "channel_sums", "composite")
 
 
 def resolve_backend(name: str) -> str:

@@ -37,6 +37,8 @@ __all__ = ["shifted_channel_sums", "shifted_channel_sums_reference", "backward_c
 
 # Programs to aim for: a few per SM of a large GPU, so that loads of several programs overlap on each SM.
 TARGET_PROGRAMS = 1024
+# Rows per loop iteration: (CHUNK, lanes) tiles, float32 accumulators in registers.
+CHUNK = 32
 
 
 class _Plan(NamedTuple):
@@ -61,11 +63,14 @@ class _Plan(NamedTuple):
         return -(-self.channels // self.block_channels)
 
 
-def plan(batch: int, rows: int, channels: int, *, chunk: int = 32, num_warps: int = 4, num_stages: int = 3,
-         interpret: bool = False, target_programs: int = TARGET_PROGRAMS) -> _Plan:
+def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_warps: int = 4,
+         num_stages: int = 3, interpret: bool = False, target_programs: int | None = None) -> _Plan:
     """Launch shape for x (batch, rows, channels): 64-256 lane blocks (the widest power of two <= 256 that
     divides C, else 128 with a masked tail); splits a power of two, the fewest that reach ``target_programs``
-    programs while each stretch keeps at least one chunk of rows."""
+    programs while each stretch keeps at least one chunk of rows. ``chunk`` / ``target_programs`` None: the
+    module's CHUNK / TARGET_PROGRAMS."""
+    chunk = CHUNK if chunk is None else chunk
+    target_programs = TARGET_PROGRAMS if target_programs is None else target_programs
     for block in (256, 128, 64):
         if channels % block == 0:
             break

@@ -54,14 +54,20 @@ def test_render_bench_float64_reference_runs_the_mlps_in_float64(tmp_path, monke
 def test_sds_bench_tiny_writes_json(tmp_path):
     out = tmp_path / "sds.json"
     assert bench.main(["sds", "--tiny", "--kinds", "zero123", "--views", "2", "--repeats", "1",
-                       "--compare_groupnorm", "--out", str(out)]) == 0
+                       "--compare_groupnorm", "--groupnorm_sums_max_rows", "4096", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    case = report["results"]["zero123_views2"]
+    results = report["results"]
+    case = results["zero123_views2"]
     assert case["views"] == 2 and case["median_ms"] > 0
-    # the A/B of kernels.fused_groupnorm (no effect on this CPU backend; the switch is restored afterwards)
-    assert not case["groupnorm_kernel"] and report["results"]["zero123_views2_groupnorm_kernel"]["groupnorm_kernel"]
+    # the A/Bs of kernels.fused_groupnorm and kernels.groupnorm_sums_max_rows (no effect on this CPU backend;
+    # the switches are restored afterwards)
+    assert not case["groupnorm_kernel"] and results["zero123_views2_groupnorm_kernel"]["groupnorm_kernel"]
+    assert case["groupnorm_sums_max_rows"] == 4096
+    assert results["zero123_views2_groupnorm_sums0"]["groupnorm_sums_max_rows"] == 0
+    assert set(results) == {"zero123_views2", "zero123_views2_groupnorm_kernel", "zero123_views2_groupnorm_sums0",
+                            "zero123_views2_groupnorm_kernel_groupnorm_sums0"}
     from dreamcraft_jax.models import layers
-    assert layers._GROUPNORM_KERNEL is False
+    assert layers._GROUPNORM_KERNEL is False and layers._GROUPNORM_SUMS_MAX_ROWS == 0
     assert abs(case["views_per_s"] - 2 / (case["median_ms"] * 1e-3)) < 1e-6 * case["views_per_s"]
 
 

@@ -75,6 +75,7 @@ def test_unknown_key_is_rejected_by_the_parser():
     ("camera.elevation_range", (45.0, -10.0), "camera.elevation_range"),
     ("optimizer.b2", 1.5, "optimizer.b2"),
     ("guidance.random_real_size", True, "demo_priors is set"),  # the demo config sets demo_priors
+    ("kernels.groupnorm_sums_max_rows", -1, "kernels.groupnorm_sums_max_rows"),
 ])
 def test_invalid_values_are_rejected(key, value, match):
     c = load_config_file("configs/demo.py")

@@ -11,7 +11,9 @@ Numerics:
 * GroupNorm and LayerNorm run in float32 (input cast up, output cast back); GroupNorm has its own VJP and
   fuses the SiLU that follows it, so that each takes two passes over memory forward and two backward; with
   :func:`set_groupnorm_kernel` on, the small ones on a GPU run as one Pallas kernel per pass instead
-  (:mod:`dreamcraft_jax.kernels.groupnorm`);
+  (:mod:`dreamcraft_jax.kernels.groupnorm`); otherwise, on a GPU, the per-channel sums of both passes go
+  through split-row Pallas kernels (:mod:`dreamcraft_jax.kernels.channel_sums`, :func:`set_groupnorm_sums_kernel`):
+  XLA's column reductions have too little parallelism at these batch sizes;
 * attention goes through :func:`jax.nn.dot_product_attention`: its XLA path accumulates the logits in float32
   and takes the softmax in float32; cuDNN flash attention (``attention_impl="cudnn"``) does the same on chip.
 
@@ -149,6 +151,13 @@ def set_groupnorm_sums_kernel(max_rows: int) -> None:
     (0: none); takes effect for steps traced afterwards."""
     global _GROUPNORM_SUMS_MAX_ROWS
     _GROUPNORM_SUMS_MAX_ROWS = int(max_rows)
+
+
+def configure_groupnorm_kernels(kernels_cfg) -> None:
+    """Apply a config's ``kernels.fused_groupnorm`` and ``kernels.groupnorm_sums_max_rows``: call before any
+    prior is traced (runner.train, the benches)."""
+    set_groupnorm_kernel(kernels_cfg.fused_groupnorm)
+    set_groupnorm_sums_kernel(int(kernels_cfg.groupnorm_sums_max_rows))
 
 
 def _sums_take_kernel(x: jax.Array) -> bool:
