@@ -1228,7 +1228,8 @@ def bench_profile(args) -> dict:
 
     gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
-    results, fitted, cfg, priors = {}, None, None, None
+    # Loaded up front: it also sets the config's GroupNorm kernels, which the SDS cases are traced with.
+    results, fitted, cfg, priors = {}, None, _load_config(args.config, args.set), None
     for case in args.cases:
         sds = re.fullmatch(r"(sd|zero123)_views(\d+)", case)
         stage_case = re.fullmatch(r"(coarse_nerf|coarse_neus)_(\d+)px(_step|_full)?", case)
@@ -1242,7 +1243,6 @@ def bench_profile(args) -> dict:
                                              jnp.bfloat16)
             else:
                 if fitted is None:
-                    cfg = _load_config(args.config, args.set)
                     with cfg.unlocked():
                         cfg.parallel.data, cfg.parallel.fsdp = 1, 1
                     _, fitted, _ = fit_scene(cfg, args.fit_steps)
