@@ -1024,6 +1024,85 @@ def _record_variant(results: dict, key: str, r: dict, out: str, benchmark: str) 
         _write_partial(out, benchmark, results)
 
 
+# The GroupNorm inputs of the SDS steps: VAE encoder levels at 4 views (512 -> 64 px), UNet levels at 4 views
+# with CFG (batch 8), and the 1-view VAE 512 px / Zero123 32 px ones.
+GN_SUMS_SHAPES = ("4x512x512x128", "4x256x256x256", "4x128x128x512", "4x64x64x512", "8x64x64x320",
+                  "8x32x32x640", "8x16x16x1280", "8x8x8x2560", "1x512x512x128", "2x32x32x640")
+GN_SUMS_PLANS = ("c32w4", "c32w8", "c64w8", "c64w8f", "c128w8f", "c32w4t2048")
+
+
+def _gn_sums_plan_kw(name: str) -> dict:
+    """"c64w8f" -> chunk 64, 8 warps, fold; "t2048": target programs; "s2": pipeline stages."""
+    kw, keys = {}, {"c": "chunk", "w": "num_warps", "t": "target_programs", "s": "num_stages"}
+    import re
+
+    for key, num in re.findall(r"([cwts])(\d+)", name):
+        kw[keys[key]] = int(num)
+    if name.endswith("f"):
+        kw["fold"] = True
+    if not kw or re.sub(r"[cwts]\d+", "", name) not in ("", "f"):
+        raise SystemExit(f"bad plan {name!r}: e.g. c32w4, c64w8f (chunk, warps, [t target programs], "
+                         "[s stages], f = fold)")
+    return kw
+
+
+def bench_gn_sums(args) -> dict:
+    """The GroupNorm per-channel sums alone (kernels/channel_sums.py): XLA's reductions against the split-row
+    kernels under several launch plans, forward (moments) and backward (dz sums with SiLU), per activation shape;
+    ms (min of latency median and pipelined), GB/s of the bytes read, and the largest difference to XLA's sums
+    relative to their largest magnitude."""
+    from dreamcraft_jax.kernels import channel_sums as cs
+
+    gpu = jax.devices()[0].platform == "gpu"
+    results = {}
+    for shape_name in args.shapes:
+        shape = tuple(int(v) for v in shape_name.split("x"))
+        b, c = shape[0], shape[-1]
+        k = jax.random.split(jax.random.PRNGKey(0), 4)
+        dtype = jnp.bfloat16 if gpu else jnp.float32
+        x = (jax.random.normal(k[0], shape) * 1.5 + 0.5).astype(dtype)
+        dy = jax.random.normal(k[1], shape).astype(dtype)
+        mean_c = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+        rstd_c = jax.lax.rsqrt(jnp.var(x.astype(jnp.float32), axis=(1, 2), keepdims=True) + 1e-6)
+        scale, bias = 1.0 + 0.1 * jax.random.normal(k[2], (c,)), 0.1 * jax.random.normal(k[3], (c,))
+        variants = {"xla": (cs.shifted_channel_sums_reference,
+                            functools.partial(cs.backward_channel_sums_reference, silu=True))}
+        for plan_name in args.plans:
+            kw = _gn_sums_plan_kw(plan_name)
+            variants[plan_name] = (functools.partial(cs.shifted_channel_sums, **kw),
+                                   functools.partial(cs.backward_channel_sums, silu=True, **kw))
+        reference = None
+        for name, (fwd, bwd) in variants.items():
+            key = f"{shape_name} {name}"
+            try:
+                fwd_j = jax.jit(fwd)
+                bwd_j = jax.jit(lambda x, dy, m, r, s, bb, bwd=bwd: bwd(x, dy, m, r, s, bb))
+                out = [np.asarray(v) for v in fwd_j(x)[1:]] + [
+                    np.asarray(v) for v in bwd_j(x, dy, mean_c, rstd_c, scale, bias)]
+                t_f = _time(fwd_j, x, repeats=args.repeats, pipelined=True)
+                t_b = _time(bwd_j, x, dy, mean_c, rstd_c, scale, bias, repeats=args.repeats, pipelined=True)
+            except Exception as e:  # record and go on (e.g. a plan that does not compile)
+                results[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+                print(f"{key}: {results[key]['error']}", file=sys.stderr)
+                continue
+            if reference is None:
+                reference = out
+            err = max(float(np.max(np.abs(o - r)) / max(float(np.max(np.abs(r))), 1e-30))
+                      for o, r in zip(out, reference))
+            fwd_ms = min(t_f["median_ms"], t_f["pipelined_ms"])
+            bwd_ms = min(t_b["median_ms"], t_b["pipelined_ms"])
+            nbytes = x.size * x.dtype.itemsize
+            row = {"shape": shape, "plan": None if name == "xla" else cs.plan(
+                       b, int(np.prod(shape[1:-1])), c, **_gn_sums_plan_kw(name))._asdict(),
+                   "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_GBps": nbytes / (fwd_ms * 1e-3) / 1e9,
+                   "bwd_GBps": 2 * nbytes / (bwd_ms * 1e-3) / 1e9, "max_rel_diff_vs_xla": err}
+            results[key] = row
+            print(f"{key:<30} fwd {fwd_ms:7.3f} ms {row['fwd_GBps']:7.0f} GB/s   bwd {bwd_ms:7.3f} ms "
+                  f"{row['bwd_GBps']:7.0f} GB/s   diff {err:.1e}", flush=True)
+    return {"benchmark": "gn_sums", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "dtype": "bfloat16" if gpu else "float32", "results": results}
+
+
 def bench_hashgrid(args) -> dict:
     """Hash-grid encoding forward and forward+backward of N points (official grid L16 F2 T2^19): XLA against the
     Pallas kernel with each backward (XLA's scatter-add, atomics, atomics with the coarse levels pre-reduced per
@@ -1490,6 +1569,12 @@ def main(argv=None) -> int:
                    help="also time the Pallas kernel (interpret mode off GPU: slow)")
     h.add_argument("--repeats", type=int, default=10)
     h.add_argument("--out", default="")
+    g = sub.add_parser("gn_sums", help="GroupNorm per-channel sums alone: XLA against the split-row kernels")
+    g.add_argument("--shapes", nargs="+", default=list(GN_SUMS_SHAPES), help="BxHxWxC activation shapes")
+    g.add_argument("--plans", nargs="+", default=list(GN_SUMS_PLANS),
+                   help="kernel launch plans: c<chunk>w<warps>[t<target programs>][s<stages>][f = fold rows]")
+    g.add_argument("--repeats", type=int, default=20)
+    g.add_argument("--out", default="")
     d = sub.add_parser("fd", help="finite-difference kernel alone over launch shapes, on packed ray samples")
     d.add_argument("--resolution", type=int, default=384)
     d.add_argument("--samples_per_hit", type=int, default=18,
@@ -1558,6 +1643,8 @@ def main(argv=None) -> int:
             return 0
     elif args.what == "hashgrid":
         report = bench_hashgrid(args)
+    elif args.what == "gn_sums":
+        report = bench_gn_sums(args)
     elif args.what == "fd":
         report = bench_fd(args)
     elif args.what == "project":

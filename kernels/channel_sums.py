@@ -53,6 +53,7 @@ class _Plan(NamedTuple):
     num_warps: int
     num_stages: int
     interpret: bool
+    fold: bool  # reduce each tile over its rows at once: (lanes,) accumulators instead of (chunk, lanes)
 
     @property
     def rows_per_split(self) -> int:
@@ -64,11 +65,13 @@ class _Plan(NamedTuple):
 
 
 def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_warps: int = 4,
-         num_stages: int = 3, interpret: bool = False, target_programs: int | None = None) -> _Plan:
+         num_stages: int = 3, interpret: bool = False, target_programs: int | None = None,
+         fold: bool = False) -> _Plan:
     """Launch shape for x (batch, rows, channels): 64-256 lane blocks (the widest power of two <= 256 that
     divides C, else 128 with a masked tail); splits a power of two, the fewest that reach ``target_programs``
     programs while each stretch keeps at least one chunk of rows. ``chunk`` / ``target_programs`` None: the
-    module's CHUNK / TARGET_PROGRAMS."""
+    module's CHUNK / TARGET_PROGRAMS. ``fold``: sum each (chunk, lanes) tile over its rows as it is loaded
+    (accumulators of one row: larger chunks fit in registers) instead of once after the loop."""
     chunk = CHUNK if chunk is None else chunk
     target_programs = TARGET_PROGRAMS if target_programs is None else target_programs
     for block in (256, 128, 64):
@@ -81,7 +84,7 @@ def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_
     splits = 1
     while batch * splits * blocks < target_programs and rows // (2 * splits) >= chunk:
         splits *= 2
-    return _Plan(batch, rows, channels, splits, block, chunk, num_warps, num_stages, interpret)
+    return _Plan(batch, rows, channels, splits, block, chunk, num_warps, num_stages, interpret, bool(fold))
 
 
 def _tile_index(p: _Plan, b, s, c, i):
@@ -102,6 +105,22 @@ def _lanes(p: _Plan, c):
     return lane, lane < p.channels
 
 
+def _zeros(p: _Plan):
+    shape = (p.block_channels,) if p.fold else (p.chunk, p.block_channels)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+
+
+def _accumulate(p: _Plan, carry, a, b):
+    """Add a tile's two (chunk, lanes) terms to the accumulators (summed over rows first when folding)."""
+    if p.fold:
+        return carry[0] + jnp.sum(a, axis=0), carry[1] + jnp.sum(b, axis=0)
+    return carry[0] + a, carry[1] + b
+
+
+def _row_total(p: _Plan, acc):
+    return acc if p.fold else jnp.sum(acc, axis=0)
+
+
 def _n_chunks(p: _Plan) -> int:
     return -(-p.rows_per_split // p.chunk)
 
@@ -117,12 +136,11 @@ def _forward_kernel(x_ref, sum_d_ref, sum_d2_ref, *, p: _Plan):
         rows, cols, mask = _tile_index(p, b, s, c, i)
         v = plgpu.load(x_ref.at[rows, cols], mask=mask, other=0.0).astype(jnp.float32)
         d = jnp.where(mask, v - shift[None, :], 0.0)
-        return carry[0] + d, carry[1] + d * d
+        return _accumulate(p, carry, d, d * d)
 
-    zeros = jnp.zeros((p.chunk, p.block_channels), jnp.float32)
-    acc_d, acc_d2 = jax.lax.fori_loop(0, _n_chunks(p), body, (zeros, zeros))
-    sum_d_ref[0, 0, :] = jnp.sum(acc_d, axis=0)
-    sum_d2_ref[0, 0, :] = jnp.sum(acc_d2, axis=0)
+    acc_d, acc_d2 = jax.lax.fori_loop(0, _n_chunks(p), body, _zeros(p))
+    sum_d_ref[0, 0, :] = _row_total(p, acc_d)
+    sum_d2_ref[0, 0, :] = _row_total(p, acc_d2)
 
 
 def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, sum_dz_ref, sum_dz_xhat_ref, *,
@@ -143,12 +161,11 @@ def _backward_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, sum
         xhat = (v - mean[None, :]) * rstd[None, :]
         dz = _slope_times(dy, xhat * scale[None, :] + bias[None, :], silu)
         dz = jnp.where(mask, dz, 0.0)
-        return carry[0] + dz, carry[1] + dz * xhat
+        return _accumulate(p, carry, dz, dz * xhat)
 
-    zeros = jnp.zeros((p.chunk, p.block_channels), jnp.float32)
-    acc_dz, acc_dz_xhat = jax.lax.fori_loop(0, _n_chunks(p), body, (zeros, zeros))
-    sum_dz_ref[0, 0, :] = jnp.sum(acc_dz, axis=0)
-    sum_dz_xhat_ref[0, 0, :] = jnp.sum(acc_dz_xhat, axis=0)
+    acc_dz, acc_dz_xhat = jax.lax.fori_loop(0, _n_chunks(p), body, _zeros(p))
+    sum_dz_ref[0, 0, :] = _row_total(p, acc_dz)
+    sum_dz_xhat_ref[0, 0, :] = _row_total(p, acc_dz_xhat)
 
 
 def _slope_times(dy, z, silu: bool):

@@ -71,6 +71,21 @@ def test_sds_bench_tiny_writes_json(tmp_path):
     assert abs(case["views_per_s"] - 2 / (case["median_ms"] * 1e-3)) < 1e-6 * case["views_per_s"]
 
 
+def test_gn_sums_bench_writes_json_and_checks_plans(tmp_path):
+    """bench gn_sums on the CPU (kernels in interpret mode): each plan's sums equal XLA's; a bad plan is one clear
+    error."""
+    out = tmp_path / "gn.json"
+    assert bench.main(["gn_sums", "--shapes", "2x8x8x96", "--plans", "c32w4", "c16w8f", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"2x8x8x96 xla", "2x8x8x96 c32w4", "2x8x8x96 c16w8f"}
+    folded = results["2x8x8x96 c16w8f"]
+    assert folded["plan"]["fold"] and folded["plan"]["chunk"] == 16 and folded["plan"]["num_warps"] == 8
+    assert all(r["max_rel_diff_vs_xla"] < 1e-5 and r["fwd_ms"] > 0 for r in results.values())
+    with pytest.raises(SystemExit, match="bad plan 'c32x4'"):
+        bench.main(["gn_sums", "--shapes", "2x8x8x96", "--plans", "c32x4"])
+
+
 def test_stage_bench_tiny_writes_json(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "stage.json"

@@ -25,9 +25,10 @@ def _moments_f64(x):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_sums_match_float64_and_the_reference(shape):
+@pytest.mark.parametrize("fold", [False, True], ids=["acc-tiles", "fold"])
+def test_forward_sums_match_float64_and_the_reference(shape, fold):
     x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2.0 + 3.0
-    got = cs.shifted_channel_sums(x, interpret=True, target_programs=64)
+    got = cs.shifted_channel_sums(x, interpret=True, target_programs=64, fold=fold)
     ref = cs.shifted_channel_sums_reference(x)
     for g, r, w in zip(got, ref, _moments_f64(x)):
         assert g.shape == (shape[0], shape[-1]) and g.dtype == jnp.float32
@@ -36,8 +37,8 @@ def test_forward_sums_match_float64_and_the_reference(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("silu", [True, False])
-def test_backward_sums_match_float64(shape, silu):
+@pytest.mark.parametrize("silu, fold", [(True, False), (False, False), (True, True)])
+def test_backward_sums_match_float64(shape, silu, fold):
     b, c = shape[0], shape[-1]
     k = jax.random.split(jax.random.PRNGKey(1), 6)
     x = jax.random.normal(k[0], shape)
@@ -45,7 +46,8 @@ def test_backward_sums_match_float64(shape, silu):
     mean_c = jax.random.normal(k[2], (b, 1, 1, c))
     rstd_c = jnp.abs(jax.random.normal(k[3], (b, 1, 1, c))) + 0.5
     scale, bias = jax.random.normal(k[4], (c,)), jax.random.normal(k[5], (c,))
-    got = cs.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu, interpret=True, target_programs=64)
+    got = cs.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu, interpret=True, target_programs=64,
+                                   fold=fold)
     # float64 by hand: z = xhat * scale + bias, dz = dy * silu'(z)
     f = lambda v: np.asarray(v, np.float64)  # noqa: E731
     xhat = (f(x) - f(mean_c)) * f(rstd_c)

@@ -10,6 +10,7 @@ encoder (its 16-level unrolled predecessor was ~8x larger and did not finish com
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -184,11 +185,13 @@ def test_channel_sums_kernels_lower(shape):
     per_channel = jax.ShapeDtypeStruct((shape[0], 1, 1, shape[-1]), jnp.float32)
     vec = jax.ShapeDtypeStruct(shape[-1:], jnp.float32)
 
-    def both(x, dy, mean_c, rstd_c, scale, bias):
-        return (cs.shifted_channel_sums(x, interpret=False),
-                cs.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, True, interpret=False))
+    def both(x, dy, mean_c, rstd_c, scale, bias, **kw):
+        return (cs.shifted_channel_sums(x, interpret=False, **kw),
+                cs.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, True, interpret=False, **kw))
 
     assert len(_lower_for_gpu(both, x, x, per_channel, per_channel, vec, vec)) == 2
+    folded = functools.partial(both, fold=True, chunk=128, num_warps=8)  # the row-folding variant, large tiles
+    assert len(_lower_for_gpu(folded, x, x, per_channel, per_channel, vec, vec)) == 2
     sharded = jax.shard_map(both, in_specs=(P("lowering"),) * 4 + (P(), P()), out_specs=P("lowering"))
     assert len(_lower_for_gpu(sharded, x, x, per_channel, per_channel, vec, vec)) == 2
 
