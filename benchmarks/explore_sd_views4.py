@@ -4,7 +4,8 @@ Each variant swaps one piece of the priors (the GroupNorm per-channel sums, the 
 alternative formulation, rebuilds the SD SDS step of ``bench sds`` (real SD 2.1-base shapes, random bf16
 weights, cuDNN attention) and times it (median of calls waited for one by one, and pipelined), with the device-
 busy time and per-module split of a profiler trace. ``bound_*`` variants are not valid GroupNorms: they drop the
-reductions to bound what any faster reduction could gain.
+reductions to bound what any faster reduction could gain. ``base`` has XLA's GroupNorm sums (the state before
+kernels/channel_sums.py); ``sums_kernel_<max rows>[...]`` turns those kernels on.
 
     python benchmarks/explore_sd_views4.py --out explore.json [--variants base dot ...] [--views 4 1]
 """
@@ -186,6 +187,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    layers.set_groupnorm_sums_kernel(0)  # base: XLA's GroupNorm sums; sums_kernel_* variants switch the kernels on
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     results = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
     results["bf16_matmul_peak_tflops"] = bench.matmul_peak_tflops(args.repeats)

@@ -534,6 +534,7 @@ def bench_sds(args) -> dict:
     impls = ["cudnn", None] if (gpu and args.compare_attention) else ["cudnn" if gpu else None]
     groupnorm_choices = [False, True] if args.compare_groupnorm else [args.groupnorm_kernel]
     sums_choices = args.groupnorm_sums_max_rows
+    sums_before = layers._GROUPNORM_SUMS_MAX_ROWS
     results = {}
     for kind, views, impl, gn_kernel, sums_rows in itertools.product(args.kinds, args.views, impls,
                                                                      groupnorm_choices, sums_choices):
@@ -575,7 +576,7 @@ def bench_sds(args) -> dict:
         print(f"{name:<28} {timing['median_ms']:9.2f} ms  {results[name]['views_per_s']:7.1f} views/s",
               flush=True)
     layers.set_groupnorm_kernel(False)
-    layers.set_groupnorm_sums_kernel(0)
+    layers.set_groupnorm_sums_kernel(sums_before)
     peak = matmul_peak_tflops(args.repeats) if gpu else None
     for r in results.values():
         if peak and r.get("tflops_per_s"):

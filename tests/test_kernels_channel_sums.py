@@ -18,6 +18,13 @@ SHAPES = [
 ]
 
 
+def test_models_default_matches_the_config_default():
+    """The models used directly (no runner) get the kernels as a configured run does."""
+    from dreamcraft_jax.config import base_config
+
+    assert layers.DEFAULT_GROUPNORM_SUMS_MAX_ROWS == base_config().kernels.groupnorm_sums_max_rows > 0
+
+
 def _moments_f64(x):
     xs = np.asarray(x, np.float64).reshape(x.shape[0], -1, x.shape[-1])
     d = xs - xs[:, :1, :]
@@ -117,6 +124,7 @@ def test_models_route_groupnorm_sums_only_when_switched_on(monkeypatch):
 
     monkeypatch.setattr(cs, "shifted_channel_sums", recording_fwd)
     monkeypatch.setattr(cs, "backward_channel_sums", recording_bwd)
+    before = layers._GROUPNORM_SUMS_MAX_ROWS
     try:
         layers.set_groupnorm_sums_kernel(16 * 16)
         jax.value_and_grad(loss, argnums=(0, 1))(params, x)
@@ -128,7 +136,7 @@ def test_models_route_groupnorm_sums_only_when_switched_on(monkeypatch):
         layers.set_groupnorm_sums_kernel(16 * 16)
         got = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
     finally:
-        layers.set_groupnorm_sums_kernel(0)
+        layers.set_groupnorm_sums_kernel(before)
     kinds = {k for k, _ in calls}
     assert kinds == {"fwd", "bwd"}
     assert all(int(np.prod(s[1:-1])) <= 16 * 16 for _, s in calls)  # 32 px level stays on XLA

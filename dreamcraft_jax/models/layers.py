@@ -141,8 +141,10 @@ def set_groupnorm_kernel(enabled: bool) -> None:
 
 
 # GroupNorms whose rows (spatial positions) per batch element are at most this many take the split-row Pallas
-# kernels for their per-channel sums on a GPU (kernels.groupnorm_sums_max_rows; 0: none). Read when traced.
-_GROUPNORM_SUMS_MAX_ROWS = 0
+# kernels for their per-channel sums on a GPU (kernels.groupnorm_sums_max_rows; 0: none). Read when traced. On by
+# default (every GroupNorm), so that the models used directly, outside runner.train, get them too.
+DEFAULT_GROUPNORM_SUMS_MAX_ROWS = 1 << 20
+_GROUPNORM_SUMS_MAX_ROWS = DEFAULT_GROUPNORM_SUMS_MAX_ROWS
 
 
 def set_groupnorm_sums_kernel(max_rows: int) -> None:
