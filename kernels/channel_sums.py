@@ -4,8 +4,9 @@ A GroupNorm of x (B, N, C) needs, per batch element and channel, sums over the N
 sum(d) and sum(d^2) of d = x - x[first row] (one-pass moments about a shift), backward sum(dz) and
 sum(dz * xhat) with xhat = (x - mean_c) * rstd_c, z = xhat * scale + bias, dz = dy * act'(z). XLA emits each
 as a column reduction whose parallelism is B x C outputs; with 4-8 batch elements and a few hundred channels
-that is too few threads for an H200's 132 SMs, so at the priors' 8-64 px levels (and the VAE encoder's 64 px
-level) the sums run at 0.05-0.2 TB/s (``benchmarks/explore_sd_views4_h200.json``).
+that is too few threads for an H200's 132 SMs: at the priors' 8-64 px levels (and the VAE encoder's 64 px level)
+the sums ran at 0.05-0.2 TB/s (``benchmarks/profile_sd_views4_kernels_h200.json``), and dropping them altogether
+would save 6.7 of the 42.8 ms SD 4-view SDS step (``benchmarks/explore_sd_views4_h200.json``).
 
 Here the rows of each batch element are cut into ``splits`` stretches and the channels into blocks of
 ``block_channels``; one program per (batch element, stretch, channel block) streams its stretch in (chunk,
