@@ -69,12 +69,15 @@ def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_
          num_stages: int = 3, interpret: bool = False, target_programs: int | None = None,
          fold: bool = False) -> _Plan:
     """Launch shape for x (batch, rows, channels): 64-256 lane blocks (the widest power of two <= 256 that
-    divides C, else 128 with a masked tail); splits a power of two, the fewest that reach ``target_programs``
+    divides C, else 128 with a masked tail; below 64 channels the next power of two); splits a power of two, the fewest that reach ``target_programs``
     programs while each stretch keeps at least one chunk of rows. ``chunk`` / ``target_programs`` None: the
     module's CHUNK / TARGET_PROGRAMS. ``fold``: sum each (chunk, lanes) tile over its rows as it is loaded
     (accumulators of one row: larger chunks fit in registers) instead of once after the loop."""
     chunk = CHUNK if chunk is None else chunk
     target_programs = TARGET_PROGRAMS if target_programs is None else target_programs
+    for name, value in (("chunk", chunk), ("num_warps", num_warps)):
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two (Triton tile shapes), got {value}")
     for block in (256, 128, 64):
         if channels % block == 0:
             break

@@ -87,6 +87,8 @@ def test_plan_splits_rows_until_enough_programs():
     assert p.block_channels == 256 and p.splits == 2 and p.rows_per_split >= p.chunk
     p = cs.plan(2, 100, 72)  # no power-of-two lane block divides 72: 128 lanes, 56 masked
     assert p.block_channels == 128 and p.channel_blocks == 1
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        cs.plan(2, 100, 72, chunk=48)
 
 
 def test_bad_shapes_are_refused():
