@@ -138,7 +138,7 @@ def variant_context(name):
         return patched(layers, _shifted_channel_sums=fwd_sums(_dot_sum), _backward_channel_sums=bwd_sums(_dot_sum))
     if name == "patch_conv_in":
         return patched(vae_module, conv=_conv_with_patch_conv_in)
-    if name.startswith("sums_kernel_"):  # sums_kernel_<max rows>[_t<target programs>][_c<chunk>][_w<warps>][_s<stages>]
+    if name.startswith("sums_kernel_"):  # sums_kernel_<max rows>[_t<target>][_c<chunk>][_w<warps>][_s<stages>][_f]
         return _sums_kernel(name.split("_")[2:])
     if name == "groupnorm_kernel":
         return _kernel_on()
@@ -156,25 +156,17 @@ def _kernel_on():
 
 @contextlib.contextmanager
 def _sums_kernel(parts):
+    """parts: [max rows, optional plan letters as in ``bench gn_sums``: t<target> c<chunk> w<warps> s<stages>]."""
+    from dreamcraft_jax.bench import _gn_sums_plan_kw
     from dreamcraft_jax.kernels import channel_sums as cs
 
-    old = cs.TARGET_PROGRAMS, cs.CHUNK, dict(cs.plan.__kwdefaults__)
-    for part in parts[1:]:
-        if part[0] == "t":
-            cs.TARGET_PROGRAMS = int(part[1:])
-        elif part[0] == "c":
-            cs.CHUNK = int(part[1:])
-        elif part[0] == "w":
-            cs.plan.__kwdefaults__["num_warps"] = int(part[1:])
-        elif part[0] == "s":
-            cs.plan.__kwdefaults__["num_stages"] = int(part[1:])
+    plan_kw = _gn_sums_plan_kw("".join(parts[1:])) if parts[1:] else {}
     layers.set_groupnorm_sums_kernel(int(parts[0]))
     try:
-        yield
+        with cs.plan_defaults(**plan_kw):
+            yield
     finally:
         layers.set_groupnorm_sums_kernel(0)
-        cs.TARGET_PROGRAMS, cs.CHUNK = old[:2]
-        cs.plan.__kwdefaults__.update(old[2])
 
 
 def main():

@@ -1051,8 +1051,11 @@ def bench_gn_sums(args) -> dict:
     """The GroupNorm per-channel sums alone (kernels/channel_sums.py): XLA's reductions against the split-row
     kernels under several launch plans, forward (moments) and backward (dz sums with SiLU), per activation shape;
     ms (min of latency median and pipelined), GB/s of the bytes read, and the largest difference to XLA's sums
-    relative to their largest magnitude."""
+    relative to their largest magnitude. ``gn_fwd_bwd_ms``: the whole GroupNorm + SiLU (32 groups) forward and
+    backward as the models run it (``layers.group_norm_act``), its sums on XLA or on the kernels with that plan
+    (on a GPU only: elsewhere the models keep XLA's sums, so every row times the same thing)."""
     from dreamcraft_jax.kernels import channel_sums as cs
+    from dreamcraft_jax.models import layers
 
     gpu = jax.devices()[0].platform == "gpu"
     results = {}
@@ -1073,8 +1076,10 @@ def bench_gn_sums(args) -> dict:
             variants[plan_name] = (functools.partial(cs.shifted_channel_sums, **kw),
                                    functools.partial(cs.backward_channel_sums, silu=True, **kw))
         reference = None
+        sums_before = layers._GROUPNORM_SUMS_MAX_ROWS
         for name, (fwd, bwd) in variants.items():
             key = f"{shape_name} {name}"
+            plan_kw = {} if name == "xla" else _gn_sums_plan_kw(name)
             try:
                 fwd_j = jax.jit(fwd)
                 bwd_j = jax.jit(lambda x, dy, m, r, s, bb, bwd=bwd: bwd(x, dy, m, r, s, bb))
@@ -1082,10 +1087,17 @@ def bench_gn_sums(args) -> dict:
                     np.asarray(v) for v in bwd_j(x, dy, mean_c, rstd_c, scale, bias)]
                 t_f = _time(fwd_j, x, repeats=args.repeats, pipelined=True)
                 t_b = _time(bwd_j, x, dy, mean_c, rstd_c, scale, bias, repeats=args.repeats, pipelined=True)
+                layers.set_groupnorm_sums_kernel(0 if name == "xla" else layers.DEFAULT_GROUPNORM_SUMS_MAX_ROWS)
+                with cs.plan_defaults(**plan_kw):  # traced (and timed) inside: the models' GroupNorm with this plan
+                    gn_j = jax.jit(lambda x, s, bb, cot: jax.vjp(
+                        lambda *a: layers.group_norm_act(*a, 32, 1e-6, True), x, s, bb)[1](cot))
+                    t_gn = _time(gn_j, x, scale, bias, dy, repeats=args.repeats, pipelined=True)
             except Exception as e:  # record and go on (e.g. a plan that does not compile)
                 results[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
                 print(f"{key}: {results[key]['error']}", file=sys.stderr)
                 continue
+            finally:
+                layers.set_groupnorm_sums_kernel(sums_before)
             if reference is None:
                 reference = out
             err = max(float(np.max(np.abs(o - r)) / max(float(np.max(np.abs(r))), 1e-30))
@@ -1096,10 +1108,12 @@ def bench_gn_sums(args) -> dict:
             row = {"shape": shape, "plan": None if name == "xla" else cs.plan(
                        b, int(np.prod(shape[1:-1])), c, **_gn_sums_plan_kw(name))._asdict(),
                    "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_GBps": nbytes / (fwd_ms * 1e-3) / 1e9,
-                   "bwd_GBps": 2 * nbytes / (bwd_ms * 1e-3) / 1e9, "max_rel_diff_vs_xla": err}
+                   "bwd_GBps": 2 * nbytes / (bwd_ms * 1e-3) / 1e9, "max_rel_diff_vs_xla": err,
+                   "gn_fwd_bwd_ms": min(t_gn["median_ms"], t_gn["pipelined_ms"])}
             results[key] = row
             print(f"{key:<30} fwd {fwd_ms:7.3f} ms {row['fwd_GBps']:7.0f} GB/s   bwd {bwd_ms:7.3f} ms "
-                  f"{row['bwd_GBps']:7.0f} GB/s   diff {err:.1e}", flush=True)
+                  f"{row['bwd_GBps']:7.0f} GB/s   GroupNorm fwd+bwd {row['gn_fwd_bwd_ms']:7.3f} ms   diff {err:.1e}",
+                  flush=True)
     return {"benchmark": "gn_sums", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
             "dtype": "bfloat16" if gpu else "float32", "results": results}
 

@@ -22,6 +22,7 @@ Each equals its ``*_reference`` (pure jnp) up to float32 summation order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -34,12 +35,15 @@ from jax.experimental.pallas import triton as plgpu
 from dreamcraft_jax.kernels.hashgrid import _compiler_params, _full_hbm_spec, _out_struct, cast_varying, varying_axes
 
 __all__ = ["shifted_channel_sums", "shifted_channel_sums_reference", "backward_channel_sums",
-           "backward_channel_sums_reference", "plan"]
+           "backward_channel_sums_reference", "plan", "plan_defaults"]
 
 # Programs to aim for: a few per SM of a large GPU, so that loads of several programs overlap on each SM.
 TARGET_PROGRAMS = 1024
 # Rows per loop iteration: (CHUNK, lanes) tiles, float32 accumulators in registers.
 CHUNK = 32
+# Launch-plan keywords (those of :func:`plan`) for every call that passes none of its own, e.g. the models'
+# GroupNorms; set through :func:`plan_defaults` (benches compare plans with it).
+_PLAN_DEFAULTS: dict = {}
 
 
 class _Plan(NamedTuple):
@@ -89,6 +93,21 @@ def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_
     while batch * splits * blocks < target_programs and rows // (2 * splits) >= chunk:
         splits *= 2
     return _Plan(batch, rows, channels, splits, block, chunk, num_warps, num_stages, interpret, bool(fold))
+
+
+@contextlib.contextmanager
+def plan_defaults(**plan_kw):
+    """Within the block, calls that pass no plan keywords use ``plan_kw`` (chunk, num_warps, num_stages,
+    target_programs, fold); what is traced inside keeps it."""
+    global _PLAN_DEFAULTS
+    unknown = set(plan_kw) - {"chunk", "num_warps", "num_stages", "target_programs", "fold"}
+    if unknown:
+        raise ValueError(f"unknown plan keywords {sorted(unknown)}")
+    before, _PLAN_DEFAULTS = _PLAN_DEFAULTS, dict(plan_kw)
+    try:
+        yield
+    finally:
+        _PLAN_DEFAULTS = before
 
 
 def _tile_index(p: _Plan, b, s, c, i):
@@ -201,7 +220,8 @@ def _plan_for(x, interpret, **kw) -> _Plan:
         raise ValueError(f"need x (B, ..., C) with at least one spatial axis, got shape {x.shape}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return plan(x.shape[0], int(np.prod(x.shape[1:-1])), x.shape[-1], interpret=bool(interpret), **kw)
+    return plan(x.shape[0], int(np.prod(x.shape[1:-1])), x.shape[-1], interpret=bool(interpret),
+                **(kw or _PLAN_DEFAULTS))
 
 
 def shifted_channel_sums(x: jax.Array, *, interpret: bool | None = None, **plan_kw):

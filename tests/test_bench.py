@@ -82,7 +82,8 @@ def test_gn_sums_bench_writes_json_and_checks_plans(tmp_path):
     assert set(results) == {"2x8x8x96 xla", "2x8x8x96 c32w4", "2x8x8x96 c16w8f"}
     folded = results["2x8x8x96 c16w8f"]
     assert folded["plan"]["fold"] and folded["plan"]["chunk"] == 16 and folded["plan"]["num_warps"] == 8
-    assert all(r["max_rel_diff_vs_xla"] < 1e-5 and r["fwd_ms"] > 0 for r in results.values())
+    assert all(r["max_rel_diff_vs_xla"] < 1e-5 and r["fwd_ms"] > 0 and r["gn_fwd_bwd_ms"] > 0
+               for r in results.values())
     with pytest.raises(SystemExit, match="bad plan 'c32x4'"):
         bench.main(["gn_sums", "--shapes", "2x8x8x96", "--plans", "c32x4"])
 

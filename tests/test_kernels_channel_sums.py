@@ -91,6 +91,22 @@ def test_plan_splits_rows_until_enough_programs():
         cs.plan(2, 100, 72, chunk=48)
 
 
+def test_plan_defaults_apply_to_calls_without_plan_keywords():
+    x = jnp.zeros((2, 16, 16, 64))
+    assert cs._plan_for(x, True).chunk == cs.CHUNK and not cs._plan_for(x, True).fold
+    with cs.plan_defaults(chunk=16, fold=True, num_warps=8):
+        p = cs._plan_for(x, True)
+        assert (p.chunk, p.fold, p.num_warps) == (16, True, 8)
+        assert cs._plan_for(x, True, chunk=64).chunk == 64 and not cs._plan_for(x, True, chunk=64).fold
+        got = cs.shifted_channel_sums(x + 1.0, interpret=True)
+    assert not cs._plan_for(x, True).fold  # restored
+    np.testing.assert_allclose(got[0], 1.0)  # shift = the first pixel
+    np.testing.assert_allclose(got[1], 0.0)
+    with pytest.raises(ValueError, match="unknown plan keywords"):
+        with cs.plan_defaults(chunks=16):
+            pass
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="spatial axis"):
         cs.shifted_channel_sums(jnp.zeros((4, 8)), interpret=True)
