@@ -1070,16 +1070,15 @@ def bench_gn_sums(args) -> dict:
         rstd_c = jax.lax.rsqrt(jnp.var(x.astype(jnp.float32), axis=(1, 2), keepdims=True) + 1e-6)
         scale, bias = 1.0 + 0.1 * jax.random.normal(k[2], (c,)), 0.1 * jax.random.normal(k[3], (c,))
         variants = {"xla": (cs.shifted_channel_sums_reference,
-                            functools.partial(cs.backward_channel_sums_reference, silu=True))}
+                            functools.partial(cs.backward_channel_sums_reference, silu=True), None)}
         for plan_name in args.plans:
             kw = _gn_sums_plan_kw(plan_name)
             variants[plan_name] = (functools.partial(cs.shifted_channel_sums, **kw),
-                                   functools.partial(cs.backward_channel_sums, silu=True, **kw))
+                                   functools.partial(cs.backward_channel_sums, silu=True, **kw), kw)
         reference = None
         sums_before = layers._GROUPNORM_SUMS_MAX_ROWS
-        for name, (fwd, bwd) in variants.items():
+        for name, (fwd, bwd, plan_kw) in variants.items():
             key = f"{shape_name} {name}"
-            plan_kw = {} if name == "xla" else _gn_sums_plan_kw(name)
             try:
                 fwd_j = jax.jit(fwd)
                 bwd_j = jax.jit(lambda x, dy, m, r, s, bb, bwd=bwd: bwd(x, dy, m, r, s, bb))
@@ -1087,8 +1086,8 @@ def bench_gn_sums(args) -> dict:
                     np.asarray(v) for v in bwd_j(x, dy, mean_c, rstd_c, scale, bias)]
                 t_f = _time(fwd_j, x, repeats=args.repeats, pipelined=True)
                 t_b = _time(bwd_j, x, dy, mean_c, rstd_c, scale, bias, repeats=args.repeats, pipelined=True)
-                layers.set_groupnorm_sums_kernel(0 if name == "xla" else layers.DEFAULT_GROUPNORM_SUMS_MAX_ROWS)
-                with cs.plan_defaults(**plan_kw):  # traced (and timed) inside: the models' GroupNorm with this plan
+                layers.set_groupnorm_sums_kernel(0 if plan_kw is None else layers.DEFAULT_GROUPNORM_SUMS_MAX_ROWS)
+                with cs.plan_defaults(**(plan_kw or {})):  # traced (and timed) inside: the models' GroupNorm with this plan
                     gn_j = jax.jit(lambda x, s, bb, cot: jax.vjp(
                         lambda *a: layers.group_norm_act(*a, 32, 1e-6, True), x, s, bb)[1](cot))
                     t_gn = _time(gn_j, x, scale, bias, dy, repeats=args.repeats, pipelined=True)
@@ -1105,8 +1104,8 @@ def bench_gn_sums(args) -> dict:
             fwd_ms = min(t_f["median_ms"], t_f["pipelined_ms"])
             bwd_ms = min(t_b["median_ms"], t_b["pipelined_ms"])
             nbytes = x.size * x.dtype.itemsize
-            row = {"shape": shape, "plan": None if name == "xla" else cs.plan(
-                       b, int(np.prod(shape[1:-1])), c, **_gn_sums_plan_kw(name))._asdict(),
+            row = {"shape": shape, "plan": None if plan_kw is None else cs.plan(
+                       b, int(np.prod(shape[1:-1])), c, **plan_kw)._asdict(),
                    "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_GBps": nbytes / (fwd_ms * 1e-3) / 1e9,
                    "bwd_GBps": 2 * nbytes / (bwd_ms * 1e-3) / 1e9, "max_rel_diff_vs_xla": err,
                    "gn_fwd_bwd_ms": min(t_gn["median_ms"], t_gn["pipelined_ms"])}

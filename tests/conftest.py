@@ -118,6 +118,26 @@ def demo_priors(demo_prior_root):
     return cfg, priors_mod.load_priors(cfg, priors_mod.reference_rgb_on_white(ref.rgb, ref.mask))
 
 
+def tiny_vae_encode_case():
+    """(loss, params, images, (value, grads) of jax.value_and_grad(loss, argnums=(0, 1))): a tiny VAE encoder's
+    mean latent through sin and a sum, on 2 x 32 x 32 images; for checking that a GroupNorm routing changes
+    neither values nor gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    from dreamcraft_jax.guidance.random_priors import TINY_VAE
+    from dreamcraft_jax.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(TINY_VAE)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
+    params = vae.init(jax.random.PRNGKey(1), x, method=AutoencoderKL.encode)["params"]
+
+    def loss(p, im):
+        return jnp.sum(jnp.sin(vae.apply({"params": p}, im, method=AutoencoderKL.encode)[0]))
+
+    return loss, params, x, jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+
 def lowered_for_gpu(fn, *args) -> str:
     """The text of ``jit(fn)(*args)`` lowered for CUDA as on an H200, from this CPU-only machine (an abstract GPU
     device); skips the test where this jax cannot do that. Pallas kernels called with ``interpret=False`` (or

@@ -120,15 +120,9 @@ def test_models_route_groupnorm_sums_only_when_switched_on(monkeypatch):
     """With the switch on and a GPU backend, a VAE encoder's GroupNorms up to the row limit take the kernels (here
     in interpret mode), and the encoding and its gradients equal the XLA ones; switched off, or on this CPU
     backend, none do."""
-    from dreamcraft_jax.guidance.random_priors import TINY_VAE
-    from dreamcraft_jax.models.vae import AutoencoderKL
+    from conftest import tiny_vae_encode_case
 
-    vae = AutoencoderKL.from_config(TINY_VAE)
-    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
-    params = vae.init(jax.random.PRNGKey(1), x, method=AutoencoderKL.encode)["params"]
-    encode = lambda p, im: vae.apply({"params": p}, im, method=AutoencoderKL.encode)[0]  # noqa: E731
-    loss = lambda p, im: jnp.sum(jnp.sin(encode(p, im)))  # noqa: E731
-    want = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    loss, params, x, want = tiny_vae_encode_case()
     calls = []
     fwd, bwd = cs.shifted_channel_sums, cs.backward_channel_sums
 
