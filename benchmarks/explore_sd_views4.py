@@ -98,7 +98,7 @@ def _bound_bwd(x, dy, mean_c, rstd_c, scale, bias, silu):
 
 
 class PatchConv(nn.Module):
-    """3x3 'same' convolution of few input channels as one matmul over 3x3 patches (same params as nn.Conv)."""
+    """3x3 'same' convolution of few input channels as one matmul over 3x3 patches (same params as layers.Conv2d)."""
 
     features: int
     dtype: object
@@ -106,12 +106,13 @@ class PatchConv(nn.Module):
     @nn.compact
     def __call__(self, x):
         cin = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, cin, self.features), jnp.float32)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=0),
+                            (self.features, 3, 3, cin), jnp.float32)  # OHWI, as layers.Conv2d
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         xp = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         h, w = x.shape[1:3]
         patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
-        y = jnp.einsum("bhwk,kf->bhwf", patches, kernel.reshape(9 * cin, self.features).astype(self.dtype),
+        y = jnp.einsum("bhwk,kf->bhwf", patches, kernel.transpose(1, 2, 3, 0).reshape(9 * cin, self.features).astype(self.dtype),
                        preferred_element_type=jnp.float32)
         return (y + bias).astype(self.dtype)
 

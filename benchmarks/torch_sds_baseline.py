@@ -6,6 +6,11 @@ images (gradient to the images, VAE parameters frozen), noise to a random t, UNe
 unconditional halves in one batch (no grad), grad = w(t) (eps_hat - eps), backward into the images.
 
     python benchmarks/torch_sds_baseline.py --out torch.json
+    python benchmarks/torch_sds_baseline.py --compile_views 1 --out torch.json   # also torch.compile
+
+``--compile_views``: after the eager cases, the same steps with what a careful PyTorch user tries first
+(the UNet through ``torch.compile(mode="reduce-overhead")``, i.e. Inductor + CUDA graphs, and the VAE encoder
+through ``torch.compile``), keys ``*_compiled_ms`` / ``*_compiled_pipelined_ms``; compilation is not timed.
 """
 
 import argparse
@@ -61,6 +66,17 @@ def make_models(unet_cfg, device):
     return unet, vae
 
 
+def compiled(unet, vae):
+    """(unet, vae) with the UNet compiled with CUDA graphs and the VAE encoder compiled (the BENCHMARKS.md
+    torch.compile anchor); shapes stay static (one graph per batch size, no dynamic-shape recompile)."""
+    import copy
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    vae = copy.copy(vae)  # a shallow copy: the eager model keeps its own encoder attribute
+    vae.encoder = torch.compile(vae.encoder)
+    return torch.compile(unet, mode="reduce-overhead"), vae
+
+
 def sds_step_fn(unet, vae, n_views, res, context, image_channels_extra=None):
     alphas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, device="cuda") ** 2
     alphas_cumprod = torch.cumprod(1 - alphas, 0)
@@ -86,6 +102,32 @@ def sds_step_fn(unet, vae, n_views, res, context, image_channels_extra=None):
     return step
 
 
+def time_compiled(res, prefix, unet, vae, args, size, ctx_dim, ctx_len, cond=None):
+    """Adds ``{prefix}_views{n}_compiled_ms`` (and ``_pipelined_ms``, ``_compile_s``) for ``args.compile_views``."""
+    import time
+
+    if not args.compile_views:
+        return
+    unet_c, vae_c = compiled(unet, vae)
+    res["compiled_mode"] = "torch.compile: UNet mode=reduce-overhead (CUDA graphs), VAE encoder default; fp16 + SDPA"
+    for n in args.compile_views:
+        ctx = torch.randn(2 * n, ctx_len, ctx_dim, device="cuda", dtype=torch.float16)
+        step = sds_step_fn(unet_c, vae_c, n, size, ctx, cond)
+        t0 = time.perf_counter()
+        try:
+            for _ in range(3):  # Inductor compiles, then CUDA graphs are recorded on the following calls
+                step()
+            torch.cuda.synchronize()
+        except Exception as e:  # keep the eager numbers: record why compile failed
+            res[f"{prefix}_views{n}_compiled_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(res[f"{prefix}_views{n}_compiled_error"], flush=True)
+            continue
+        res[f"{prefix}_views{n}_compile_s"] = time.perf_counter() - t0
+        res[f"{prefix}_views{n}_compiled_ms"] = timed(step, args.repeats)
+        res[f"{prefix}_views{n}_compiled_pipelined_ms"] = timed_pipelined(step, args.repeats)
+        print(f"{prefix} views {n} compiled: {res[f'{prefix}_views{n}_compiled_ms']:.2f} ms", flush=True)
+
+
 def unet_flops(unet, x, t, context):
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -97,11 +139,19 @@ def unet_flops(unet, x, t, context):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile_views", nargs="*", type=int, default=[],
+                   help="view counts to also time with torch.compile (UNet with CUDA graphs, VAE encoder)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     res = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
            "device": torch.cuda.get_device_name(), "mode": "eager fp16 + SDPA, VAE frozen (grad to images only)"}
+
+    def save():  # after each part: a run cut off by its time limit keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
+
     unet, vae = make_models(SD21_BASE_UNET, "cuda")
     for n in (1, 4):
         ctx = torch.randn(2 * n, 77, 1024, device="cuda", dtype=torch.float16)
@@ -116,9 +166,9 @@ def main():
     del unet, vae
     torch.cuda.empty_cache()
     unet, vae = make_models(ZERO123_UNET, "cuda")
+    cond = torch.randn(1, 4, 32, 32, device="cuda", dtype=torch.float16)
     for n in (1, 4):
         ctx = torch.randn(2 * n, 1, 768, device="cuda", dtype=torch.float16)
-        cond = torch.randn(1, 4, 32, 32, device="cuda", dtype=torch.float16)
         step = sds_step_fn(unet, vae, n, 256, ctx, cond)
         res[f"zero123_sds_256_views{n}_ms"] = timed(step, args.repeats)
         res[f"zero123_sds_256_views{n}_pipelined_ms"] = timed_pipelined(step, args.repeats)
@@ -126,10 +176,18 @@ def main():
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = timed(lambda: a @ b, args.repeats)
     res["bf16_matmul_8192_tflops"] = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
-    print(json.dumps(res, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+    del a, b
+    print(json.dumps(res, indent=2), flush=True)
+    save()
+    if args.compile_views:  # compiled last: Inductor's compile time does not hold up the eager numbers
+        time_compiled(res, "zero123_sds_256", unet, vae, args, 256, 768, 1, cond)
+        save()
+        del unet, vae
+        torch.cuda.empty_cache()
+        unet, vae = make_models(SD21_BASE_UNET, "cuda")
+        time_compiled(res, "sd_sds_512", unet, vae, args, 512, 1024, 77)
+        save()
+        print(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -1029,13 +1029,17 @@ def _record_variant(results: dict, key: str, r: dict, out: str, benchmark: str) 
 # with CFG (batch 8), and the 1-view VAE 512 px / Zero123 32 px ones.
 GN_SUMS_SHAPES = ("4x512x512x128", "4x256x256x256", "4x128x128x512", "4x64x64x512", "8x64x64x320",
                   "8x32x32x640", "8x16x16x1280", "8x8x8x2560", "1x512x512x128", "2x32x32x640")
-GN_SUMS_PLANS = ("c32w4", "c32w8", "c64w8", "c64w8f", "c128w8f", "c32w4t2048")
+GN_SUMS_PLANS = ("auto", "c32w4", "c32w8", "c64w8", "c64w8f", "c128w8f", "c32w4t2048")
 
 
 def _gn_sums_plan_kw(name: str) -> dict:
-    """"c64w8f" -> chunk 64, 8 warps, fold; "t2048": target programs; "s2": pipeline stages."""
+    """"c64w8f" -> chunk 64, 8 warps, fold; "t2048": target programs; "s2": pipeline stages; "auto": {} (the
+    plan channel_sums.plan picks per shape)."""
     kw, keys = {}, {"c": "chunk", "w": "num_warps", "t": "target_programs", "s": "num_stages"}
     import re
+
+    if name == "auto":
+        return kw
 
     for key, num in re.findall(r"([cwts])(\d+)", name):
         kw[keys[key]] = int(num)
@@ -1110,6 +1114,8 @@ def bench_gn_sums(args) -> dict:
                    "bwd_GBps": 2 * nbytes / (bwd_ms * 1e-3) / 1e9, "max_rel_diff_vs_xla": err,
                    "gn_fwd_bwd_ms": min(t_gn["median_ms"], t_gn["pipelined_ms"])}
             results[key] = row
+            if args.out:  # a run cut off by its time limit keeps the shapes done
+                _write_partial(args.out, "gn_sums", results)
             print(f"{key:<30} fwd {fwd_ms:7.3f} ms {row['fwd_GBps']:7.0f} GB/s   bwd {bwd_ms:7.3f} ms "
                   f"{row['bwd_GBps']:7.0f} GB/s   GroupNorm fwd+bwd {row['gn_fwd_bwd_ms']:7.3f} ms   diff {err:.1e}",
                   flush=True)
@@ -1482,10 +1488,13 @@ def print_sds_table(report: dict) -> None:
         tf = r.get("tflops_per_s") or float("nan")
         nan = float("nan")
         p_ms, tp_ms = r.get("pipelined_ms"), torch_ref.get(base + "_pipelined_ms")
+        c_ms, cp_ms = torch_ref.get(base + "_compiled_ms"), torch_ref.get(base + "_compiled_pipelined_ms")
+        compiled = (f"   torch.compile {c_ms:.2f} / {cp_ms:.2f} ms: {c_ms / r['median_ms']:.2f}x / "
+                    f"{cp_ms / p_ms:.2f}x" if (c_ms and cp_ms and p_ms) else "")
         print(f"{name:<28} {r['median_ms']:9.2f} {r['views_per_s']:8.1f} {tf:8.1f} "
               f"{r.get('fraction_of_peak', nan):8.2%} {t_ms or nan:9.2f} "
               f"{(t_ms / r['median_ms']) if t_ms else nan:7.2f}x {p_ms or nan:13.2f} {tp_ms or nan:13.2f} "
-              f"{(tp_ms / p_ms) if (tp_ms and p_ms) else nan:7.2f}x")
+              f"{(tp_ms / p_ms) if (tp_ms and p_ms) else nan:7.2f}x{compiled}")
 
 
 def print_table(report: dict) -> None:
@@ -1586,7 +1595,7 @@ def main(argv=None) -> int:
     g = sub.add_parser("gn_sums", help="GroupNorm per-channel sums alone: XLA against the split-row kernels")
     g.add_argument("--shapes", nargs="+", default=list(GN_SUMS_SHAPES), help="BxHxWxC activation shapes")
     g.add_argument("--plans", nargs="+", default=list(GN_SUMS_PLANS),
-                   help="kernel launch plans: c<chunk>w<warps>[t<target programs>][s<stages>][f = fold rows]")
+                   help="kernel launch plans: auto (per shape) or c<chunk>w<warps>[t<target programs>][s<stages>][f = fold rows]")
     g.add_argument("--repeats", type=int, default=20)
     g.add_argument("--out", default="")
     d = sub.add_parser("fd", help="finite-difference kernel alone over launch shapes, on packed ray samples")

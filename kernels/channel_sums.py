@@ -41,6 +41,12 @@ __all__ = ["shifted_channel_sums", "shifted_channel_sums_reference", "backward_c
 TARGET_PROGRAMS = 1024
 # Rows per loop iteration: (CHUNK, lanes) tiles, float32 accumulators in registers.
 CHUNK = 32
+# Large levels get 8 warps per program, and 16-row chunks between MID_ROWS and WIDE_ROWS rows per batch element
+# (the VAE's 256 px level): on an H200 the whole GroupNorm + SiLU forward and backward of 4x512x512x128 took
+# 0.566 ms with 32-row chunks and 8 warps against 0.676 with 32 and 4; of 4x256x256x256 0.303 ms with 16 and 8
+# against 0.343 with 32 and 4; at 128 px and below the plans were within noise
+# (benchmarks/gn_sums_h200.json, benchmarks/gn_sums_h200_all_shapes.json).
+MID_ROWS, WIDE_ROWS = 1 << 16, 1 << 18
 # Launch-plan keywords (those of :func:`plan`) for every call that passes none of its own, e.g. the models'
 # GroupNorms; set through :func:`plan_defaults` (benches compare plans with it).
 _PLAN_DEFAULTS: dict = {}
@@ -69,15 +75,19 @@ class _Plan(NamedTuple):
         return -(-self.channels // self.block_channels)
 
 
-def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_warps: int = 4,
+def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_warps: int | None = None,
          num_stages: int = 3, interpret: bool = False, target_programs: int | None = None,
          fold: bool = False) -> _Plan:
     """Launch shape for x (batch, rows, channels): 64-256 lane blocks (the widest power of two <= 256 that
     divides C, else 128 with a masked tail; below 64 channels the next power of two); splits a power of two, the fewest that reach ``target_programs``
     programs while each stretch keeps at least one chunk of rows. ``chunk`` / ``target_programs`` None: the
-    module's CHUNK / TARGET_PROGRAMS. ``fold``: sum each (chunk, lanes) tile over its rows as it is loaded
+    module's CHUNK (16 from MID_ROWS to WIDE_ROWS rows) / TARGET_PROGRAMS; ``num_warps`` None: 8 from MID_ROWS
+    rows on, else 4. ``fold``: sum each (chunk, lanes) tile over its rows as it is loaded
     (accumulators of one row: larger chunks fit in registers) instead of once after the loop."""
-    chunk = CHUNK if chunk is None else chunk
+    if chunk is None:
+        chunk = 16 if MID_ROWS <= rows < WIDE_ROWS else CHUNK
+    if num_warps is None:
+        num_warps = 8 if rows >= MID_ROWS else 4
     target_programs = TARGET_PROGRAMS if target_programs is None else target_programs
     for name, value in (("chunk", chunk), ("num_warps", num_warps)):
         if value < 1 or value & (value - 1):

@@ -76,12 +76,14 @@ def test_gn_sums_bench_writes_json_and_checks_plans(tmp_path):
     """bench gn_sums on the CPU (kernels in interpret mode): each plan's sums equal XLA's; a bad plan is one clear
     error."""
     out = tmp_path / "gn.json"
-    assert bench.main(["gn_sums", "--shapes", "2x8x8x96", "--plans", "c32w4", "c16w8f", "--repeats", "1",
+    assert bench.main(["gn_sums", "--shapes", "2x8x8x96", "--plans", "auto", "c32w4", "c16w8f", "--repeats", "1",
                        "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"2x8x8x96 xla", "2x8x8x96 c32w4", "2x8x8x96 c16w8f"}
+    assert set(results) == {"2x8x8x96 xla", "2x8x8x96 auto", "2x8x8x96 c32w4", "2x8x8x96 c16w8f"}
     folded = results["2x8x8x96 c16w8f"]
     assert folded["plan"]["fold"] and folded["plan"]["chunk"] == 16 and folded["plan"]["num_warps"] == 8
+    auto = results["2x8x8x96 auto"]["plan"]  # what channel_sums.plan picks for 64 rows
+    assert not auto["fold"] and (auto["chunk"], auto["num_warps"]) == (32, 4)
     assert all(r["max_rel_diff_vs_xla"] < 1e-5 and r["fwd_ms"] > 0 and r["gn_fwd_bwd_ms"] > 0
                for r in results.values())
     with pytest.raises(SystemExit, match="bad plan 'c32x4'"):

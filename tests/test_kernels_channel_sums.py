@@ -82,6 +82,14 @@ def test_plan_splits_rows_until_enough_programs():
     # VAE 512 px level: 4 x 262144 rows x 128 channels -> 256 stretches of 1024 rows
     p = cs.plan(4, 512 * 512, 128)
     assert (p.block_channels, p.splits, p.rows_per_split) == (128, 256, 1024)
+    # 8 warps from MID_ROWS rows on, 16-row chunks below WIDE_ROWS (the 256 px level); explicit values win
+    assert (p.num_warps, p.chunk) == (8, 32)
+    p = cs.plan(4, 256 * 256, 256)
+    assert (p.num_warps, p.chunk) == (8, 16)
+    p = cs.plan(4, 128 * 128, 512)
+    assert (p.num_warps, p.chunk) == (4, cs.CHUNK)
+    p = cs.plan(4, 512 * 512, 128, num_warps=4, chunk=64)
+    assert (p.num_warps, p.chunk) == (4, 64)
     # 8 x 8 latents: never fewer rows per stretch than a chunk
     p = cs.plan(8, 64, 1280, chunk=32)
     assert p.block_channels == 256 and p.splits == 2 and p.rows_per_split >= p.chunk

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreamcraft_jax.models.layers import Transformer2DModel, nearest_resize, resolve_attention_impl, timestep_embedding
+from dreamcraft_jax.models.layers import (Conv2d, Transformer2DModel, nearest_resize, resolve_attention_impl,
+                                          timestep_embedding)
+from dreamcraft_jax.models.loading import convert_state_dict, to_state_dict
 from dreamcraft_jax.models.loading import WeightLoadingError
 from dreamcraft_jax.models.unet import UNet2DConditionModel, load_unet
 from dreamcraft_jax.models.vae import AutoencoderKL, load_vae
@@ -69,6 +71,28 @@ def test_unet_matches_diffusers(name):
     out = run_unet(module, params, d)
     assert out.shape == d["out"].shape and out.dtype == jnp.float32
     assert rel_err(out, d["out"]) <= TOL
+
+
+@pytest.mark.parametrize("kernel_size,stride,padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))),
+                                                        (1, 1, ((0, 0), (0, 0)))])
+def test_conv2d_kernel_is_out_h_w_in(kernel_size, stride, padding):
+    """Conv2d stores its kernel (out, kh, kw, in) and equals Flax's nn.Conv (HWIO) with that kernel transposed;
+    the torch state-dict round trip maps OIHW onto it and back."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 5))
+    conv = Conv2d(7, (kernel_size, kernel_size), strides=(stride, stride), padding=padding)
+    params = conv.init(jax.random.PRNGKey(1), x)["params"]
+    params = {"kernel": params["kernel"], "bias": jnp.arange(7.0)}
+    assert params["kernel"].shape == (7, kernel_size, kernel_size, 5)
+    flax_conv = nn.Conv(7, (kernel_size, kernel_size), strides=(stride, stride), padding=padding)
+    want = flax_conv.apply({"params": {"kernel": jnp.transpose(params["kernel"], (1, 2, 3, 0)),
+                                       "bias": params["bias"]}}, x)
+    np.testing.assert_allclose(conv.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+    state = to_state_dict({"conv": params})
+    np.testing.assert_array_equal(state["conv.weight"], np.transpose(np.asarray(params["kernel"]), (0, 3, 1, 2)))
+    back = convert_state_dict(state, jax.eval_shape(lambda: {"conv": params}))
+    np.testing.assert_array_equal(back["conv"]["kernel"], params["kernel"])
 
 
 def test_unet_config_semantics():

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamcraft_jax.models import loading
+from dreamcraft_jax.models.layers import Conv2d
 from dreamcraft_jax.models.loading import WeightLoadingError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -311,8 +312,8 @@ class CLIPVisionEmbeddings(nn.Module):
         p = cfg.patch_size
         cls_emb = self.param("class_embedding", nn.initializers.normal(cfg.hidden_size ** -0.5),
                              (cfg.hidden_size,), jnp.float32)
-        patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                          dtype=self.dtype, param_dtype=jnp.float32, name="patch_embedding")(pixel_values)
+        patches = Conv2d(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                         dtype=self.dtype, name="patch_embedding")(pixel_values)
         b = patches.shape[0]
         # (B, H/p, W/p, D) -> (B, N, D) row-major, the order of torch's flatten(2).transpose(1, 2).
         patches = patches.reshape(b, -1, cfg.hidden_size).astype(jnp.float32)

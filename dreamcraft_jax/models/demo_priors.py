@@ -74,7 +74,9 @@ def _random(module, *inputs, seed: int):
     for path, leaf in paths:
         name = str(getattr(path[-1], "key", path[-1]))
         if name in ("kernel", "embedding") and len(leaf.shape) >= 2:
-            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+            # fan-in: all but the output axis, which is last for Dense (in, out) and first for conv (out, kh, kw, in)
+            fan_in = np.prod(leaf.shape[1:]) if len(leaf.shape) == 4 else np.prod(leaf.shape[:-1])
+            value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
         elif name == "scale":
             value = np.ones(leaf.shape)
         else:

@@ -54,8 +54,39 @@ def dense(features: int, name: str, dtype: Dtype, use_bias: bool = True, **kw) -
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kw)
 
 
+class Conv2d(nn.Module):
+    """A 2-D convolution on NHWC input whose kernel is stored (out, kh, kw, in) ("OHWI"), not Flax's HWIO.
+
+    OHWI row-major is the filter layout XLA gives cuDNN for NHWC bfloat16 convolutions: with an HWIO
+    parameter every step began with a transpose of each conv kernel (~0.65 ms of the 1-view SD and Zero123 SDS
+    steps on an H200, ``benchmarks/profile_views1_h200.json``); stored this way the kernel is read as it is.
+    Every 4-D ``kernel`` leaf of the models is laid out so (the loaders turn torch's OIHW into it).
+
+    y = conv(x, kernel) + bias: x (B, H, W, I) -> (B, H', W', O), computed in ``dtype``.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] | str = ((0, 0), (0, 0))
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(1, 2, 3), out_axis=0),
+                            (self.features, kh, kw, x.shape[-1]), self.param_dtype)
+        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
+                                         self.padding, dimension_numbers=("NHWC", "OHWI", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
 def conv(features: int, name: str | None, dtype: Dtype, kernel_size: int = 3, stride: int = 1,
-         padding: int | tuple[tuple[int, int], tuple[int, int]] | None = None) -> nn.Conv:
+         padding: int | tuple[tuple[int, int], tuple[int, int]] | None = None) -> Conv2d:
     """A 2-D convolution on NHWC input (diffusers ``nn.Conv2d``); padding defaults to "same" for odd kernels.
 
     ``padding``: one int for all sides, or ((top, bottom), (left, right)). name None: for ``setup``, where the
@@ -63,8 +94,8 @@ def conv(features: int, name: str | None, dtype: Dtype, kernel_size: int = 3, st
     """
     pad = (kernel_size - 1) // 2 if padding is None else padding
     pads = ((pad, pad), (pad, pad)) if isinstance(pad, int) else tuple(tuple(p) for p in pad)
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=pads,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+    return Conv2d(features, (kernel_size, kernel_size), strides=(stride, stride), padding=pads, dtype=dtype,
+                  name=name)
 
 
 def _group_statistics(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:

@@ -6,7 +6,7 @@ PyTorch attribute paths, so a checkpoint key maps to a Flax path by two rules:
 * path: split on ".", glue a numeric part to the name before it: ``down_blocks.0.resnets.1.conv1.weight`` ->
   ``down_blocks_0 / resnets_1 / conv1 / <leaf>``;
 * leaf: ``weight`` becomes whatever the Flax module holds there: ``kernel`` (linear: transposed; conv: OIHW ->
-  HWIO; a 1x1 conv loaded into a Dense is squeezed), ``scale`` (norms) or ``embedding`` (embeddings); ``bias``
+  OHWI, see :class:`dreamcraft_jax.models.layers.Conv2d`; a 1x1 conv loaded into a Dense is squeezed), ``scale`` (norms) or ``embedding`` (embeddings); ``bias``
   and any other leaf (e.g. ``class_embedding``) keep their name and layout.
 
 Loading is strict: keys the module lacks (unexpected), parameters the checkpoint lacks (missing) and shape
@@ -163,12 +163,13 @@ def _convert_leaf(name: str, value: np.ndarray, holder: Mapping[str, Any]) -> tu
         return name, value
     if "kernel" in holder:
         target = holder["kernel"].shape
+        # 4-D kernels are (out, kh, kw, in): layers.Conv2d, the layout cuDNN reads NHWC convolutions with.
         if value.ndim == 4 and len(target) == 4:
-            return "kernel", np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+            return "kernel", np.transpose(value, (0, 2, 3, 1))  # OIHW -> OHWI
         if value.ndim == 4 and len(target) == 2:
             return "kernel", value[:, :, 0, 0].T  # 1x1 conv into Dense
         if value.ndim == 2 and len(target) == 4:
-            return "kernel", value.T[None, None]  # Dense into 1x1 conv
+            return "kernel", value[:, None, None, :]  # Dense into 1x1 conv
         return "kernel", value.T
     if "scale" in holder:
         return "scale", value
@@ -293,7 +294,7 @@ def to_state_dict(params) -> dict[str, np.ndarray]:
         value = np.asarray(leaf, np.float32)
         name = path[-1]
         if name == "kernel":
-            value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
+            value = np.transpose(value, (0, 3, 1, 2)) if value.ndim == 4 else value.T  # OHWI -> OIHW
             name = "weight"
         elif name in ("scale", "embedding"):
             name = "weight"
