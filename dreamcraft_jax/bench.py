@@ -119,7 +119,8 @@ def _load_config(path: str, overrides=()):
 
 
 def fit_scene(cfg, steps: int):
-    """Fit the bundled example from the reference view for ``steps`` steps at 128 px; returns the state."""
+    """Fit the bundled example from the reference view for ``steps`` steps at 128 px: (stage, state, metrics of
+    the last step); 0 steps: the initial state, nothing compiled, no metrics."""
     from dreamcraft_jax.runner import load_targets
     from dreamcraft_jax.stages.coarse_nerf import REF, CoarseNerf, targets_from_reference
 
@@ -129,6 +130,8 @@ def fit_scene(cfg, steps: int):
         cfg.train.mode = "reference_only"
     stage = CoarseNerf.from_config(cfg, mesh)
     state = stage.init_state()
+    if steps <= 0:
+        return stage, state, {}
     targets = parallel.replicate(targets_from_reference(load_targets(cfg, 128, 128)), mesh)
     step = stage.step_fn(REF, 128, 128)
     for _ in range(steps):
@@ -905,7 +908,9 @@ def _stage_case(cfg, stage_name: str, res: int, views_per_device: int, mesh, pri
         state = stage.init_state(previous=fitted)
     else:
         state = parallel.replicate(jax.device_get(fitted), mesh)
-    state = state.replace(step=jnp.asarray(at_step, jnp.int32))
+    # Placed like the step's own output: an uncommitted step counter made the first step compile for another
+    # input sharding than every later one, so the next call (fed the step's output) compiled the step again.
+    state = state.replace(step=parallel.replicate(jnp.asarray(at_step, jnp.int32), mesh))
     targets = parallel.replicate(targets_from_reference(load_targets(scfg, res, res)), mesh)
     return stage, state, targets, pp
 
