@@ -529,6 +529,20 @@ def _sds_case(kind: str, views: int, tiny: bool, attention_impl, dtype, param_dt
     return jax.jit(jax.grad(loss)), args
 
 
+def _compiler_options(text: str) -> dict:
+    """"key=value;key=value" -> XLA options for one compile (``Lowered.compile``), e.g.
+    ``xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,CONVOLUTION`` (a list is comma-separated; the
+    ``+NAME`` form of XLA_FLAGS is not accepted here); "" = XLA's defaults. Values stay strings: XLA parses them
+    by the option's type."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: compiler option {item!r}: expected key=value (several joined by ';')")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def bench_sds(args) -> dict:
     from dreamcraft_jax.models import layers
 
@@ -538,9 +552,10 @@ def bench_sds(args) -> dict:
     groupnorm_choices = [False, True] if args.compare_groupnorm else [args.groupnorm_kernel]
     sums_choices = args.groupnorm_sums_max_rows
     sums_before = layers._GROUPNORM_SUMS_MAX_ROWS
+    option_sets = [_compiler_options(text) for text in args.compiler_options]
     results = {}
-    for kind, views, impl, gn_kernel, sums_rows in itertools.product(args.kinds, args.views, impls,
-                                                                     groupnorm_choices, sums_choices):
+    for kind, views, impl, gn_kernel, sums_rows, (opt_i, options) in itertools.product(
+            args.kinds, args.views, impls, groupnorm_choices, sums_choices, enumerate(option_sets)):
         if impl is None and gpu and views != args.views[0]:
             continue  # the XLA-attention comparison at one batch size is enough
         name = f"{kind}_views{views}" + ("" if impl == impls[0] else "_xla_attention")
@@ -548,6 +563,8 @@ def bench_sds(args) -> dict:
             name += "_groupnorm_kernel"
         if sums_rows != sums_choices[0]:
             name += f"_groupnorm_sums{sums_rows}"
+        if opt_i:
+            name += f"_options{opt_i}"
         layers.set_groupnorm_kernel(gn_kernel)  # read when the step is traced (lower, below)
         layers.set_groupnorm_sums_kernel(sums_rows)
         try:
@@ -558,7 +575,7 @@ def bench_sds(args) -> dict:
             t1 = time.perf_counter()
             lowered = grad_fn.lower(*fn_args)
             t2 = time.perf_counter()
-            compiled = lowered.compile()
+            compiled = lowered.compile(options or None)
             t_compile = time.perf_counter() - t2
             print(f"{name}: init {t1 - t0:.1f} s, trace+lower {t2 - t1:.1f} s, compile {t_compile:.1f} s",
                   file=sys.stderr, flush=True)
@@ -569,7 +586,7 @@ def bench_sds(args) -> dict:
             continue
         flops = None if args.tiny else SDS_TFLOP_PER_VIEW[kind] * 1e12 * views
         results[name] = {"views": views, "attention": impl or "xla", "groupnorm_kernel": gn_kernel,
-                         "groupnorm_sums_max_rows": sums_rows,
+                         "groupnorm_sums_max_rows": sums_rows, "compiler_options": options,
                          "compile_s": t_compile, **timing,
                          "views_per_s": views / (timing["median_ms"] * 1e-3), "flops_model": flops,
                          "xla_cost_analysis_flops": _flops(compiled),
@@ -1487,7 +1504,7 @@ def print_sds_table(report: dict) -> None:
         if "error" in r:
             print(f"{name:<28} {r['error']}")
             continue
-        case = name.split("_xla")[0].split("_groupnorm")[0]
+        case = name.split("_xla")[0].split("_groupnorm")[0].split("_options")[0]
         base = case.replace("sd_views", "sd_sds_512_views").replace("zero123_views", "zero123_sds_256_views")
         t_ms = torch_ref.get(base + "_ms")
         tf = r.get("tflops_per_s") or float("nan")
@@ -1555,6 +1572,9 @@ def main(argv=None) -> int:
                         "--compare_groupnorm both ways")
     q.add_argument("--compare_groupnorm", action="store_true",
                    help="time each case with and without the GroupNorm kernel (an A/B in one process)")
+    q.add_argument("--compiler_options", nargs="+", default=[""], metavar="KEY=VALUE[;KEY=VALUE]",
+                   help="XLA options per compile, one set per variant (each case with each; '' = XLA's "
+                        "defaults), e.g. '' 'xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,CONVOLUTION'")
     q.add_argument("--groupnorm_sums_max_rows", nargs="+", type=int,
                    default=[config_lib.base_config().kernels.groupnorm_sums_max_rows],
                    help="kernels.groupnorm_sums_max_rows (0: XLA's sums); several values: each case with each, "

@@ -73,6 +73,22 @@ def test_sds_bench_tiny_writes_json(tmp_path):
     assert abs(case["views_per_s"] - 2 / (case["median_ms"] * 1e-3)) < 1e-6 * case["views_per_s"]
 
 
+def test_sds_bench_compiler_option_variants(tmp_path, capsys):
+    """--compiler_options: each case compiled once per option set (XLA parses the values: a GPU option is
+    accepted, and ignored, on this CPU), named by its index; a malformed set is one clear error."""
+    out = tmp_path / "sds.json"
+    assert bench.main(["sds", "--tiny", "--kinds", "zero123", "--views", "1", "--repeats", "1", "--compiler_options",
+                       "", "xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,CONVOLUTION;xla_gpu_graph_min_graph_size=1",
+                       "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"zero123_views1", "zero123_views1_options1"}
+    assert results["zero123_views1"]["compiler_options"] == {}
+    assert results["zero123_views1_options1"]["compiler_options"] == {
+        "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CONVOLUTION", "xla_gpu_graph_min_graph_size": "1"}
+    with pytest.raises(SystemExit, match="expected key=value"):
+        bench.main(["sds", "--tiny", "--kinds", "zero123", "--views", "1", "--compiler_options", "nonsense"])
+
+
 def test_gn_sums_bench_writes_json_and_checks_plans(tmp_path):
     """bench gn_sums on the CPU (kernels in interpret mode): each plan's sums equal XLA's; a bad plan is one clear
     error."""
