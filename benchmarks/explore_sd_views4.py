@@ -112,7 +112,8 @@ class PatchConv(nn.Module):
         xp = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
         h, w = x.shape[1:3]
         patches = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
-        y = jnp.einsum("bhwk,kf->bhwf", patches, kernel.transpose(1, 2, 3, 0).reshape(9 * cin, self.features).astype(self.dtype),
+        weights = kernel.transpose(1, 2, 3, 0).reshape(9 * cin, self.features)  # (kh, kw, in) rows, as patches
+        y = jnp.einsum("bhwk,kf->bhwf", patches, weights.astype(self.dtype),
                        preferred_element_type=jnp.float32)
         return (y + bias).astype(self.dtype)
 

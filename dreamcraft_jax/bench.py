@@ -1057,12 +1057,11 @@ GN_SUMS_PLANS = ("auto", "c32w4", "c32w8", "c64w8", "c64w8f", "c128w8f", "c32w4t
 def _gn_sums_plan_kw(name: str) -> dict:
     """"c64w8f" -> chunk 64, 8 warps, fold; "t2048": target programs; "s2": pipeline stages; "auto": {} (the
     plan channel_sums.plan picks per shape)."""
-    kw, keys = {}, {"c": "chunk", "w": "num_warps", "t": "target_programs", "s": "num_stages"}
     import re
 
+    kw, keys = {}, {"c": "chunk", "w": "num_warps", "t": "target_programs", "s": "num_stages"}
     if name == "auto":
         return kw
-
     for key, num in re.findall(r"([cwts])(\d+)", name):
         kw[keys[key]] = int(num)
     if name.endswith("f"):
@@ -1113,7 +1112,8 @@ def bench_gn_sums(args) -> dict:
                 t_f = _time(fwd_j, x, repeats=args.repeats, pipelined=True)
                 t_b = _time(bwd_j, x, dy, mean_c, rstd_c, scale, bias, repeats=args.repeats, pipelined=True)
                 layers.set_groupnorm_sums_kernel(0 if plan_kw is None else layers.DEFAULT_GROUPNORM_SUMS_MAX_ROWS)
-                with cs.plan_defaults(**(plan_kw or {})):  # traced (and timed) inside: the models' GroupNorm with this plan
+                # Traced (and timed) inside: the models' GroupNorm with this plan.
+                with cs.plan_defaults(**(plan_kw or {})):
                     gn_j = jax.jit(lambda x, s, bb, cot: jax.vjp(
                         lambda *a: layers.group_norm_act(*a, 32, 1e-6, True), x, s, bb)[1](cot))
                     t_gn = _time(gn_j, x, scale, bias, dy, repeats=args.repeats, pipelined=True)
@@ -1620,7 +1620,8 @@ def main(argv=None) -> int:
     g = sub.add_parser("gn_sums", help="GroupNorm per-channel sums alone: XLA against the split-row kernels")
     g.add_argument("--shapes", nargs="+", default=list(GN_SUMS_SHAPES), help="BxHxWxC activation shapes")
     g.add_argument("--plans", nargs="+", default=list(GN_SUMS_PLANS),
-                   help="kernel launch plans: auto (per shape) or c<chunk>w<warps>[t<target programs>][s<stages>][f = fold rows]")
+                   help="kernel launch plans: auto (per shape) or "
+                        "c<chunk>w<warps>[t<target programs>][s<stages>][f = fold rows]")
     g.add_argument("--repeats", type=int, default=20)
     g.add_argument("--out", default="")
     d = sub.add_parser("fd", help="finite-difference kernel alone over launch shapes, on packed ray samples")

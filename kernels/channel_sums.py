@@ -79,11 +79,12 @@ def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_
          num_stages: int = 3, interpret: bool = False, target_programs: int | None = None,
          fold: bool = False) -> _Plan:
     """Launch shape for x (batch, rows, channels): 64-256 lane blocks (the widest power of two <= 256 that
-    divides C, else 128 with a masked tail; below 64 channels the next power of two); splits a power of two, the fewest that reach ``target_programs``
-    programs while each stretch keeps at least one chunk of rows. ``chunk`` / ``target_programs`` None: the
-    module's CHUNK (16 from MID_ROWS to WIDE_ROWS rows) / TARGET_PROGRAMS; ``num_warps`` None: 8 from MID_ROWS
-    rows on, else 4. ``fold``: sum each (chunk, lanes) tile over its rows as it is loaded
-    (accumulators of one row: larger chunks fit in registers) instead of once after the loop."""
+    divides C, else 128 with a masked tail; below 64 channels the next power of two); splits a power of two,
+    the fewest that reach ``target_programs`` programs while each stretch keeps at least one chunk of rows.
+    ``chunk`` / ``target_programs`` None: the module's CHUNK (16 from MID_ROWS to WIDE_ROWS rows) /
+    TARGET_PROGRAMS; ``num_warps`` None: 8 from MID_ROWS rows on, else 4. ``fold``: sum each (chunk, lanes) tile
+    over its rows as it is loaded (accumulators of one row: larger chunks fit in registers) instead of once
+    after the loop."""
     if chunk is None:
         chunk = 16 if MID_ROWS <= rows < WIDE_ROWS else CHUNK
     if num_warps is None:

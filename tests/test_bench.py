@@ -77,9 +77,9 @@ def test_sds_bench_compiler_option_variants(tmp_path, capsys):
     """--compiler_options: each case compiled once per option set (XLA parses the values: a GPU option is
     accepted, and ignored, on this CPU), named by its index; a malformed set is one clear error."""
     out = tmp_path / "sds.json"
+    options = "xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,CONVOLUTION;xla_gpu_graph_min_graph_size=1"
     assert bench.main(["sds", "--tiny", "--kinds", "zero123", "--views", "1", "--repeats", "1", "--compiler_options",
-                       "", "xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL,CONVOLUTION;xla_gpu_graph_min_graph_size=1",
-                       "--out", str(out)]) == 0
+                       "", options, "--out", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"zero123_views1", "zero123_views1_options1"}
     assert results["zero123_views1"]["compiler_options"] == {}

@@ -6,8 +6,9 @@ PyTorch attribute paths, so a checkpoint key maps to a Flax path by two rules:
 * path: split on ".", glue a numeric part to the name before it: ``down_blocks.0.resnets.1.conv1.weight`` ->
   ``down_blocks_0 / resnets_1 / conv1 / <leaf>``;
 * leaf: ``weight`` becomes whatever the Flax module holds there: ``kernel`` (linear: transposed; conv: OIHW ->
-  OHWI, see :class:`dreamcraft_jax.models.layers.Conv2d`; a 1x1 conv loaded into a Dense is squeezed), ``scale`` (norms) or ``embedding`` (embeddings); ``bias``
-  and any other leaf (e.g. ``class_embedding``) keep their name and layout.
+  OHWI, see :class:`dreamcraft_jax.models.layers.Conv2d`; a 1x1 conv loaded into a Dense is squeezed), ``scale``
+  (norms) or ``embedding`` (embeddings); ``bias`` and any other leaf (e.g. ``class_embedding``) keep their name
+  and layout.
 
 Loading is strict: keys the module lacks (unexpected), parameters the checkpoint lacks (missing) and shape
 mismatches are all reported together in one :class:`WeightLoadingError`, except for patterns the caller allows
