@@ -37,14 +37,19 @@ from dreamcraft_jax.fields.mlp import apply_mlp
 from dreamcraft_jax.guidance.random_priors import TINY_UNET, TINY_VAE, random_params, random_priors
 from dreamcraft_jax.models.reference_configs import SD21_BASE_UNET, SD_VAE, ZERO123_UNET
 from dreamcraft_jax.render import volume
+from dreamcraft_jax.xla_flags import DEFAULT_XLA_FLAGS, apply_xla_flags
 
 
-def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False) -> dict:
+def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False, rounds: int = 3) -> dict:
     """Median / min / max ms of ``repeats`` calls, each ended with ``block_until_ready`` (latency).
 
     ``pipelined``: also ``pipelined_ms``, the time of ``repeats`` calls issued back to back with one wait at the
     end, divided by ``repeats``: the step time of a training loop, where the host enqueues step n + 1 while the
     device still runs step n (JAX dispatch is asynchronous), so host launch overhead hides behind device work.
+    As in a training loop, each call's result replaces the previous one (whose buffers go back to the allocator
+    once its call has run). ``pipelined_held_ms`` keeps all ``repeats`` results alive instead, as this bench
+    did before: each call then writes its outputs to new addresses, which XLA's CUDA graphs must be updated for.
+    Both are the median over ``rounds`` batches (``*_rounds_ms`` list them): one batch is one sample.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
@@ -55,10 +60,20 @@ def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False) -> 
         times.append(1000.0 * (time.perf_counter() - t0))
     out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": repeats}
     if pipelined:
-        t0 = time.perf_counter()
-        results = [fn(*args) for _ in range(repeats)]
-        jax.block_until_ready(results)
-        out["pipelined_ms"] = 1000.0 * (time.perf_counter() - t0) / repeats
+        for key, hold in (("pipelined", False), ("pipelined_held", True)):
+            batches = []
+            for _ in range(max(1, rounds)):
+                t0 = time.perf_counter()
+                if hold:
+                    result = [fn(*args) for _ in range(repeats)]
+                else:
+                    for _ in range(repeats):
+                        result = fn(*args)
+                jax.block_until_ready(result)
+                batches.append(1000.0 * (time.perf_counter() - t0) / repeats)
+                del result
+            out[f"{key}_ms"] = statistics.median(batches)
+            out[f"{key}_rounds_ms"] = batches
     return out
 
 
@@ -604,7 +619,7 @@ def bench_sds(args) -> dict:
             r["pipelined_fraction_of_peak"] = r["pipelined_tflops_per_s"] / peak
     torch_ref = json.loads(Path(args.torch_json).read_text()) if args.torch_json else None
     return {"benchmark": "sds", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "dtype": jnp.dtype(dtype).name, "param_dtype": args.param_dtype, "tiny": args.tiny,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": jnp.dtype(dtype).name, "param_dtype": args.param_dtype, "tiny": args.tiny,
             "bf16_matmul_peak_tflops": peak,
             "results": results, "torch": torch_ref}
 
@@ -694,7 +709,7 @@ def bench_stage(args) -> dict:
                 print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
     projection = _project_wall(cfg, results)
     return {"benchmark": "stage", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "devices": len(jax.devices()), "tiny": args.tiny, "config": args.config, "at_step": args.at_step,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": len(jax.devices()), "tiny": args.tiny, "config": args.config, "at_step": args.at_step,
             "kernels_backend": nerf_stage.render.backend, "overrides": list(args.set), "results": results,
             "projection": projection,
             "peak_memory_bytes": _peak_memory_bytes()}
@@ -868,21 +883,25 @@ def _scaling_case(kind, views, mesh, layout, priors, prior_params, cfg, fitted, 
             "loss": loss, "prior_bytes_per_device": _prior_bytes_per_device(placed)}
 
 
-def _pipelined_steps_ms(steps, state, targets, prior_params, repeats: int) -> float:
+def _pipelined_steps_ms(steps, state, targets, prior_params, repeats: int, rounds: int = 3) -> float:
     """ms per step of ``repeats`` rounds of ``steps`` (jitted step fns, e.g. a (reference, random) pair) issued
     back to back, the state threaded through as in training, one wait at the end: what the training loop (which
-    only waits to log) spends per step, with the host's launch work hidden behind the device's."""
+    only waits to log) spends per step, with the host's launch work hidden behind the device's. The median of
+    ``rounds`` such batches (one batch is one sample)."""
     state = jax.tree.map(lambda x: x.copy(), state)
     for _ in range(2):  # warm-up
         for step in steps:
             state, _ = step(state, targets, prior_params)
     jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        for step in steps:
-            state, metrics = step(state, targets, prior_params)
-    jax.block_until_ready((state, metrics))
-    return 1000.0 * (time.perf_counter() - t0) / (len(steps) * repeats)
+    batches = []
+    for _ in range(max(1, rounds)):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for step in steps:
+                state, metrics = step(state, targets, prior_params)
+        jax.block_until_ready((state, metrics))
+        batches.append(1000.0 * (time.perf_counter() - t0) / (len(steps) * repeats))
+    return statistics.median(batches)
 
 
 def _scaling_efficiency(results: dict, timing: str = "median_ms") -> dict:
@@ -1545,6 +1564,10 @@ def print_table(report: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreamcraft_jax.bench")
+    parser.add_argument("--xla_flags", default=DEFAULT_XLA_FLAGS,
+                        help="added to XLA_FLAGS before the backend starts, as training does (cfg.xla_flags; a "
+                             "flag already in XLA_FLAGS wins); '' = XLA's defaults. Goes before the benchmark's "
+                             "name: python -m dreamcraft_jax.bench --xla_flags '' sds ...")
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("render", help="coarse-stage render forward+backward, pure-jnp path")
     p.add_argument("--config", default="configs/coarse_nerf.py")
@@ -1686,6 +1709,10 @@ def main(argv=None) -> int:
         # Inside a command buffer (CUDA graph) the profiler sees one event for hundreds of kernels. Must be set
         # before the backend starts, which the first device use below does.
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+    try:
+        apply_xla_flags(args.xla_flags)
+    except ValueError as e:
+        raise SystemExit(f"error: --xla_flags: {e}")
     if args.what == "compile":
         report = bench_compile.run(args)
         if report is None:  # a child process of the compile bench: its result line is printed

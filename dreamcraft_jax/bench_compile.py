@@ -96,7 +96,9 @@ def _child(args) -> dict:
 
 
 def _child_command(args, name: str, sets=()) -> list[str]:
-    cmd = [sys.executable, "-m", "dreamcraft_jax.bench", "compile", "--child", name, "--config", args.config,
+    # --xla_flags '': the parent's XLA_FLAGS (its --xla_flags applied) + the variant's, nothing added in the child.
+    cmd = [sys.executable, "-m", "dreamcraft_jax.bench", "--xla_flags", "", "compile", "--child", name,
+           "--config", args.config,
            "--repeats", str(args.repeats), "--cases", *args.cases]
     for item in [*args.set, *sets]:
         cmd += ["--set", item]

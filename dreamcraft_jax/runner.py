@@ -43,6 +43,7 @@ from dreamcraft_jax.export import media
 from dreamcraft_jax.models import layers
 from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF, CoarseNerf, TrainState, step_kind, targets_from_reference
 from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+from dreamcraft_jax.xla_flags import apply_xla_flags
 
 log = logging.getLogger("dreamcraft_jax")
 
@@ -178,6 +179,7 @@ def train(cfg, progress: bool = True) -> Path:
     run folder. Each stage writes into ``<run folder>/<stage>/``; a later stage starts from the previous
     stage's last checkpoint (``cfg.init_from`` for a single later stage)."""
     validate(cfg)
+    apply_xla_flags(cfg.xla_flags)  # before the first device use (the distributed init, the mesh) reads them
     layers.configure_groupnorm_kernels(cfg.kernels)  # before any prior is traced
     parallel.maybe_initialize_distributed(cfg)
     workdir, resuming = resolve_workdir(cfg)

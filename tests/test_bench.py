@@ -8,6 +8,28 @@ from configs_loader import ROOT
 from dreamcraft_jax import bench
 
 
+def test_timing_pipelined_is_the_median_of_its_rounds(monkeypatch):
+    """Each pipelined round issues ``repeats`` calls with one wait; the reported time is the median round, once
+    with each result replacing the last (a training loop) and once with all results kept alive."""
+    clock = iter([0.0, 0.001, 0.001, 0.002,  # two latency calls, 1 ms each
+                  1.0, 1.030, 2.0, 2.010, 3.0, 3.020,  # three rounds of 2 calls: 30, 10, 20 ms
+                  4.0, 4.008, 5.0, 5.004, 6.0, 6.006])  # held: 8, 4, 6 ms
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    calls = []
+    out = bench._time(lambda: calls.append(1) or len(calls), repeats=2, warmup=1, pipelined=True, rounds=3)
+    assert len(calls) == 1 + 2 + 2 * 3 * 2
+    assert out["median_ms"] == pytest.approx(1.0) and out["n"] == 2
+    assert out["pipelined_rounds_ms"] == pytest.approx([15.0, 5.0, 10.0])
+    assert out["pipelined_ms"] == pytest.approx(10.0)
+    assert out["pipelined_held_rounds_ms"] == pytest.approx([4.0, 2.0, 3.0])
+    assert out["pipelined_held_ms"] == pytest.approx(3.0)
+
+
+def test_bench_xla_flags_are_checked_before_anything_runs():
+    with pytest.raises(SystemExit, match="--xla_flags: 'nope' is not an XLA flag"):
+        bench.main(["--xla_flags", "nope", "sds", "--tiny", "--views", "1"])
+
+
 def test_render_bench_writes_json(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "render.json"
@@ -325,7 +347,10 @@ def test_compile_bench_runs_a_variant_in_a_child_process(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     out = tmp_path / "compile.json"
-    assert bench.main(["compile", "--config", "configs/demo.py", "--tiny", "--cases", "coarse_neus_16px_ref",
+    # --xla_flags '': the child sees exactly XLA_FLAGS + the variant's flags (by default the bench adds
+    # cfg.xla_flags when the backend has not started yet, which depends on what this worker ran before).
+    assert bench.main(["--xla_flags", "", "compile", "--config", "configs/demo.py", "--tiny", "--cases",
+                       "coarse_neus_16px_ref",
                        "--variants", "noauto=--xla_gpu_autotune_level=0|kernels.fused_mlp=True", "--repeats", "2",
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())

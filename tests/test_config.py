@@ -76,6 +76,7 @@ def test_unknown_key_is_rejected_by_the_parser():
     ("optimizer.b2", 1.5, "optimizer.b2"),
     ("guidance.random_real_size", True, "demo_priors is set"),  # the demo config sets demo_priors
     ("kernels.groupnorm_sums_max_rows", -1, "kernels.groupnorm_sums_max_rows"),
+    ("xla_flags", "xla_gpu_enable_command_buffer=", "not an XLA flag"),
 ])
 def test_invalid_values_are_rejected(key, value, match):
     c = load_config_file("configs/demo.py")
@@ -98,6 +99,7 @@ def _cli(*args, cwd=ROOT):
     (["--config.train.mode=sideways"], "train.mode"),
     (["--config.train.max_steps=abc"], "max_steps"),
     (["--config.image=does_not_exist.png"], "not found"),
+    (["--config.xla_flags=-v"], "xla_flags: '-v' is not an XLA flag"),
 ])
 def test_cli_gives_one_error_line_and_writes_nothing(tmp_path, args, needle):
     result = _cli("--config=configs/demo.py", f"--config.output_root={tmp_path}/out", *args)
