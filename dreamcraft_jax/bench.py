@@ -595,6 +595,8 @@ def bench_sds(args) -> dict:
             print(f"{name}: init {t1 - t0:.1f} s, trace+lower {t2 - t1:.1f} s, compile {t_compile:.1f} s",
                   file=sys.stderr, flush=True)
             timing = _time(compiled, *fn_args, repeats=args.repeats, pipelined=True)
+            # Same inputs and keys in every process and variant: an A/B of flags or options must agree here.
+            image_grads = np.asarray(jax.device_get(compiled(*fn_args)), np.float64)
         except Exception as e:  # record and go on (e.g. out of memory)
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             print(f"{name}: {results[name]['error']}", file=sys.stderr)
@@ -603,6 +605,8 @@ def bench_sds(args) -> dict:
         results[name] = {"views": views, "attention": impl or "xla", "groupnorm_kernel": gn_kernel,
                          "groupnorm_sums_max_rows": sums_rows, "compiler_options": options,
                          "compile_s": t_compile, **timing,
+                         "image_grad_l2": float(np.linalg.norm(image_grads)),
+                         "image_grad_sum": float(image_grads.sum()),
                          "views_per_s": views / (timing["median_ms"] * 1e-3), "flops_model": flops,
                          "xla_cost_analysis_flops": _flops(compiled),
                          "tflops_per_s": flops / (timing["median_ms"] * 1e-3) / 1e12 if flops else None,

@@ -107,6 +107,10 @@ def test_sds_bench_compiler_option_variants(tmp_path, capsys):
     assert results["zero123_views1"]["compiler_options"] == {}
     assert results["zero123_views1_options1"]["compiler_options"] == {
         "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CONVOLUTION", "xla_gpu_graph_min_graph_size": "1"}
+    # The same step on the same inputs: the image gradients agree across variants (what a GPU A/B checks too).
+    a, b = results["zero123_views1"], results["zero123_views1_options1"]
+    assert a["image_grad_l2"] > 0 and a["image_grad_l2"] == pytest.approx(b["image_grad_l2"], rel=1e-6)
+    assert a["image_grad_sum"] == pytest.approx(b["image_grad_sum"], rel=1e-5, abs=1e-7 * a["image_grad_l2"])
     with pytest.raises(SystemExit, match="expected key=value"):
         bench.main(["sds", "--tiny", "--kinds", "zero123", "--views", "1", "--compiler_options", "nonsense"])
 
