@@ -40,7 +40,13 @@ from dreamcraft_jax.render import volume
 from dreamcraft_jax.xla_flags import DEFAULT_XLA_FLAGS, apply_xla_flags
 
 
-def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False, rounds: int = 3) -> dict:
+def _default_rounds() -> int:
+    """Pipelined batches per timing: 3 on an accelerator; 1 on the CPU, where the benches run as smoke tests of
+    tiny cases (the test suite) and a batch of a compile-bound suite's steps is what costs."""
+    return 1 if jax.devices()[0].platform == "cpu" else 3
+
+
+def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False, rounds: int | None = None) -> dict:
     """Median / min / max ms of ``repeats`` calls, each ended with ``block_until_ready`` (latency).
 
     ``pipelined``: also ``pipelined_ms``, the time of ``repeats`` calls issued back to back with one wait at the
@@ -49,7 +55,8 @@ def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False, rou
     As in a training loop, each call's result replaces the previous one (whose buffers go back to the allocator
     once its call has run). ``pipelined_held_ms`` keeps all ``repeats`` results alive instead, as this bench
     did before: each call then writes its outputs to new addresses, which XLA's CUDA graphs must be updated for.
-    Both are the median over ``rounds`` batches (``*_rounds_ms`` list them): one batch is one sample.
+    Both are the median over ``rounds`` batches (``*_rounds_ms`` list them; default :func:`_default_rounds`):
+    one batch is one sample.
     """
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
@@ -60,6 +67,7 @@ def _time(fn, *args, repeats: int, warmup: int = 2, pipelined: bool = False, rou
         times.append(1000.0 * (time.perf_counter() - t0))
     out = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "n": repeats}
     if pipelined:
+        rounds = _default_rounds() if rounds is None else rounds
         for key, hold in (("pipelined", False), ("pipelined_held", True)):
             batches = []
             for _ in range(max(1, rounds)):
@@ -623,7 +631,8 @@ def bench_sds(args) -> dict:
             r["pipelined_fraction_of_peak"] = r["pipelined_tflops_per_s"] / peak
     torch_ref = json.loads(Path(args.torch_json).read_text()) if args.torch_json else None
     return {"benchmark": "sds", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": jnp.dtype(dtype).name, "param_dtype": args.param_dtype, "tiny": args.tiny,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "dtype": jnp.dtype(dtype).name,
+            "param_dtype": args.param_dtype, "tiny": args.tiny,
             "bf16_matmul_peak_tflops": peak,
             "results": results, "torch": torch_ref}
 
@@ -713,7 +722,8 @@ def bench_stage(args) -> dict:
                 print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
     projection = _project_wall(cfg, results)
     return {"benchmark": "stage", "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": len(jax.devices()), "tiny": args.tiny, "config": args.config, "at_step": args.at_step,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": len(jax.devices()), "tiny": args.tiny,
+            "config": args.config, "at_step": args.at_step,
             "kernels_backend": nerf_stage.render.backend, "overrides": list(args.set), "results": results,
             "projection": projection,
             "peak_memory_bytes": _peak_memory_bytes()}
@@ -887,18 +897,18 @@ def _scaling_case(kind, views, mesh, layout, priors, prior_params, cfg, fitted, 
             "loss": loss, "prior_bytes_per_device": _prior_bytes_per_device(placed)}
 
 
-def _pipelined_steps_ms(steps, state, targets, prior_params, repeats: int, rounds: int = 3) -> float:
+def _pipelined_steps_ms(steps, state, targets, prior_params, repeats: int, rounds: int | None = None) -> float:
     """ms per step of ``repeats`` rounds of ``steps`` (jitted step fns, e.g. a (reference, random) pair) issued
     back to back, the state threaded through as in training, one wait at the end: what the training loop (which
     only waits to log) spends per step, with the host's launch work hidden behind the device's. The median of
-    ``rounds`` such batches (one batch is one sample)."""
+    ``rounds`` such batches (one batch is one sample; default :func:`_default_rounds`)."""
     state = jax.tree.map(lambda x: x.copy(), state)
     for _ in range(2):  # warm-up
         for step in steps:
             state, _ = step(state, targets, prior_params)
     jax.block_until_ready(state)
     batches = []
-    for _ in range(max(1, rounds)):
+    for _ in range(max(1, _default_rounds() if rounds is None else rounds)):
         t0 = time.perf_counter()
         for _ in range(repeats):
             for step in steps:
