@@ -43,10 +43,10 @@ def apply_xla_flags(flags: str, environ=None) -> str:
     the defaults, e.g. when a library caller has already computed something, a debug line only).
     """
     environ = os.environ if environ is None else environ
-    flag_names(flags)  # a malformed token stops here, before anything changes
+    names = flag_names(flags)  # a malformed token stops here, before anything changes
     current = environ.get("XLA_FLAGS", "")
     taken = {token.split("=", 1)[0] for token in current.split()}
-    added = [token for token in shlex.split(flags) if token.split("=", 1)[0] not in taken]
+    added = [token for token, name in zip(shlex.split(flags), names) if name not in taken]
     if not added:
         return ""
     from jax._src import xla_bridge
