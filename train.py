@@ -20,7 +20,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 
-
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamcraft_jax import bench, profiling
-from dreamcraft_jax.models import layers, vae as vae_module
+from dreamcraft_jax.models import layers
+from dreamcraft_jax.models import vae as vae_module
 
 
 @contextlib.contextmanager

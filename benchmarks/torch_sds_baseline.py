@@ -176,7 +176,6 @@ def main():
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = timed(lambda: a @ b, args.repeats)
     res["bf16_matmul_8192_tflops"] = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
-    del a, b
     print(json.dumps(res, indent=2), flush=True)
     save()
     if args.compile_views:  # compiled last: Inductor's compile time does not hold up the eager numbers

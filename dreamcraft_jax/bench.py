@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamcraft_jax import bench_compile, parallel
-from dreamcraft_jax import config as config_lib
 from dreamcraft_jax import cameras as cam
+from dreamcraft_jax import config as config_lib
 from dreamcraft_jax.fields import hashgrid, nerf
 from dreamcraft_jax.fields.mlp import apply_mlp
 from dreamcraft_jax.guidance.random_priors import TINY_UNET, TINY_VAE, random_params, random_priors
@@ -1338,10 +1338,10 @@ def bench_project(args) -> dict:
         try:
             report = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read stage-bench JSON {path}: {e}")
+            raise SystemExit(f"error: cannot read stage-bench JSON {path}: {e}") from None
         if report.get("benchmark") == "eval":
             devices.add(report.get("device"))
-            for name, r in report["results"].items():
+            for r in report["results"].values():
                 if float(r["samples_per_ray"]) == float(cfg.render.eval_samples_per_ray):
                     eval_ms[r["stage"]] = (r["ms"], path)
             continue
@@ -1409,7 +1409,8 @@ def bench_profile(args) -> dict:
                 if name == "coarse_neus":
                     state = _neus_reference_fit(stage, state, targets, res, args.neus_fit_steps)
                 if what:  # the step traced inside a jit that does not donate: repeat calls reuse the state
-                    grad_fn = jax.jit(lambda st, t, p, inner=stage.step_fn(RANDOM, res, res): inner(st, t, p))
+                    inner = stage.step_fn(RANDOM, res, res)
+                    grad_fn = jax.jit(lambda st, t, p: inner(st, t, p))
                 else:
                     grad_fn = stage.grads_fn(RANDOM, res, res)
                 fn_args = (state, targets, pp if what == "_full" else {})
@@ -1726,7 +1727,7 @@ def main(argv=None) -> int:
     try:
         apply_xla_flags(args.xla_flags)
     except ValueError as e:
-        raise SystemExit(f"error: --xla_flags: {e}")
+        raise SystemExit(f"error: --xla_flags: {e}") from None
     if args.what == "compile":
         report = bench_compile.run(args)
         if report is None:  # a child process of the compile bench: its result line is printed

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 FSDP = "fsdp"
@@ -76,6 +77,8 @@ def as_varying(tree, axis=VIEW_AXES):
     implicitly. Taking the gradient w.r.t. a varying copy instead keeps per-device gradients, which the caller
     averages explicitly with ``pmean``: the mean over all views whatever the device count.
     """
+    if not axis:
+        return tree
     if hasattr(jax.lax, "pcast"):  # jax >= 0.12
         return jax.tree.map(lambda x: jax.lax.pcast(x, axis, to="varying"), tree)
     return jax.tree.map(lambda x: jax.lax.pvary(x, axis), tree)
@@ -89,13 +92,12 @@ def varying_axes(x) -> frozenset:
     return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
 
 
-def to_varying(tree, axis=VIEW_AXES):
-    """:func:`as_varying` for values that may already vary along some of ``axis`` (those are left as they are)."""
-    def one(x):
-        missing = tuple(a for a in axis if a not in varying_axes(x))
-        return as_varying(x, missing) if missing else x
-
-    return jax.tree.map(one, tree)
+def stacked_spec(x) -> P:
+    """Inside shard_map: the out/in spec that carries per-device ``x``, given a leading axis of 1 (``x[None]``),
+    out of one shard_map and into the next with the same device-varying type: split along the view axes ``x``
+    varies along, replicated along the others (``P()`` for a device-invariant ``x``)."""
+    axes = tuple(a for a in VIEW_AXES if a in varying_axes(x))
+    return P(axes) if axes else REPLICATED
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = 1 << 16) -> P:

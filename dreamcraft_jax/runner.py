@@ -432,7 +432,8 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
             if int(cfg.train.compile_workers) > 0 and steps_fns:
                 jobs = {_step_name(kind, hw): (fn, (state, targets[hw], prior_params))
                         for (kind, hw), fn in steps_fns.items()
-                        if hasattr(fn, "lower")}  # a three-program step (train.separate_guidance) compiles at first call
+                        # a three-program step (train.separate_guidance) compiles at first call
+                        if hasattr(fn, "lower")}
                 jobs["eval_render"] = (render, (state.params, state.grid, ref_camera, state.step))
                 with clock.part("compile"):
                     compiled, clock.compile_s = precompile(jobs, int(cfg.train.compile_workers))

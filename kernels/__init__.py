@@ -1,4 +1,5 @@
-"""Pallas kernels for the renderer (and the priors' small GroupNorms); installed as ``dreamcraft_jax.kernels`` (see kernels/README.md).
+"""Pallas kernels for the renderer (and the priors' small GroupNorms); installed as ``dreamcraft_jax.kernels``
+(see kernels/README.md).
 
 Each kernel sits beside its pure-jnp reference with the same signature, has a ``custom_vjp`` where it is
 differentiated, and a CPU interpret-mode test. The renderer and the fields pick one through the config key

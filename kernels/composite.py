@@ -43,8 +43,7 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.render import volume
 from dreamcraft_jax.render.volume import Samples
 
-from .march import (_block_size, _compiler_params, _gather, _out_struct, _pad, _rows, _scatter, _whole,
-                    resolve_interpret)
+from .march import _block_size, _compiler_params, _gather, _out_struct, _pad, _rows, _scatter, _whole, resolve_interpret
 
 DEFAULT_BLOCK_RAYS = 64
 DEFAULT_NUM_WARPS = 2

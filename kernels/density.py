@@ -35,9 +35,25 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather, _index_arrays,
-    _level_geometry, _level_lanes, _load, _out_struct, _point_inputs, _static_level, _store, _valid_lanes,
-    _when_else, block_and_padding, cast_varying, varying_axes,
+    _CORNERS,
+    _compiler_params,
+    _corner_row,
+    _feature_chunks,
+    _full_hbm_spec,
+    _gather,
+    _index_arrays,
+    _level_geometry,
+    _level_lanes,
+    _load,
+    _out_struct,
+    _point_inputs,
+    _static_level,
+    _store,
+    _valid_lanes,
+    _when_else,
+    block_and_padding,
+    cast_varying,
+    varying_axes,
 )
 
 __all__ = ["density_mlp_pallas", "density_mlp_xla"]

@@ -49,9 +49,27 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS, _LEVEL_FIELDS, _N_LEADERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather,
-    _index_arrays, _level_arrays, _level_geometry, _load, _loaded_level, _out_struct, _pre_reduced_scatter,
-    _scatter_add, _store, _when_else, block_and_padding, cast_varying, varying_axes,
+    _CORNERS,
+    _LEVEL_FIELDS,
+    _N_LEADERS,
+    _compiler_params,
+    _corner_row,
+    _feature_chunks,
+    _full_hbm_spec,
+    _gather,
+    _index_arrays,
+    _level_arrays,
+    _level_geometry,
+    _load,
+    _loaded_level,
+    _out_struct,
+    _pre_reduced_scatter,
+    _scatter_add,
+    _store,
+    _when_else,
+    block_and_padding,
+    cast_varying,
+    varying_axes,
 )
 
 __all__ = ["fd_encode_pallas", "fd_encode_xla", "CENTER", "CENTRAL", "FORWARD"]

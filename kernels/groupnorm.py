@@ -36,7 +36,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dreamcraft_jax.kernels.hashgrid import (
-    _compiler_params, _full_hbm_spec, _out_struct, cast_varying, varying_axes,
+    _compiler_params,
+    _full_hbm_spec,
+    _out_struct,
+    cast_varying,
+    varying_axes,
 )
 
 __all__ = ["group_norm_act_pallas", "group_norm_act_reference", "suited", "MAX_ROWS"]

@@ -335,7 +335,7 @@ def _pre_reduced_scatter(dtable_ref, terms, level: _Level, contribution, lanes_1
         # never among ``remaining`` afterwards: it is in its own cell's group or in an earlier group's.
         groups.append((pick, same, pick & (jnp.max(same.astype(jnp.int32)) > 0)))
     active = remaining
-    for pick, _, writes in groups:
+    for _, _, writes in groups:
         active = active | writes
     active = jnp.broadcast_to(active[:, None], (B, fw))
     for k, bits in enumerate(_CORNERS):

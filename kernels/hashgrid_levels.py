@@ -32,8 +32,22 @@ from jax.experimental import pallas as pl
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels.fd_hashgrid import _inputs, _level_on, _split_refs, padded_point_inputs
 from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS, _N_LEADERS, _compiler_params, _corner_row, _feature_chunks, _full_hbm_spec, _gather, _index_arrays,
-    _level_geometry, _load, _loaded_level, _out_struct, _pre_reduced_scatter, _store, cast_varying, varying_axes,
+    _CORNERS,
+    _N_LEADERS,
+    _compiler_params,
+    _corner_row,
+    _feature_chunks,
+    _full_hbm_spec,
+    _gather,
+    _index_arrays,
+    _level_geometry,
+    _load,
+    _loaded_level,
+    _out_struct,
+    _pre_reduced_scatter,
+    _store,
+    cast_varying,
+    varying_axes,
 )
 
 __all__ = ["encode_levels_pallas"]

@@ -20,9 +20,9 @@ the packed sample slots, as the per-ray budgets are twice the use.
 
 Contract: ``mlp_pallas(enc, w_hidden, w_out) -> (N, K)`` equals :func:`mlp_xla` (the reference), differentiable
 w.r.t. all three; ``mlp1_pallas`` is its scalar form (N,). ``columns=True`` takes enc transposed, (D, N) (the
-finite-difference kernel's column layout, ``kernels.fd_columns``), in (D, B) blocks, and returns its cotangent so. The matmuls take TF32 on the GPU by default (XLA's
-default for the reference there), or three-pass TF32 / float32 FMAs (``precision``); full float32 in interpret
-mode. D and H must be powers of two >= 16 (Triton's ``dot``); the
+finite-difference kernel's column layout, ``kernels.fd_columns``), in (D, B) blocks, and returns its cotangent so.
+The matmuls take TF32 on the GPU by default (XLA's default for the reference there), or three-pass TF32 / float32
+FMAs (``precision``); full float32 in interpret mode. D and H must be powers of two >= 16 (Triton's ``dot``); the
 fields fall back to the reference otherwise (:func:`supported`). Triton specifics come from
 :mod:`kernels.hashgrid`'s helpers.
 """
@@ -38,7 +38,14 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from dreamcraft_jax.kernels.hashgrid import (
-    _compiler_params, _load, _out_struct, _store, _when_else, block_and_padding, cast_varying, varying_axes,
+    _compiler_params,
+    _load,
+    _out_struct,
+    _store,
+    _when_else,
+    block_and_padding,
+    cast_varying,
+    varying_axes,
 )
 
 __all__ = ["mlp_pallas", "mlp_xla", "mlp1_pallas", "mlp1_xla", "supported", "MAX_OUTPUTS", "PRECISIONS"]

@@ -1,17 +1,30 @@
 """GPU check + microbench of the Pallas kernels vs their XLA references (one process, JSON to argv[1])."""
-import json, sys, time, statistics, traceback
-import jax, jax.numpy as jnp, numpy as np
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from dreamcraft_jax.fields.hashgrid import HashGridSpec, init_hashgrid
-from dreamcraft_jax.kernels import hashgrid as khg, march as kmarch, composite as kcomp
+from dreamcraft_jax.kernels import composite as kcomp
+from dreamcraft_jax.kernels import hashgrid as khg
+from dreamcraft_jax.kernels import march as kmarch
 from dreamcraft_jax.render import volume
 
 out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 def timeit(fn, *args, n=10):
-    jax.block_until_ready(fn(*args)); jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
     ts = []
     for _ in range(n):
-        t0 = time.perf_counter(); jax.block_until_ready(fn(*args)); ts.append(1e3 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(ts)
 
 def err(a, b):
@@ -33,13 +46,22 @@ x = jax.random.uniform(jax.random.PRNGKey(1), (1 << 20, 3))
 mask = jnp.ones((16,))
 g = jax.random.normal(jax.random.PRNGKey(2), (1 << 20, 32))
 
+def fwd_bwd(encode):
+    """jit (table, x, g) -> (encode(table, x), its vjp with g w.r.t. the table)."""
+    def fn(t, x, g):
+        y, vjp = jax.vjp(lambda t: encode(t, x), t)
+        return y, vjp(g)
+
+    return jax.jit(fn)
+
+
 def hg():
     res = {}
     ref_f = jax.jit(lambda t, x: khg.encode_xla(t, x, spec, mask))
     ref_vjp = jax.jit(lambda t, x, g: jax.vjp(lambda t: khg.encode_xla(t, x, spec, mask), t)[1](g)[0])
-    yr = ref_f(table, x); dr = ref_vjp(table, x, g)
+    yr, dr = ref_f(table, x), ref_vjp(table, x, g)
     res["xla_fwd_ms"] = timeit(ref_f, table, x)
-    res["xla_fwd_bwd_ms"] = timeit(jax.jit(lambda t, x, g: (lambda y, f: (y, f(g)))(*jax.vjp(lambda t: khg.encode_xla(t, x, spec, mask), t))), table, x, g)
+    res["xla_fwd_bwd_ms"] = timeit(fwd_bwd(lambda t, x: khg.encode_xla(t, x, spec, mask)), table, x, g)
     for bp, nw in [(256, 4), (128, 4)]:
         for gto in (True, False):
             key = f"pallas_b{bp}_w{nw}" + ("_tableonly" if gto else "")
@@ -48,7 +70,7 @@ def hg():
             try:
                 f = jax.jit(lambda t, x: khg.encode_pallas(t, x, spec, mask, **kw))
                 vjp = jax.jit(lambda t, x, g: jax.vjp(lambda t: khg.encode_pallas(t, x, spec, mask, **kw), t)[1](g)[0])
-                fb = jax.jit(lambda t, x, g: (lambda y, fn: (y, fn(g)))(*jax.vjp(lambda t: khg.encode_pallas(t, x, spec, mask, **kw), t)))
+                fb = fwd_bwd(lambda t, x: khg.encode_pallas(t, x, spec, mask, **kw))
                 r = {"fwd_err": err(f(table, x), yr), "bwd_err": err(vjp(table, x, g), dr)}
                 if not gto:
                     r["fwd_ms"] = timeit(f, table, x)
@@ -65,7 +87,8 @@ def rays():
     k1, k2 = jax.random.split(jax.random.PRNGKey(3))
     o = jnp.tile(jnp.array([[3.8, 0.0, 0.0]]), (R, 1)) + 0.01 * jax.random.normal(k1, (R, 3))
     tgt = jax.random.uniform(k2, (R, 3), minval=-0.7, maxval=0.7)
-    d = tgt - o; d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
+    d = tgt - o
+    d = d / jnp.linalg.norm(d, axis=-1, keepdims=True)
     return o, d
 o, d = rays()
 c = jnp.asarray(volume.cell_coords(32), jnp.float32)
@@ -88,8 +111,10 @@ def mr():
             v = np.asarray(s_ref.valid)
             res[key] = {"valid_equal": bool(np.array_equal(np.asarray(s.valid), v)),
                         "ray_mismatch": int(np.sum(np.asarray(s.ray_idx) != np.asarray(s_ref.ray_idx))),
-                        "t0_maxerr": float(np.max(np.abs(np.asarray(s.t0)[v] - np.asarray(s_ref.t0)[v]))) if v.any() else 0.0,
-                        "n_wanted": [int(s.n_wanted), int(s_ref.n_wanted)], "ms": timeit(f, o, d, jax.random.PRNGKey(4))}
+                        "t0_maxerr": (float(np.max(np.abs(np.asarray(s.t0)[v] - np.asarray(s_ref.t0)[v])))
+                                      if v.any() else 0.0),
+                        "n_wanted": [int(s.n_wanted), int(s_ref.n_wanted)],
+                        "ms": timeit(f, o, d, jax.random.PRNGKey(4))}
         except Exception as e:
             res[key] = {"error": f"{type(e).__name__}: {str(e)[:600]}"}
         print(key, res[key], flush=True)

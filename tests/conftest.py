@@ -19,12 +19,16 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Many tests compile the same programs again (each train() call traces fresh closures, so JAX's in-memory cache
-# misses; resume and interrupt tests run the same tiny stage two or three times): a persistent cache private to
-# this test process, deleted at exit, lets the repeats load them. Set in-process (not through the environment),
-# so child processes that time compilation (bench compile) still compile from nothing.
-_CACHE_DIR = tempfile.mkdtemp(prefix="dreamcraft-jax-tests-xla-")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+# misses; resume and interrupt tests run the same tiny stage two or three times, and files on the two pytest-xdist
+# workers build the same tiny steps): a persistent cache private to this test session, shared by its workers
+# (they inherit the folder's name from the process that made it, which deletes it at exit), lets the repeats load
+# them. Set in-process (not through JAX's environment variable), so child processes that time compilation
+# (bench compile) still compile from nothing.
+_CACHE_ENV = "DREAMCRAFT_TESTS_XLA_CACHE"
+if not os.environ.get(_CACHE_ENV):
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="dreamcraft-jax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_ENV], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
@@ -71,6 +75,8 @@ def tiny_config(**overrides):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end or benchmark-tool tests; `make test` skips them, "
+                            "`make test-all` runs them (each file keeps fast tests of its own)")
     config.addinivalue_line("markers", "optimized: compile this test's programs with XLA's optimizations (tests "
                             "that run long programs, where the cheap compilation mode costs more than it saves)")
 
@@ -78,10 +84,9 @@ def pytest_configure(config):
 # The slowest files (seconds of test time on 2 CPU cores), collected first: `pytest -n 2 --dist loadfile` hands
 # whole files to the two workers in collection order, so a heavy file collected last (alphabetically:
 # test_stage1*.py) ran alone at the end while the other worker sat idle. The rest keep their order.
-_HEAVY_FILES_FIRST = ("test_bench.py", "test_demo_pipeline.py", "test_kernels_fd_hashgrid.py", "test_parallel_step.py",
-                      "test_stage1.py", "test_runner.py", "test_stage1_programs.py", "test_stage1_official.py",
-                      "test_unet_vae.py", "test_kernels_mlp.py", "test_kernels_hashgrid.py",
-                      "test_runner_interrupts.py")
+_HEAVY_FILES_FIRST = ("test_runner.py", "test_kernels_fd_hashgrid.py", "test_parallel_step.py", "test_stage1.py",
+                      "test_stage1_official.py", "test_kernels_hashgrid.py", "test_kernels_mlp.py", "test_bench.py",
+                      "test_priors.py", "test_stage1_programs.py", "test_bench_eval.py", "test_unet_vae.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

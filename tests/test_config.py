@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from configs_loader import ROOT, load_config_file
 from ml_collections import config_flags
 
+from configs_loader import ROOT, load_config_file
 from dreamcraft_jax.config import ConfigError, resolution_at, schedule_value, validate
 
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dreamcraft_jax.kernels import density as dk
 
 from dreamcraft_jax.fields import nerf
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
+from dreamcraft_jax.kernels import density as dk
 
 # Levels 0 (32 rows) and 1 (216 rows, dense size not a power of two) dense, levels 2..5 hashed.
 MIXED = HashGridSpec(n_levels=6, n_features_per_level=2, log2_hashmap_size=10, base_resolution=3,

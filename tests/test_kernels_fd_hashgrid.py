@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dreamcraft_jax.kernels import fd_hashgrid as fk
 
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
+from dreamcraft_jax.kernels import fd_hashgrid as fk
 
 # Level 0 dense (1728 rows: not a power of two), level 1 hashed; grid scales 11 and 47 (two levels only: the
 # interpret-mode program unrolls 6 neighbours x 8 corners per level and compiles slowly).
@@ -31,10 +31,11 @@ def _samples(n, seed=0):
 
 
 @pytest.mark.parametrize("spec,eps,max_scale,neighbours", [
-    (MIXED, 0.01, 128.0, fk.CENTRAL), (F3, 0.6, 0.0, fk.CENTRAL), (MIXED, 0.01, 20.0, fk.CENTRAL),
-    (MIXED, 0.01, 128.0, fk.FORWARD), (MIXED, 0.01, 20.0, (fk.CENTER,) + fk.FORWARD)],
-    ids=["official_eps", "F3_wide_eps_no_prereduce", "coarse_prereduced_fine_plain", "forward_official_eps",
-         "center_forward"])
+    pytest.param(MIXED, 0.01, 128.0, fk.CENTRAL, id="official_eps"),
+    pytest.param(F3, 0.6, 0.0, fk.CENTRAL, id="F3_wide_eps_no_prereduce", marks=pytest.mark.slow),
+    pytest.param(MIXED, 0.01, 20.0, fk.CENTRAL, id="coarse_prereduced_fine_plain", marks=pytest.mark.slow),
+    pytest.param(MIXED, 0.01, 128.0, fk.FORWARD, id="forward_official_eps"),
+    pytest.param(MIXED, 0.01, 20.0, (fk.CENTER,) + fk.FORWARD, id="center_forward")])
 def test_fd_encode_values_and_table_grad_match_reference(spec, eps, max_scale, neighbours):
     x, valid, key = _samples(100)
     n = x.shape[0]
@@ -89,7 +90,7 @@ def test_blocks_without_valid_samples_write_zeros_and_add_nothing():
     assert float(jnp.max(jnp.abs(dt_k[spec.offsets[1]:]))) == 0.0  # nothing added to the switched-off level
 
 
-@pytest.mark.parametrize("spec", [MIXED, F3], ids=["F2", "F3"])
+@pytest.mark.parametrize("spec", [pytest.param(MIXED, id="F2"), pytest.param(F3, id="F3", marks=pytest.mark.slow)])
 def test_columns_layout_is_the_transposed_encoding_with_the_same_gradient(spec):
     """``columns=True``: each encoding (L*F, N) equals the row layout transposed (including the zeros of blocks
     without a valid sample), and the table gradient of transposed cotangents is the row layout's."""
@@ -211,8 +212,10 @@ def _assert_same_loss_and_grads(loss, params, spec_ref, spec_kernel):
                                    atol=2e-4 * float(np.max(np.abs(np.asarray(b)))))
 
 
-@pytest.mark.parametrize("normal_type,columns", [("finite_difference", False), ("finite_difference_laplacian", False),
-                                                ("finite_difference", True)], ids=["forward", "central", "columns"])
+@pytest.mark.parametrize("normal_type,columns", [
+    pytest.param("finite_difference", False, id="forward"),
+    pytest.param("finite_difference_laplacian", False, id="central", marks=pytest.mark.slow),
+    pytest.param("finite_difference", True, id="columns")])
 def test_neus_sdf_gradient_through_the_kernel_matches_xla(normal_type, columns):
     import dataclasses
 
@@ -265,7 +268,6 @@ def test_finite_differences_of_a_quadratic_field_in_closed_form(normal_type):
 def test_fd_columns_config_reaches_both_stage_field_specs():
     """kernels.fd_columns (on by default) is the NeRF and the NeuS field specs' fd_columns."""
     from conftest import tiny_config
-
     from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
     from dreamcraft_jax.stages.coarse_neus import CoarseNeus
 

@@ -73,7 +73,6 @@ def test_models_route_suited_groupnorms_only_when_switched_on(monkeypatch):
     (here in interpret mode) and the encoding and its gradients equal the XLA ones; switched off, none do; on
     this CPU backend, not even switched on."""
     from conftest import tiny_vae_encode_case
-
     from dreamcraft_jax.guidance.random_priors import TINY_VAE
 
     loss, params, x, want = tiny_vae_encode_case()

@@ -150,6 +150,7 @@ def test_fields_use_the_kernel_only_where_asked(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_neus_sdf_uses_the_kernel_with_the_same_gradients():
     """The NeuS SDF net (and its finite-difference gradient) through the kernel equals the XLA path; so does the
     main pass (``alpha_radiance``) with the finite-difference kernel's column layout read by the MLP kernel."""

@@ -16,8 +16,8 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import lowered_for_gpu
 
+from conftest import lowered_for_gpu
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
 from dreamcraft_jax.kernels import composite as ck
 from dreamcraft_jax.kernels import density as dk

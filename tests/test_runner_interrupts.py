@@ -5,9 +5,9 @@ import json
 import jax
 import numpy as np
 import pytest
+
 from conftest import final_state as _final_state
 from conftest import tiny_config
-
 from dreamcraft_jax.runner import train
 
 
@@ -75,6 +75,7 @@ def test_steps_needed_lists_each_kind_at_each_resolution_once():
     assert steps_needed(cfg, 10) == []
 
 
+@pytest.mark.slow
 def test_precompiled_steps_match_steps_compiled_at_first_call(tmp_path, caplog):
     """Steps compiled up front, in threads, on the 8-device mesh: the same final state as compiling each at its
     first call, the precompiled programs take the loop's arguments (no fallback), and wall_time.json says when

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from dreamcraft_jax.models import schedules
-from dreamcraft_jax.models.sampling import (
-    ddim_sample, ddim_step, ddim_timesteps, sdedit, sdedit_start_index)
+from dreamcraft_jax.models.sampling import ddim_sample, ddim_step, ddim_timesteps, sdedit, sdedit_start_index
 from dreamcraft_jax.models.schedules import NoiseSchedule
 
 FIXTURES = Path(__file__).parent / "fixtures"

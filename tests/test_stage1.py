@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 
+from conftest import tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.config import ConfigError, stage_config, validate
 from dreamcraft_jax.data.reference import example_image_path, load_reference
@@ -149,6 +149,7 @@ def test_prior_losses_do_not_depend_on_the_batch_a_view_is_in(demo_priors):
         np.testing.assert_allclose(float(batch[name]), np.mean([float(v) for v in singles_name]), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(jax.devices()) < N_DEV, reason="needs 8 (simulated) devices")
 @pytest.mark.parametrize("layout", [(4, 2)])  # data x fsdp: views over 8 devices, priors FSDP-split
 def test_guided_step_on_8_devices_equals_1_device(demo_priors, layout):
@@ -174,7 +175,8 @@ def test_guided_step_on_8_devices_equals_1_device(demo_priors, layout):
         results.append((jax.device_get(grads), float(metrics["loss"])))
     (g8, l8), (g1, l1) = results
     np.testing.assert_allclose(l8, l1, rtol=1e-4)
-    num = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2)) for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)))
+    num = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2))
+              for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)))
     den = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in jax.tree.leaves(g1))
     assert (num / den) ** 0.5 <= 1e-4
 

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 
+from conftest import tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.config import stage_config
 from dreamcraft_jax.data.reference import example_image_path, load_reference
@@ -80,6 +80,7 @@ def test_nerf_normals_reuse_the_main_pass_density_without_changing_them():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.max(np.abs(b))))
 
 
+@pytest.mark.slow
 def test_remat_views_keeps_the_gradient_and_holds_less_memory():
     """``train.remat_views`` recomputes each view's render in the backward pass: the same loss and gradient, and
     a compiled step that needs less temporary memory with 4 views (XLA's own memory analysis)."""

@@ -5,8 +5,8 @@
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
 
+from conftest import tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.data.reference import example_image_path, load_reference
 from dreamcraft_jax.stages.coarse_nerf import RANDOM, CoarseNerf, targets_from_reference
@@ -14,6 +14,7 @@ from dreamcraft_jax.stages.coarse_nerf import RANDOM, CoarseNerf, targets_from_r
 N_DEV = 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(jax.devices()) < N_DEV, reason="needs 8 (simulated) devices")
 def test_three_program_step_equals_the_one_program_step(demo_priors):
     """``train.separate_guidance``: render forward, priors, backward + Adam as three programs give the state
@@ -62,8 +63,6 @@ def test_stages_share_the_priors_program(demo_priors):
                          "guidance.zero123.resolution": 32, "train.separate_guidance": True})
     with cfg.unlocked():
         cfg.overrides.coarse_neus.loss.lambda_sd = 0.3  # 1b also weighs SD otherwise
-    ref = load_reference(example_image_path(), 16, 16)
-    targets = parallel.replicate(targets_from_reference(ref), mesh)
     texts, stages = [], []
     for name, cls in (("coarse_nerf", CoarseNerf), ("coarse_neus", CoarseNeus)):
         scfg = stage_config(cfg, name)

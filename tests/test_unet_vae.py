@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from functools import lru_cache, partial
+from functools import cache, partial
 from pathlib import Path
 
 import jax
@@ -18,10 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dreamcraft_jax.models.layers import (Conv2d, Transformer2DModel, nearest_resize, resolve_attention_impl,
-                                          timestep_embedding)
-from dreamcraft_jax.models.loading import convert_state_dict, to_state_dict
-from dreamcraft_jax.models.loading import WeightLoadingError
+from dreamcraft_jax.models.layers import (
+    Conv2d,
+    Transformer2DModel,
+    nearest_resize,
+    resolve_attention_impl,
+    timestep_embedding,
+)
+from dreamcraft_jax.models.loading import WeightLoadingError, convert_state_dict, to_state_dict
 from dreamcraft_jax.models.unet import UNet2DConditionModel, load_unet
 from dreamcraft_jax.models.vae import AutoencoderKL, load_vae
 
@@ -35,18 +39,18 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@lru_cache(maxsize=None)
+@cache
 def data(name: str) -> dict:
     with np.load(FIXTURES / name / "inputs_outputs.npz") as f:
         return dict(f)
 
 
-@lru_cache(maxsize=None)
+@cache
 def unet(name: str, **kw):
     return load_unet(FIXTURES / name, **kw)
 
 
-@lru_cache(maxsize=None)
+@cache
 def jitted(module, method: str = "__call__"):
     """One compiled apply per module configuration (jit beats eager op-by-op dispatch on first calls)."""
     return jax.jit(partial(module.apply, method=method))
@@ -376,6 +380,7 @@ def test_fsdp_spec_rule():
     assert fsdp_spec((1280, 1024), 1) == P()  # no fsdp axis
 
 
+@pytest.mark.slow
 def test_fsdp_mesh_places_sharded_and_matches_unsharded():
     """On a (data=4, fsdp=2) mesh kernels are split along `fsdp`; the UNet output is unchanged."""
     from dreamcraft_jax import parallel

@@ -10,7 +10,6 @@ import pytest
 from dreamcraft_jax.render import volume
 from dreamcraft_jax.render.volume import FieldFns, OccupancyGrid, RenderSpec, Samples
 
-
 # ----------------------------------------------------------------------------------------------
 # ray / box
 # ----------------------------------------------------------------------------------------------
@@ -542,7 +541,10 @@ def test_update_occupancy_grid_skips_off_steps_and_when_disabled():
     rng = np.random.default_rng(1)
     grid = OccupancyGrid(occs=jnp.asarray(rng.uniform(size=n).astype(np.float32)),
                          binary=jnp.asarray(rng.uniform(size=n) < 0.5))
-    dens = lambda x: jnp.full(x.shape[:1], 100.0)
+
+    def dens(x):
+        return jnp.full(x.shape[:1], 100.0)
+
     update = jax.jit(lambda grid, step: volume.update_occupancy_grid(grid, jax.random.PRNGKey(0), step, dens, spec))
     for step in (1, 3, 17, 30):
         new = update(grid, step)
@@ -700,7 +702,8 @@ def test_render_rays_textureless_front_light():
         o, d, volume.init_occupancy_grid(spec), jax.random.PRNGKey(0), _ball_fns(), spec,
         shading="textureless", light_pos=jnp.asarray([100.0, 0.0, 0.0])))(o, d)
     # every point on the centre ray has normal +-x; in front of the centre (x > 0) n.l = 1 -> lit 1, behind
-    # (x < 0) n.l = -1 -> lit 0.1.  Weight of the front half: 1 - e^{-sigma R}, back half: e^{-sigma R}(1 - e^{-sigma R}).
+    # (x < 0) n.l = -1 -> lit 0.1.  Weight of the front half: 1 - e^{-sigma R},
+    # back half: e^{-sigma R}(1 - e^{-sigma R}).
     front = 1 - math.exp(-SIGMA_BALL * R_BALL)
     back = math.exp(-SIGMA_BALL * R_BALL) * (1 - math.exp(-SIGMA_BALL * R_BALL))
     expected = front * 1.0 + back * 0.1

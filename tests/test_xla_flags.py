@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import pytest
-from configs_loader import ROOT
 
+from configs_loader import ROOT
 from dreamcraft_jax import xla_flags
 from dreamcraft_jax.xla_flags import DEFAULT_XLA_FLAGS, apply_xla_flags, flag_names
 

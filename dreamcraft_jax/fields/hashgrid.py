@@ -93,7 +93,7 @@ class HashGridSpec:
             raise ValueError(f"{self.total_params} table rows do not fit int32 row indices")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any) -> "HashGridSpec":
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> HashGridSpec:
         """Build a spec from a mapping / ``ml_collections.ConfigDict`` holding the five field keys.
 
         Extra keys (``otype``, ``start_level``, ...) are ignored; a missing field key is an error rather

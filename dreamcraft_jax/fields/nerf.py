@@ -64,7 +64,7 @@ class NerfFieldSpec:
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla", fused_density: bool = True,
                     fused_finite_difference: bool = False, fused_mlp: bool = False,
                     encoder_per_level: bool = False, fused_mlp_precision: str = "tf32",
-                    fd_columns: bool = False) -> "NerfFieldSpec":
+                    fd_columns: bool = False) -> NerfFieldSpec:
         """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
         the rest: the ``kernels.*`` keys of the same names."""
         return cls(

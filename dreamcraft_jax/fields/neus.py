@@ -13,7 +13,8 @@ with cos = <d, normal> and the cosine annealed from the half-cosine to the true 
 
     iter_cos  = -(relu(-cos / 2 + 1/2) (1 - r) + relu(-cos) r),   r = min(1, step / cos_anneal_end_steps)
     sdf_prev  = sdf - iter_cos dt / 2,   sdf_next = sdf + iter_cos dt / 2
-    alpha     = clip((sigmoid(sdf_prev inv_s) - sigmoid(sdf_next inv_s) + 1e-5) / (sigmoid(sdf_prev inv_s) + 1e-5), 0, 1)
+    alpha     = clip((sigmoid(sdf_prev inv_s) - sigmoid(sdf_next inv_s) + 1e-5)
+                     / (sigmoid(sdf_prev inv_s) + 1e-5), 0, 1)
 
 The renderer composites with T_i = prod_{j<i} (1 - alpha_j); it takes an effective density
 sigma = -log(1 - alpha) / dt so that the NeRF compositing (T = exp(-sum sigma dt)) gives exactly those weights.
@@ -30,8 +31,16 @@ import jax.numpy as jnp
 from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, init_mlp
 from dreamcraft_jax.fields.nerf import (
-    NORMAL_TYPES, NerfFieldSpec, _unit, albedo_of_encoding, encode_points, encoding_and_fd_gradient,
-    finite_difference_gradient, fused_finite_difference_gradient, scalar_mlp, uses_fd_kernel,
+    NORMAL_TYPES,
+    NerfFieldSpec,
+    _unit,
+    albedo_of_encoding,
+    encode_points,
+    encoding_and_fd_gradient,
+    finite_difference_gradient,
+    fused_finite_difference_gradient,
+    scalar_mlp,
+    uses_fd_kernel,
 )
 
 ALPHA_MAX = 1.0 - 1e-6  # keeps -log(1 - alpha) finite
@@ -53,7 +62,7 @@ class NeusFieldSpec:
     def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
                     fused_finite_difference: bool = False, fused_mlp: bool = False,
                     encoder_per_level: bool = False, fused_mlp_precision: str = "tf32",
-                    fd_columns: bool = False) -> "NeusFieldSpec":
+                    fd_columns: bool = False) -> NeusFieldSpec:
         """cfg: the whole config (``field`` for the shared parts, ``neus`` for these); the rest as
         :meth:`NerfFieldSpec.from_config`."""
         if cfg.neus.normal_type not in NORMAL_TYPES:

@@ -36,8 +36,14 @@ from dreamcraft_jax.guidance import prompts as vd
 from dreamcraft_jax.guidance.sds import images_to_model_input, resize_to_model, sds_loss
 from dreamcraft_jax.guidance.zero123 import zero123_sds_loss
 from dreamcraft_jax.models import loading
-from dreamcraft_jax.models.clip import (clip_preprocess, load_camera_projection, load_clip_text, load_clip_vision,
-                                        load_tokenizer, tokenize)
+from dreamcraft_jax.models.clip import (
+    clip_preprocess,
+    load_camera_projection,
+    load_clip_text,
+    load_clip_vision,
+    load_tokenizer,
+    tokenize,
+)
 from dreamcraft_jax.models.demo_priors import WARNING as RANDOM_WARNING
 from dreamcraft_jax.models.demo_priors import is_random_demo
 from dreamcraft_jax.models.schedules import NoiseSchedule, load_schedule
@@ -295,7 +301,7 @@ class Priors:
 
     priors: dict  # loss name -> prior object
 
-    def configured(self, cfg) -> "Priors":
+    def configured(self, cfg) -> Priors:
         """The same weights with one stage's guidance settings (CFG, timestep ranges, weighting, clip)."""
         from dreamcraft_jax.config import schedule_is_zero
 

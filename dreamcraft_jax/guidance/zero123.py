@@ -22,7 +22,7 @@ The noisy latents come from ``encode_fn`` with the scaling factor applied (poste
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

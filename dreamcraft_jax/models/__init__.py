@@ -17,8 +17,13 @@ All take ``dtype`` (compute dtype; params stay float32), ``variant="fp16"`` for 
 place the params replicated on a device mesh. Errors are :class:`WeightLoadingError` with what to fix.
 """
 
-from dreamcraft_jax.models.clip import (load_camera_projection, load_clip_text, load_clip_vision, load_tokenizer,
-                                        tokenize)
+from dreamcraft_jax.models.clip import (
+                                        load_camera_projection,
+                                        load_clip_text,
+                                        load_clip_vision,
+                                        load_tokenizer,
+                                        tokenize,
+)
 from dreamcraft_jax.models.loading import WeightLoadingError
 from dreamcraft_jax.models.schedules import load_schedule
 from dreamcraft_jax.models.unet import load_unet

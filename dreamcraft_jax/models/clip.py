@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -79,7 +80,7 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
         """From a ``text_encoder/config.json`` dict (or a full CLIPConfig holding ``text_config``)."""
         cfg = cls(**_fields_from(cls, d.get("text_config") or d))
         _activation(cfg.hidden_act)
@@ -102,7 +103,7 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> CLIPVisionConfig:
         """From an ``image_encoder/config.json`` dict (or a full CLIPConfig holding ``vision_config``)."""
         sub = d.get("vision_config")
         if sub:
@@ -137,7 +138,9 @@ class CLIPAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, s, _ = x.shape
         head_dim = self.embed_dim // self.num_heads
-        heads = lambda t: t.reshape(b, s, self.num_heads, head_dim)
+        def heads(t):
+            return t.reshape(b, s, self.num_heads, head_dim)
+
         q = heads(_dense(self.embed_dim, self.dtype, "q_proj")(x))
         k = heads(_dense(self.embed_dim, self.dtype, "k_proj")(x))
         v = heads(_dense(self.embed_dim, self.dtype, "v_proj")(x))
@@ -270,7 +273,7 @@ class CLIPTextModel(nn.Module):
     dtype: Dtype = jnp.float32
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | CLIPTextConfig, dtype: Dtype = jnp.float32) -> "CLIPTextModel":
+    def from_config(cls, config: Mapping[str, Any] | CLIPTextConfig, dtype: Dtype = jnp.float32) -> CLIPTextModel:
         if not isinstance(config, CLIPTextConfig):
             config = CLIPTextConfig.from_dict(config)
         return cls(config, dtype)
@@ -355,7 +358,7 @@ class CLIPVisionModelWithProjection(nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | CLIPVisionConfig,
-                    dtype: Dtype = jnp.float32) -> "CLIPVisionModelWithProjection":
+                    dtype: Dtype = jnp.float32) -> CLIPVisionModelWithProjection:
         if not isinstance(config, CLIPVisionConfig):
             config = CLIPVisionConfig.from_dict(config)
         return cls(config, dtype)

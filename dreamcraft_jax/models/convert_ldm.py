@@ -52,11 +52,14 @@ def load_checkpoint(path: Path) -> dict:
 def openai_clip_visual_to_hf(sd: dict, prefix: str) -> dict:
     """OpenAI-CLIP ``visual.*`` tensors -> transformers CLIPVisionModelWithProjection keys."""
     out = {}
-    v = lambda k: sd[prefix + k]
+    def v(k):
+        return sd[prefix + k]
+
     out["vision_model.embeddings.patch_embedding.weight"] = v("conv1.weight")
     out["vision_model.embeddings.class_embedding"] = v("class_embedding")
     out["vision_model.embeddings.position_embedding.weight"] = v("positional_embedding")
-    out["vision_model.pre_layrnorm.weight"], out["vision_model.pre_layrnorm.bias"] = v("ln_pre.weight"), v("ln_pre.bias")
+    out["vision_model.pre_layrnorm.weight"] = v("ln_pre.weight")
+    out["vision_model.pre_layrnorm.bias"] = v("ln_pre.bias")
     out["vision_model.post_layernorm.weight"] = v("ln_post.weight")
     out["vision_model.post_layernorm.bias"] = v("ln_post.bias")
     out["visual_projection.weight"] = v("proj").T.contiguous()
@@ -83,7 +86,8 @@ def convert(ckpt_path: Path, out: Path, image_encoder: Path | None) -> None:
     sd = load_checkpoint(ckpt_path)
     if "model.diffusion_model.input_blocks.0.0.weight" not in sd:
         _fail(f"{ckpt_path} is not an LDM checkpoint (no model.diffusion_model.* keys)")
-    unet_cfg = dict({k: v for k, v in ZERO123_UNET.items() if not k.startswith('_')}, in_channels=int(sd["model.diffusion_model.input_blocks.0.0.weight"].shape[1]))
+    in_channels = int(sd["model.diffusion_model.input_blocks.0.0.weight"].shape[1])
+    unet_cfg = dict({k: v for k, v in ZERO123_UNET.items() if not k.startswith('_')}, in_channels=in_channels)
     unet = UNet2DConditionModel(**unet_cfg)
     unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)

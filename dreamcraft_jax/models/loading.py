@@ -24,8 +24,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +142,8 @@ def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
         try:
             state.update(_read_one(f))
         except Exception as e:  # corrupt or truncated files
-            raise WeightLoadingError(f"cannot read {f} ({type(e).__name__}: {e}): re-download or re-export it") from None
+            raise WeightLoadingError(
+                f"cannot read {f} ({type(e).__name__}: {e}): re-download or re-export it") from None
     return state
 
 

@@ -20,7 +20,7 @@ either one array ``(B, ...)`` that is used as is (guidance, e.g. Perp-Neg, alrea
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

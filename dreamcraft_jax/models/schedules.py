@@ -26,8 +26,9 @@ Timesteps ``t`` are integer arrays of shape ``()`` or ``(B,)`` (one per leading 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -79,7 +80,7 @@ class NoiseSchedule:
     clip_sample_range: float = flax.struct.field(pytree_node=False, default=1.0)
 
     @classmethod
-    def from_config(cls, scheduler_config: Mapping[str, Any]) -> "NoiseSchedule":
+    def from_config(cls, scheduler_config: Mapping[str, Any]) -> NoiseSchedule:
         """Build from a diffusers scheduler config dict (DDIM/DDPM/PNDM/... ``config.json``; unknown keys ignored).
 
         Raises ValueError for settings this module does not implement (``thresholding``) or unknown names.

@@ -24,8 +24,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import loading
-from .layers import (LORA_ALLOW_MISSING, Downsample2D, TimestepEmbedding, Transformer2DModel, Upsample2D, conv,
-                     group_norm, init_lora, resnet_cls, timestep_embedding)
+from .layers import (
+    LORA_ALLOW_MISSING,
+    Downsample2D,
+    TimestepEmbedding,
+    Transformer2DModel,
+    Upsample2D,
+    conv,
+    group_norm,
+    init_lora,
+    resnet_cls,
+    timestep_embedding,
+)
 
 Dtype = Any
 
@@ -252,7 +262,7 @@ class UNet2DConditionModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, dtype: Dtype = jnp.float32, attention_impl: str | None = None,
-                    lora_rank: int = 0, remat: bool = False, lora_scale: float = 1.0) -> "UNet2DConditionModel":
+                    lora_rank: int = 0, remat: bool = False, lora_scale: float = 1.0) -> UNet2DConditionModel:
         """Module from a diffusers ``unet/config.json`` dict; ValueError naming the key of anything unsupported."""
         cls_name = config.get("_class_name", "UNet2DConditionModel")
         if cls_name != "UNet2DConditionModel":

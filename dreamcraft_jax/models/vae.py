@@ -169,7 +169,7 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict, dtype: Dtype = jnp.float32, attention_impl: str | None = None,
-                    remat: bool = False) -> "AutoencoderKL":
+                    remat: bool = False) -> AutoencoderKL:
         """Module from a diffusers ``vae/config.json`` dict; ValueError naming the key of anything unsupported."""
         cls_name = config.get("_class_name", "AutoencoderKL")
         if cls_name != "AutoencoderKL":

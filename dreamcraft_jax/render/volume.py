@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.struct
 import jax
@@ -65,7 +65,7 @@ class RenderSpec:
     backend: str = "xla"  # marching: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.march)
 
     @classmethod
-    def from_config(cls, cfg, radius: float, backend: str = "xla") -> "RenderSpec":
+    def from_config(cls, cfg, radius: float, backend: str = "xla") -> RenderSpec:
         """cfg: the ``render`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend."""
         return cls(
             backend=backend,
@@ -105,7 +105,7 @@ class RenderSpec:
         m2 = min(m1, int(math.ceil(n_rays * self.samples_per_ray)))
         return m1, m2
 
-    def replace(self, **kw) -> "RenderSpec":
+    def replace(self, **kw) -> RenderSpec:
         return dataclasses.replace(self, **kw)
 
 

@@ -33,8 +33,7 @@ import numpy as np
 import optax
 
 from dreamcraft_jax import cameras as cam
-from dreamcraft_jax import kernels
-from dreamcraft_jax import losses, parallel
+from dreamcraft_jax import kernels, losses, parallel
 from dreamcraft_jax.config import schedule_is_zero, schedule_value
 from dreamcraft_jax.fields import nerf
 from dreamcraft_jax.render import volume
@@ -93,7 +92,7 @@ class CoarseNerf:
     name = "coarse_nerf"
 
     @classmethod
-    def from_config(cls, cfg, mesh, priors=None, prior_params=None) -> "CoarseNerf":
+    def from_config(cls, cfg, mesh, priors=None, prior_params=None) -> CoarseNerf:
         """``priors``/``prior_params`` from :func:`dreamcraft_jax.guidance.priors.load_priors` (or None)."""
         backend = kernels.resolve_backend(cfg.kernels.backend)
         field = cls.field_spec(cfg, backend)
@@ -367,7 +366,9 @@ class CoarseNerf:
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(jnp.stack(
             [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
@@ -405,7 +406,8 @@ class CoarseNerf:
         input size; (2) the priors (:attr:`_guidance_program`, shared by all resolutions); (3) the backward pass
         of (1) fed with (2)'s gradient w.r.t. the resized renders, then Adam. Same gradient as the one-program
         step; the priors, most of a random-view step's compile time, then compile once per stage, not once per
-        resolution. The residuals leave (1) per device with a leading axis of 1, split along the view axes."""
+        resolution. The residuals leave (1) per device with a leading axis of 1, split along the view axes they vary
+        along (:func:`parallel.stacked_spec`)."""
         box = {}  # the residuals' tree structure, found while tracing (1) and used while tracing (3)
 
         def forward(state: TrainState, targets: Targets):
@@ -421,26 +423,37 @@ class CoarseNerf:
                 (_, images), backward, (loss, metrics) = jax.vjp(render_part, parallel.as_varying(params),
                                                                  has_aux=True)
                 leaves, box["residuals"] = jax.tree.flatten(backward)
-                leaves = [parallel.to_varying(x)[None] for x in leaves]
+                # Each residual leaves (1) with the device-varying type it has here and enters (3) with it again:
+                # (3)'s backward replays the casts JAX recorded for invariant residuals, and casting a value
+                # that already varies is an error (jax >= 0.12), so none may be made varying on the way.
+                box["residual_specs"] = [parallel.stacked_spec(x) for x in leaves]
+                box["loss_axes"] = parallel.varying_axes(loss)
                 metrics["loss"] = loss
-                return images, leaves, jax.lax.pmean(metrics, parallel.VIEW_AXES)
+                return images, [x[None] for x in leaves], jax.lax.pmean(metrics, parallel.VIEW_AXES)
 
-            images, residuals, metrics = parallel.shard_map(
-                per_device, self.mesh,
-                in_specs=(parallel.REPLICATED, parallel.REPLICATED, parallel.VIEWS, parallel.VIEWS,
-                          parallel.REPLICATED, parallel.REPLICATED),
-                out_specs=(parallel.VIEWS, parallel.VIEWS, parallel.REPLICATED),
-            )(state.params, grid, ref, rand, state.step, targets)
+            args = (state.params, grid, ref, rand, state.step, targets)
+            in_specs = (parallel.REPLICATED, parallel.REPLICATED, parallel.VIEWS, parallel.VIEWS,
+                        parallel.REPLICATED, parallel.REPLICATED)
+
+            def sharded(pick, out_specs):
+                return parallel.shard_map(lambda *a: pick(per_device(*a)), self.mesh, in_specs, out_specs)(*args)
+
+            # The residuals' specs are known only once the forward is traced: trace it abstractly first, keeping
+            # only the images (out of a shard_map, every leaf needs a spec).
+            jax.eval_shape(lambda: sharded(lambda out: out[0], parallel.VIEWS))
+            images, residuals, metrics = sharded(lambda out: out,
+                                                 (parallel.VIEWS, box["residual_specs"], parallel.REPLICATED))
             # state.step + 0: a step buffer that (3) does not donate
             return grid, rand, images, residuals, metrics, state.step + 0, self.guidance_schedules(state.step)
 
         def backward_and_update(state: TrainState, grid, residuals, image_grads, metrics, guide_metrics):
             def per_device(residuals, image_grads):
                 backward = jax.tree.unflatten(box["residuals"], [x[0] for x in residuals])
-                (grads,) = backward((parallel.to_varying(jnp.ones((), jnp.float32)), image_grads))
+                loss_cotangent = parallel.as_varying(jnp.ones((), jnp.float32), tuple(sorted(box["loss_axes"])))
+                (grads,) = backward((loss_cotangent, image_grads))
                 return jax.lax.pmean(grads, parallel.VIEW_AXES)
 
-            grads = parallel.shard_map(per_device, self.mesh, in_specs=(parallel.VIEWS, parallel.VIEWS),
+            grads = parallel.shard_map(per_device, self.mesh, in_specs=(box["residual_specs"], parallel.VIEWS),
                                        out_specs=parallel.REPLICATED)(residuals, image_grads)
             guide_metrics = dict(guide_metrics)
             g_loss = guide_metrics.pop("guidance_loss")
@@ -467,8 +480,9 @@ class CoarseNerf:
         Deterministic (no jitter, no stratification). Rays go in chunks of ``chunk_rays`` (default
         ``eval.chunk_rays``) so memory is bounded at any resolution, and the chunks are split over the ``data``
         axis so every device renders its share. The images come back replicated: every process (multi-host)
-        calls this together and can read the whole image; process 0 writes it. Sample budget per ray: ``samples_per_ray`` (default
-        ``render.eval_samples_per_ray``), with max(training candidates, 2 x that) candidates.
+        calls this together and can read the whole image; process 0 writes it. Sample budget per ray:
+        ``samples_per_ray`` (default ``render.eval_samples_per_ray``), with max(training candidates, 2 x that)
+        candidates.
         """
         chunk_rays = int(self.cfg.eval.chunk_rays) if chunk_rays is None else int(chunk_rays)
         budget = float(self.cfg.render.eval_samples_per_ray if samples_per_ray is None else samples_per_ray)
