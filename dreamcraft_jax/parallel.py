@@ -75,7 +75,7 @@ def as_varying(tree, axis=VIEW_AXES):
 
     Differentiating a loss w.r.t. a replicated (invariant) input inside shard_map makes JAX psum the gradient
     implicitly. Taking the gradient w.r.t. a varying copy instead keeps per-device gradients, which the caller
-    averages explicitly with ``pmean``: the mean over all views whatever the device count.
+    averages explicitly with ``pmean``: the mean over all views whatever the device count. No axes: unchanged.
     """
     if not axis:
         return tree

@@ -424,8 +424,9 @@ class CoarseNerf:
                                                                  has_aux=True)
                 leaves, box["residuals"] = jax.tree.flatten(backward)
                 # Each residual leaves (1) with the device-varying type it has here and enters (3) with it again:
-                # (3)'s backward replays the casts JAX recorded for invariant residuals, and casting a value
-                # that already varies is an error (jax >= 0.12), so none may be made varying on the way.
+                # (3)'s backward casts invariant residuals to varying itself (e.g. the level mask, in the
+                # recomputed encoding), and casting a value that already varies is an error (jax >= 0.12), so
+                # none may be made varying on the way.
                 box["residual_specs"] = [parallel.stacked_spec(x) for x in leaves]
                 box["loss_axes"] = parallel.varying_axes(loss)
                 metrics["loss"] = loss
