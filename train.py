@@ -1,23 +1,24 @@
-"""Train a DreamCraft3D stage from an ml_collections config.
+"""Train DreamCraft3D stages from an ml_collections config.
 
     python train.py --config configs/demo.py
     python train.py --config configs/dreamcraft3d.py --config.image=my_rgba.png --config.prompt="a ..." \
         --config.guidance.zero123.pretrained=path/to/zero123-diffusers
+    python train.py --config configs/dreamcraft3d.py:stage=coarse_neus --config.init_from=outputs/<run>
     python train.py --config configs/demo.py --config.resume=outputs/demo-20260101-120000
 
-Overrides are ``--config.a.b=value``. An unknown key or an invalid value stops with one error line (exit code 2)
-before anything is computed or written.
+Overrides are ``--config.a.b=value`` (or ``--config.a.b value``); ``--noprogress`` hides the progress bar. An
+unknown key or an invalid value stops with one error line (exit code 2) before anything is computed or written.
+The config is loaded by :func:`dreamcraft_jax.config_file.load_config`, as the benches and the tests load it.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 
-from absl import app, flags
-from ml_collections import config_flags
+USAGE = ("usage: python train.py [--config=configs/<name>.py[:arg]] [--config.<key>=<value> ...] [--noprogress]\n"
+         "config keys, their defaults and meaning: dreamcraft_jax/config.py")
 
 
 def _fail(message: str) -> None:
@@ -25,59 +26,53 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _unknown_key(error: Exception, argv) -> None:
-    message = str(error).replace("\\", "")
-    found = re.search(r"'([^'\s]+)'", message)
-    key = found.group(1) if found else message.strip("\"'")
-    suggestion = re.search(r'Did you mean "([^"]+)"', message)
-    culprit = next((a for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")), None)
-    where = f" in {culprit.split('=')[0]}" if culprit else ""
-    hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""
-    _fail(f"unknown config key {key!r}{where}: no such field in the config{hint} "
-          "(defaults and their meaning: dreamcraft_jax/config.py)")
+def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
+    """(config file spec, ["key=value", ...], progress) from the command line; exits with one error line for
+    anything it does not know."""
+    spec, overrides, progress = "configs/demo.py", [], True
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        name, eq, value = arg.partition("=")
+        if name in ("-h", "--help", "-help"):
+            print(__doc__ + "\n" + USAGE)
+            sys.exit(0)
+        if name in ("--progress", "--noprogress") and not eq:
+            progress = name == "--progress"
+        elif name == "--config":
+            if not eq:
+                if not args:
+                    _fail("--config needs a config file: --config=configs/<name>.py")
+                value = args.pop(0)
+            spec = value
+        elif name.startswith("--config."):
+            if not eq:
+                if not args or args[0].startswith("--"):
+                    _fail(f"{name} needs a value: {name}=<value>")
+                value = args.pop(0)
+            overrides.append(f"{name[len('--config.'):]}={value}")
+        else:
+            _fail(f"unknown argument {arg!r}\n{USAGE}")
+    return spec, overrides, progress
 
 
-try:
-    # ml_collections applies the --config.* overrides from sys.argv while defining the flag.
-    _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Path to a config file in configs/.",
-                                              lock_config=True)
-except (AttributeError, KeyError) as _e:
-    _unknown_key(_e, sys.argv)
-except (TypeError, ValueError) as _e:
-    _fail(f"bad config override: {_e}")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
-
-
-def parse_flags(argv):
-    """absl flag parsing that turns every config problem into one readable line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e))
-    except (AttributeError, KeyError) as e:
-        # ml_collections raises these for a key that is not in the config.
-        _unknown_key(e, argv)
-    except (TypeError, ValueError) as e:
-        _fail(f"bad config override: {e}")
-    except (OSError, ImportError, SyntaxError) as e:
-        _fail("cannot load the config file: " + " ".join(str(e).split()))
-
-
-def main(argv):
-    del argv
+def main(argv: list[str]) -> None:
+    spec, overrides, progress = parse_args(argv)
     # Orbax logs every checkpoint step at INFO through absl; keep the console for our own messages.
+    logging.basicConfig(format="%(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("dreamcraft_jax").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")  # imageio-ffmpeg's encoder process
     from dreamcraft_jax.config import ConfigError
+    from dreamcraft_jax.config_file import load_config
     from dreamcraft_jax.data.reference import ReferenceImageError
     from dreamcraft_jax.guidance.priors import PriorUnavailableError
     from dreamcraft_jax.runner import RunFolderError, train
 
-    cfg = _CONFIG.value
     try:
-        workdir = train(cfg, progress=flags.FLAGS.progress)
+        cfg = load_config(spec, overrides)
+        workdir = train(cfg, progress=progress)
     except (ConfigError, ReferenceImageError, RunFolderError, PriorUnavailableError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -88,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    main(sys.argv[1:])

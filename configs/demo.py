@@ -2,9 +2,9 @@
 
 Same code path as configs/dreamcraft3d.py, sized down: 8-level hash grid with a 2^15 table, 64 px training
 renders, 128 steps per ray, alternate reference / guidance steps, and TINY RANDOM-WEIGHT PRIORS (written once to
-outputs/demo_priors by dreamcraft_jax.models.demo_priors): their "guidance" is noise, so the unseen sides are not
+guidance.demo_dir by dreamcraft_jax.models.demo_priors): their "guidance" is noise, so the unseen sides are not
 meaningful and the logs, the run folder (RANDOM_PRIORS.txt) and this note say so. Real priors: set
-guidance.sd.pretrained / guidance.zero123.pretrained and guidance.demo_priors="".
+guidance.priors=pretrained with guidance.sd.pretrained / guidance.zero123.pretrained.
 """
 
 from dreamcraft_jax.config import base_config
@@ -15,7 +15,7 @@ def get_config():
     config.name = "demo"
     config.stage = "all"
     config.prompt = "a small toy figure"
-    config.guidance.demo_priors = "outputs/demo_priors"  # RANDOM weights, see the module doc
+    config.guidance.priors = "demo"  # RANDOM weights, see the module doc
     config.guidance.sd.resolution = 64
     config.guidance.zero123.resolution = 64
     config.loss.lambda_sd = 0.01  # random priors: keep their noise small next to the reference losses

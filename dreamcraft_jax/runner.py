@@ -1,27 +1,18 @@
-"""The training loop around a stage: run folder, checkpoints, metrics, validation renders, turntable video.
+"""The training loop around the stages: the run folder, priors, checkpoints, metrics, validation, video.
 
-Run folder layout (one sub-folder per stage: coarse_nerf/, coarse_neus/)::
+``train(cfg)`` runs ``cfg.stage`` (one stage, or "all" = ``cfg.stages`` in order), each stage from the previous
+stage's handoff, each in its own folder of the run folder (:mod:`dreamcraft_jax.run_folder` has the layout).
+Stages are reached through :mod:`dreamcraft_jax.stages.base` alone (build, init_state, step_key, step_fn,
+step_inputs, eval_render, handoff), so a new stage needs no change here.
 
-    <workdir>/config.json                  the config as given (config.resume.json when resumed)
-    <workdir>/<stage>/config.json          the stage's resolved config (config.resume-<step>.json per resume)
-    <workdir>/<stage>/metrics.jsonl        one JSON object per logged step
-    <workdir>/<stage>/checkpoints/<step>/  orbax checkpoints of the whole TrainState
-    <workdir>/<stage>/val/step_<n>.png     reference view + a side view: rgb | normal | depth | opacity
-    <workdir>/<stage>/video/turntable.mp4  final orbit (gif where no mp4 encoder exists)
-    <workdir>/<stage>/timing.json          ms per step split into render / guidance / update
-    <workdir>/<stage>/DONE                 the step the stage finished at (a resumed pipeline skips the stage
-                                           unless its max_steps is now larger)
-
-An existing, non-empty run folder is never reused unless ``--config.resume`` names it. Ctrl-C stops the run after
-the step in flight and writes a last checkpoint (a second Ctrl-C stops at once, still checkpointing the last
-finished step when one is at hand). Only process 0 writes (multi-host).
+Ctrl-C stops the run after the step in flight and writes a last checkpoint (a second Ctrl-C stops at once,
+still checkpointing the last finished step when one is at hand). Only process 0 writes (multi-host).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import datetime
 import json
 import logging
 import signal
@@ -31,129 +22,38 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from dreamcraft_jax import cameras as cam
-from dreamcraft_jax import losses, parallel
-from dreamcraft_jax.config import STAGES, resolution_at, schedule_is_zero, stage_config, validate
-from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
+from dreamcraft_jax import parallel
+from dreamcraft_jax.checkpoints import Checkpointer, restore_latest
+from dreamcraft_jax.config import STAGES, schedule_is_zero, stage_config, validate
+from dreamcraft_jax.evaluation import validate_views, write_turntable
 from dreamcraft_jax.export import media
-from dreamcraft_jax.models import layers
-from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF, CoarseNerf, TrainState, step_kind, targets_from_reference
-from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+from dreamcraft_jax.kernels.spec import KernelSpec
+from dreamcraft_jax.metrics import MetricsWriter, scalars
+from dreamcraft_jax.run_folder import (
+    RunFolderError,
+    finished_step,
+    is_writer,
+    mark_done,
+    resolve_workdir,
+    stage_dir,
+)
+from dreamcraft_jax.stages.base import build_stage
 from dreamcraft_jax.xla_flags import apply_xla_flags
 
 log = logging.getLogger("dreamcraft_jax")
 
-
-class RunFolderError(ValueError):
-    """The run folder cannot be used as asked (exists, or nothing to resume)."""
-
-
-def is_writer() -> bool:
-    return jax.process_index() == 0
-
-
-def resolve_workdir(cfg) -> tuple[Path, bool]:
-    """(run folder, resuming?) from ``cfg.workdir`` / ``cfg.resume``; never silently reuses a folder."""
-    if cfg.resume:
-        path = Path(cfg.resume)
-        if path.name.isdigit() and path.parent.name == "checkpoints":  # a step folder was given
-            path = path.parent.parent
-        if (path / "checkpoints").is_dir() and path.name in STAGES:  # a stage folder was given
-            path = path.parent
-        if not any((path / stage / "checkpoints").is_dir() for stage in STAGES):
-            raise RunFolderError(f"--config.resume={cfg.resume}: no <stage>/checkpoints/ folder there to resume "
-                                 f"from (stages: {', '.join(STAGES)})")
-        return path, True
-    if cfg.workdir:
-        path = Path(cfg.workdir)
-        if path.exists() and any(path.iterdir()):
-            raise RunFolderError(
-                f"run folder {path} already exists and is not empty: pass --config.resume={path} to continue "
-                "it, or choose another --config.workdir")
-        return path, False
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(cfg.output_root) / f"{cfg.name}-{stamp}"
-    suffix = 1
-    while path.exists():
-        path = Path(cfg.output_root) / f"{cfg.name}-{stamp}-{suffix}"
-        suffix += 1
-    return path, False
-
-
-def load_targets(cfg, height: int, width: int):
-    """Reference image (and depth) at one resolution -> ReferenceImage."""
-    image = cfg.image or example_image_path()
-    depth = cfg.data.depth
-    if depth == "example":
-        depth = example_depth_path()
-    return load_reference(image, height, width, recenter=cfg.data.recenter, border_ratio=cfg.data.border_ratio,
-                          depth_path=depth or None, background=cfg.data.background,
-                          depth_is_disparity=cfg.data.depth_is_disparity)
-
-
-class Checkpointer:
-    """Thin wrapper over an orbax CheckpointManager for a TrainState."""
-
-    def __init__(self, directory: Path, keep: int | None, read_only: bool = False):
-        options = ocp.CheckpointManagerOptions(read_only=True) if read_only else ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(directory.absolute(), options=options)
-
-    def save(self, state: TrainState, force: bool = False) -> None:
-        step = int(state.step)
-        if self.manager.latest_step() == step:
-            return
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
-
-    def latest_step(self):
-        return self.manager.latest_step()
-
-    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
-        step = self.manager.latest_step() if step is None else step
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-class MetricsWriter:
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        if not is_writer():
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _scalars(metrics: dict) -> dict:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
-
-
-STAGE_CLASSES = {"coarse_nerf": CoarseNerf, "coarse_neus": CoarseNeus}
-DONE = "DONE"  # written into a stage folder when the stage has reached its last step
+__all__ = ["RunFolderError", "train", "run_stage", "enable_compilation_cache", "precompile"]
 
 
 def stages_to_run(cfg) -> list[str]:
     return list(cfg.stages) if cfg.stage == "all" else [cfg.stage]
 
 
-def _stage_dir(path: Path, stage: str) -> Path:
-    """A run folder or a stage folder -> the folder of ``stage`` inside it."""
-    if (path / stage / "checkpoints").is_dir():
-        return path / stage
-    if path.name == stage or (path / "checkpoints").is_dir():
-        return path
-    raise RunFolderError(f"{path} holds no {stage}/checkpoints folder to start from")
+def _previous_stage(cfg, name: str) -> str:
+    order = list(cfg.stages) if name in cfg.stages else list(STAGES)
+    return order[max(order.index(name) - 1, 0)]
 
 
 def enable_compilation_cache(path: str, min_compile_time_s: float = 1.0) -> Path | None:
@@ -175,83 +75,79 @@ def enable_compilation_cache(path: str, min_compile_time_s: float = 1.0) -> Path
 
 
 def train(cfg, progress: bool = True) -> Path:
-    """Run the configured stage(s) (``cfg.stage``: one stage, or "all" = ``cfg.stages`` in order); returns the
-    run folder. Each stage writes into ``<run folder>/<stage>/``; a later stage starts from the previous
-    stage's last checkpoint (``cfg.init_from`` for a single later stage)."""
+    """Run the configured stage(s); returns the run folder. A later stage starts from the previous stage's last
+    checkpoint (``cfg.init_from`` for a single later stage)."""
     validate(cfg)
     apply_xla_flags(cfg.xla_flags)  # before the first device use (the distributed init, the mesh) reads them
-    layers.configure_groupnorm_kernels(cfg.kernels)  # before any prior is traced
     parallel.maybe_initialize_distributed(cfg)
     workdir, resuming = resolve_workdir(cfg)
     names = stages_to_run(cfg)
     previous_dir = None
     if names[0] != "coarse_nerf":  # a later stage starts from the last checkpoint of the stage before it
+        before = _previous_stage(cfg, names[0])
         if cfg.init_from:
-            previous_dir = _stage_dir(Path(cfg.init_from), _previous_stage(names[0]))
+            previous_dir = stage_dir(Path(cfg.init_from), before)
         elif not (resuming and (workdir / names[0] / "checkpoints").is_dir()):
             raise RunFolderError(
-                f"stage {names[0]} starts from a {_previous_stage(names[0])} checkpoint: pass "
+                f"stage {names[0]} starts from a {before} checkpoint: pass "
                 f"--config.init_from=<run folder of that stage> (or --config.stage=all to run both)")
-    # Everything that can fail on bad input happens before anything is written.
+    # Everything that can fail on bad input happens before anything is written: the mesh, the priors, and the
+    # first stage (which loads its reference image).
     mesh = parallel.mesh_from_config(cfg)
-    first_cfg = stage_config(cfg, names[0])
-    references = _load_references(first_cfg)
-    enable_compilation_cache(cfg.compilation_cache_dir)  # after the input checks: a bad run creates nothing
-    priors, prior_params = _load_priors(cfg, mesh)
+    enable_compilation_cache(cfg.compilation_cache_dir)
+    priors, prior_params = load_run_priors(cfg, mesh)
+    first = build_stage(names[0], stage_config(cfg, names[0]), mesh, priors, prior_params)
     if is_writer():
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / ("config.json" if not resuming else "config.resume.json")).write_text(
             cfg.to_json_best_effort(indent=2))
     for name in names:
-        stage_dir = workdir / name
+        folder = workdir / name
         scfg = stage_config(cfg, name)
-        done = stage_dir / DONE
-        if done.is_file() and int(done.read_text().split()[0]) >= scfg.train.max_steps:
-            log.info("stage %s already finished in %s", name, stage_dir)
-            previous_dir = stage_dir
+        done = finished_step(folder)
+        if done is not None and done >= scfg.train.max_steps:
+            log.info("stage %s already finished in %s", name, folder)
+            previous_dir = folder
             continue
-        run_stage(scfg, STAGE_CLASSES[name], stage_dir, previous_dir, mesh, priors, prior_params, progress,
-                  references if name == names[0] else None)
-        previous_dir = stage_dir
+        stage = first if name == names[0] else build_stage(name, scfg, mesh, priors, prior_params)
+        previous = None
+        if previous_dir is not None:
+            previous = restore_handoff(cfg, _previous_stage(cfg, name), previous_dir, mesh)
+            log.info("%s starts from %s at step %d", name, previous_dir, int(previous.step))
+        run_stage(stage, folder, previous, progress)
+        previous_dir = folder
     return workdir
 
 
-def _previous_stage(name: str) -> str:
-    order = list(STAGE_CLASSES)
-    return order[max(order.index(name) - 1, 0)]
-
-
-def _load_references(cfg) -> dict:
-    phases = sorted({resolution_at(cfg, s) for s in [0, *cfg.data.resolution_milestones]})
-    refs = {hw: load_targets(cfg, *hw) for hw in phases}
-    refs["eval"] = load_targets(cfg, cfg.eval.height, cfg.eval.width)
-    return refs
-
-
-def _load_priors(cfg, mesh):
-    """Load the priors once for all stages (their per-stage settings are applied by ``Priors.configured``)."""
+def load_run_priors(cfg, mesh):
+    """Load the priors once for all stages (their per-stage settings are applied by ``Priors.configured``):
+    (Priors, params), or (None, None) when no stage of the run uses them."""
+    from dreamcraft_jax.data.reference import reference_from_config
     from dreamcraft_jax.guidance.priors import demo_prior_paths, load_priors, reference_rgb_on_white
 
-    cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
-    if cfg.guidance.demo_priors:
-        cfg.guidance.sd.pretrained, cfg.guidance.zero123.pretrained = demo_prior_paths(cfg.guidance.demo_priors)
     uses = any(not schedule_is_zero(stage_config(cfg, n).loss[k]) for n in stages_to_run(cfg)
                for k in ("lambda_sd", "lambda_3d_sd"))
     if not uses:
         return None, None
-    if cfg.guidance.random_real_size:
+    kernels = KernelSpec.from_config(cfg.kernels)
+    source = cfg.guidance.priors
+    if source == "random_real_size":
         from dreamcraft_jax.guidance.random_priors import random_priors
 
-        priors, params = random_priors(cfg, tiny=False)
+        priors, params = random_priors(cfg, tiny=False, kernels=kernels)
         what = "real-size (SD 2.1-base / Zero123 shapes) networks with random weights"
     else:
-        ref = load_targets(cfg, cfg.guidance.zero123.resolution, cfg.guidance.zero123.resolution)
-        priors, params = load_priors(cfg, reference_rgb_on_white(ref.rgb, ref.mask), mesh)
+        if source == "demo":
+            cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+            cfg.guidance.sd.pretrained, cfg.guidance.zero123.pretrained = demo_prior_paths(cfg.guidance.demo_dir)
+        ref = reference_from_config(cfg, cfg.guidance.zero123.resolution, cfg.guidance.zero123.resolution)
+        priors, params = load_priors(cfg, reference_rgb_on_white(ref.rgb, ref.mask), mesh, kernels=kernels)
         what = "tiny random stand-ins"
     if priors.random_weights:
         log.warning("=" * 100)
         log.warning("RANDOM PRIORS: the diffusion priors of this run are %s; their guidance is noise. Real runs "
-                    "set --config.guidance.sd.pretrained / --config.guidance.zero123.pretrained.", what)
+                    "set --config.guidance.priors=pretrained with --config.guidance.sd.pretrained / "
+                    "--config.guidance.zero123.pretrained.", what)
         log.warning("=" * 100)
     return priors, params
 
@@ -287,19 +183,6 @@ def _alive(state) -> bool:
     return not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state))
 
 
-def steps_needed(cfg, start: int) -> list[tuple[str, tuple[int, int]]]:
-    """The (kind, (height, width)) steps a stage runs from ``start`` to ``train.max_steps``, in first-use order."""
-    bounds = sorted({int(start), int(cfg.train.max_steps),
-                     *(int(m) for m in cfg.data.resolution_milestones if start < int(m) < cfg.train.max_steps)})
-    needed = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        for step in range(lo, min(lo + 2, hi)):  # the kinds alternate with period 2 at most
-            key = (step_kind(cfg.train.mode, step), resolution_at(cfg, step))
-            if key not in needed:
-                needed.append(key)
-    return needed
-
-
 def precompile(jobs: dict, workers: int) -> tuple[dict, dict]:
     """Compile ``jobs`` = {name: (jitted fn, example args)} in ``workers`` threads at once (XLA compiles outside
     the GIL). Returns ({name: compiled executable}, {name: seconds from submission to its compile's end})."""
@@ -315,10 +198,6 @@ def precompile(jobs: dict, workers: int) -> tuple[dict, dict]:
         for name, out, done_s in pool.map(build, list(jobs)):
             compiled[name], seconds[name] = out, done_s
     return compiled, seconds
-
-
-def _step_name(kind: str, hw: tuple[int, int]) -> str:
-    return f"{kind}_{hw[0]}x{hw[1]}"
 
 
 class _Precompiled:
@@ -376,52 +255,43 @@ class WallClock:
         return out
 
 
-def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, priors, prior_params,
-              progress: bool, references: dict | None = None) -> Path:
-    """Run one stage to ``cfg.train.max_steps`` in ``stage_dir`` (resuming from its checkpoints if any)."""
-    clock = WallClock()
-    references = references or _load_references(cfg)
-    eval_ref = references["eval"]
-    stage_priors = priors.configured(cfg) if priors is not None else None
-    stage = stage_cls.from_config(cfg, mesh, stage_priors, prior_params)
-    prior_params = stage.place_prior_params(prior_params)
-    targets = {hw: parallel.replicate(targets_from_reference(r), mesh) for hw, r in references.items()
-               if hw != "eval"}
-    previous = None
-    if previous_dir is not None:
-        prev_cfg = stage_config(cfg, previous_dir.name) if previous_dir.name in STAGE_CLASSES else cfg
-        prev_stage = STAGE_CLASSES[previous_dir.name if previous_dir.name in STAGE_CLASSES else "coarse_nerf"]
-        template = prev_stage.from_config(prev_cfg, mesh).init_state()
-        ckpt = Checkpointer(previous_dir / "checkpoints", None, read_only=True)
-        previous = ckpt.restore(template)
-        ckpt.close()
-        log.info("%s starts from %s at step %d", stage.name, previous_dir, int(previous.step))
+def _step_name(key) -> str:
+    kind, (h, w) = key
+    return f"{kind}_{h}x{w}"
 
+
+def run_stage(stage, folder: Path, previous=None, progress: bool = True) -> Path:
+    """Run one stage to its ``train.max_steps`` in ``folder`` (resuming from its checkpoints if any), starting
+    from ``previous``: the handoff of the stage before (None: a fresh start)."""
+    cfg = stage.cfg
+    clock = WallClock()
     if is_writer():
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "val").mkdir(exist_ok=True)
-    checkpointer = Checkpointer(stage_dir / "checkpoints", cfg.train.keep_checkpoints)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "val").mkdir(exist_ok=True)
+    checkpointer = Checkpointer(folder / "checkpoints", cfg.train.keep_checkpoints)
     state = stage.init_state(previous=previous)
     resumed = checkpointer.latest_step() is not None
     if resumed:
         state = checkpointer.restore(state)
-        log.info("resumed %s at step %d", stage_dir, int(state.step))
+        log.info("resumed %s at step %d", folder, int(state.step))
     if is_writer():
         name = "config.json" if not resumed else f"config.resume-{int(state.step)}.json"
-        (stage_dir / name).write_text(cfg.to_json_best_effort(indent=2))
-        media.save_image(stage_dir / "reference.png", media.panel(
-            {"rgb": eval_ref.rgb * eval_ref.mask[..., None] + (1 - eval_ref.mask[..., None]),
-             "opacity": eval_ref.mask}, order=("rgb", "opacity")))
-        if stage_priors is not None and stage_priors.random_weights:
-            (stage_dir / "RANDOM_PRIORS.txt").write_text(
+        (folder / name).write_text(cfg.to_json_best_effort(indent=2))
+        reference = stage.reference_images()
+        if reference is not None:
+            media.save_image(folder / "reference.png", media.panel(reference, order=tuple(reference)))
+        priors = getattr(stage, "priors", None)
+        if priors is not None and priors.random_weights:
+            (folder / "RANDOM_PRIORS.txt").write_text(
                 "The diffusion priors of this run had RANDOM weights: its guidance was noise.\n")
-    metrics_writer = MetricsWriter(stage_dir / "metrics.jsonl")
-    ref_camera = cam.reference_camera(cfg.camera)
+    metrics_writer = MetricsWriter(folder)
     start = int(state.step)
-    steps_fns = {key: stage.step_fn(key[0], *key[1]) for key in steps_needed(cfg, start)}
-    render = stage.render_fn(cfg.eval.height, cfg.eval.width)
-    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (progress and is_writer()),
-               dynamic_ncols=True, desc=stage.name)
+    max_steps = stage.max_steps
+    steps_fns = {key: stage.step_fn(key) for key in stage.step_keys(start, max_steps)}
+    inputs = {key: stage.step_inputs(key) for key in steps_fns}
+    render = stage.eval_render(cfg.eval.height, cfg.eval.width)
+    bar = tqdm(total=max_steps, initial=start, disable=not (progress and is_writer()), dynamic_ncols=True,
+               desc=stage.name)
     clock.parts["setup"] = time.perf_counter() - clock.start
     loop_start = None
     first_call_since = None  # when the first call in flight started (an interruption reports it)
@@ -430,16 +300,15 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
     try:
         with _StopRequest() as stop:
             if int(cfg.train.compile_workers) > 0 and steps_fns:
-                jobs = {_step_name(kind, hw): (fn, (state, targets[hw], prior_params))
-                        for (kind, hw), fn in steps_fns.items()
+                jobs = {_step_name(key): (fn, (state, *inputs[key])) for key, fn in steps_fns.items()
                         # a three-program step (train.separate_guidance) compiles at first call
                         if hasattr(fn, "lower")}
-                jobs["eval_render"] = (render, (state.params, state.grid, ref_camera, state.step))
+                jobs["eval_render"] = (render, (state, next(iter(stage.eval_cameras().values()))))
                 with clock.part("compile"):
                     compiled, clock.compile_s = precompile(jobs, int(cfg.train.compile_workers))
                 log.info("%s: compiled %d programs in %.1f s (%d at a time)", stage.name, len(jobs),
                          clock.parts["compile"], int(cfg.train.compile_workers))
-                steps_fns = {key: _Precompiled(fn, compiled[_step_name(*key)]) if _step_name(*key) in compiled else fn
+                steps_fns = {key: _Precompiled(fn, compiled[_step_name(key)]) if _step_name(key) in compiled else fn
                              for key, fn in steps_fns.items()}
                 if "eval_render" in compiled:
                     render = _Precompiled(render, compiled["eval_render"])
@@ -448,34 +317,33 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
             loop_start = last_time = time.perf_counter()
             last_step = start
             first_done = set()
-            while step < cfg.train.max_steps:
-                hw = resolution_at(cfg, step)
-                kind = step_kind(cfg.train.mode, step)
-                fn = steps_fns[(kind, hw)]
-                if (kind, hw) not in first_done:  # timed on its own (with its compilation unless precompiled)
-                    first_done.add((kind, hw))
+            while step < max_steps:
+                key = stage.step_key(step)
+                fn = steps_fns[key]
+                if key not in first_done:  # timed on its own (with its compilation unless precompiled)
+                    first_done.add(key)
                     jax.block_until_ready(state)  # the steps still in flight are not this call's
                     first_call_since = time.perf_counter()
-                    state, metrics = fn(state, targets[hw], prior_params)
+                    state, metrics = fn(state, *inputs[key])
                     jax.block_until_ready(state)
-                    clock.first_calls[_step_name(kind, hw)] = time.perf_counter() - first_call_since
+                    clock.first_calls[_step_name(key)] = time.perf_counter() - first_call_since
                     first_call_since = None
                 else:
-                    state, metrics = fn(state, targets[hw], prior_params)
+                    state, metrics = fn(state, *inputs[key])
                 step += 1
-                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    record = _scalars(metrics)
+                if step % cfg.train.log_every == 0 or step == max_steps:
+                    record = scalars(metrics)
                     now = time.perf_counter()
-                    record.update(step=step, kind=kind, height=hw[0], width=hw[1],
+                    kind, (height, width) = key
+                    record.update(step=step, kind=kind, height=height, width=width,
                                   ms_per_step=1000.0 * (now - last_time) / max(step - last_step, 1))
                     last_time, last_step = now, step
                     metrics_writer.write(record)
                     shown = {k: record[k] for k in ("loss", "ref/psnr") if k in record}
                     bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
-                if step % cfg.train.val_every == 0 or step == cfg.train.max_steps:
+                if step % cfg.train.val_every == 0 or step == max_steps:
                     with clock.part("validation"):
-                        validate_views(cfg, render, state, ref_camera, stage_dir, step, eval_ref, metrics_writer,
-                                       image_writer)
+                        validate_views(stage, render, state, folder, step, metrics_writer, image_writer)
                 if step % cfg.train.save_every == 0:
                     with clock.part("checkpoints_in_loop"):
                         checkpointer.save(state)
@@ -486,20 +354,21 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
         now = time.perf_counter()
         loop_s = now - loop_start if loop_start is not None else 0.0
         if _alive(state):
-            log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), stage_dir)
+            log.warning("interrupted at step %d: writing a last checkpoint to %s", int(state.step), folder)
             checkpointer.save(state, force=True)
             checkpointer.wait()
         else:  # a second Ctrl-C inside a step, which had consumed its input
             log.error("interrupted inside a step: its input state is gone; the last checkpoint in %s stands",
-                      stage_dir / "checkpoints")
+                      folder / "checkpoints")
         if is_writer():  # where the time went up to the interruption (a timed run cut short still reports)
             wall = clock.report(loop_s, (int(state.step) if _alive(state) else step) - start,
                                 now - first_call_since if first_call_since is not None else 0.0)
             wall["interrupted_at_step"] = int(state.step) if _alive(state) else step
-            (stage_dir / "wall_time.json").write_text(json.dumps(wall, indent=2))
+            (folder / "wall_time.json").write_text(json.dumps(wall, indent=2))
         raise
     finally:
         bar.close()
+        metrics_writer.close()
         image_writer.shutdown(wait=True)  # every validation image is on disk before the stage goes on
     loop_s = time.perf_counter() - loop_start
     with clock.part("final_checkpoint"):
@@ -508,117 +377,28 @@ def run_stage(cfg, stage_cls, stage_dir: Path, previous_dir: Path | None, mesh, 
         checkpointer.close()
     if cfg.train.time_split:
         # Every process takes part (the timed steps are sharded over all devices); process 0 writes. The loop's
-        # compiled step of the timed kind is reused, so only the two prior-free variants compile here.
-        hw = resolution_at(cfg, cfg.train.max_steps)
+        # compiled step of the timed kind is reused where the loop ran it.
         with clock.part("time_split"):
-            timing = time_split(stage, state, targets[hw], prior_params, hw,
-                                full_step=steps_fns.get((REF if cfg.train.mode == "reference_only" else RANDOM, hw)))
-        if is_writer():
-            (stage_dir / "timing.json").write_text(json.dumps(timing, indent=2))
+            timing = stage.timing_split(state, steps_fns)
+        if timing is not None and is_writer():
+            (folder / "timing.json").write_text(json.dumps(timing, indent=2))
             log.info("%s ms/step split: %s", stage.name, {k: round(v, 2) for k, v in timing.items()
                                                            if isinstance(v, float)})
     if cfg.eval.video and cfg.eval.n_video_views > 0:
         with clock.part("video"):
-            write_turntable(cfg, render, state, stage_dir / "video" / "turntable.mp4")
+            write_turntable(cfg, render, state, folder / "video" / "turntable.mp4")
     if is_writer():
-        wall = clock.report(loop_s, int(cfg.train.max_steps) - start)
-        (stage_dir / "wall_time.json").write_text(json.dumps(wall, indent=2))
+        wall = clock.report(loop_s, max_steps - start)
+        (folder / "wall_time.json").write_text(json.dumps(wall, indent=2))
         log.info("%s wall time %.1f s: steps %.1f s (%s ms/step), first calls %.1f s, validation %.1f s, "
                  "video %.1f s", stage.name, wall["total_s"], wall["steps_s"],
                  f"{wall['ms_per_step']:.1f}" if wall["ms_per_step"] is not None else "-",
                  wall["first_calls_total_s"], wall.get("validation_s", 0.0), wall.get("video_s", 0.0))
-        (stage_dir / DONE).write_text(f"{int(state.step)}\n")
-    return stage_dir
+        mark_done(folder, int(state.step))
+    return folder
 
 
-def time_split(stage, state, targets, prior_params, hw, repeats: int = 5, full_step=None) -> dict:
-    """ms of one random-view step split into render (fwd+bwd of the renderer and the per-view losses),
-    guidance (the priors' share) and update (grid update + Adam), medians of ``repeats``.
-
-    update = the update alone (:meth:`update_fn`, on zero gradients); render = full step without priors -
-    update; guidance = full step - full step without priors. Of the programs timed, only the step without
-    priors compiles a render (the update alone compiles in seconds), and only the full step holds the priors.
-    ``full_step``: the caller's jitted ``stage.step_fn(kind, *hw)``, timed instead of a fresh one (each
-    ``step_fn`` call is a new jit, compiled again), so a caller that also runs it compiles it only once.
-    """
-    import dataclasses
-
-    def step_ms(s, pp):
-        step = full_step if s is stage and full_step is not None else s.step_fn(kind, *hw)
-        return step_latency_ms(step, state, targets, pp, repeats)
-
-    kind = RANDOM if stage.cfg.train.mode != "reference_only" else REF
-    no_priors = dataclasses.replace(stage, priors=None, prior_specs=None)
-    state = jax.tree.map(lambda x: x.copy() if hasattr(x, "copy") else x, state)
-    update = stage.update_fn()
-    zero_grads = jax.tree.map(jax.numpy.zeros_like, state.params)
-    update_ms = step_latency_ms(lambda s, grads, _: update(s, grads), state, zero_grads, None, repeats)
-    plain_ms = step_ms(no_priors, {})
-    full_ms = step_ms(stage, prior_params)
-    return {"kind": kind, "height": hw[0], "width": hw[1], "step_ms": full_ms,
-            "render_ms": max(plain_ms - update_ms, 0.0), "guidance_ms": max(full_ms - plain_ms, 0.0),
-            "update_ms": update_ms}
-
-
-def step_latency_ms(step, state, targets, prior_params, repeats: int) -> float:
-    """Median ms of ``repeats`` calls of a donating step (after one warm-up), each on a fresh copy of ``state``
-    made and finished before its clock starts, so it is not counted as the step's time. (The copy was once
-    inside the timed call; NeuS's "update" then read 11.6 ms, where the profiler puts the whole step without
-    priors within 1 ms of its gradient.)"""
-    import statistics
-
-    def once():
-        fresh = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(fresh, targets, prior_params))
-        return 1000.0 * (time.perf_counter() - t0)
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
-
-
-def validate_views(cfg, render, state, ref_camera, workdir: Path, step: int, eval_ref, writer,
-                   image_writer: concurrent.futures.Executor | None = None) -> float:
-    """Render the reference view and one orbit view at eval resolution; log the eval reference PSNR. Every
-    process renders (the render is sharded over all devices); process 0 writes. The panel PNG (~0.4 s of host
-    work at 512 px) is made and written by ``image_writer`` when given, so training goes on meanwhile; the caller
-    shuts it down (waiting) before the stage ends."""
-    side = cam.make_camera(15.0, 90.0, cfg.camera.distance, cfg.camera.fovy_deg)
-    ref_out = render(state.params, state.grid, ref_camera, state.step)
-    side_out = render(state.params, state.grid, side, state.step)
-    if not is_writer():
-        return float("nan")
-    out, side_out = jax.device_get((ref_out, side_out))
-    target = eval_ref.rgb * eval_ref.mask[..., None] + np.asarray(cfg.render.background) * (
-        1.0 - eval_ref.mask[..., None])
-    psnr = float(losses.psnr(out["rgb"], target))
-
-    def save():
-        path = workdir / "val" / f"step_{step:06d}.png"
-        try:
-            media.save_image(path, np.concatenate([media.panel(out), media.panel(side_out)], axis=0))
-        except Exception as e:  # noqa: BLE001 - a lost diagnostic image must not stop (or silently end) a run
-            log.warning("validation image %s not written: %s: %s", path, type(e).__name__, e)
-
-    if image_writer is None:
-        save()
-    else:
-        image_writer.submit(save)
-    writer.write({"step": step, "eval/ref_psnr": psnr})
-    return psnr
-
-
-def write_turntable(cfg, render, state, path: Path) -> str | None:
-    """The orbit video; each frame's panel is made on a host thread while the device renders the next frame.
-    Every process renders the frames (the render is sharded over all devices); process 0 writes the video."""
-    cams = cam.orbit_cameras(cfg.eval.n_video_views, cfg.eval.elevation_deg, cfg.camera.distance,
-                             cfg.camera.fovy_deg)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        panels = []
-        for i in range(cfg.eval.n_video_views):
-            camera = jax.tree.map(lambda a: a[i], cams)
-            out = render(state.params, state.grid, camera, state.step)
-            if is_writer():
-                panels.append(pool.submit(media.panel, jax.device_get(out)))
-        frames = [f.result() for f in panels]
-    return media.write_video(path, frames, fps=cfg.eval.fps) if is_writer() else None
+def restore_handoff(cfg, name: str, folder: Path, mesh):
+    """The handoff of stage ``name`` (of the run config ``cfg``) from its last checkpoint in ``folder``."""
+    stage = build_stage(name, stage_config(cfg, name), mesh)
+    return stage.handoff(restore_latest(folder / "checkpoints", stage.init_state()))

@@ -3,7 +3,7 @@
 ``DEFAULT_XLA_FLAGS`` (``cfg.xla_flags``) puts XLA's cuDNN convolutions into its CUDA graphs (command buffers)
 as well. Without them every convolution splits the step's graph, so a 1-view SDS step launches ~190 graph
 pieces and convolutions one by one. H200, jax 0.11.2, one call, the same host
-(`benchmarks/sds_jax_h200_views1_*_round3.json`):
+(`benchmarks/sds/sds_jax_h200_views1_*_round3.json`):
 
 | case | XLA's default list | with +CONVOLUTION | no command buffers |
 |---|---|---|---|

@@ -5,8 +5,9 @@ sum(d) and sum(d^2) of d = x - x[first row] (one-pass moments about a shift), ba
 sum(dz * xhat) with xhat = (x - mean_c) * rstd_c, z = xhat * scale + bias, dz = dy * act'(z). XLA emits each
 as a column reduction whose parallelism is B x C outputs; with 4-8 batch elements and a few hundred channels
 that is too few threads for an H200's 132 SMs: at the priors' 8-64 px levels (and the VAE encoder's 64 px level)
-the sums ran at 0.05-0.2 TB/s (``benchmarks/profile_sd_views4_kernels_h200.json``), and dropping them altogether
-would save 6.7 of the 42.8 ms SD 4-view SDS step (``benchmarks/explore_sd_views4_h200.json``).
+the sums ran at 0.05-0.2 TB/s (``benchmarks/archive/profile/profile_sd_views4_kernels_h200.json``), and dropping them
+altogether
+would save 6.7 of the 42.8 ms SD 4-view SDS step (``benchmarks/archive/explore/explore_sd_views4_h200.json``).
 
 Here the rows of each batch element are cut into ``splits`` stretches and the channels into blocks of
 ``block_channels``; one program per (batch element, stretch, channel block) streams its stretch in (chunk,
@@ -22,7 +23,6 @@ Each equals its ``*_reference`` (pure jnp) up to float32 summation order.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple
 
@@ -32,10 +32,12 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dreamcraft_jax.kernels.hashgrid import _compiler_params, _full_hbm_spec, _out_struct, cast_varying, varying_axes
+from dreamcraft_jax.kernels.common import cast_varying, compiler_params, full_hbm_spec, out_struct, resolve_interpret
+from dreamcraft_jax.kernels.spec import SUMS_PLAN_KEYS
+from dreamcraft_jax.parallel import varying_axes
 
 __all__ = ["shifted_channel_sums", "shifted_channel_sums_reference", "backward_channel_sums",
-           "backward_channel_sums_reference", "plan", "plan_defaults"]
+           "backward_channel_sums_reference", "plan", "PLAN_KEYS"]
 
 # Programs to aim for: a few per SM of a large GPU, so that loads of several programs overlap on each SM.
 TARGET_PROGRAMS = 1024
@@ -45,11 +47,11 @@ CHUNK = 32
 # (the VAE's 256 px level): on an H200 the whole GroupNorm + SiLU forward and backward of 4x512x512x128 took
 # 0.566 ms with 32-row chunks and 8 warps against 0.676 with 32 and 4; of 4x256x256x256 0.303 ms with 16 and 8
 # against 0.343 with 32 and 4; at 128 px and below the plans were within noise
-# (benchmarks/gn_sums_h200.json, benchmarks/gn_sums_h200_all_shapes.json).
+# (benchmarks/kernels/gn_sums_h200.json, benchmarks/kernels/gn_sums_h200_all_shapes.json).
 MID_ROWS, WIDE_ROWS = 1 << 16, 1 << 18
-# Launch-plan keywords (those of :func:`plan`) for every call that passes none of its own, e.g. the models'
-# GroupNorms; set through :func:`plan_defaults` (benches compare plans with it).
-_PLAN_DEFAULTS: dict = {}
+# The launch-plan keywords a caller may fix (``**plan_kw`` of the calls; the models' GroupNorms pass those of
+# their KernelSpec's ``groupnorm_sums_plan``, which benches set to compare plans).
+PLAN_KEYS = SUMS_PLAN_KEYS
 
 
 class _Plan(NamedTuple):
@@ -104,21 +106,6 @@ def plan(batch: int, rows: int, channels: int, *, chunk: int | None = None, num_
     while batch * splits * blocks < target_programs and rows // (2 * splits) >= chunk:
         splits *= 2
     return _Plan(batch, rows, channels, splits, block, chunk, num_warps, num_stages, interpret, bool(fold))
-
-
-@contextlib.contextmanager
-def plan_defaults(**plan_kw):
-    """Within the block, calls that pass no plan keywords use ``plan_kw`` (chunk, num_warps, num_stages,
-    target_programs, fold); what is traced inside keeps it."""
-    global _PLAN_DEFAULTS
-    unknown = set(plan_kw) - {"chunk", "num_warps", "num_stages", "target_programs", "fold"}
-    if unknown:
-        raise ValueError(f"unknown plan keywords {sorted(unknown)}")
-    before, _PLAN_DEFAULTS = _PLAN_DEFAULTS, dict(plan_kw)
-    try:
-        yield
-    finally:
-        _PLAN_DEFAULTS = before
 
 
 def _tile_index(p: _Plan, b, s, c, i):
@@ -227,12 +214,13 @@ def _as_rows(x):
 
 
 def _plan_for(x, interpret, **kw) -> _Plan:
+    """The launch plan of x (B, ..., C): :func:`plan` with the caller's keywords (:data:`PLAN_KEYS`)."""
     if x.ndim < 3:
         raise ValueError(f"need x (B, ..., C) with at least one spatial axis, got shape {x.shape}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    return plan(x.shape[0], int(np.prod(x.shape[1:-1])), x.shape[-1], interpret=bool(interpret),
-                **(kw or _PLAN_DEFAULTS))
+    unknown = set(kw) - set(PLAN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown plan keywords {sorted(unknown)}; known: {PLAN_KEYS}")
+    return plan(x.shape[0], int(np.prod(x.shape[1:-1])), x.shape[-1], interpret=resolve_interpret(interpret), **kw)
 
 
 def shifted_channel_sums(x: jax.Array, *, interpret: bool | None = None, **plan_kw):
@@ -243,11 +231,11 @@ def shifted_channel_sums(x: jax.Array, *, interpret: bool | None = None, **plan_
     spec, shape = _partial_specs(p)
     partials = pl.pallas_call(
         functools.partial(_forward_kernel, p=p),
-        out_shape=(_out_struct(shape, x2), _out_struct(shape, x2)),
+        out_shape=(out_struct(shape, x2), out_struct(shape, x2)),
         grid=(p.batch, p.splits, p.channel_blocks),
-        in_specs=[_full_hbm_spec()],
+        in_specs=[full_hbm_spec()],
         out_specs=(spec, spec),
-        compiler_params=_compiler_params(p.num_warps, p.num_stages),
+        compiler_params=compiler_params(p.num_warps, p.num_stages),
         interpret=p.interpret,
         name="group_norm_sums_fwd",
     )(x2)
@@ -275,11 +263,11 @@ def backward_channel_sums(x: jax.Array, dy: jax.Array, mean_c: jax.Array, rstd_c
     spec, shape = _partial_specs(p)
     partials = pl.pallas_call(
         functools.partial(_backward_kernel, p=p, silu=bool(silu)),
-        out_shape=(_out_struct(shape, operands[0]), _out_struct(shape, operands[0])),
+        out_shape=(out_struct(shape, operands[0]), out_struct(shape, operands[0])),
         grid=(p.batch, p.splits, p.channel_blocks),
-        in_specs=[_full_hbm_spec()] * 6,
+        in_specs=[full_hbm_spec()] * 6,
         out_specs=(spec, spec),
-        compiler_params=_compiler_params(p.num_warps, p.num_stages),
+        compiler_params=compiler_params(p.num_warps, p.num_stages),
         interpret=p.interpret,
         name="group_norm_sums_bwd",
     )(*operands)

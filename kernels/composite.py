@@ -1,6 +1,6 @@
 """Compositing over packed samples: a Pallas (Triton) kernel pair with a custom VJP, beside the jnp reference.
 
-Inputs (the packed layout of :class:`dreamcraft_jax.render.volume.Samples`): M slots sorted by ray,
+Inputs (the packed layout of :class:`dreamcraft_jax.render.samples.Samples`): M slots sorted by ray,
 sigma (M,), color (M, C), t0, t1 (M,), ray_idx (M,) int32 (``n_rays`` on the invalid tail), valid (M,) bool.
 Outputs: weights (M,), rgb (R, C), opacity (R,), depth (R,), with per ray r over its slots i (in order):
 
@@ -40,10 +40,19 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dreamcraft_jax.render import volume
-from dreamcraft_jax.render.volume import Samples
-
-from .march import _block_size, _compiler_params, _gather, _out_struct, _pad, _rows, _scatter, _whole, resolve_interpret
+from dreamcraft_jax.kernels.common import (
+    block_size,
+    compiler_params,
+    gather,
+    out_struct,
+    pad_to,
+    resolve_interpret,
+    rows_spec,
+    scatter,
+    whole_spec,
+)
+from dreamcraft_jax.render import samples as _ref
+from dreamcraft_jax.render.samples import Samples
 
 DEFAULT_BLOCK_RAYS = 64
 DEFAULT_NUM_WARPS = 2
@@ -54,13 +63,13 @@ DEFAULT_NUM_WARPS = 2
 
 
 def composite_xla(sigma, color, t0, t1, ray_idx, valid, n_rays: int):
-    """Reference: (weights (M,), rgb (R, C), opacity (R,), depth (R,)) via volume.compositing_weights and
-    volume.accumulate (no background)."""
+    """Reference: (weights (M,), rgb (R, C), opacity (R,), depth (R,)) via samples.compositing_weights and
+    samples.accumulate (no background)."""
     samples = Samples(ray_idx=ray_idx, t0=t0, t1=t1, valid=valid, n_wanted=jnp.zeros((), jnp.int32))
-    weights = volume.compositing_weights(sigma, samples)[0]
-    rgb = volume.accumulate(weights, color, samples, n_rays)
-    opacity = volume.accumulate(weights, None, samples, n_rays)
-    depth = volume.accumulate(weights, samples.t_mid, samples, n_rays)
+    weights = _ref.compositing_weights(sigma, samples)[0]
+    rgb = _ref.accumulate(weights, color, samples, n_rays)
+    opacity = _ref.accumulate(weights, None, samples, n_rays)
+    depth = _ref.accumulate(weights, samples.t_mid, samples, n_rays)
     return weights, rgb, opacity, depth
 
 
@@ -70,10 +79,10 @@ def composite_xla(sigma, color, t0, t1, ray_idx, valid, n_rays: int):
 
 def _interval(idx, m, sigma_ref, t0_ref, t1_ref, valid_ref):
     """(tau, t_mid, dtau/dsigma) of slot idx per lane; masked-off lanes get tau = 0."""
-    a = _gather(t0_ref, idx, m, 0.0)
-    b = _gather(t1_ref, idx, m, 0.0)
-    sigma = _gather(sigma_ref, idx, m, 0.0)
-    v = _gather(valid_ref, idx, m, 0) != 0
+    a = gather(t0_ref, idx, m, 0.0)
+    b = gather(t1_ref, idx, m, 0.0)
+    sigma = gather(sigma_ref, idx, m, 0.0)
+    v = gather(valid_ref, idx, m, 0) != 0
     dt = b - a
     return jnp.where(v, sigma * dt, 0.0), 0.5 * (a + b), jnp.where(v, dt, 0.0)
 
@@ -81,7 +90,7 @@ def _interval(idx, m, sigma_ref, t0_ref, t1_ref, valid_ref):
 def _fwd_kernel(start_ref, len_ref, sigma_ref, color_ref, t0_ref, t1_ref, valid_ref,
                 w_ref, op_ref, depth_ref, *rgb_refs, n_samples, block):
     start, length = start_ref[...], len_ref[...]
-    spare = n_samples + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)  # distinct dummy slots (see _scatter)
+    spare = n_samples + jax.lax.broadcasted_iota(jnp.int32, (block,), 0)  # distinct dummy slots (see common.scatter)
     zero = jnp.zeros((block,), jnp.float32)
 
     def body(j, carry):
@@ -90,8 +99,8 @@ def _fwd_kernel(start_ref, len_ref, sigma_ref, color_ref, t0_ref, t1_ref, valid_
         idx = jnp.where(m, start + j, 0)
         tau, t_mid, _ = _interval(idx, m, sigma_ref, t0_ref, t1_ref, valid_ref)
         w = trans * (1.0 - jnp.exp(-tau))
-        _scatter(w_ref, jnp.where(m, idx, spare), w, m)
-        rgb = [r + w * _gather(color_ref, (idx, c), m, 0.0) for c, r in enumerate(rgb)]
+        scatter(w_ref, jnp.where(m, idx, spare), w, m)
+        rgb = [r + w * gather(color_ref, (idx, c), m, 0.0) for c, r in enumerate(rgb)]
         acc = acc + tau
         return (acc, jnp.exp(-acc), opacity + w, depth + w * t_mid, *rgb)
 
@@ -118,16 +127,16 @@ def _bwd_kernel(start_ref, len_ref, d_op_ref, d_depth_ref, *refs, n_ch, n_sample
 
     def weighted_cotangent(idx, m, t_mid):
         """(w_i, w_i g_i) with g_i = dL/dw_i (see the module doc)."""
-        g = _gather(dw_ref, idx, m, 0.0) + d_op + t_mid * d_depth
+        g = gather(dw_ref, idx, m, 0.0) + d_op + t_mid * d_depth
         for c in range(n_ch):
-            g = g + _gather(color_ref, (idx, c), m, 0.0) * d_rgb[c]
-        w = _gather(w_ref, idx, m, 0.0)
+            g = g + gather(color_ref, (idx, c), m, 0.0) * d_rgb[c]
+        w = gather(w_ref, idx, m, 0.0)
         return w, g, w * g
 
     def total_body(j, total):
         m, idx = slot(j)
-        a = _gather(t0_ref, idx, m, 0.0)
-        b = _gather(t1_ref, idx, m, 0.0)
+        a = gather(t0_ref, idx, m, 0.0)
+        b = gather(t1_ref, idx, m, 0.0)
         return total + weighted_cotangent(idx, m, 0.5 * (a + b))[2]
 
     total = jax.lax.fori_loop(0, n_iter, total_body, zero)
@@ -141,9 +150,9 @@ def _bwd_kernel(start_ref, len_ref, d_op_ref, d_depth_ref, *refs, n_ch, n_sample
         prefix = prefix + wg
         d_sigma = dtau_dsigma * (jnp.exp(-acc) * g - (total - prefix))
         out = jnp.where(m, idx, spare)
-        _scatter(dsigma_ref, out, d_sigma, m)
+        scatter(dsigma_ref, out, d_sigma, m)
         for c in range(n_ch):
-            _scatter(dcolor_ref, (out, c), w * d_rgb[c], m)
+            scatter(dcolor_ref, (out, c), w * d_rgb[c], m)
         return acc, prefix
 
     jax.lax.fori_loop(0, n_iter, grad_body, (zero, zero))
@@ -157,25 +166,25 @@ def _segments(ray_idx, n_rays: int, n_pad: int):
     """Per-ray (start, length) padded to n_pad rays (padding: empty), and the end of the last segment."""
     bounds = jnp.searchsorted(ray_idx, jnp.arange(n_rays + 1, dtype=ray_idx.dtype), side="left")
     bounds = bounds.astype(jnp.int32)
-    return _pad(bounds[:-1], n_pad, 0), _pad(bounds[1:] - bounds[:-1], n_pad, 0), bounds[-1]
+    return pad_to(bounds[:-1], n_pad, 0), pad_to(bounds[1:] - bounds[:-1], n_pad, 0), bounds[-1]
 
 
 def _forward(sigma, color, t0, t1, ray_idx, valid, n_rays, cfg):
     block_rays, num_warps, num_stages, interpret = cfg
     m, n_ch = color.shape
-    block = _block_size(n_rays, block_rays)
+    block = block_size(n_rays, block_rays)
     n_pad = pl.cdiv(n_rays, block) * block
     start, length, end = _segments(ray_idx, n_rays, n_pad)
     valid8 = valid.astype(jnp.int8)
-    per_ray = _out_struct((n_pad,), jnp.float32, sigma)
+    per_ray = out_struct((n_pad,), sigma)
     w, opacity, depth, *rgb = pl.pallas_call(
         functools.partial(_fwd_kernel, n_samples=m, block=block),
-        out_shape=(_out_struct((m + block,), jnp.float32, sigma), per_ray, per_ray) + (per_ray,) * n_ch,
+        out_shape=(out_struct((m + block,), sigma), per_ray, per_ray) + (per_ray,) * n_ch,
         grid=(n_pad // block,),
-        in_specs=[_rows(block), _rows(block), _whole((m,)), _whole((m, n_ch)), _whole((m,)), _whole((m,)),
-                  _whole((m,))],
-        out_specs=(_whole((m + block,)), _rows(block), _rows(block)) + (_rows(block),) * n_ch,
-        compiler_params=_compiler_params(num_warps, num_stages),
+        in_specs=[rows_spec(block), rows_spec(block), whole_spec((m,)), whole_spec((m, n_ch))]
+        + [whole_spec((m,))] * 3,
+        out_specs=(whole_spec((m + block,)), rows_spec(block), rows_spec(block)) + (rows_spec(block),) * n_ch,
+        compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="composite_fwd",
     )(start, length, sigma, color, t0, t1, valid8)
@@ -192,18 +201,18 @@ def _backward(n_rays, cfg, res, cts):
     sigma, color, t0, t1, valid8, start, length, covered, weights = res
     dw, d_rgb, d_op, d_depth = cts
     m, n_ch = color.shape
-    block = _block_size(n_rays, block_rays)
+    block = block_size(n_rays, block_rays)
     n_pad = start.shape[0]
-    pad = functools.partial(_pad, n=n_pad, value=0.0)
+    pad = functools.partial(pad_to, n=n_pad, value=0.0)
     d_rgb_cols = [pad(d_rgb[:, c]) for c in range(n_ch)]
     d_sigma, d_color = pl.pallas_call(
         functools.partial(_bwd_kernel, n_ch=n_ch, n_samples=m, block=block),
-        out_shape=(_out_struct((m + block,), jnp.float32, sigma),
-                   _out_struct((m + block, n_ch), jnp.float32, sigma)),
+        out_shape=(out_struct((m + block,), sigma),
+                   out_struct((m + block, n_ch), sigma)),
         grid=(n_pad // block,),
-        in_specs=[_rows(block)] * (4 + n_ch) + [_whole((m,)), _whole((m, n_ch))] + [_whole((m,))] * 5,
-        out_specs=(_whole((m + block,)), _whole((m + block, n_ch))),
-        compiler_params=_compiler_params(num_warps, num_stages),
+        in_specs=[rows_spec(block)] * (4 + n_ch) + [whole_spec((m,)), whole_spec((m, n_ch))] + [whole_spec((m,))] * 5,
+        out_specs=(whole_spec((m + block,)), whole_spec((m + block, n_ch))),
+        compiler_params=compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="composite_bwd",
     )(start, length, pad(d_op), pad(d_depth), *d_rgb_cols, sigma, color, t0, t1, valid8, weights, dw)

@@ -20,8 +20,8 @@ threshold). No VJP: the result is meant for ``stop_gradient`` uses (pruning, occ
 hidden layer (the official field); :func:`dreamcraft_jax.fields.nerf.density_no_grad` falls back to the unfused
 path otherwise.
 
-Triton specifics come from :mod:`kernels.hashgrid`'s helpers (gather, load, store, compiler params), so a port to
-another Pallas GPU backend replaces them there.
+Triton specifics and the level geometry come from :mod:`kernels.common` (gather, load, store, compiler params), so
+a port to another Pallas GPU backend replaces them there.
 """
 
 from __future__ import annotations
@@ -34,27 +34,28 @@ from jax.experimental import pallas as pl
 
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
-from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS,
-    _compiler_params,
-    _corner_row,
-    _feature_chunks,
-    _full_hbm_spec,
-    _gather,
-    _index_arrays,
-    _level_geometry,
-    _level_lanes,
-    _load,
-    _out_struct,
-    _point_inputs,
-    _static_level,
-    _store,
-    _valid_lanes,
-    _when_else,
+from dreamcraft_jax.kernels.common import (
+    CORNERS,
     block_and_padding,
     cast_varying,
-    varying_axes,
+    compiler_params,
+    corner_row,
+    feature_chunks,
+    full_hbm_spec,
+    gather,
+    index_arrays,
+    level_geometry,
+    level_lanes,
+    load,
+    out_struct,
+    point_inputs,
+    resolve_interpret,
+    static_level,
+    store,
+    valid_lanes,
+    when_else,
 )
+from dreamcraft_jax.parallel import varying_axes
 
 __all__ = ["density_mlp_pallas", "density_mlp_xla"]
 
@@ -82,40 +83,40 @@ def _density_kernel(*refs, spec: HashGridSpec, B: int, H: int, use_mask: bool, u
     mask_ref = refs.pop(0) if use_mask else None
     w_hidden_ref, w_out_ref, table_ref, out_ref = refs
     F = spec.n_features_per_level
-    fw, n_chunks = _feature_chunks(F)
-    lanes = _valid_lanes(valid_ref, B, fw)
+    fw, n_chunks = feature_chunks(F)
+    lanes = valid_lanes(valid_ref, B, fw)
 
     def encode_and_mlp():
-        xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+        xs = [load(x_ref, (slice(None), d)) for d in range(3)]
         # One-hot column selectors: Triton has no column slicing of a register tensor, a masked row sum does it.
         columns = [(jnp.arange(fw, dtype=jnp.int32) == j).astype(jnp.float32)[None, :] for j in range(fw)]
         hidden = jnp.zeros((B, H), jnp.float32)
         for l in range(spec.n_levels):
-            level = _static_level(spec, l)
-            w, terms = _level_geometry(xs, level)
-            mask_l = _load(mask_ref, l) if use_mask else None
-            lanes_l = _level_lanes(lanes, mask_l, B, fw)
+            level = static_level(spec, l)
+            w, terms = level_geometry(xs, level)
+            mask_l = load(mask_ref, l) if use_mask else None
+            lanes_l = level_lanes(lanes, mask_l, B, fw)
             for c in range(n_chunks):
                 acc = jnp.zeros((B, fw), jnp.float32)
-                for bits in _CORNERS:
-                    row = _corner_row(terms, bits, level)
+                for bits in CORNERS:
+                    row = corner_row(terms, bits, level)
                     weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
-                    rows, cols = _index_arrays(row, c, fw, B)
-                    acc = acc + weight[:, None] * _gather(table_ref, rows, cols, lanes_l)
+                    rows, cols = index_arrays(row, c, fw, B)
+                    acc = acc + weight[:, None] * gather(table_ref, (rows, cols), lanes_l)
                 if use_mask:
                     acc = acc * mask_l
                 for j in range(fw):
                     feature = l * F + c * fw + j
                     col = acc if fw == 1 else jnp.sum(acc * columns[j], axis=1, keepdims=True)  # (B, 1)
-                    hidden = hidden + col * _load(w_hidden_ref, (pl.ds(feature, 1), slice(None)))  # (B,1)*(1,H)
+                    hidden = hidden + col * load(w_hidden_ref, (pl.ds(feature, 1), slice(None)))  # (B,1)*(1,H)
         hidden = jnp.maximum(hidden, 0.0)
-        _store(out_ref, slice(None), jnp.sum(hidden * _load(w_out_ref, (slice(None), slice(None))), axis=1))
+        store(out_ref, slice(None), jnp.sum(hidden * load(w_out_ref, (slice(None), slice(None))), axis=1))
 
     # A block past the valid prefix of the packed candidates (their budget is well above what a view uses) reads
     # no table rows anyway: skip its geometry and MLP too; its raw values are 0, as the bias-free MLP of zero
     # features gives.
-    any_valid = None if lanes is None else jnp.max(_load(valid_ref, slice(None))) != 0
-    _when_else(any_valid, encode_and_mlp, lambda: _store(out_ref, slice(None), jnp.zeros((B,), jnp.float32)))
+    any_valid = None if lanes is None else jnp.max(load(valid_ref, slice(None))) != 0
+    when_else(any_valid, encode_and_mlp, lambda: store(out_ref, slice(None), jnp.zeros((B,), jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block_points", "num_warps", "interpret"))
@@ -126,22 +127,22 @@ def _density_call(table, x, mask, valid, w_hidden, w_out, *, spec: HashGridSpec,
     L, F = spec.n_levels, spec.n_features_per_level
     H = w_hidden.shape[1]
     use_mask = mask is not None
-    in_specs, args = _point_inputs(x, valid, B)
+    in_specs, args = point_inputs(x, valid, B)
     if use_mask:
         in_specs.append(pl.BlockSpec((L,), lambda i: (0,)))
         args.append(mask)
     in_specs += [pl.BlockSpec((L * F, H), lambda i: (0, 0)), pl.BlockSpec((1, H), lambda i: (0, 0)),
-                 _full_hbm_spec()]
+                 full_hbm_spec()]
     args += [w_hidden, w_out.reshape(1, H), table]
     kernel = functools.partial(_density_kernel, spec=spec, B=B, H=H, use_mask=use_mask,
                                use_valid=valid is not None)
     return pl.pallas_call(
         kernel,
-        out_shape=_out_struct((N,), x),
+        out_shape=out_struct((N,), x),
         grid=(N // B,),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((B,), lambda i: (i,)),
-        compiler_params=_compiler_params(num_warps, 1),
+        compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="hashgrid_density_mlp_fwd",
     )(*args)
@@ -170,8 +171,7 @@ def density_mlp_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, level
     H = w_hidden.shape[1]
     if H & (H - 1):
         raise ValueError(f"the hidden width must be a power of two (Triton tensor sizes), got {H}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     sg = jax.lax.stop_gradient
     n = x.shape[0]
     block, n_pad = block_and_padding(n, block_points)

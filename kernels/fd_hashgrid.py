@@ -16,7 +16,7 @@ program is one level's code):
 * backward (table gradient only: positions are data): ``w_jb * g_j`` of a shared corner goes into a per-lane
   register accumulator of the sample's own 8 corners; only the corners a neighbour does not share are added with
   their own atomics. On the coarse levels (grid scale <= ``pre_reduce_max_scale``) the accumulators of the lanes
-  in a leader cell are summed over the block first (:func:`kernels.hashgrid._pre_reduced_scatter`). Same sums as
+  in a leader cell are summed over the block first (:func:`kernels.common.pre_reduced_scatter`). Same sums as
   the reference's scatter-add, in another order.
 
 Points: world coordinates, mapped to the grid as the fields do (``clip((p + r) / (2 r), 0, 1)``, with
@@ -33,8 +33,7 @@ Contract: ``fd_encode_pallas(table, x, spec, radius, eps, level_mask, valid, nei
 len(neighbours) (N, L*F)``, equal to :func:`fd_encode_xla` (``columns=True``: each transposed, (L*F, N), so that
 a level's program writes and reads B contiguous values per feature; 4.4x faster forward on an H200);
 differentiable w.r.t. the table only (the positions and the level mask get zero cotangents, as the fields never
-differentiate them through this path). Triton
-specifics come from :mod:`kernels.hashgrid`'s helpers.
+differentiate them through this path). Triton specifics and the level geometry come from :mod:`kernels.common`.
 """
 
 from __future__ import annotations
@@ -48,29 +47,31 @@ from jax.experimental import pallas as pl
 
 from dreamcraft_jax.fields import hashgrid as _ref
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
-from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS,
-    _LEVEL_FIELDS,
-    _N_LEADERS,
-    _compiler_params,
-    _corner_row,
-    _feature_chunks,
-    _full_hbm_spec,
-    _gather,
-    _index_arrays,
-    _level_arrays,
-    _level_geometry,
-    _load,
-    _loaded_level,
-    _out_struct,
-    _pre_reduced_scatter,
-    _scatter_add,
-    _store,
-    _when_else,
-    block_and_padding,
+from dreamcraft_jax.kernels.common import (
+    CORNERS,
+    N_LEADERS,
     cast_varying,
-    varying_axes,
+    compiler_params,
+    corner_row,
+    feature_chunks,
+    full_hbm_spec,
+    gather,
+    index_arrays,
+    level_geometry,
+    level_inputs,
+    level_on,
+    load,
+    loaded_level,
+    out_struct,
+    padded_point_inputs,
+    pre_reduced_scatter,
+    resolve_interpret,
+    scatter_add,
+    split_level_refs,
+    store,
+    when_else,
 )
+from dreamcraft_jax.parallel import varying_axes
 
 __all__ = ["fd_encode_pallas", "fd_encode_xla", "CENTER", "CENTRAL", "FORWARD"]
 
@@ -124,7 +125,7 @@ def _geometry(xs, level, radius: float, eps: float, neighbours):
     and terms, so a corner called shared has exactly the row of the own corner it is matched with.
     """
     units = [_unit(xs[d], radius) for d in range(3)]
-    own_w, own_t = _level_geometry(units, level)
+    own_w, own_t = level_geometry(units, level)
     out = []
     for axis, sign in neighbours:
         if sign == 0:  # the sample itself (CENTER): its own cell, nothing to match
@@ -132,7 +133,7 @@ def _geometry(xs, level, radius: float, eps: float, neighbours):
             continue
         shifted = list(units)
         shifted[axis] = _unit(xs[axis] + np.float32(sign * np.float32(eps)), radius)
-        w_shift, t_shift = _level_geometry(shifted, level)
+        w_shift, t_shift = level_geometry(shifted, level)
         w = [w_shift[d] if d == axis else own_w[d] for d in range(3)]
         t = [t_shift[d] if d == axis else own_t[d] for d in range(3)]
         same = t[axis][0] == own_t[axis][0]
@@ -152,32 +153,16 @@ def _partner(k: int, axis: int) -> int:
     return k ^ (1 << axis)
 
 
-def _level_on(valid_ref, mask_l, B: int):
-    """(B,) lanes that touch the table at this level (valid samples, level switched on)."""
-    on = jnp.ones((B,), bool) if valid_ref is None else _load(valid_ref, slice(None)) != 0
-    return on if mask_l is None else on & (mask_l != 0)
-
-
 def _level_setup(valid_ref, mask_ref, level_refs, l, B: int):
     """(level constants, mask_l or None, lanes on (B,), whether any lane is on) of the (traced) level ``l``.
 
     A program with no lane on (a block past the valid prefix of the packed samples: the sample budgets are about
     twice what a view uses; or a level the progressive band keeps off) has nothing to read or add: the kernels
     skip its geometry, gathers and atomics (``pl.when``)."""
-    level = _loaded_level(level_refs, l)
-    mask_l = None if mask_ref is None else _load(mask_ref, l)
-    on = _level_on(valid_ref, mask_l, B)
+    level = loaded_level(level_refs, l)
+    mask_l = None if mask_ref is None else load(mask_ref, l)
+    on = level_on(valid_ref, mask_l, B)
     return level, mask_l, on, jnp.max(on.astype(jnp.int32)) > 0
-
-
-def _split_refs(refs, use_valid: bool, use_mask: bool):
-    """x_ref, valid_ref or None, mask_ref or None, the level-constant refs, and the remaining refs."""
-    refs = list(refs)
-    x_ref = refs.pop(0)
-    valid_ref = refs.pop(0) if use_valid else None
-    mask_ref = refs.pop(0) if use_mask else None
-    level_refs = [refs.pop(0) for _ in _LEVEL_FIELDS]
-    return x_ref, valid_ref, mask_ref, level_refs, refs
 
 
 def _encoding_block(L: int, F: int, B: int, columns: bool) -> pl.BlockSpec:
@@ -205,25 +190,25 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
     One level per program, its constants loaded: a 16-level kernel is one level's code, not sixteen unrolled
     copies (Triton compile time grows faster than the code), and the levels of a block run side by side.
     """
-    x_ref, valid_ref, mask_ref, level_refs, (table_ref, *out_refs) = _split_refs(refs, use_valid, use_mask)
+    x_ref, valid_ref, mask_ref, level_refs, (table_ref, *out_refs) = split_level_refs(refs, use_valid, use_mask)
     F = spec.n_features_per_level
-    fw, n_chunks = _feature_chunks(F)
+    fw, n_chunks = feature_chunks(F)
     l = pl.program_id(1)
     level, mask_l, on, any_on = _level_setup(valid_ref, mask_ref, level_refs, l, B)
 
-    def store(out_ref, c, value):  # value (B, fw): this level's feature chunk c
-        _store(out_ref, _level_chunk(l, F, c, fw, columns), value.T if columns else value)
+    def store_chunk(out_ref, c, value):  # value (B, fw): this level's feature chunk c
+        store(out_ref, _level_chunk(l, F, c, fw, columns), value.T if columns else value)
 
     def _encode():
-        xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+        xs = [load(x_ref, (slice(None), d)) for d in range(3)]
         own_terms, shared = _geometry(xs, level, radius, eps, neighbours)
-        own = [[_gather(table_ref, *_index_arrays(_corner_row(own_terms, bits, level), c, fw, B),
-                        jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in _CORNERS]
+        own = [[gather(table_ref, index_arrays(corner_row(own_terms, bits, level), c, fw, B),
+                        jnp.broadcast_to(on[:, None], (B, fw))) for c in range(n_chunks)] for bits in CORNERS]
         for j, (axis, sign) in enumerate(neighbours):
             w, terms, same, shared_step = shared[j]
             for c in range(n_chunks):
                 acc = jnp.zeros((B, fw), jnp.float32)
-                for k, bits in enumerate(_CORNERS):
+                for k, bits in enumerate(CORNERS):
                     if sign == 0:  # the sample itself: its own corners, the reference's weights and order
                         weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
                         acc = acc + weight[:, None] * own[k][c]
@@ -231,7 +216,7 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
                     face = _shares_face(bits, axis, sign)
                     reused = (same | shared_step) if face else same
                     lanes = jnp.broadcast_to((on & ~reused)[:, None], (B, fw))
-                    value = _gather(table_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B), lanes)
+                    value = gather(table_ref, index_arrays(corner_row(terms, bits, level), c, fw, B), lanes)
                     if face:
                         value = jnp.where(shared_step[:, None], own[_partner(k, axis)][c], value)
                     value = jnp.where(same[:, None], own[k][c], value)
@@ -239,14 +224,14 @@ def _forward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float
                     acc = acc + weight[:, None] * value
                 if use_mask:
                     acc = acc * mask_l
-                store(out_refs[j], c, acc)
+                store_chunk(out_refs[j], c, acc)
 
     def _zeros():  # no lane on: zero features, as the lanes' masks would give
         for j in range(len(neighbours)):
             for c in range(n_chunks):
-                store(out_refs[j], c, jnp.zeros((B, fw), jnp.float32))
+                store_chunk(out_refs[j], c, jnp.zeros((B, fw), jnp.float32))
 
-    _when_else(any_on, _encode, _zeros)
+    when_else(any_on, _encode, _zeros)
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: float, use_mask: bool,
@@ -257,27 +242,27 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
 
     ``leaders`` > 0 (the coarse levels): the own cell's corners are pre-reduced over the block first.
     """
-    x_ref, valid_ref, mask_ref, level_refs, refs = _split_refs(refs, use_valid, use_mask)
+    x_ref, valid_ref, mask_ref, level_refs, refs = split_level_refs(refs, use_valid, use_mask)
     n_nb = len(neighbours)
     g_refs, (_dtable_in_ref, dtable_ref) = refs[:n_nb], refs[n_nb:]
     F = spec.n_features_per_level
-    fw, n_chunks = _feature_chunks(F)
+    fw, n_chunks = feature_chunks(F)
     l = pl.program_id(1) + level_start
     level, mask_l, on, any_on = _level_setup(valid_ref, mask_ref, level_refs, l, B)
 
     @pl.when(any_on)  # no lane on: nothing to add
     def _scatter():
-        xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+        xs = [load(x_ref, (slice(None), d)) for d in range(3)]
         own_terms, shared = _geometry(xs, level, radius, eps, neighbours)
-        acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in _CORNERS]
+        acc = [[jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)] for _ in CORNERS]
         for j, (axis, sign) in enumerate(neighbours):
             w, terms, same, step = shared[j]
             for c in range(n_chunks):
-                g = _load(g_refs[j], _level_chunk(l, F, c, fw, columns))
+                g = load(g_refs[j], _level_chunk(l, F, c, fw, columns))
                 g = g.T if columns else g
                 if use_mask:
                     g = g * mask_l
-                for k, bits in enumerate(_CORNERS):
+                for k, bits in enumerate(CORNERS):
                     weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]
                     contribution = weight[:, None] * g
                     if sign == 0:  # the sample itself: all its corners are the own cell's
@@ -290,29 +275,12 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, radius: float, eps: floa
                         acc[p][c] = acc[p][c] + jnp.where(step[:, None], contribution, 0.0)
                         direct = direct & ~step
                     lanes = jnp.broadcast_to((on & direct)[:, None], (B, fw))
-                    _scatter_add(dtable_ref, *_index_arrays(_corner_row(terms, bits, level), c, fw, B),
-                                 contribution, interpret=interpret, lanes=lanes)
+                    scatter_add(dtable_ref, index_arrays(corner_row(terms, bits, level), c, fw, B),
+                                contribution, interpret=interpret, mask=lanes)
         # The own cell's corners: what the neighbours that share them added up, one atomic per corner
         # (per leader cell of the block on the coarse levels).
-        _pre_reduced_scatter(dtable_ref, own_terms, level, lambda k, c: acc[k][c], on, B, fw, n_chunks, interpret,
-                             leaders=leaders)
-
-
-def _inputs(x, valid, mask, spec: HashGridSpec, B: int):
-    """BlockSpecs (grid (point blocks, levels)) and arrays of x, [valid], [mask] and the level constants."""
-    L = spec.n_levels
-    in_specs, args = [pl.BlockSpec((B, 3), lambda i, l: (i, 0))], [x]
-    if valid is not None:
-        in_specs.append(pl.BlockSpec((B,), lambda i, l: (i,)))
-        args.append(valid)
-    whole = pl.BlockSpec((L,), lambda i, l: (0,))
-    if mask is not None:
-        in_specs.append(whole)
-        args.append(mask)
-    for constants in _level_arrays(spec):
-        in_specs.append(whole)
-        args.append(cast_varying(jnp.asarray(constants), varying_axes(x)))
-    return in_specs, args
+        pre_reduced_scatter(dtable_ref, own_terms, level, lambda k, c: acc[k][c], on, B, fw, n_chunks, interpret,
+                            leaders=leaders)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -324,19 +292,19 @@ def _forward(table, x, mask, valid, static):
     spec, radius, eps, B, num_warps, interpret, _, neighbours, columns = static
     N = x.shape[0]
     L, F = spec.n_levels, spec.n_features_per_level
-    in_specs, args = _inputs(x, valid, mask, spec, B)
-    in_specs.append(_full_hbm_spec())
+    in_specs, args = level_inputs(x, valid, mask, spec, B)
+    in_specs.append(full_hbm_spec())
     args.append(table)
     kernel = functools.partial(_forward_kernel, spec=spec, B=B, radius=radius, eps=eps, use_mask=mask is not None,
                                use_valid=valid is not None, neighbours=neighbours, columns=columns)
     shape = (L * F, N) if columns else (N, L * F)
     return tuple(pl.pallas_call(
         kernel,
-        out_shape=tuple(_out_struct(shape, x) for _ in neighbours),
+        out_shape=tuple(out_struct(shape, x) for _ in neighbours),
         grid=(N // B, L),
         in_specs=in_specs,
         out_specs=tuple(_encoding_block(L, F, B, columns) for _ in neighbours),
-        compiler_params=_compiler_params(num_warps, 1),
+        compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="hashgrid_fd_encode_fwd",
     )(*args))
@@ -355,24 +323,24 @@ def _fd_core_bwd(static, res, gs):
     dtable = cast_varying(jnp.zeros((R, F), jnp.float32), varying_axes(x))
     gs = [g.astype(jnp.float32) for g in gs]
     # Scales grow with the level: the pre-reduced (coarse) levels are a prefix, one call each part.
-    n_coarse = sum(1 for scale in spec.scales if scale <= pre_reduce_max_scale) if B >= 2 * _N_LEADERS else 0
-    for start, stop, leaders in ((0, n_coarse, _N_LEADERS), (n_coarse, L, 0)):
+    n_coarse = sum(1 for scale in spec.scales if scale <= pre_reduce_max_scale) if B >= 2 * N_LEADERS else 0
+    for start, stop, leaders in ((0, n_coarse, N_LEADERS), (n_coarse, L, 0)):
         if stop <= start:
             continue
-        in_specs, args = _inputs(x, valid, mask, spec, B)
-        in_specs += [_encoding_block(L, F, B, columns) for _ in neighbours] + [_full_hbm_spec()]
+        in_specs, args = level_inputs(x, valid, mask, spec, B)
+        in_specs += [_encoding_block(L, F, B, columns) for _ in neighbours] + [full_hbm_spec()]
         args += gs + [dtable]
         kernel = functools.partial(_backward_kernel, spec=spec, B=B, radius=radius, eps=eps,
                                    use_mask=mask is not None, use_valid=valid is not None, interpret=interpret,
                                    level_start=start, leaders=leaders, neighbours=neighbours, columns=columns)
         dtable = pl.pallas_call(
             kernel,
-            out_shape=_out_struct((R, F), x),
+            out_shape=out_struct((R, F), x),
             grid=(N // B, stop - start),
             in_specs=in_specs,
-            out_specs=_full_hbm_spec(),
+            out_specs=full_hbm_spec(),
             input_output_aliases={len(args) - 1: 0},
-            compiler_params=_compiler_params(num_warps, 1),
+            compiler_params=compiler_params(num_warps, 1),
             interpret=interpret,
             name="hashgrid_fd_encode_bwd",
         )(*args)
@@ -380,30 +348,6 @@ def _fd_core_bwd(static, res, gs):
 
 
 _fd_core.defvjp(_fd_core_fwd, _fd_core_bwd)
-
-
-def padded_point_inputs(table, x, spec: HashGridSpec, level_mask, valid, block_points: int):
-    """The checked, padded and mesh-cast inputs of a one-level-per-program point kernel: (table, x (n_pad, 3)
-    float32 without gradient, mask (L,) or None, keep (n_pad,) int32 with the padding rows invalid, block, n)."""
-    L, F = spec.n_levels, spec.n_features_per_level
-    if table.shape != (spec.total_params, F) or table.dtype != jnp.float32:
-        raise ValueError(f"table must be float32 {(spec.total_params, F)}, got {table.dtype} {table.shape}")
-    if x.ndim != 2 or x.shape[-1] != 3:
-        raise ValueError(f"x must be (N, 3), got {x.shape}")
-    n = x.shape[0]
-    block, n_pad = block_and_padding(n, block_points)
-    x2 = jnp.pad(jax.lax.stop_gradient(x).astype(jnp.float32), ((0, n_pad - n), (0, 0)))
-    keep = jnp.ones((n,), bool) if valid is None else jnp.asarray(valid, bool)
-    keep = jnp.pad(keep.astype(jnp.int32), (0, n_pad - n))  # padding points: invalid
-    mask = None if level_mask is None else jax.lax.stop_gradient(jnp.asarray(level_mask, jnp.float32))
-    if mask is not None and mask.shape != (L,):
-        raise ValueError(f"level_mask must be ({L},), got {mask.shape}")
-    axes = varying_axes(table) | varying_axes(x2) | varying_axes(keep)
-    if mask is not None:
-        axes |= varying_axes(mask)
-        mask = cast_varying(mask, axes)
-    table, x2, keep = (cast_varying(v, axes) for v in (table, x2, keep))
-    return table, x2, mask, keep, block, n
 
 
 def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: float, eps: float,
@@ -421,8 +365,7 @@ def fd_encode_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius:
     """
     if not 0.0 < eps < radius:
         raise ValueError(f"eps must be in (0, radius), got {eps}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     table, x2, mask, keep, block, n = padded_point_inputs(table, x, spec, level_mask, valid, block_points)
     neighbours = tuple((int(a), int(s)) for a, s in neighbours)
     if not neighbours or any((a not in (0, 1, 2) or s not in (1, -1)) and (a, s) != CENTER for a, s in neighbours):

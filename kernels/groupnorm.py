@@ -4,8 +4,8 @@ The diffusion priors run ~80 GroupNorms per SDS step (61 in the SD UNet, 22 in t
 small tensors: the UNet's 64 px and smaller latents, the encoder's 64-128 px levels. Through XLA each one is a
 chain of ~5-9 fusions (per-channel partial sums, their reduction, the per-group combine, rsqrt, the affine pass,
 and in the backward the same again), so at these sizes it is launch- and reduction-bound: 0.27 ms for the forward
-+ backward of a 16 MB tensor on an H200, 0.5-0.9 TB/s (``benchmarks/groupnorm_h200_explore.json``). Here one
-program per (batch element, group) streams its group's rows twice:
++ backward of a 16 MB tensor on an H200, 0.5-0.9 TB/s (``benchmarks/archive/kernels/groupnorm_h200_explore.json``).
+Here one program per (batch element, group) streams its group's rows twice:
 
     forward:   pass 1  per-channel sums of d = x - x[first row] and d^2 (the shift keeps one-pass moments
                        accurate), combined into the group's mean and 1/sqrt(var + eps) (parallel-variance rule)
@@ -35,13 +35,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from dreamcraft_jax.kernels.hashgrid import (
-    _compiler_params,
-    _full_hbm_spec,
-    _out_struct,
-    cast_varying,
-    varying_axes,
-)
+from dreamcraft_jax.kernels.common import cast_varying, compiler_params, full_hbm_spec, out_struct, resolve_interpret
+from dreamcraft_jax.parallel import varying_axes
 
 __all__ = ["group_norm_act_pallas", "group_norm_act_reference", "suited", "MAX_ROWS"]
 
@@ -203,31 +198,31 @@ def _stat_spec():
 
 
 def _forward(x2, scale, bias, s: _Shape):
-    hbm = _full_hbm_spec()
+    hbm = full_hbm_spec()
     return pl.pallas_call(
         functools.partial(_forward_kernel, s=s),
-        out_shape=(_out_struct(x2.shape, x2, x2.dtype), _out_struct((s.batch, s.groups), x2),
-                   _out_struct((s.batch, s.groups), x2)),
+        out_shape=(out_struct(x2.shape, x2, x2.dtype), out_struct((s.batch, s.groups), x2),
+                   out_struct((s.batch, s.groups), x2)),
         grid=(s.batch, s.groups),
         in_specs=[hbm, hbm, hbm],
         out_specs=(hbm, _stat_spec(), _stat_spec()),
-        compiler_params=_compiler_params(s.num_warps, s.num_stages),
+        compiler_params=compiler_params(s.num_warps, s.num_stages),
         interpret=s.interpret,
         name="group_norm_act_fwd",
     )(x2, scale, bias)
 
 
 def _backward(x2, dy2, scale, bias, mean, rstd, s: _Shape):
-    hbm = _full_hbm_spec()
+    hbm = full_hbm_spec()
     lanes_spec = pl.BlockSpec((1, 1, s.lanes), lambda b, g: (b, g, 0))
     return pl.pallas_call(
         functools.partial(_backward_kernel, s=s),
-        out_shape=(_out_struct(x2.shape, x2, x2.dtype), _out_struct((s.batch, s.groups, s.lanes), x2),
-                   _out_struct((s.batch, s.groups, s.lanes), x2)),
+        out_shape=(out_struct(x2.shape, x2, x2.dtype), out_struct((s.batch, s.groups, s.lanes), x2),
+                   out_struct((s.batch, s.groups, s.lanes), x2)),
         grid=(s.batch, s.groups),
         in_specs=[hbm, hbm, hbm, hbm, _stat_spec(), _stat_spec()],
         out_specs=(hbm, lanes_spec, lanes_spec),
-        compiler_params=_compiler_params(s.num_warps, s.num_stages),
+        compiler_params=compiler_params(s.num_warps, s.num_stages),
         interpret=s.interpret,
         name="group_norm_act_bwd",
     )(x2, dy2, scale, bias, mean, rstd)
@@ -272,8 +267,7 @@ def group_norm_act_pallas(x: jax.Array, scale: jax.Array, bias: jax.Array, num_g
         raise ValueError(f"GroupNorm: {c} channels do not split into {num_groups} groups")
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two, got {chunk}")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     batch, rows = x.shape[0], int(np.prod(x.shape[1:-1]))
     cg = c // num_groups
     chunk = min(chunk, max(1 << (rows - 1).bit_length(), 16))  # no mostly-masked chunk for few rows

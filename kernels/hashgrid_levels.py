@@ -6,7 +6,7 @@ backward are the largest Triton programs of a training step (169 k and 251 k cha
 against 58-73 k for the finite-difference kernel, which handles one level per program). Lowering the 384 px
 reference step for an H200 spends 5.3 of its 7.2 s of lowering in the Pallas kernels' Triton lowering, and XLA then
 compiles each kernel to PTX, a cost that grows faster than the code. Here the grid is (point blocks, levels) and a
-program loads its level's constants (:func:`kernels.hashgrid._loaded_level`), as the finite-difference kernel does:
+program loads its level's constants (:func:`kernels.common.loaded_level`), as the finite-difference kernel does:
 
     forward:   out[:, l*F:(l+1)*F] = mask_l * sum_b w_b * table[row_l(cell + b)]          (program (i, l))
     backward:  d_table[row_l(cell + b)] += w_b * mask_l * g[:, l*F:(l+1)*F]              (atomics; the coarse
@@ -30,25 +30,29 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from dreamcraft_jax.fields.hashgrid import HashGridSpec
-from dreamcraft_jax.kernels.fd_hashgrid import _inputs, _level_on, _split_refs, padded_point_inputs
-from dreamcraft_jax.kernels.hashgrid import (
-    _CORNERS,
-    _N_LEADERS,
-    _compiler_params,
-    _corner_row,
-    _feature_chunks,
-    _full_hbm_spec,
-    _gather,
-    _index_arrays,
-    _level_geometry,
-    _load,
-    _loaded_level,
-    _out_struct,
-    _pre_reduced_scatter,
-    _store,
+from dreamcraft_jax.kernels.common import (
+    CORNERS,
+    N_LEADERS,
     cast_varying,
-    varying_axes,
+    compiler_params,
+    corner_row,
+    feature_chunks,
+    full_hbm_spec,
+    gather,
+    index_arrays,
+    level_geometry,
+    level_inputs,
+    level_on,
+    load,
+    loaded_level,
+    out_struct,
+    padded_point_inputs,
+    pre_reduced_scatter,
+    resolve_interpret,
+    split_level_refs,
+    store,
 )
+from dreamcraft_jax.parallel import varying_axes
 
 __all__ = ["encode_levels_pallas"]
 
@@ -64,23 +68,23 @@ class _Static(NamedTuple):
 def _forward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid: bool):
     """Grid (point blocks, levels). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants (L,) each,
     table (R, F) in HBM -> the (B, L*F) block, of which this program writes level ``program_id(1)``'s columns."""
-    x_ref, valid_ref, mask_ref, level_refs, (table_ref, out_ref) = _split_refs(refs, use_valid, use_mask)
+    x_ref, valid_ref, mask_ref, level_refs, (table_ref, out_ref) = split_level_refs(refs, use_valid, use_mask)
     F = spec.n_features_per_level
-    fw, n_chunks = _feature_chunks(F)
-    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+    fw, n_chunks = feature_chunks(F)
+    xs = [load(x_ref, (slice(None), d)) for d in range(3)]
     l = pl.program_id(1)
-    level = _loaded_level(level_refs, l)
-    mask_l = _load(mask_ref, l) if use_mask else None
-    lanes = jnp.broadcast_to(_level_on(valid_ref, mask_l, B)[:, None], (B, fw))
-    w, terms = _level_geometry(xs, level)
+    level = loaded_level(level_refs, l)
+    mask_l = load(mask_ref, l) if use_mask else None
+    lanes = jnp.broadcast_to(level_on(valid_ref, mask_l, B)[:, None], (B, fw))
+    w, terms = level_geometry(xs, level)
     acc = [jnp.zeros((B, fw), jnp.float32) for _ in range(n_chunks)]
-    for bits in _CORNERS:
-        row = _corner_row(terms, bits, level)
+    for bits in CORNERS:
+        row = corner_row(terms, bits, level)
         weight = (w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]]  # the reference's order: (w0 * w1) * w2
         for c in range(n_chunks):
-            acc[c] = acc[c] + weight[:, None] * _gather(table_ref, *_index_arrays(row, c, fw, B), lanes)
+            acc[c] = acc[c] + weight[:, None] * gather(table_ref, index_arrays(row, c, fw, B), lanes)
     for c in range(n_chunks):
-        _store(out_ref, (slice(None), pl.ds(l * F + c * fw, fw)), acc[c] * mask_l if use_mask else acc[c])
+        store(out_ref, (slice(None), pl.ds(l * F + c * fw, fw)), acc[c] * mask_l if use_mask else acc[c])
 
 
 def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_valid: bool, interpret: bool,
@@ -88,25 +92,26 @@ def _backward_kernel(*refs, spec: HashGridSpec, B: int, use_mask: bool, use_vali
     """Grid (point blocks, levels level_start...). Refs: x (B, 3), [valid (B,)], [mask (L,)], the level constants,
     g (B, L*F), d_table in (R, F) (aliased to the output) -> d_table accumulated with atomics (pre-reduced over
     the block's ``leaders`` leader cells first when ``leaders`` > 0)."""
-    x_ref, valid_ref, mask_ref, level_refs, (g_ref, _dtable_in, dtable_ref) = _split_refs(refs, use_valid, use_mask)
+    x_ref, valid_ref, mask_ref, level_refs, rest = split_level_refs(refs, use_valid, use_mask)
+    g_ref, _dtable_in, dtable_ref = rest
     F = spec.n_features_per_level
-    fw, n_chunks = _feature_chunks(F)
-    xs = [_load(x_ref, (slice(None), d)) for d in range(3)]
+    fw, n_chunks = feature_chunks(F)
+    xs = [load(x_ref, (slice(None), d)) for d in range(3)]
     l = pl.program_id(1) + level_start
-    level = _loaded_level(level_refs, l)
-    mask_l = _load(mask_ref, l) if use_mask else None
-    on = _level_on(valid_ref, mask_l, B)
-    w, terms = _level_geometry(xs, level)
+    level = loaded_level(level_refs, l)
+    mask_l = load(mask_ref, l) if use_mask else None
+    on = level_on(valid_ref, mask_l, B)
+    w, terms = level_geometry(xs, level)
     g = []
     for c in range(n_chunks):
-        g_c = _load(g_ref, (slice(None), pl.ds(l * F + c * fw, fw)))
+        g_c = load(g_ref, (slice(None), pl.ds(l * F + c * fw, fw)))
         g.append(g_c * mask_l if use_mask else g_c)
 
     def contribution(k, c):
-        bits = _CORNERS[k]
+        bits = CORNERS[k]
         return ((w[0][bits[0]] * w[1][bits[1]]) * w[2][bits[2]])[:, None] * g[c]
 
-    _pre_reduced_scatter(dtable_ref, terms, level, contribution, on, B, fw, n_chunks, interpret, leaders=leaders)
+    pre_reduced_scatter(dtable_ref, terms, level, contribution, on, B, fw, n_chunks, interpret, leaders=leaders)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -117,16 +122,16 @@ def _encode_core(table, x, mask, valid, static: _Static):
 def _forward(table, x, mask, valid, static: _Static):
     spec, B = static.spec, static.block
     N, L, F = x.shape[0], spec.n_levels, spec.n_features_per_level
-    in_specs, args = _inputs(x, valid, mask, spec, B)
+    in_specs, args = level_inputs(x, valid, mask, spec, B)
     kernel = functools.partial(_forward_kernel, spec=spec, B=B, use_mask=mask is not None,
                                use_valid=valid is not None)
     return pl.pallas_call(
         kernel,
-        out_shape=_out_struct((N, L * F), x),
+        out_shape=out_struct((N, L * F), x),
         grid=(N // B, L),
-        in_specs=in_specs + [_full_hbm_spec()],
+        in_specs=in_specs + [full_hbm_spec()],
         out_specs=pl.BlockSpec((B, L * F), lambda i, l: (i, 0)),  # each level's program writes its columns
-        compiler_params=_compiler_params(static.num_warps, 1),
+        compiler_params=compiler_params(static.num_warps, 1),
         interpret=static.interpret,
         name="hashgrid_levels_encode_fwd",
     )(*args, table)
@@ -143,24 +148,24 @@ def _encode_core_bwd(static: _Static, res, g):
     dtable = cast_varying(jnp.zeros((spec.total_params, F), jnp.float32), varying_axes(x))
     g = g.astype(jnp.float32)
     # Scales grow with the level: the pre-reduced (coarse) levels are a prefix, one call for each part.
-    n_coarse = sum(1 for s in spec.scales if s <= static.pre_reduce_max_scale) if B >= 2 * _N_LEADERS else 0
-    for start, stop, leaders in ((0, n_coarse, _N_LEADERS), (n_coarse, L, 0)):
+    n_coarse = sum(1 for s in spec.scales if s <= static.pre_reduce_max_scale) if B >= 2 * N_LEADERS else 0
+    for start, stop, leaders in ((0, n_coarse, N_LEADERS), (n_coarse, L, 0)):
         if stop <= start:
             continue
-        in_specs, args = _inputs(x, valid, mask, spec, B)
-        in_specs += [pl.BlockSpec((B, L * F), lambda i, l: (i, 0)), _full_hbm_spec()]
+        in_specs, args = level_inputs(x, valid, mask, spec, B)
+        in_specs += [pl.BlockSpec((B, L * F), lambda i, l: (i, 0)), full_hbm_spec()]
         args += [g, dtable]
         kernel = functools.partial(_backward_kernel, spec=spec, B=B, use_mask=mask is not None,
                                    use_valid=valid is not None, interpret=static.interpret, level_start=start,
                                    leaders=leaders)
         dtable = pl.pallas_call(
             kernel,
-            out_shape=_out_struct((spec.total_params, F), x),
+            out_shape=out_struct((spec.total_params, F), x),
             grid=(N // B, stop - start),
             in_specs=in_specs,
-            out_specs=_full_hbm_spec(),
+            out_specs=full_hbm_spec(),
             input_output_aliases={len(args) - 1: 0},
-            compiler_params=_compiler_params(static.num_warps, 1),
+            compiler_params=compiler_params(static.num_warps, 1),
             interpret=static.interpret,
             name="hashgrid_levels_encode_bwd",
         )(*args)
@@ -177,8 +182,7 @@ def encode_levels_pallas(table: jax.Array, x: jax.Array, spec: HashGridSpec, lev
     docstring. ``valid`` (N,) bool: invalid points get zero features and touch no table memory;
     ``level_mask`` (L,): switched-off levels likewise. ``block_points`` a power of two >= 16 (N is padded up),
     ``interpret`` None: interpret mode unless the default backend is GPU. Differentiable w.r.t. ``table``."""
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     table, x2, mask, keep, block, n = padded_point_inputs(table, x, spec, level_mask, valid, block_points)
     static = _Static(spec, block, num_warps, bool(interpret), float(pre_reduce_max_scale))
     return _encode_core(table, x2, mask, keep, static)[:n]

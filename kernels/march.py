@@ -1,12 +1,12 @@
 """Occupancy-grid ray marching with compaction: a Pallas (Triton) kernel pair beside the jnp reference.
 
-Contract (identical to :func:`dreamcraft_jax.render.volume.march`): rays_o, rays_d (R, 3) unit directions,
-``grid`` an :class:`OccupancyGrid`, ``budget`` M packed slots. Ray r walks ``S = spec.max_steps_per_ray`` steps
-``t0 = t_start[r] + s dt`` (``t_start`` the box entry, clamped to the near plane, jittered by U(0,1) dt when
-stratified); step s is a sample when ``t0 + dt <= t_far[r]`` and its midpoint's cell is inside the box and
-occupied. Samples are packed ray-major, step-minor into the first slots; ``n_wanted`` counts all of them. Over
-``budget``, ray r keeps every k_r-th of its candidates (:func:`volume.merge_strides`), each interval k_r steps long
-(shorter for the last of the ray), so no ray loses its samples.
+Contract (identical to :func:`dreamcraft_jax.render.samples.march`, also ``volume.march``): rays_o, rays_d (R, 3)
+unit directions, ``grid`` an :class:`OccupancyGrid`, ``budget`` M packed slots. Ray r walks
+``S = spec.max_steps_per_ray`` steps ``t0 = t_start[r] + s dt`` (``t_start`` the box entry, clamped to the near
+plane, jittered by U(0,1) dt when stratified); step s is a sample when ``t0 + dt <= t_far[r]`` and its midpoint's
+cell is inside the box and occupied. Samples are packed ray-major, step-minor into the first slots; ``n_wanted``
+counts all of them. Over ``budget``, ray r keeps every k_r-th of its candidates (:func:`samples.merge_strides`),
+each interval k_r steps long (shorter for the last of the ray), so no ray loses its samples.
 
 The reference materialises an (R, S) mask (S ~ 514 at 512 samples/ray) and compacts it with ``jnp.nonzero``.
 Here:
@@ -30,7 +30,7 @@ and only the very same expression gave the same rounding (an equivalent formula 
 Invalid slots (past ``min(n_wanted, budget)``) are normalised to what the reference returns: ray_idx = n_rays,
 t0 = t_start[0] (the reference's fill position 0 is ray 0, step 0), t1 = t0 + dt.
 
-``select`` (the re-packing after alpha / transmittance pruning, :func:`volume.select`) stays in jnp
+``select`` (the re-packing after alpha / transmittance pruning, :func:`samples.select`) stays in jnp
 (:func:`select_xla`): its mask is already packed (M1 ~ 64 R elements, not R * S), ``jnp.nonzero(size=...)`` over
 it is a linear cumsum + scatter that XLA fuses well, and a kernel would need the same global prefix sum across
 programs, so no kernel was written for it.
@@ -39,74 +39,27 @@ programs, so no kernel was written for it.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from dreamcraft_jax.render import volume
-from dreamcraft_jax.render.volume import OccupancyGrid, RenderSpec, Samples
+from dreamcraft_jax.kernels.common import (
+    block_size,
+    compiler_params,
+    gather,
+    out_struct,
+    pad_to,
+    resolve_interpret,
+    rows_spec,
+    scatter,
+    whole_spec,
+)
+from dreamcraft_jax.render import samples as _ref
+from dreamcraft_jax.render.samples import OccupancyGrid, RenderSpec, Samples
 
 DEFAULT_BLOCK_RAYS = 64
 DEFAULT_NUM_WARPS = 2
-
-
-# ----------------------------------------------------------------------------------------------------------
-# backend helpers (the only Triton-specific code; a Mosaic GPU port replaces these)
-
-
-def resolve_interpret(interpret: bool | None) -> bool:
-    """None -> interpret mode unless running on a GPU."""
-    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
-
-
-def _gather(ref, idx, mask, other):
-    """ref[idx] for an index vector, lanes with mask False read ``other`` (no memory access on GPU)."""
-    return plgpu.load(ref.at[idx], mask=mask, other=other)
-
-
-def _scatter(ref, idx, val, mask):
-    """ref[idx] = val where mask. Masked-off lanes must still carry distinct in-bounds indices: interpret
-    mode implements the masked store as read-select-write of every lane."""
-    plgpu.store(ref.at[idx], val, mask=mask)
-
-
-def _compiler_params(num_warps: int, num_stages: int | None):
-    """num_stages None: the Triton backend's default (3 on CUDA: software-pipelines the loop loads)."""
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-_STRUCT_PARAMS = inspect.signature(jax.ShapeDtypeStruct).parameters
-
-
-def _out_struct(shape, dtype, like):
-    """ShapeDtypeStruct for a kernel output that varies over the same shard_map axes as the array ``like``
-    (shard_map's check_vma requires it; the keyword is ``manual_axis_type`` in jax 0.12, ``vma`` before)."""
-    aval = jax.typeof(like)
-    for name in ("manual_axis_type", "vma"):
-        if name in _STRUCT_PARAMS and hasattr(aval, name):
-            return jax.ShapeDtypeStruct(shape, dtype, **{name: getattr(aval, name)})
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def _whole(shape):
-    """BlockSpec of a whole array (random access inside the kernel)."""
-    return pl.BlockSpec(shape, lambda i: (0,) * len(shape))
-
-
-def _rows(block):
-    return pl.BlockSpec((block,), lambda i: (i,))
-
-
-def _block_size(n: int, block: int) -> int:
-    """Power-of-two block: ``block`` (rounded up to a power of two), or less for small n."""
-    return min(pl.next_power_of_2(max(int(block), 1)), pl.next_power_of_2(max(n, 1)))
-
-
-def _pad(x, n: int, value):
-    return jnp.pad(x, (0, n - x.shape[0]), constant_values=value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,13 +68,13 @@ def _pad(x, n: int, value):
 
 def march_xla(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key, spec: RenderSpec,
               budget: int) -> Samples:
-    """The pure-jnp reference (:func:`volume.march`)."""
-    return volume.march(rays_o, rays_d, grid, key, spec, budget)
+    """The pure-jnp reference (:func:`dreamcraft_jax.render.samples.march`)."""
+    return _ref.march(rays_o, rays_d, grid, key, spec, budget)
 
 
 def select_xla(samples: Samples, keep: jax.Array, budget: int, n_rays: int) -> Samples:
     """The pruning re-pack; jnp only (see the module doc for why there is no kernel)."""
-    return volume.select(samples, keep, budget, n_rays)
+    return _ref.select(samples, keep, budget, n_rays)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,7 +84,7 @@ def select_xla(samples: Samples, keep: jax.Array, budget: int, n_rays: int) -> S
 def _step_samples(s, o, d, t_start, t_far, binary_ref, *, spec: RenderSpec):
     """Step s (scalar int32) of a block of rays: is it a sample? (B,) bool.
 
-    Same float ops, in the same order, as volume.march / volume.cell_index.
+    Same float ops, in the same order, as samples.march / samples.cell_index.
     """
     dt = spec.step_size
     t0 = t_start + s.astype(jnp.float32) * dt
@@ -150,7 +103,7 @@ def _step_samples(s, o, d, t_start, t_far, binary_ref, *, spec: RenderSpec):
         # and never an out-of-range float -> int conversion.
         c = jnp.clip(jnp.floor(unit * g), 0.0, g - 1.0).astype(jnp.int32)
         cell = c if cell is None else cell + c * (g ** axis)
-    occupied = _gather(binary_ref, cell, inside, 0) != 0
+    occupied = gather(binary_ref, cell, inside, 0) != 0
     return inside & occupied
 
 
@@ -176,15 +129,15 @@ def _write_kernel(ox, oy, oz, dx, dy, dz, ts_ref, tf_ref, nt_ref, off_ref, strid
     n_steps = jnp.max(nt_ref[...])  # 0 for rays whose first slot is past the budget
     lane = jax.lax.broadcasted_iota(jnp.int32, (block,), 0)
     ray = pl.program_id(0) * block + lane
-    dummy = budget + lane  # distinct spare slots for masked-off lanes (see _scatter)
+    dummy = budget + lane  # distinct spare slots for masked-off lanes (see common.scatter)
 
     def body(s, rank):  # rank: candidates of the ray so far; every stride-th one is written
         take = _step_samples(s, o, d, t_start, t_far, binary_ref, spec=spec)
         slot = first + rank // stride
         write = take & (rank % stride == 0) & (slot < budget)
         idx = jnp.where(write, slot, dummy)
-        _scatter(ray_out, idx, ray, write)
-        _scatter(step_out, idx, jnp.full((block,), s, jnp.int32), write)
+        scatter(ray_out, idx, ray, write)
+        scatter(step_out, idx, jnp.full((block,), s, jnp.int32), write)
         return rank + take.astype(jnp.int32)
 
     jax.lax.fori_loop(0, n_steps, body, jnp.zeros((block,), jnp.int32))
@@ -206,8 +159,8 @@ def march_pallas(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key,
     n_rays = rays_o.shape[0]
     n_steps = spec.max_steps_per_ray
     dt = spec.step_size
-    # Entry / exit and jitter exactly as volume.march.
-    t_near, t_far = volume.ray_box_intersect(rays_o, rays_d, spec.radius)
+    # Entry / exit and jitter exactly as samples.march.
+    t_near, t_far = _ref.ray_box_intersect(rays_o, rays_d, spec.radius)
     t_near = jnp.maximum(t_near, spec.near_plane)
     hit = t_far > t_near
     if spec.stratified and key is not None:
@@ -216,9 +169,9 @@ def march_pallas(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key,
     # Upper bound on the steps that pass t0 + dt <= t_far (the test is monotone in s).
     n_try = jnp.clip(jnp.floor((t_far - t_near) / dt) + 2.0, 0.0, float(n_steps)).astype(jnp.int32)
 
-    block = _block_size(n_rays, block_rays)
+    block = block_size(n_rays, block_rays)
     n_pad = pl.cdiv(n_rays, block) * block
-    pad = functools.partial(_pad, n=n_pad)
+    pad = functools.partial(pad_to, n=n_pad)
     rays = [pad(rays_o[:, a], value=0.0) for a in range(3)] + [pad(rays_d[:, a], value=0.0) for a in range(3)]
     t_start_p = pad(t_near, value=0.0)
     t_far_p = pad(t_far, value=-jnp.inf)
@@ -226,22 +179,22 @@ def march_pallas(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key,
     binary = grid.binary.astype(jnp.int8)
     n_cells = binary.shape[0]
     grid_dims = (n_pad // block,)
-    params = _compiler_params(num_warps, num_stages)
-    ray_specs = [_rows(block)] * 9
+    params = compiler_params(num_warps, num_stages)
+    ray_specs = [rows_spec(block)] * 9
 
     counts = pl.pallas_call(
         functools.partial(_count_kernel, spec=spec),
-        out_shape=_out_struct((n_pad,), jnp.int32, t_start_p),
+        out_shape=out_struct((n_pad,), t_start_p, jnp.int32),
         grid=grid_dims,
-        in_specs=ray_specs + [_whole((n_cells,))],
-        out_specs=_rows(block),
+        in_specs=ray_specs + [whole_spec((n_cells,))],
+        out_specs=rows_spec(block),
         compiler_params=params,
         interpret=interpret,
         name="march_count",
     )(*rays, t_start_p, t_far_p, n_try_p, binary)
 
-    # Over budget, long rays keep every stride-th candidate (volume.merge_strides); padded rays have no count.
-    stride = volume.merge_strides(counts, budget, n_steps)
+    # Over budget, long rays keep every stride-th candidate (samples.merge_strides); padded rays have no count.
+    stride = _ref.merge_strides(counts, budget, n_steps)
     kept = (counts + stride - 1) // stride
     inclusive = jnp.cumsum(kept, dtype=jnp.int32)
     total_kept = inclusive[-1]
@@ -249,13 +202,13 @@ def march_pallas(rays_o: jax.Array, rays_d: jax.Array, grid: OccupancyGrid, key,
     n_try_w = jnp.where(offsets < budget, n_try_p, 0)
 
     n_out = budget + block  # + spare slots for masked-off lanes
-    slot_shape = _out_struct((n_out,), jnp.int32, t_start_p)
+    slot_shape = out_struct((n_out,), t_start_p, jnp.int32)
     ray_slots, step_slots = pl.pallas_call(
         functools.partial(_write_kernel, spec=spec, budget=budget, block=block),
         out_shape=(slot_shape, slot_shape),
         grid=grid_dims,
-        in_specs=ray_specs + [_rows(block), _rows(block), _whole((n_cells,))],
-        out_specs=(_whole((n_out,)), _whole((n_out,))),
+        in_specs=ray_specs + [rows_spec(block), rows_spec(block), whole_spec((n_cells,))],
+        out_specs=(whole_spec((n_out,)), whole_spec((n_out,))),
         compiler_params=params,
         interpret=interpret,
         name="march_write",

@@ -5,8 +5,8 @@ hash-grid features (D = L*F = 32), W0 (D, H) (H = 64) and W1 (H, 1): the samples
 finite-difference normals, their 3 neighbours and again at the perturbed point. Through XLA each evaluation is a
 GEMM that writes the (N, H) hidden activations to HBM, a ReLU mask and a matrix-vector product reading them back,
 and in the backward pass a data-gradient GEMM, a weight-gradient GEMM and the masks again: at 384 px ~28 GEMMs
-of ~0.33 ms, memory-bound (``benchmarks/profile_nerf384_step_h200.json``). Here one program per block of ``B``
-rows keeps the hidden layer in registers:
+of ~0.33 ms, memory-bound (``benchmarks/archive/profile/profile_nerf384_step_h200.json``). Here one program per block
+of ``B`` rows keeps the hidden layer in registers:
 
     forward:   h = enc @ W0 (B, H);  y = sum_j relu(h)[:, j] W1[j]                          writes y (B,)
     backward:  h recomputed;  dh = (g W1^T) * [h > 0];  d_enc = dh @ W0^T                  writes d_enc (B, D)
@@ -24,7 +24,7 @@ finite-difference kernel's column layout, ``kernels.fd_columns``), in (D, B) blo
 The matmuls take TF32 on the GPU by default (XLA's default for the reference there), or three-pass TF32 / float32
 FMAs (``precision``); full float32 in interpret mode. D and H must be powers of two >= 16 (Triton's ``dot``); the
 fields fall back to the reference otherwise (:func:`supported`). Triton specifics come from
-:mod:`kernels.hashgrid`'s helpers.
+:mod:`kernels.common`.
 """
 
 from __future__ import annotations
@@ -37,16 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from dreamcraft_jax.kernels.hashgrid import (
-    _compiler_params,
-    _load,
-    _out_struct,
-    _store,
-    _when_else,
+from dreamcraft_jax.kernels.common import (
     block_and_padding,
     cast_varying,
-    varying_axes,
+    compiler_params,
+    load,
+    out_struct,
+    resolve_interpret,
+    store,
+    when_else,
 )
+from dreamcraft_jax.parallel import varying_axes
 
 __all__ = ["mlp_pallas", "mlp_xla", "mlp1_pallas", "mlp1_xla", "supported", "MAX_OUTPUTS", "PRECISIONS"]
 
@@ -87,16 +88,16 @@ def supported(in_dim: int, hidden: int, out_dim: int = 1) -> bool:
 def _block_valid(valid_ref, B: int):
     """(rows on (B,) bool, whether any is on) of this block; all on without a ``valid`` input. A block past the
     valid prefix of the packed samples (about half of them: the per-ray budgets are twice the use) then skips its
-    loads and matmuls (:func:`_when_else`)."""
+    loads and matmuls (:func:`when_else`)."""
     if valid_ref is None:
         return jnp.ones((B,), bool), None
-    on = _load(valid_ref, slice(None)) != 0
+    on = load(valid_ref, slice(None)) != 0
     return on, jnp.max(on.astype(jnp.int32)) > 0
 
 
 def _pre_activation(enc_ref, w_hidden, precision, columns: bool):
     """(enc block (B, D), or (D, B) with ``columns``; enc @ w_hidden (B, H))."""
-    enc = _load(enc_ref, (slice(None), slice(None)))
+    enc = load(enc_ref, (slice(None), slice(None)))
     if columns:  # contract the features, dim 0 of the (D, B) block: no transposed copy
         return enc, jax.lax.dot_general(enc, w_hidden, (((0,), (0,)), ((), ())), precision=precision)
     return enc, jnp.dot(enc, w_hidden, precision=precision)
@@ -112,17 +113,17 @@ def _forward_kernel(*refs, n_out: int, precision, use_valid: bool, columns: bool
     on, any_on = _block_valid(valid_ref, B)
 
     def work():
-        hidden = jnp.maximum(_pre_activation(enc_ref, _load(w_hidden_ref, (slice(None), slice(None))), precision,
+        hidden = jnp.maximum(_pre_activation(enc_ref, load(w_hidden_ref, (slice(None), slice(None))), precision,
                                              columns)[1], 0.0)
         for k in range(n_out):
-            w_k = _load(w_out_ref, (pl.ds(k, 1), slice(None)))  # (1, H)
-            _store(out_ref, (k, slice(None)), jnp.where(on, jnp.sum(hidden * w_k, axis=1), 0.0))
+            w_k = load(w_out_ref, (pl.ds(k, 1), slice(None)))  # (1, H)
+            store(out_ref, (k, slice(None)), jnp.where(on, jnp.sum(hidden * w_k, axis=1), 0.0))
 
     def zeros():
         for k in range(n_out):
-            _store(out_ref, (k, slice(None)), jnp.zeros((B,), jnp.float32))
+            store(out_ref, (k, slice(None)), jnp.zeros((B,), jnp.float32))
 
-    _when_else(any_on, work, zeros)
+    when_else(any_on, work, zeros)
 
 
 def _backward_kernel(*refs, n_out: int, precision, use_valid: bool, columns: bool):
@@ -137,13 +138,13 @@ def _backward_kernel(*refs, n_out: int, precision, use_valid: bool, columns: boo
     on, any_on = _block_valid(valid_ref, B)
 
     def work():
-        w_hidden = _load(w_hidden_ref, (slice(None), slice(None)))
+        w_hidden = load(w_hidden_ref, (slice(None), slice(None)))
         enc, pre = _pre_activation(enc_ref, w_hidden, precision, columns)  # pre (B, H)
         hidden = jnp.maximum(pre, 0.0)
-        gs = [jnp.where(on, _load(g_ref, (k, slice(None))), 0.0)[:, None] for k in range(n_out)]  # K x (B, 1)
-        d_hidden_act = gs[0] * _load(w_out_ref, (pl.ds(0, 1), slice(None)))
+        gs = [jnp.where(on, load(g_ref, (k, slice(None))), 0.0)[:, None] for k in range(n_out)]  # K x (B, 1)
+        d_hidden_act = gs[0] * load(w_out_ref, (pl.ds(0, 1), slice(None)))
         for k in range(1, n_out):
-            d_hidden_act = d_hidden_act + gs[k] * _load(w_out_ref, (pl.ds(k, 1), slice(None)))
+            d_hidden_act = d_hidden_act + gs[k] * load(w_out_ref, (pl.ds(k, 1), slice(None)))
         d_pre = jnp.where(pre > 0.0, d_hidden_act, 0.0)  # (B, H)
         # d_enc = d_pre @ w_hidden^T; d_hidden = enc^T @ d_pre (contracting the rows: no transposed copies).
         # Columns: d_enc^T = w_hidden @ d_pre^T, d_hidden = enc^T-block @ d_pre.
@@ -153,18 +154,18 @@ def _backward_kernel(*refs, n_out: int, precision, use_valid: bool, columns: boo
         else:
             d_enc = jax.lax.dot_general(d_pre, w_hidden, (((1,), (1,)), ((), ())), precision=precision)
             d_hidden = jax.lax.dot_general(enc, d_pre, (((0,), (0,)), ((), ())), precision=precision)  # (D, H)
-        _store(d_enc_ref, (slice(None), slice(None)), d_enc)
-        _store(d_hidden_ref, (0, slice(None), slice(None)), d_hidden)
+        store(d_enc_ref, (slice(None), slice(None)), d_enc)
+        store(d_hidden_ref, (0, slice(None), slice(None)), d_hidden)
         for k in range(n_out):
-            _store(d_out_ref, (0, k, slice(None)), jnp.sum(hidden * gs[k], axis=0))
+            store(d_out_ref, (0, k, slice(None)), jnp.sum(hidden * gs[k], axis=0))
 
     def zeros():
-        _store(d_enc_ref, (slice(None), slice(None)), jnp.zeros((D, B) if columns else (B, D), jnp.float32))
-        _store(d_hidden_ref, (0, slice(None), slice(None)), jnp.zeros((D, H), jnp.float32))
+        store(d_enc_ref, (slice(None), slice(None)), jnp.zeros((D, B) if columns else (B, D), jnp.float32))
+        store(d_hidden_ref, (0, slice(None), slice(None)), jnp.zeros((D, H), jnp.float32))
         for k in range(n_out):
-            _store(d_out_ref, (0, k, slice(None)), jnp.zeros((H,), jnp.float32))
+            store(d_out_ref, (0, k, slice(None)), jnp.zeros((H,), jnp.float32))
 
-    _when_else(any_on, work, zeros)
+    when_else(any_on, work, zeros)
 
 
 def _enc_spec(B: int, D: int, columns: bool):
@@ -188,11 +189,11 @@ def _forward(enc, valid, w_hidden, w_out_t, *, block_rows: int, num_warps: int, 
     return pl.pallas_call(
         functools.partial(_forward_kernel, n_out=K, precision=_dot_precision(precision, interpret),
                           use_valid=valid is not None, columns=columns),
-        out_shape=_out_struct((K, N), enc),
+        out_shape=out_struct((K, N), enc),
         grid=(N // B,),
         in_specs=row_specs + [pl.BlockSpec((D, H), lambda i: (0, 0)), pl.BlockSpec((K, H), lambda i: (0, 0))],
         out_specs=pl.BlockSpec((K, B), lambda i: (0, i)),
-        compiler_params=_compiler_params(num_warps, 1),
+        compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="mlp1_fwd",
     )(enc, *valid_args, w_hidden, w_out_t)
@@ -209,14 +210,14 @@ def _backward(enc, valid, g_t, w_hidden, w_out_t, *, block_rows: int, num_warps:
     d_enc, d_hidden, d_out = pl.pallas_call(
         functools.partial(_backward_kernel, n_out=K, precision=_dot_precision(precision, interpret),
                           use_valid=valid is not None, columns=columns),
-        out_shape=(_out_struct(enc.shape, enc), _out_struct((n_blocks, D, H), enc),
-                   _out_struct((n_blocks, K, H), enc)),
+        out_shape=(out_struct(enc.shape, enc), out_struct((n_blocks, D, H), enc),
+                   out_struct((n_blocks, K, H), enc)),
         grid=(n_blocks,),
         in_specs=row_specs + [pl.BlockSpec((K, B), lambda i: (0, i)), pl.BlockSpec((D, H), lambda i: (0, 0)),
                               pl.BlockSpec((K, H), lambda i: (0, 0))],
         out_specs=(_enc_spec(B, D, columns), pl.BlockSpec((1, D, H), lambda i: (i, 0, 0)),
                    pl.BlockSpec((1, K, H), lambda i: (i, 0, 0))),
-        compiler_params=_compiler_params(num_warps, 1),
+        compiler_params=compiler_params(num_warps, 1),
         interpret=interpret,
         name="mlp1_bwd",
     )(enc, *valid_args, g_t, w_hidden, w_out_t)
@@ -277,8 +278,7 @@ def mlp_pallas(enc: jax.Array, w_hidden: jax.Array, w_out: jax.Array, *, valid: 
     if not supported(*w_hidden.shape, w_out.shape[1]):
         raise ValueError(f"D and H must be powers of two >= 16 (Triton dot) and K <= {MAX_OUTPUTS}, got "
                          f"{w_hidden.shape} and K = {w_out.shape[1]}; use mlp_xla")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    interpret = resolve_interpret(interpret)
     n = rows.shape[0]
     block, n_pad = block_and_padding(n, block_rows)
     padding = ((0, 0), (0, n_pad - n)) if columns else ((0, n_pad - n), (0, 0))

@@ -34,14 +34,15 @@ def relative_error(a, b) -> float:
 def setup(n_devices: int, per_device: int, x64: bool, prune: bool = True):
     from dreamcraft_jax import parallel
     from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
-    from dreamcraft_jax.stages.coarse_nerf import CoarseNerf, TrainState, targets_from_reference
+    from dreamcraft_jax.stages.volume_stage import targets_from_reference
+    from dreamcraft_jax.train_step import TrainState
 
     cfg = conftest.tiny_config(**{"train.ref_views_per_device": per_device,
                                   "train.random_views_per_device": per_device, "data.depth": "example",
                                   "loss.lambda_3d_normal_smooth": 0.0, "loss.lambda_orient": 0.0,
                                   **({} if prune else {"render.alpha_threshold": 0.0, "render.early_stop_eps": 0.0})})
     mesh = parallel.make_mesh(n_devices, 1, devices=jax.devices()[:n_devices])
-    stage = CoarseNerf.from_config(cfg, mesh)
+    stage = conftest.make_stage(cfg, mesh)
     ref = load_reference(example_image_path(), 16, 16, depth_path=example_depth_path())
     targets, state = targets_from_reference(ref), jax.device_get(stage.init_state())
     if x64:
@@ -49,7 +50,7 @@ def setup(n_devices: int, per_device: int, x64: bool, prune: bool = True):
             return jnp.asarray(x, jnp.float64) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x
 
         params = jax.tree.map(wide, state.params)
-        state = TrainState(params=params, opt_state=stage.optimizer.init(params), grid=state.grid,
+        state = TrainState(params=params, opt_state=stage.optimizer.init(params), extras=state.extras,
                            step=state.step, rng=state.rng, nonfinite_skips=state.nonfinite_skips)
         targets = jax.tree.map(wide, targets)
     return stage, parallel.replicate(state, mesh), parallel.replicate(targets, mesh)
@@ -63,15 +64,15 @@ def main():
     args = parser.parse_args()
     if args.x64:
         jax.config.update("jax_enable_x64", True)
-    from dreamcraft_jax.stages.coarse_nerf import BOTH
+    from dreamcraft_jax.stages.volume_stage import BOTH
 
     stage8, state8, targets8 = setup(8, 1, args.x64, not args.no_pruning)
     stage1, state1, targets1 = setup(1, 8, args.x64, not args.no_pruning)
     print(f"jax {jax.__version__}, {'float64' if args.x64 else 'float32'} params, "
           f"{'no threshold pruning' if args.no_pruning else 'default pruning'}")
-    grads8, _ = stage8.grads_fn(BOTH, 16, 16)(state8, targets8)
-    grads1, _ = stage1.grads_fn(BOTH, 16, 16)(state1, targets1)
-    step8, step1 = stage8.step_fn(BOTH, 16, 16), stage1.step_fn(BOTH, 16, 16)
+    grads8, _ = stage8.grads_fn((BOTH, (16, 16)))(state8, targets8)
+    grads1, _ = stage1.grads_fn((BOTH, (16, 16)))(state1, targets1)
+    step8, step1 = stage8.step_fn((BOTH, (16, 16))), stage1.step_fn((BOTH, (16, 16)))
     for _ in range(2):
         state8, _ = step8(state8, targets8)
         state1, _ = step1(state1, targets1)

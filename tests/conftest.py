@@ -172,17 +172,21 @@ def lowered_for_gpu(fn, *args) -> str:
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def final_state(cfg, workdir, stage_cls=None, name="coarse_nerf"):
+def make_stage(cfg, mesh, name="coarse_nerf", priors=None, prior_params=None):
+    """Stage ``name`` built as the runner builds it (``cfg``: the run's config, or one already resolved for that
+    stage by ``stage_config``)."""
+    from dreamcraft_jax.config import stage_config
+    from dreamcraft_jax.stages.base import build_stage
+
+    return build_stage(name, cfg if cfg.stage == name else stage_config(cfg, name), mesh, priors, prior_params)
+
+
+def final_state(cfg, workdir, name="coarse_nerf"):
     """The last checkpointed TrainState of stage ``name`` in run folder ``workdir``, on the host."""
     import jax
 
     from dreamcraft_jax import parallel
-    from dreamcraft_jax.config import stage_config
-    from dreamcraft_jax.runner import Checkpointer
-    from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
+    from dreamcraft_jax.checkpoints import restore_latest
 
-    stage = (stage_cls or CoarseNerf).from_config(stage_config(cfg, name), parallel.mesh_from_config(cfg))
-    ckpt = Checkpointer(workdir / name / "checkpoints", 3)
-    state = ckpt.restore(stage.init_state())
-    ckpt.close()
-    return jax.device_get(state)
+    stage = make_stage(cfg, parallel.mesh_from_config(cfg), name)
+    return jax.device_get(restore_latest(workdir / name / "checkpoints", stage.init_state()))

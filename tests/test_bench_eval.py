@@ -2,8 +2,8 @@
 
 import json
 
-from configs_loader import ROOT
-from dreamcraft_jax import bench
+from dreamcraft_jax.bench import cli
+from dreamcraft_jax.config_file import ROOT
 
 
 def test_eval_bench_compares_each_budget_with_the_largest(tmp_path, monkeypatch):
@@ -11,9 +11,9 @@ def test_eval_bench_compares_each_budget_with_the_largest(tmp_path, monkeypatch)
     of 1 sample per ray cannot draw the fitted scene the same way."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "eval.json"
-    assert bench.main(["eval", "--config", "configs/demo.py", "--stages", "coarse_nerf", "--budgets", "24", "1",
-                       "--fit_steps", "3", "--repeats", "1", "--set", "eval.height=24", "--set", "eval.width=24",
-                       "--out", str(out)]) == 0
+    assert cli.main(["eval", "--config", "configs/demo.py", "--stages", "coarse_nerf", "--budgets", "24", "1",
+                     "--fit_steps", "3", "--repeats", "1", "--set", "eval.height=24", "--set", "eval.width=24",
+                     "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     largest, one = report["results"]["coarse_nerf_budget24"], report["results"]["coarse_nerf_budget1"]
     assert largest["vs_largest_budget"] == {"rgb_psnr": 120.0, "normal_psnr": 120.0, "opacity_max_abs": 0.0}

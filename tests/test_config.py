@@ -5,25 +5,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
-from configs_loader import ROOT, load_config_file
 from dreamcraft_jax.config import ConfigError, resolution_at, schedule_value, validate
+from dreamcraft_jax.config_file import ROOT, load_config
 
 
-def _parse(argv, path="configs/demo.py"):
-    """Parse like train.py; ml_collections reads the overrides from sys.argv when the flag is defined."""
-    argv = ["train.py", f"--config={ROOT / path}", *argv]
-    saved = sys.argv
-    sys.argv = argv
-    try:
-        fv = flags.FlagValues()
-        config_flags.DEFINE_config_file("config", str(ROOT / path), flag_values=fv, lock_config=True)
-        fv(argv)
-        return fv.config
-    finally:
-        sys.argv = saved
+def load_config_file(path):
+    return load_config(path, check=False)
+
+
+def _parse(overrides, path="configs/demo.py"):
+    """Parse as train.py does: ["--config.a.b=v", ...] through the shared loader."""
+    return load_config(path, [o[len("--config."):] for o in overrides], check=False)
 
 
 @pytest.mark.parametrize("path", ["configs/demo.py", "configs/coarse_nerf.py"])
@@ -59,8 +52,31 @@ def test_overrides_apply_including_schedules():
 
 
 def test_unknown_key_is_rejected_by_the_parser():
-    with pytest.raises((AttributeError, KeyError)):
+    with pytest.raises(ConfigError, match="unknown config key 'smaples'"):
         _parse(["--config.render.smaples=3"])
+
+
+def test_one_loader_types_overrides_like_the_values_they_replace():
+    """Tuples, schedules, bools and placeholders from override strings; a config file's get_config(arg)."""
+    c = load_config("configs/demo.py", ["data.heights=(32,)", "data.widths=(32,)", "eval.video=false",
+                                        "loss.lambda_sd=(0, 0.1, 0.2, 10)", "overrides.coarse_neus.train.max_steps=7"])
+    assert c.data.heights == (32,) and c.eval.video is False and tuple(c.loss.lambda_sd) == (0, 0.1, 0.2, 10)
+    assert c.overrides.coarse_neus.train.max_steps == 7
+    assert load_config("configs/dreamcraft3d.py:stage=coarse_neus").stage == "coarse_neus"
+    assert load_config("configs/dreamcraft3d.py").stage == "all"
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.py")
+
+
+def test_no_key_is_both_a_path_and_a_switch():
+    """The prior source is a choice, its folder a separate key: `priors=False` is refused, not a folder named
+    "False", and the old path-or-switch key is gone."""
+    with pytest.raises(ConfigError, match="guidance.priors"):
+        load_config("configs/demo.py", ["guidance.priors=False"])
+    with pytest.raises(ConfigError, match="unknown config key 'demo_priors'"):
+        load_config("configs/demo.py", ["guidance.demo_priors=False"])
+    c = load_config("configs/demo.py", ["guidance.priors=pretrained", "guidance.sd.pretrained=/weights/sd"])
+    assert c.guidance.priors == "pretrained" and c.guidance.sd.pretrained == "/weights/sd"
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -74,7 +90,12 @@ def test_unknown_key_is_rejected_by_the_parser():
     ("data.border_ratio", 0.7, "data.border_ratio"),
     ("camera.elevation_range", (45.0, -10.0), "camera.elevation_range"),
     ("optimizer.b2", 1.5, "optimizer.b2"),
-    ("guidance.random_real_size", True, "demo_priors is set"),  # the demo config sets demo_priors
+    ("guidance.priors", "tiny", "guidance.priors"),
+    ("guidance.demo_dir", "", "guidance.demo_dir"),
+    ("kernels.backend", "cuda", "kernels.backend"),
+    ("kernels.hashgrid_backward", "fast", "kernels.hashgrid_backward"),
+    ("parallel.rules", ((".*", "sideways"),), "parallel.rules"),
+    ("parallel.rules", (("(", "fsdp"),), "bad regex"),
     ("kernels.groupnorm_sums_max_rows", -1, "kernels.groupnorm_sums_max_rows"),
     ("xla_flags", "xla_gpu_enable_command_buffer=", "not an XLA flag"),
 ])

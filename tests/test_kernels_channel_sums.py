@@ -1,6 +1,6 @@
 """kernels.channel_sums: the GroupNorm per-channel sums with the rows split over programs (CPU interpret mode)
 against the pure-jnp references and against sums in float64; the launch plan; the models route GroupNorms to
-the kernels only when switched on, and their values and gradients do not change."""
+the kernels only where their KernelSpec asks, with its launch plan, and their values and gradients do not change."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dreamcraft_jax.kernels import channel_sums as cs
+from dreamcraft_jax.kernels.spec import KernelConfigError, KernelSpec
 from dreamcraft_jax.models import layers
 
 SHAPES = [
@@ -18,11 +19,13 @@ SHAPES = [
 ]
 
 
-def test_models_default_matches_the_config_default():
-    """The models used directly (no runner) get the kernels as a configured run does."""
+def test_a_configured_run_takes_the_kernels_on_every_prior_level_and_the_default_spec_on_none():
+    """The config's spec covers the largest GroupNorm of the priors (the VAE encoder's 512 px level, 512 x 512
+    positions per batch element); ``KernelSpec()``, what the models get when built without one, none."""
     from dreamcraft_jax.config import base_config
 
-    assert layers.DEFAULT_GROUPNORM_SUMS_MAX_ROWS == base_config().kernels.groupnorm_sums_max_rows > 0
+    assert KernelSpec.from_config(base_config().kernels).groupnorm_sums_max_rows >= 512 * 512
+    assert KernelSpec().groupnorm_sums_max_rows == 0
 
 
 def _moments_f64(x):
@@ -99,20 +102,32 @@ def test_plan_splits_rows_until_enough_programs():
         cs.plan(2, 100, 72, chunk=48)
 
 
-def test_plan_defaults_apply_to_calls_without_plan_keywords():
-    x = jnp.zeros((2, 16, 16, 64))
-    assert cs._plan_for(x, True).chunk == cs.CHUNK and not cs._plan_for(x, True).fold
-    with cs.plan_defaults(chunk=16, fold=True, num_warps=8):
-        p = cs._plan_for(x, True)
-        assert (p.chunk, p.fold, p.num_warps) == (16, True, 8)
-        assert cs._plan_for(x, True, chunk=64).chunk == 64 and not cs._plan_for(x, True, chunk=64).fold
-        got = cs.shifted_channel_sums(x + 1.0, interpret=True)
-    assert not cs._plan_for(x, True).fold  # restored
-    np.testing.assert_allclose(got[0], 1.0)  # shift = the first pixel
-    np.testing.assert_allclose(got[1], 0.0)
+def test_a_specs_launch_plan_reaches_the_kernel_calls(monkeypatch):
+    """A KernelSpec's ``groupnorm_sums_plan`` is the plan of the models' sums calls (benches compare plans so);
+    a spec without one gets the per-shape default plan; the values are the float64 sums either way."""
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16, 64)) * 3.0 + 2.0
+    plans = []
+    original = cs.plan
+
+    def recording(*a, **k):
+        plans.append(original(*a, **k))
+        return plans[-1]
+
+    monkeypatch.setattr(cs, "plan", recording)
+    monkeypatch.setattr(layers, "_on_gpu", lambda: True)  # the kernels run in interpret mode on this CPU
+    tuned = KernelSpec(groupnorm_sums_max_rows=1 << 20, groupnorm_sums_plan={"chunk": 16, "fold": True,
+                                                                              "num_warps": 8})
+    assert tuned.groupnorm_sums_plan == (("chunk", 16), ("fold", True), ("num_warps", 8))  # hashable, sorted
+    got_tuned = layers._shifted_channel_sums(x, tuned)
+    got_default = layers._shifted_channel_sums(x, tuned.replace(groupnorm_sums_plan=()))
+    assert [(p.chunk, p.fold, p.num_warps) for p in plans] == [(16, True, 8), (cs.CHUNK, False, 4)]
+    for got in (got_tuned, got_default):
+        for g, w in zip(got, _moments_f64(x)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="unknown plan keywords"):
-        with cs.plan_defaults(chunks=16):
-            pass
+        cs.shifted_channel_sums(x, interpret=True, chunks=16)
+    with pytest.raises(KernelConfigError, match="kernels.groupnorm_sums_plan"):
+        KernelSpec(groupnorm_sums_plan={"chunks": 16})
 
 
 def test_bad_shapes_are_refused():
@@ -124,13 +139,22 @@ def test_bad_shapes_are_refused():
                                  True, interpret=True)
 
 
-def test_models_route_groupnorm_sums_only_when_switched_on(monkeypatch):
-    """With the switch on and a GPU backend, a VAE encoder's GroupNorms up to the row limit take the kernels (here
-    in interpret mode), and the encoding and its gradients equal the XLA ones; switched off, or on this CPU
-    backend, none do."""
+def _vae_encode_loss(kernels: KernelSpec):
+    """The loss of conftest's ``tiny_vae_encode_case`` with a VAE built with ``kernels``."""
+    from dreamcraft_jax.guidance.random_priors import TINY_VAE
+    from dreamcraft_jax.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(TINY_VAE, kernels=kernels)
+    return lambda p, im: jnp.sum(jnp.sin(vae.apply({"params": p}, im, method=AutoencoderKL.encode)[0]))
+
+
+def test_models_route_groupnorm_sums_only_where_their_spec_asks(monkeypatch):
+    """With a spec that asks and a GPU backend, a VAE encoder's GroupNorms up to the spec's row limit take the
+    kernels (here in interpret mode), and the encoding and its gradients equal those of conftest's XLA VAE (built
+    without a spec); with ``groupnorm_sums_max_rows=0``, or on this CPU backend, none do."""
     from conftest import tiny_vae_encode_case
 
-    loss, params, x, want = tiny_vae_encode_case()
+    _, params, x, want = tiny_vae_encode_case()
     calls = []
     fwd, bwd = cs.shifted_channel_sums, cs.backward_channel_sums
 
@@ -144,19 +168,13 @@ def test_models_route_groupnorm_sums_only_when_switched_on(monkeypatch):
 
     monkeypatch.setattr(cs, "shifted_channel_sums", recording_fwd)
     monkeypatch.setattr(cs, "backward_channel_sums", recording_bwd)
-    before = layers._GROUPNORM_SUMS_MAX_ROWS
-    try:
-        layers.set_groupnorm_sums_kernel(16 * 16)
-        jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-        assert not calls  # the real backend here is the CPU
-        monkeypatch.setattr(layers, "_on_gpu", lambda: True)
-        layers.set_groupnorm_sums_kernel(0)
-        jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-        assert not calls
-        layers.set_groupnorm_sums_kernel(16 * 16)
-        got = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-    finally:
-        layers.set_groupnorm_sums_kernel(before)
+    loss = _vae_encode_loss(KernelSpec(groupnorm_sums_max_rows=16 * 16))
+    jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    assert not calls  # the real backend here is the CPU
+    monkeypatch.setattr(layers, "_on_gpu", lambda: True)
+    jax.value_and_grad(_vae_encode_loss(KernelSpec(groupnorm_sums_max_rows=0)), argnums=(0, 1))(params, x)
+    assert not calls
+    got = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
     kinds = {k for k, _ in calls}
     assert kinds == {"fwd", "bwd"}
     assert all(int(np.prod(s[1:-1])) <= 16 * 16 for _, s in calls)  # 32 px level stays on XLA

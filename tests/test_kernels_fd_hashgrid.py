@@ -265,13 +265,16 @@ def test_finite_differences_of_a_quadratic_field_in_closed_form(normal_type):
     assert float(edge[0, 0]) == 0.0
 
 
-def test_fd_columns_config_reaches_both_stage_field_specs():
-    """kernels.fd_columns (on by default) is the NeRF and the NeuS field specs' fd_columns."""
+def test_fd_columns_config_reaches_both_field_specs():
+    """kernels.fd_columns (on by default) is the NeRF and the NeuS field specs' fd_columns, through the run's
+    KernelSpec."""
     from conftest import tiny_config
-    from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
-    from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+    from dreamcraft_jax.fields import nerf, neus
+    from dreamcraft_jax.kernels.spec import KernelSpec
 
-    assert CoarseNerf.field_spec(tiny_config(), "pallas").fd_columns
-    cfg = tiny_config(**{"kernels.fd_columns": False})
-    assert not CoarseNerf.field_spec(cfg, "pallas").fd_columns
-    assert not CoarseNeus.field_spec(cfg, "pallas").base.fd_columns
+    assert tiny_config().kernels.fd_columns
+    for value in (True, False):
+        cfg = tiny_config(**{"kernels.fd_columns": value})
+        kernels = KernelSpec.from_config(cfg.kernels)
+        assert nerf.NerfFieldSpec.from_config(cfg.field, kernels).fd_columns is value
+        assert neus.NeusFieldSpec.from_config(cfg, kernels).base.fd_columns is value

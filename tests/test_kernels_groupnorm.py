@@ -1,6 +1,6 @@
 """kernels.groupnorm: GroupNorm (+ SiLU) of small activations as one Pallas kernel per pass (CPU interpret mode)
 against the two-pass reference and against the models' XLA GroupNorm; values and the gradients w.r.t. x, scale and
-bias; the models route only suited GroupNorms to it, only when switched on."""
+bias; the models route only suited GroupNorms to it, only where their KernelSpec asks."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dreamcraft_jax.kernels import groupnorm as gk
+from dreamcraft_jax.kernels.spec import KernelSpec
 from dreamcraft_jax.models import layers
 
 
@@ -48,7 +49,7 @@ def test_equals_the_models_xla_groupnorm_and_is_accurate_off_centre():
     dwarfs their spread (the case the shift is for)."""
     x, scale, bias, cot = _inputs((2, 9, 9, 64), jnp.float32, seed=3, offset=300.0)
     kernel = lambda *a: gk.group_norm_act_pallas(*a, 32, 1e-6, True, interpret=True, chunk=32)  # noqa: E731
-    xla = lambda *a: layers._group_norm_act(*a, 32, 1e-6, True)  # noqa: E731
+    xla = lambda *a: layers._group_norm_act(*a, 32, 1e-6, True, KernelSpec())  # noqa: E731
     np.testing.assert_allclose(kernel(x, scale, bias), xla(x, scale, bias), atol=1e-4, rtol=1e-4)
     g_k = jax.grad(lambda *a: jnp.sum(kernel(*a) * cot), argnums=(0, 1, 2))(x, scale, bias)
     g_x = jax.grad(lambda *a: jnp.sum(xla(*a) * cot), argnums=(0, 1, 2))(x, scale, bias)
@@ -68,14 +69,15 @@ def test_bad_input_is_one_clear_error():
     assert not gk.suited((4, 256, 256, 256), 32) and not gk.suited((4, 64, 64, 100), 32)
 
 
-def test_models_route_suited_groupnorms_only_when_switched_on(monkeypatch):
-    """With the switch on and a GPU backend, a VAE encoder's GroupNorms at <= 128 x 128 positions take the kernel
-    (here in interpret mode) and the encoding and its gradients equal the XLA ones; switched off, none do; on
-    this CPU backend, not even switched on."""
+def test_models_route_suited_groupnorms_only_where_their_spec_asks(monkeypatch):
+    """With ``fused_groupnorm`` in the modules' spec and a GPU backend, a VAE encoder's GroupNorms at <= 128 x 128
+    positions take the kernel (here in interpret mode) and the encoding and its gradients equal those of conftest's
+    XLA VAE (built without a spec); with ``KernelSpec()`` none do; on this CPU backend, not even asked."""
     from conftest import tiny_vae_encode_case
     from dreamcraft_jax.guidance.random_priors import TINY_VAE
+    from dreamcraft_jax.models.vae import AutoencoderKL
 
-    loss, params, x, want = tiny_vae_encode_case()
+    _, params, x, want = tiny_vae_encode_case()
     shapes = []
     original = gk.group_norm_act_pallas
 
@@ -83,20 +85,18 @@ def test_models_route_suited_groupnorms_only_when_switched_on(monkeypatch):
         shapes.append(x.shape)
         return original(x, *a, **{**k, "interpret": True})
 
+    def loss_with(kernels):
+        vae = AutoencoderKL.from_config(TINY_VAE, kernels=kernels)
+        return lambda p, im: jnp.sum(jnp.sin(vae.apply({"params": p}, im, method=AutoencoderKL.encode)[0]))
+
     monkeypatch.setattr(gk, "group_norm_act_pallas", recording)
-    monkeypatch.setattr(layers, "_GROUPNORM_SUMS_MAX_ROWS", 0)  # the split-row sums kernels stay out of this A/B
-    try:
-        layers.set_groupnorm_kernel(True)
-        jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-        assert not shapes  # the real backend here is the CPU
-        monkeypatch.setattr(layers, "_on_gpu", lambda: True)
-        layers.set_groupnorm_kernel(False)
-        jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-        assert not shapes
-        layers.set_groupnorm_kernel(True)
-        got = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
-    finally:
-        layers.set_groupnorm_kernel(False)
+    fused = KernelSpec(fused_groupnorm=True)  # groupnorm_sums_max_rows 0: the split-row sums stay out of this A/B
+    jax.value_and_grad(loss_with(fused), argnums=(0, 1))(params, x)
+    assert not shapes  # the real backend here is the CPU
+    monkeypatch.setattr(layers, "_on_gpu", lambda: True)
+    jax.value_and_grad(loss_with(KernelSpec()), argnums=(0, 1))(params, x)
+    assert not shapes
+    got = jax.value_and_grad(loss_with(fused), argnums=(0, 1))(params, x)
     assert shapes and all(gk.suited(s, TINY_VAE["norm_num_groups"]) for s in shapes)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):

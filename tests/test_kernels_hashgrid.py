@@ -16,6 +16,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from dreamcraft_jax.fields.hashgrid import HashGridSpec, progressive_level_mask
+from dreamcraft_jax.kernels import common
 from dreamcraft_jax.kernels import hashgrid as hk
 
 # tests/conftest.py's tiny grid: level 0 dense (16^3 = 4096 rows = 2^12), levels 1..3 hashed.
@@ -206,8 +207,8 @@ def test_shard_map_check_vma_types():
 
 
 def test_triton_atomic_path_indexing_in_interpret_mode():
-    """The Triton branch of ``_scatter_add`` (``plgpu.atomic_add`` with (rows, cols) index arrays) and
-    ``_gather``, run in interpret mode on duplicate-free rows (the only case interpret mode discharges
+    """The Triton branch of ``common.scatter_add`` (``plgpu.atomic_add`` with (rows, cols) index arrays) and
+    ``common.gather``, run in interpret mode on duplicate-free rows (the only case interpret mode discharges
     exactly), address the same elements as the jnp reference."""
     R, F, B = 64, 4, 16
     rows_np = np.random.default_rng(0).permutation(R)[:B].astype(np.int32)
@@ -215,10 +216,10 @@ def test_triton_atomic_path_indexing_in_interpret_mode():
     vals = jnp.arange(B * F, dtype=jnp.float32).reshape(B, F) + 0.5
 
     def kernel(rows_ref, vals_ref, table_ref, zeros_ref, gathered_ref, acc_ref):
-        rows, cols = hk._index_arrays(rows_ref[...], 0, F, B)
-        gathered_ref[...] = hk._gather(table_ref, rows, cols)
-        hk._scatter_add(acc_ref, rows, cols, vals_ref[...], interpret=False)
-        hk._scatter_add(acc_ref, rows, cols, vals_ref[...], interpret=False)
+        idx = common.index_arrays(rows_ref[...], 0, F, B)
+        gathered_ref[...] = common.gather(table_ref, idx)
+        common.scatter_add(acc_ref, idx, vals_ref[...], interpret=False)
+        common.scatter_add(acc_ref, idx, vals_ref[...], interpret=False)
 
     gathered, acc = pl.pallas_call(
         kernel,

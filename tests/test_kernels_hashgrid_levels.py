@@ -69,6 +69,7 @@ def test_fields_with_the_per_level_encoder_match_the_unrolled_one(monkeypatch):
     encoder (both Pallas, the `reduced` backward, interpret mode)."""
     from dreamcraft_jax.config import base_config
     from dreamcraft_jax.fields import nerf
+    from dreamcraft_jax.kernels.spec import KernelSpec
 
     cfg = base_config()
     cfg.field.hashgrid.n_levels = 4
@@ -78,8 +79,9 @@ def test_fields_with_the_per_level_encoder_match_the_unrolled_one(monkeypatch):
     monkeypatch.setattr(hl, "encode_levels_pallas", lambda *a, **k: calls.append(1) or original(*a, **k))
     out = []
     for per_level in (False, True):
-        spec = nerf.NerfFieldSpec.from_config(cfg.field, "pallas", "reduced", fused_density=False,
-                                              fused_finite_difference=True, encoder_per_level=per_level)
+        kernels = KernelSpec(backend="pallas", hashgrid_backward="reduced", fused_finite_difference=True,
+                             encoder_per_level=per_level)
+        spec = nerf.NerfFieldSpec.from_config(cfg.field, kernels)
         params = nerf.init_field(jax.random.PRNGKey(0), spec)
         loss = lambda p: jnp.sum(nerf.density(p, x, spec) ** 2)  # noqa: E731 (normals: the FD kernel, not this one)
         n_before = len(calls)

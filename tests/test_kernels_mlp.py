@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dreamcraft_jax.kernels import mlp as mk
+from dreamcraft_jax.kernels.spec import KernelSpec
 
 
 def _inputs(n, d=32, h=64, seed=0, k_out=1):
@@ -129,8 +130,7 @@ def test_fields_use_the_kernel_only_where_asked(monkeypatch):
     x = jax.random.uniform(jax.random.PRNGKey(1), (50, 3), minval=-0.6, maxval=0.6)
     results = {}
     for backend, fused in (("xla", True), ("pallas", False), ("pallas", True)):
-        spec = nerf.NerfFieldSpec.from_config(cfg.field, backend, "xla", fused_density=False,
-                                              fused_finite_difference=False, fused_mlp=fused)
+        spec = nerf.NerfFieldSpec.from_config(cfg.field, KernelSpec(backend=backend, fused_mlp=fused))
         params = nerf.init_field(jax.random.PRNGKey(0), spec)
         n_before = len(calls)
 
@@ -163,7 +163,7 @@ def test_neus_sdf_uses_the_kernel_with_the_same_gradients():
     x = jax.random.uniform(jax.random.PRNGKey(2), (40, 3), minval=-0.6, maxval=0.6)
     out = []
     for fused in (False, True):
-        spec = neus.NeusFieldSpec.from_config(cfg, "pallas", "xla", fused_mlp=fused)
+        spec = neus.NeusFieldSpec.from_config(cfg, KernelSpec(backend="pallas", fused_mlp=fused))
         params = neus.init_field(jax.random.PRNGKey(0), spec)
         loss = lambda p: jnp.sum(neus.sdf(p, x, spec) ** 2) + jnp.sum(neus.sdf_gradient(p, x, spec) ** 2)  # noqa: E731
         out.append(jax.value_and_grad(loss)(params))
@@ -173,8 +173,9 @@ def test_neus_sdf_uses_the_kernel_with_the_same_gradients():
     dirs = jnp.tile(jnp.array([[0.0, 0.6, -0.8]]), (x.shape[0], 1))
     out = []
     for fused in (False, True):
-        spec = neus.NeusFieldSpec.from_config(cfg, "pallas", "reduced", fused_finite_difference=True,
-                                              fused_mlp=fused, fd_columns=fused)
+        kernels = KernelSpec(backend="pallas", hashgrid_backward="reduced", fused_finite_difference=True,
+                             fused_mlp=fused, fd_columns=fused)
+        spec = neus.NeusFieldSpec.from_config(cfg, kernels)
         params = neus.init_field(jax.random.PRNGKey(0), spec)
 
         def loss(p, spec=spec):
@@ -215,9 +216,9 @@ def test_gpu_default_field_path_matches_xla(monkeypatch, fd_columns):
     monkeypatch.setattr(mk, "mlp_pallas", spy)
     out = []
     for backend, fused in (("xla", False), ("pallas", True)):
-        spec = nerf.NerfFieldSpec.from_config(cfg.field, backend, "reduced", fused_density=False,
-                                              fused_finite_difference=fused, fused_mlp=fused,
-                                              fd_columns=fused and fd_columns)
+        kernels = KernelSpec(backend=backend, hashgrid_backward="reduced", fused_finite_difference=fused,
+                             fused_mlp=fused, fd_columns=fused and fd_columns)
+        spec = nerf.NerfFieldSpec.from_config(cfg.field, kernels)
         params = nerf.init_field(jax.random.PRNGKey(0), spec)
         params["encoding"] = 0.5 * jax.random.normal(jax.random.PRNGKey(5), params["encoding"].shape)
 
@@ -235,12 +236,13 @@ def test_gpu_default_field_path_matches_xla(monkeypatch, fd_columns):
 
 
 def test_precision_choices_are_the_configs_and_change_only_the_gpu_dots():
-    """kernels.fused_mlp_precision: the config's choices are the kernel's; in interpret mode (float32 on CPU) every
-    choice gives the reference values; lowered for the GPU, each choice reaches the Triton kernels (the IR is MLIR
-    bytecode, so the check is that the three lower to three different kernels, forward and backward)."""
+    """kernels.fused_mlp_precision: the choices KernelSpec (and so the config) accepts are the kernel's; in
+    interpret mode (float32 on CPU) every choice gives the reference values; lowered for the GPU, each choice
+    reaches the Triton kernels (the IR is MLIR bytecode, so the check is that the three lower to three different
+    kernels, forward and backward)."""
     import re
 
-    from dreamcraft_jax.config import FUSED_MLP_PRECISIONS
+    from dreamcraft_jax.kernels.spec import FUSED_MLP_PRECISIONS
 
     assert FUSED_MLP_PRECISIONS == mk.PRECISIONS
     enc, w_hidden, w_out, _ = _inputs(40, k_out=3)

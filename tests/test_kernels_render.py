@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dreamcraft_jax.kernels import common
 from dreamcraft_jax.kernels import composite as ck
 from dreamcraft_jax.kernels import march as mk
 from dreamcraft_jax.render.volume import OccupancyGrid, RenderSpec
@@ -308,8 +309,8 @@ def test_composite_inside_shard_map():
 
 
 def test_composite_interpret_flag_resolves_off_gpu():
-    assert mk.resolve_interpret(None) == (jax.default_backend() != "gpu")
-    assert mk.resolve_interpret(True) is True and mk.resolve_interpret(False) is False
+    assert common.resolve_interpret(None) == (jax.default_backend() != "gpu")
+    assert common.resolve_interpret(True) is True and common.resolve_interpret(False) is False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -235,11 +235,14 @@ def test_the_fields_gpu_path_needs_no_separate_encoder_kernel(monkeypatch, fd_co
     its cotangent) in the program."""
     from dreamcraft_jax.config import base_config
     from dreamcraft_jax.fields import nerf
+    from dreamcraft_jax.kernels.spec import KernelSpec
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels pick Triton, not interpret mode
     cfg = base_config()
-    spec = nerf.NerfFieldSpec.from_config(cfg.field, "pallas", "reduced", fused_density=True,
-                                          fused_finite_difference=True, fused_mlp=True, fd_columns=fd_columns)
+    kernels = KernelSpec.from_config(cfg.kernels).replace(fd_columns=fd_columns)  # "auto" resolves to "pallas"
+    assert (kernels.backend, kernels.hashgrid_backward, kernels.fused_finite_difference, kernels.fused_mlp) == (
+        "pallas", "reduced", True, True)
+    spec = nerf.NerfFieldSpec.from_config(cfg.field, kernels)
     params = jax.eval_shape(lambda: nerf.init_field(jax.random.PRNGKey(0), spec))
     x = jax.ShapeDtypeStruct((4096, 3), jnp.float32)
     valid = jax.ShapeDtypeStruct((4096,), jnp.bool_)

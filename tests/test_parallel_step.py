@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import make_stage, tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.data.reference import example_depth_path, example_image_path, load_reference
-from dreamcraft_jax.stages.coarse_nerf import BOTH, CoarseNerf, targets_from_reference
+from dreamcraft_jax.stages.volume_stage import BOTH, targets_from_reference
 
 N_DEV = 8
 
@@ -16,7 +16,7 @@ def _setup(n_devices, per_device, cfg_overrides=()):
     cfg = tiny_config(**{"train.ref_views_per_device": per_device, "train.random_views_per_device": per_device,
                          "data.depth": "example", **dict(cfg_overrides)})
     mesh = parallel.make_mesh(n_devices, 1, devices=jax.devices()[:n_devices])
-    stage = CoarseNerf.from_config(cfg, mesh)
+    stage = make_stage(cfg, mesh)
     ref = load_reference(example_image_path(), 16, 16, depth_path=example_depth_path())
     targets = parallel.replicate(targets_from_reference(ref), mesh)
     return stage, stage.init_state(), targets
@@ -52,8 +52,8 @@ def test_eight_devices_equal_one_device_grads_and_step():
     stage1, state1, targets1 = _setup(1, N_DEV, WELL_CONDITIONED)
     assert state8.params["encoding"].sharding.mesh.devices.size == N_DEV
 
-    grads8, metrics8 = stage8.grads_fn(BOTH, 16, 16)(state8, targets8)
-    grads1, metrics1 = stage1.grads_fn(BOTH, 16, 16)(state1, targets1)
+    grads8, metrics8 = stage8.grads_fn((BOTH, (16, 16)))(state8, targets8)
+    grads1, metrics1 = stage1.grads_fn((BOTH, (16, 16)))(state1, targets1)
     assert float(metrics1["loss"]) > 0
     for name in ("ref/rgb", "ref/mask", "ref/depth_rel", "random/normal_smooth", "random/sparsity",
                  "random/opaque"):
@@ -66,13 +66,13 @@ def test_eight_devices_equal_one_device_grads_and_step():
     # Two full steps (Adam + occupancy grid update) stay equal too.
     stage8, state8, targets8 = _setup(N_DEV, 1, {**WELL_CONDITIONED, **NO_PRUNING})
     stage1, state1, targets1 = _setup(1, N_DEV, {**WELL_CONDITIONED, **NO_PRUNING})
-    step8, step1 = stage8.step_fn(BOTH, 16, 16), stage1.step_fn(BOTH, 16, 16)
+    step8, step1 = stage8.step_fn((BOTH, (16, 16))), stage1.step_fn((BOTH, (16, 16)))
     for _ in range(2):
         state8, _ = step8(state8, targets8)
         state1, _ = step1(state1, targets1)
     assert int(state8.step) == int(state1.step) == 2
     assert _relative_error(state8.params, state1.params) <= 1e-6
-    np.testing.assert_array_equal(np.asarray(state8.grid.binary), np.asarray(state1.grid.binary))
+    np.testing.assert_array_equal(np.asarray(state8.extras["grid"].binary), np.asarray(state1.extras["grid"].binary))
 
 
 @pytest.mark.slow
@@ -81,8 +81,8 @@ def test_eight_devices_equal_one_device_grads_and_step():
 def test_eight_devices_match_one_device_with_normal_terms():
     stage8, state8, targets8 = _setup(N_DEV, 1)
     stage1, state1, targets1 = _setup(1, N_DEV)
-    grads8, metrics8 = stage8.grads_fn(BOTH, 16, 16)(state8, targets8)
-    grads1, metrics1 = stage1.grads_fn(BOTH, 16, 16)(state1, targets1)
+    grads8, metrics8 = stage8.grads_fn((BOTH, (16, 16)))(state8, targets8)
+    grads1, metrics1 = stage1.grads_fn((BOTH, (16, 16)))(state1, targets1)
     assert "random/orient" in metrics1 and "random/3d_normal_smooth" in metrics1
     np.testing.assert_allclose(float(metrics8["loss"]), float(metrics1["loss"]), rtol=1e-5)
     # A missing or doubled pmean would be off by 8x; a wrong view split by O(1).
@@ -92,7 +92,7 @@ def test_eight_devices_match_one_device_with_normal_terms():
 def test_views_must_divide_evenly_over_devices():
     """Each device gets views_per_device views: the global batch is devices x per-device by construction."""
     stage, state, targets = _setup(2, 3)
-    ref, rand = stage._view_batches(state, BOTH)
+    ref, rand = stage.view_batches(state, BOTH)
     assert ref[0].c2w.shape == (6, 4, 4) and rand[0].c2w.shape == (6, 4, 4)
 
 
@@ -106,9 +106,9 @@ def test_eval_render_split_over_eight_devices_equals_one_device_and_is_replicate
     stage1, _, _ = _setup(1, 1)
     camera = cam.reference_camera(stage8.cfg.camera)
     # 20 x 24 = 480 rays in 16-ray chunks: 30 chunks, padded to 32 so each of the 8 devices takes 4.
-    out8 = stage8.render_fn(20, 24, chunk_rays=16)(state.params, state.grid, camera, state.step)
+    out8 = stage8.eval_render(20, 24, chunk_rays=16)(state, camera)
     state1 = parallel.replicate(jax.device_get(state), stage1.mesh)
-    out1 = stage1.render_fn(20, 24, chunk_rays=16)(state1.params, state1.grid, camera, state1.step)
+    out1 = stage1.eval_render(20, 24, chunk_rays=16)(state1, camera)
     for name in ("rgb", "normal", "depth", "opacity"):
         assert out8[name].sharding.is_fully_replicated, name
         assert out8[name].shape[:2] == (20, 24)

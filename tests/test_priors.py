@@ -104,3 +104,27 @@ def test_random_params_have_the_module_shapes_dtype_and_statistics():
     assert abs(scales.mean() - 1.0) < 0.01
     big = [np.asarray(x, np.float32).ravel()[:64] for _, x in flat if x.size >= 64]
     assert len({b.tobytes() for b in big}) == len(big)  # no two leaves start at the same offset
+
+
+def test_prior_loaders_give_every_unet_and_vae_the_runs_kernel_spec(demo_prior_root):
+    """load_priors and random_priors build each UNet and VAE with the KernelSpec they are given (what the modules'
+    GroupNorms read); given none, with the reference ``KernelSpec()``."""
+    from conftest import tiny_config
+    from dreamcraft_jax.data.reference import example_image_path, load_reference
+    from dreamcraft_jax.guidance import priors as priors_mod
+    from dreamcraft_jax.guidance.random_priors import random_priors
+    from dreamcraft_jax.kernels.spec import KernelSpec
+
+    cfg = tiny_config(**{"loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1, "guidance.sd.resolution": 32,
+                         "guidance.zero123.resolution": 32})
+    cfg.guidance.sd.pretrained, cfg.guidance.zero123.pretrained = priors_mod.demo_prior_paths(demo_prior_root)
+    ref = load_reference(example_image_path(), 32, 32)
+    spec = KernelSpec(fused_groupnorm=True, groupnorm_sums_max_rows=4096)
+    cases = [(priors_mod.load_priors(cfg, priors_mod.reference_rgb_on_white(ref.rgb, ref.mask), kernels=spec)[0],
+              spec),
+             (random_priors(cfg, tiny=True, kernels=spec)[0], spec),
+             (random_priors(cfg, tiny=True)[0], KernelSpec())]
+    for loaded, want in cases:
+        assert set(loaded.priors) == {"sd", "3d_sd"}
+        for prior in loaded.priors.values():
+            assert prior.unet.kernels == want and prior.vae.kernels == want

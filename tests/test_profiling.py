@@ -65,9 +65,9 @@ def test_op_profile_splits_the_sds_step_by_module():
     """A tiny SD SDS gradient (VAE encoder forward and backward, UNet): every op of the compiled step is
     attributed to one of them or to "(other)", the parts add up to the kernel time, and the three model parts
     are there."""
-    from dreamcraft_jax.bench import _sds_case
+    from dreamcraft_jax.bench.sds import sds_case
 
-    fn, args = _sds_case("sd", 1, True, None, jnp.float32)
+    fn, args = sds_case("sd", 1, True, None, jnp.float32)
     compiled = jax.jit(fn).lower(*args).compile()
     table = profiling.op_profile(compiled, *args, repeats=2)
     modules = {r["module"]: r["ms"] for r in table["by_module"]}

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import final_state as _final_state
-from conftest import tiny_config
+from conftest import make_stage, tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.runner import RunFolderError, train
-from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -48,32 +47,30 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
 
 def test_time_split_parts_and_the_state_survive(tiny_cfg, monkeypatch):
-    """time_split: the parts are the documented differences of the three programs' timings (render = step without
-    priors - update, guidance = full step - step without priors, each clipped at 0), and the caller's state is
-    still usable afterwards (the timed steps donate their input). The three programs really run; their timings
-    are replaced by fixed numbers, so the expected parts are exact (measured ones would only bound each other)."""
-    from dreamcraft_jax import runner
-    from dreamcraft_jax.data.reference import example_image_path, load_reference
-    from dreamcraft_jax.stages.coarse_nerf import targets_from_reference
+    """timing_split: the parts are the documented differences of the three programs' timings (render = step
+    without priors - update, guidance = full step - step without priors, each clipped at 0), the caller's compiled
+    step is the one timed as the full step, and the caller's state is still usable afterwards (the timed steps
+    donate their input). The three programs really run; their timings are replaced by fixed numbers, so the
+    expected parts are exact (measured ones would only bound each other)."""
+    from dreamcraft_jax.stages import volume_stage
 
     tiny_cfg.parallel.data = 1
-    mesh = parallel.mesh_from_config(tiny_cfg)
-    stage = CoarseNerf.from_config(tiny_cfg, mesh)
+    stage = make_stage(tiny_cfg, parallel.mesh_from_config(tiny_cfg))
     state = stage.init_state()
-    targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), 16, 16)), mesh)
-    prior_params = {}  # told apart from the prior-free step's own {} by identity
-    real_latency = runner.step_latency_ms
+    key = (volume_stage.RANDOM, (16, 16))
+    compiled = stage.step_fn(key)
+    real_latency = volume_stage.step_latency_ms
     fake_ms = {}
 
-    def latency(step, s, t, pp, repeats):
-        real_latency(step, s, t, pp, repeats)  # runs (and donates) as in a real split
-        part = "update" if pp is None else "full" if pp is prior_params else "plain"
+    def latency(step, s, *inputs, repeats):
+        real_latency(step, s, *inputs, repeats=repeats)  # runs (and donates) as in a real split
+        part = "full" if step is compiled else "update" if isinstance(inputs[0], dict) else "plain"
         assert part not in fake_ms  # each program timed once
         fake_ms[part] = {"update": 3.0, "plain": 2.0, "full": 7.0}[part]
         return fake_ms[part]
 
-    monkeypatch.setattr(runner, "step_latency_ms", latency)
-    split = runner.time_split(stage, state, targets, prior_params, (16, 16), repeats=1)
+    monkeypatch.setattr(volume_stage, "step_latency_ms", latency)
+    split = stage.timing_split(state, {key: compiled}, repeats=1)
     assert set(fake_ms) == {"update", "plain", "full"}
     # step = full 7; render = max(plain 2 - update 3, 0) = 0 (clipped); guidance = full 7 - plain 2 = 5.
     assert split == {"kind": "random", "height": 16, "width": 16, "step_ms": 7.0, "render_ms": 0.0,
@@ -85,22 +82,22 @@ def test_update_fn_is_the_steps_update(tiny_cfg):
     """The update alone (time_split's "update"), fed the step's own gradient, gives the state of the full step;
     on zero gradients from a fresh optimizer it moves no parameter."""
     from dreamcraft_jax.data.reference import example_image_path, load_reference
-    from dreamcraft_jax.stages.coarse_nerf import RANDOM, targets_from_reference
+    from dreamcraft_jax.stages.volume_stage import RANDOM, targets_from_reference
 
     tiny_cfg.parallel.data = 1
     mesh = parallel.mesh_from_config(tiny_cfg)
-    stage = CoarseNerf.from_config(tiny_cfg, mesh)
+    stage = make_stage(tiny_cfg, mesh)
     targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), 16, 16)), mesh)
     state = stage.init_state()
-    grads, _ = stage.grads_fn(RANDOM, 16, 16)(state, targets, {})
+    grads, _ = stage.grads_fn((RANDOM, (16, 16)))(state, targets, {})
     copy = lambda s: jax.tree.map(lambda x: x.copy(), s)  # noqa: E731 (both programs donate their state)
-    full, _ = stage.step_fn(RANDOM, 16, 16)(copy(state), targets, {})
-    update = stage.update_fn()
-    alone, metrics = update(copy(state), grads)
+    full, _ = stage.step_fn((RANDOM, (16, 16)))(copy(state), targets, {})
+    update = stage.update_fn((RANDOM, (16, 16)))
+    alone, metrics = update(copy(state), grads, targets)
     assert int(alone.step) == int(state.step) + 1 and float(metrics["skipped_nonfinite"]) == 0.0
     for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(full)):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
-    zero, _ = update(copy(state), jax.tree.map(jax.numpy.zeros_like, state.params))
+    zero, _ = update(copy(state), jax.tree.map(jax.numpy.zeros_like, state.params), targets)
     for a, b in zip(jax.tree.leaves(zero.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -136,7 +133,7 @@ print("HITS", len(hits))
 
 @pytest.mark.slow
 def test_random_real_size_priors_are_built_and_labelled(tmp_path, monkeypatch):
-    """guidance.random_real_size: the run builds its priors with random_priors(tiny=False) (here spied on and
+    """guidance.priors=random_real_size: the run builds its priors with random_priors(tiny=False) (here spied on and
     given tiny widths, as real sizes do not fit a CPU test), guides with both, says RANDOM in its folder, and
     writes the stage's render / guidance / update split and its wall time by part."""
     import dreamcraft_jax.guidance.random_priors as random_priors_module
@@ -149,7 +146,7 @@ def test_random_real_size_priors_are_built_and_labelled(tmp_path, monkeypatch):
         return real(cfg, tiny=True, **kw)
 
     monkeypatch.setattr(random_priors_module, "random_priors", spy)
-    cfg = tiny_config(**{"guidance.random_real_size": True, "loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1,
+    cfg = tiny_config(**{"guidance.priors": "random_real_size", "loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1,
                          "train.max_steps": 2, "train.mode": "alternate", "parallel.data": 1,
                          "train.time_split": True, "workdir": str(tmp_path / "run")})
     workdir = train(cfg, progress=False)
@@ -181,11 +178,11 @@ def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_
     """The CPU demo config, shortened: coarse NeRF then NeuS with the tiny RANDOM priors; the NeRF's
     reference-view PSNR (eval render, no jitter) reaches 24 dB (32.8 dB at 80 steps, 26.2 at 40, when this was
     written: compilation, not the steps, is most of this test's time), NeuS starts from it and keeps the object."""
-    from configs_loader import load_config_file
+    from dreamcraft_jax.config_file import load_config
 
-    cfg = load_config_file("configs/demo.py")
+    cfg = load_config("configs/demo.py")
     cfg.workdir = str(tmp_path / "demo")
-    cfg.guidance.demo_priors = str(demo_prior_root)
+    cfg.guidance.demo_dir = str(demo_prior_root)
     cfg.parallel.data = 1  # the suite simulates 8 CPU devices; the demo's numbers are for one device
     cfg.train.max_steps = 80
     cfg.train.val_every = 40

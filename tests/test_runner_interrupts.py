@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import final_state as _final_state
-from conftest import tiny_config
+from conftest import make_stage, tiny_config
 from dreamcraft_jax.runner import train
 
 
@@ -62,17 +62,22 @@ def test_real_sigint_stops_after_the_step_in_flight(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before
 
 
-def test_steps_needed_lists_each_kind_at_each_resolution_once():
-    from dreamcraft_jax.runner import steps_needed
+def test_step_keys_list_each_kind_at_each_resolution_once():
+    """The stage's step keys from a start step, in first-use order; equal to the keys of every step in turn."""
+    from dreamcraft_jax import parallel
+    from dreamcraft_jax.stages.base import Stage
 
     cfg = tiny_config(**{"train.max_steps": 10, "train.mode": "alternate"})
     with cfg.unlocked():
         cfg.data.heights, cfg.data.widths, cfg.data.resolution_milestones = (16, 32), (16, 32), (5,)
-    assert steps_needed(cfg, 0) == [("ref", (16, 16)), ("random", (16, 16)), ("random", (32, 32)),
-                                    ("ref", (32, 32))]
-    assert steps_needed(cfg, 7) == [("random", (32, 32)), ("ref", (32, 32))]
-    assert steps_needed(cfg, 9) == [("random", (32, 32))]
-    assert steps_needed(cfg, 10) == []
+    stage = make_stage(cfg, parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
+    assert stage.step_keys(0) == [("ref", (16, 16)), ("random", (16, 16)), ("random", (32, 32)),
+                                  ("ref", (32, 32))]
+    assert stage.step_keys(7) == [("random", (32, 32)), ("ref", (32, 32))]
+    assert stage.step_keys(9) == [("random", (32, 32))]
+    assert stage.step_keys(10) == []
+    for start in range(11):  # the generic walk over every step gives the same list
+        assert Stage.step_keys(stage, start, 10) == stage.step_keys(start)
 
 
 @pytest.mark.slow

@@ -5,15 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import make_stage, tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.config import ConfigError, stage_config, validate
 from dreamcraft_jax.data.reference import example_image_path, load_reference
 from dreamcraft_jax.fields import neus
 from dreamcraft_jax.guidance import priors as priors_mod
 from dreamcraft_jax.render import volume
-from dreamcraft_jax.stages.coarse_nerf import RANDOM, CoarseNerf, targets_from_reference
-from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+from dreamcraft_jax.stages.volume_stage import RANDOM, targets_from_reference
 
 N_DEV = 8
 
@@ -47,7 +46,7 @@ def test_neus_sphere_init_renders_the_sphere():
     params = neus.init_field(jax.random.PRNGKey(0), spec)
     params["sdf_net"] = jax.tree.map(jnp.zeros_like, params["sdf_net"])
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
-    stage = CoarseNeus.from_config(cfg, mesh)
+    stage = make_stage(cfg, mesh, "coarse_neus")
     rspec = stage.render
     fns = stage.field_fns(params, None, step=10**6)  # cosine fully annealed
     o = jnp.asarray([[3.0, 0.0, 0.0], [3.0, 0.8, 0.0]])
@@ -96,8 +95,8 @@ def test_finite_difference_normals_skip_invalid_slots():
 def test_neus_starts_from_the_coarse_nerf_table_and_features():
     cfg = tiny_config()
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
-    nerf_state = CoarseNerf.from_config(cfg, mesh).init_state(seed=3)
-    neus_stage = CoarseNeus.from_config(stage_config(cfg, "coarse_neus"), mesh)
+    nerf_state = make_stage(cfg, mesh).init_state(seed=3)
+    neus_stage = make_stage(stage_config(cfg, "coarse_neus"), mesh, "coarse_neus")
     state = neus_stage.init_state(previous=nerf_state)
     np.testing.assert_array_equal(np.asarray(state.params["encoding"]), np.asarray(nerf_state.params["encoding"]))
     for a, b in zip(jax.tree.leaves(state.params["feature_net"]), jax.tree.leaves(nerf_state.params["feature_net"])):
@@ -163,14 +162,14 @@ def test_guided_step_on_8_devices_equals_1_device(demo_priors, layout):
     for data, fsdp, per_device in ((*layout, 1), (1, 1, N_DEV)):
         cfg = tiny_config(**{**overrides, "train.random_views_per_device": per_device})
         mesh = parallel.make_mesh(data, fsdp, devices=jax.devices()[:data * fsdp])
-        stage = CoarseNerf.from_config(cfg, mesh, priors.configured(cfg), params)
-        placed = stage.place_prior_params(params)
+        stage = make_stage(cfg, mesh, "coarse_nerf", priors, params)
+        placed = stage.prior_params
         if fsdp > 1:
             specs = jax.tree.leaves(stage.prior_specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
             assert any(parallel.FSDP in tuple(s) for s in specs)
         ref = load_reference(example_image_path(), 16, 16)
         targets = parallel.replicate(targets_from_reference(ref), mesh)
-        grads, metrics = stage.grads_fn(RANDOM, 16, 16)(stage.init_state(), targets, placed)
+        grads, metrics = stage.grads_fn((RANDOM, (16, 16)))(stage.init_state(), targets, placed)
         assert float(metrics["random/sd"]) > 0 and float(metrics["random/3d_sd"]) > 0
         results.append((jax.device_get(grads), float(metrics["loss"])))
     (g8, l8), (g1, l1) = results

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import make_stage, tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.config import stage_config
 from dreamcraft_jax.data.reference import example_image_path, load_reference
 from dreamcraft_jax.fields import neus
 from dreamcraft_jax.render import volume
-from dreamcraft_jax.stages.coarse_nerf import RANDOM, CoarseNerf, targets_from_reference
-from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+from dreamcraft_jax.stages.base import build_stage
+from dreamcraft_jax.stages.volume_stage import RANDOM, targets_from_reference
 
 
 @pytest.mark.optimized
@@ -34,7 +34,8 @@ def test_neus_alpha_pruning_keeps_the_image_with_fewer_samples():
         spec = neus.NeusFieldSpec.from_config(cfg)
         params = neus.init_field(jax.random.PRNGKey(0), spec)
         params["sdf_net"] = jax.tree.map(jnp.zeros_like, params["sdf_net"])
-        stage = CoarseNeus.from_config(cfg, parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
+        # The NeuS stage built from this config as it is (its thresholds are the case's, not overrides.coarse_neus's).
+        stage = build_stage("coarse_neus", cfg, parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
         fns = stage.field_fns(params, None, step=10**6)
         outs.append(volume.render_rays(o, d, volume.init_occupancy_grid(stage.render), None, fns, stage.render))
     full, pruned = outs
@@ -54,7 +55,7 @@ def test_nerf_normals_reuse_the_main_pass_density_without_changing_them():
     import dataclasses
 
     cfg = tiny_config()
-    stage = CoarseNerf.from_config(cfg, parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
+    stage = make_stage(cfg, parallel.make_mesh(1, 1, devices=jax.devices()[:1]))
     state = stage.init_state(seed=5)
     params = state.params
     params["encoding"] = 0.3 * jax.random.normal(jax.random.PRNGKey(6), params["encoding"].shape)
@@ -67,7 +68,7 @@ def test_nerf_normals_reuse_the_main_pass_density_without_changing_them():
         fns = stage.field_fns(p, stage.level_mask(10**6))
         assert fns.radiance_normal is not None
         fns = fns if reuse else dataclasses.replace(fns, radiance_normal=None)
-        out = volume.render_rays(o, d, state.grid, key, fns, stage.render, need_normals=True,
+        out = volume.render_rays(o, d, state.extras["grid"], key, fns, stage.render, need_normals=True,
                                  need_normal_perturb=True)
         terms = (jnp.sum(jnp.sin(3.0 * out["normal"])), jnp.sum(out["sample_normal"] * out["sample_normal_perturb"]))
         return terms[0] + terms[1], terms
@@ -88,10 +89,10 @@ def test_remat_views_keeps_the_gradient_and_holds_less_memory():
     for remat in (False, True):
         cfg = tiny_config(**{"train.random_views_per_device": 4, "train.remat_views": remat})
         mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
-        stage = CoarseNerf.from_config(cfg, mesh)
+        stage = make_stage(cfg, mesh)
         targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), 16, 16)), mesh)
         state = stage.init_state(seed=1)
-        fn = stage.grads_fn(RANDOM, 16, 16)
+        fn = stage.grads_fn((RANDOM, (16, 16)))
         temp = fn.lower(state, targets).compile().memory_analysis().temp_size_in_bytes
         grads, metrics = fn(state, targets)
         results.append((jax.device_get(grads), float(metrics["loss"]), temp))

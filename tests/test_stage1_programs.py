@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import make_stage, tiny_config
 from dreamcraft_jax import parallel
 from dreamcraft_jax.data.reference import example_image_path, load_reference
-from dreamcraft_jax.stages.coarse_nerf import RANDOM, CoarseNerf, targets_from_reference
+from dreamcraft_jax.stages.volume_stage import RANDOM, targets_from_reference
 
 N_DEV = 8
 
@@ -31,9 +31,9 @@ def test_three_program_step_equals_the_one_program_step(demo_priors):
         cfg = tiny_config(**{"train.random_views_per_device": 2, "loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1,
                              "guidance.sd.resolution": 32, "guidance.zero123.resolution": 32,
                              "parallel.fsdp_min_size": 256, "train.separate_guidance": separate})
-        stage = CoarseNerf.from_config(cfg, mesh, priors.configured(cfg), params)
-        placed = stage.place_prior_params(params)
-        step = stage.step_fn(RANDOM, 16, 16)
+        stage = make_stage(cfg, mesh, "coarse_nerf", priors, params)
+        placed = stage.prior_params
+        step = stage.step_fn((RANDOM, (16, 16)))
         state, metrics = step(stage.init_state(), targets, placed)
         state, metrics = step(state, targets, placed)  # a second step: the state the first one left
         finals.append((jax.device_get(state), jax.device_get(metrics)))
@@ -55,7 +55,7 @@ def test_stages_share_the_priors_program(demo_priors):
     priors' program: 1a and 1b (other timestep ranges, other lambda_sd here) lower it to the same HLO, so 1b loads
     1a's compiled program from the persistent cache, and each stage feeds it its own schedules."""
     from dreamcraft_jax.config import stage_config
-    from dreamcraft_jax.stages.coarse_neus import CoarseNeus
+    from dreamcraft_jax.train_step import guidance_program
 
     cfg0, (priors, params) = demo_priors
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -64,14 +64,14 @@ def test_stages_share_the_priors_program(demo_priors):
     with cfg.unlocked():
         cfg.overrides.coarse_neus.loss.lambda_sd = 0.3  # 1b also weighs SD otherwise
     texts, stages = [], []
-    for name, cls in (("coarse_nerf", CoarseNerf), ("coarse_neus", CoarseNeus)):
-        scfg = stage_config(cfg, name)
-        stage = cls.from_config(scfg, mesh, priors.configured(scfg), params)
+    for name in ("coarse_nerf", "coarse_neus"):
+        stage = make_stage(stage_config(cfg, name), mesh, name, priors, params)
         step = jax.numpy.int32(100)
-        views = stage._view_batches(stage.init_state(), RANDOM)[1]
+        views = stage.view_batches(stage.init_state(), RANDOM)[1]
         images = stage.priors.resized(jax.numpy.zeros((1, 16, 16, 3)))
-        texts.append(stage._guidance_program.lower(images, views, step, stage.guidance_schedules(step),
-                                                   stage.place_prior_params(params)).as_text())
+        guide = {"step": step, "schedules": stage.guidance_schedules(step)}
+        program = guidance_program(stage.step_def(RANDOM, 16, 16), mesh)
+        texts.append(program.lower(images, views, guide, stage.prior_params).as_text())
         stages.append(stage)
     assert texts[0] == texts[1]
 
@@ -103,9 +103,9 @@ def test_priors_trace_once_per_stage(demo_priors, monkeypatch):
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     cfg = tiny_config(**{"loss.lambda_sd": 0.1, "loss.lambda_3d_sd": 0.1, "guidance.sd.resolution": 32,
                          "guidance.zero123.resolution": 32})
-    stage = CoarseNerf.from_config(cfg, mesh, priors.configured(cfg), params)
-    placed = stage.place_prior_params(params)
+    stage = make_stage(cfg, mesh, "coarse_nerf", priors, params)
+    placed = stage.prior_params
     for res in (16, 24):
         targets = parallel.replicate(targets_from_reference(load_reference(example_image_path(), res, res)), mesh)
-        stage.step_fn(RANDOM, res, res).trace(stage.init_state(), targets, placed)
+        stage.step_fn((RANDOM, (res, res))).trace(stage.init_state(), targets, placed)
     assert calls == {"sd": 1, "zero123": 1}

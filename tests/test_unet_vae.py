@@ -481,3 +481,37 @@ def test_group_norm_act_inside_shard_map_sums_parameter_gradients():
     want = jnp.stack(jax.grad(loss, argnums=(1, 2))(x, scale, bias))
     x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
     np.testing.assert_allclose(np.asarray(sharded(x, scale, bias)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_every_groupnorm_of_the_unet_and_vae_gets_the_modules_kernel_spec(monkeypatch):
+    """The ``kernels`` given to ``from_config`` reaches each GroupNorm of the UNet (resnets, transformers, the output
+    norm) and the VAE (resnets, mid-block attention, output norms); without one, each gets ``KernelSpec()``. Counted
+    while tracing (eval_shape): the GroupNorms are those of the diffusers configs (see the loop below)."""
+    from dreamcraft_jax.guidance.random_priors import TINY_UNET, TINY_VAE
+    from dreamcraft_jax.kernels.spec import KernelSpec
+    from dreamcraft_jax.models import layers
+
+    seen = []
+    original = layers.group_norm_act
+
+    def recording(x, scale, bias, num_groups, eps, silu, kernels):  # GroupNorm passes all seven
+        seen.append(kernels)
+        return original(x, scale, bias, num_groups, eps, silu, kernels)
+
+    monkeypatch.setattr(layers, "group_norm_act", recording)
+    spec = KernelSpec(fused_groupnorm=True, groupnorm_sums_max_rows=1 << 12, groupnorm_sums_plan={"chunk": 16})
+    # Tiny UNet (2 blocks, 1 layer each): down 2 resnets (2 norms each) + 1 transformer; mid 2 resnets +
+    # 1 transformer; up 2 x 2 resnets + 2 transformers; the output norm: 4 + 1 + 4 + 1 + 8 + 2 + 1 = 21.
+    # Tiny VAE encoder (2 blocks, 1 layer): 2 resnets; mid 2 resnets + attention; output norm: 4 + 4 + 1 + 1 = 10.
+    for kernels in (spec, None):
+        kw = {} if kernels is None else {"kernels": kernels}
+        want = KernelSpec() if kernels is None else kernels
+        unet = UNet2DConditionModel.from_config(TINY_UNET, **kw)
+        seen.clear()
+        jax.eval_shape(unet.init, jax.random.PRNGKey(0), *unet.dummy_inputs())
+        assert len(seen) == 21 and all(k == want for k in seen), (len(seen), set(seen))
+        vae = AutoencoderKL.from_config(TINY_VAE, **kw)
+        seen.clear()
+        jax.eval_shape(lambda k, vae=vae: vae.init(k, jnp.zeros((1, 16, 16, 3)), method=AutoencoderKL.encode),
+                       jax.random.PRNGKey(0))
+        assert len(seen) == 10 and all(k == want for k in seen), (len(seen), set(seen))

@@ -752,3 +752,20 @@ def test_step_size_and_budgets():
     assert spec.budgets(13) == (13 * 64, 13 * 32)
     tiny = spec.replace(candidate_samples_per_ray=1e6)
     assert tiny.budgets(3) == (3 * 514, 3 * 32)
+
+
+def test_render_spec_takes_the_marching_backend_from_the_kernel_spec():
+    """RenderSpec.from_config(cfg.render, radius, kernels): the marching backend is the KernelSpec's (the jnp
+    reference without one); the types and passes the kernels share live in render.samples, volume re-exports
+    those very objects."""
+    from dreamcraft_jax.config import base_config
+    from dreamcraft_jax.kernels.spec import KernelSpec
+    from dreamcraft_jax.render import samples
+
+    cfg = base_config()
+    assert RenderSpec.from_config(cfg.render, 1.5, KernelSpec(backend="pallas")).backend == "pallas"
+    spec = RenderSpec.from_config(cfg.render, 1.5)
+    assert spec.backend == "xla" and spec.radius == 1.5
+    assert spec == RenderSpec.from_config(cfg.render, 1.5, KernelSpec())
+    for name in ("RenderSpec", "OccupancyGrid", "Samples", "march", "select", "compositing_weights", "accumulate"):
+        assert getattr(volume, name) is getattr(samples, name), name

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from configs_loader import ROOT
 from dreamcraft_jax import xla_flags
+from dreamcraft_jax.config_file import ROOT
 from dreamcraft_jax.xla_flags import DEFAULT_XLA_FLAGS, apply_xla_flags, flag_names
 
 

@@ -429,3 +429,14 @@ def _resample_depth(depth: np.ndarray, src_fg: np.ndarray, fg: np.ndarray, resiz
     # Mask pixels with no depth support (a sliver of resampled alpha) count as the farthest.
     out[valid] = (values - lo) / (hi - lo) if hi > lo else 1.0
     return out
+
+
+def reference_from_config(cfg, height: int, width: int) -> ReferenceImage:
+    """The reference image (and depth map) a config names (``image``, ``data.*``), at one resolution."""
+    image = cfg.image or example_image_path()
+    depth = cfg.data.depth
+    if depth == "example":
+        depth = example_depth_path()
+    return load_reference(image, height, width, recenter=cfg.data.recenter, border_ratio=cfg.data.border_ratio,
+                          depth_path=depth or None, background=cfg.data.background,
+                          depth_is_disparity=cfg.data.depth_is_disparity)

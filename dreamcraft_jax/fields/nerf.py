@@ -22,9 +22,21 @@ import jax.numpy as jnp
 
 from dreamcraft_jax.fields import hashgrid
 from dreamcraft_jax.fields.mlp import MLP, apply_mlp, init_mlp
+from dreamcraft_jax.kernels import density as density_kernel
+from dreamcraft_jax.kernels import fd_hashgrid as fd_kernel
+from dreamcraft_jax.kernels import hashgrid as hashgrid_kernel
+from dreamcraft_jax.kernels import hashgrid_levels as levels_kernel
+from dreamcraft_jax.kernels import mlp as mlp_kernel
+from dreamcraft_jax.kernels.spec import (
+    HASHGRID_BACKWARDS,  # noqa: F401  (re-exported: config.py checks with it)
+    REFERENCE_KERNELS,
+    KernelSpec,
+)
+
+# The kernels are called through their modules (``hashgrid_kernel.encode_pallas``, not a bound name), so that a
+# test can wrap one with a spy.
 
 DENSITY_ACTIVATIONS = ("softplus", "exp")
-HASHGRID_BACKWARDS = ("xla", "atomic", "reduced")
 # "reduced" backward: levels up to this grid scale (levels 0-5 of the official grid, cells >= 1/101 of the box)
 # pre-reduce per block of packed samples before their atomics; finer levels scatter point by point.
 PRE_REDUCE_MAX_SCALE = 128.0
@@ -51,6 +63,7 @@ class NerfFieldSpec:
     progressive_start_step: int = 2000
     progressive_update_steps: int = 500
     remat_encoding: bool = True
+    # The kernel choices, filled from the run's KernelSpec by from_config (kernels/spec.py has what each means).
     backend: str = "xla"  # hash-grid encoding: "xla" (jnp) or "pallas" (dreamcraft_jax.kernels.hashgrid)
     hashgrid_backward: str = "xla"  # Pallas backend only: HASHGRID_BACKWARDS (XLA scatter-add or atomic kernel)
     fused_density: bool = True  # Pallas backend only: the no-grad pruning density as one encode+MLP kernel
@@ -61,21 +74,19 @@ class NerfFieldSpec:
     fd_columns: bool = False  # finite-difference kernel in the transposed (L*F, N) layout (kernels.fd_columns)
 
     @classmethod
-    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla", fused_density: bool = True,
-                    fused_finite_difference: bool = False, fused_mlp: bool = False,
-                    encoder_per_level: bool = False, fused_mlp_precision: str = "tf32",
-                    fd_columns: bool = False) -> NerfFieldSpec:
-        """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); backend: a resolved kernel backend;
-        the rest: the ``kernels.*`` keys of the same names."""
+    def from_config(cls, cfg, kernels: KernelSpec = REFERENCE_KERNELS) -> NerfFieldSpec:
+        """cfg: the ``field`` ConfigDict (see dreamcraft_jax/config.py); kernels: the run's kernel choices
+        (``KernelSpec.from_config(cfg.kernels)``; None means ``KernelSpec()``, the jnp reference)."""
+        kernels = REFERENCE_KERNELS if kernels is None else kernels
         return cls(
-            backend=backend,
-            hashgrid_backward=hashgrid_backward,
-            fused_density=bool(fused_density),
-            fused_finite_difference=bool(fused_finite_difference),
-            fused_mlp=bool(fused_mlp),
-            fused_mlp_precision=str(fused_mlp_precision),
-            encoder_per_level=bool(encoder_per_level),
-            fd_columns=bool(fd_columns),
+            backend=kernels.backend,
+            hashgrid_backward=kernels.hashgrid_backward,
+            fused_density=kernels.fused_density,
+            fused_finite_difference=kernels.fused_finite_difference,
+            fused_mlp=kernels.fused_mlp,
+            fused_mlp_precision=kernels.fused_mlp_precision,
+            encoder_per_level=kernels.encoder_per_level,
+            fd_columns=kernels.fd_columns,
             grid=hashgrid.HashGridSpec.from_config(cfg.hashgrid),
             radius=float(cfg.radius),
             mlp_width=int(cfg.mlp_width),
@@ -154,14 +165,11 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
     """
     pre_reduce = PRE_REDUCE_MAX_SCALE if backward == "reduced" else 0.0
     if backend == "pallas" and not need_x_grad and per_level and backward != "xla":
-        from dreamcraft_jax.kernels.hashgrid_levels import encode_levels_pallas
-
-        return encode_levels_pallas(table, unit, grid, mask, valid, pre_reduce_max_scale=pre_reduce)
+        return levels_kernel.encode_levels_pallas(table, unit, grid, mask, valid, pre_reduce_max_scale=pre_reduce)
     if backend == "pallas" and not need_x_grad:
-        from dreamcraft_jax.kernels.hashgrid import encode_pallas
-
-        return encode_pallas(table, unit, grid, mask, grad_table_only=True, block_points=128,
-                             xla_backward=backward == "xla", valid=valid, pre_reduce_max_scale=pre_reduce)
+        return hashgrid_kernel.encode_pallas(table, unit, grid, mask, grad_table_only=True, block_points=128,
+                                             xla_backward=backward == "xla", valid=valid,
+                                             pre_reduce_max_scale=pre_reduce)
     # The level mask is a function of the step, never differentiated: switched-off levels can skip the table.
     encode = functools.partial(hashgrid.encode, spec=grid, skip_masked_levels=True)
     if remat:
@@ -197,8 +205,6 @@ def field_mlp(module: MLP, net: dict, enc, spec: NerfFieldSpec, valid=None) -> j
     features = enc.t if columns else enc
     if spec.backend == "pallas" and spec.fused_mlp and features.ndim == 2 and module.n_hidden_layers == 1 \
             and not module.use_bias and module.precision is None:
-        from dreamcraft_jax.kernels import mlp as mlp_kernel
-
         if mlp_kernel.supported(features.shape[0 if columns else 1], module.width, module.out_dim):
             return mlp_kernel.mlp_pallas(features, net["layers_0"]["kernel"], net["layers_1"]["kernel"],
                                          valid=valid, precision=spec.fused_mlp_precision, columns=columns)
@@ -239,10 +245,8 @@ def density_no_grad(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, 
     fusable = spec.fused_density and spec.mlp_hidden_layers == 1 and not spec.mlp_width & (spec.mlp_width - 1)
     if spec.backend != "pallas" or not fusable:
         return sg(density(params, x, spec, mask, valid, precision=jax.lax.Precision.HIGHEST))
-    from dreamcraft_jax.kernels.density import density_mlp_pallas
-
-    raw = density_mlp_pallas(params["encoding"], _unit(sg(x), spec), spec.grid, mask, valid,
-                             net["layers_0"]["kernel"], net["layers_1"]["kernel"], interpret=interpret)
+    raw = density_kernel.density_mlp_pallas(params["encoding"], _unit(sg(x), spec), spec.grid, mask, valid,
+                                            net["layers_0"]["kernel"], net["layers_1"]["kernel"], interpret=interpret)
     return sg(_activate(raw + density_bias(sg(x), spec), spec))
 
 
@@ -258,17 +262,13 @@ def fd_neighbours(normal_type: str) -> tuple:
     """(axis, sign) neighbours of a finite-difference ``normal_type`` (threestudio's names): ``finite_difference``
     = forward differences +x +y +z against the point's own value (the official setting), ``finite_difference_
     laplacian`` = central differences +x +y +z -x -y -z."""
-    from dreamcraft_jax.kernels.fd_hashgrid import CENTRAL, FORWARD
-
-    return FORWARD if normal_type == "finite_difference" else CENTRAL
+    return fd_kernel.FORWARD if normal_type == "finite_difference" else fd_kernel.CENTRAL
 
 
 def _fd_points(x: jax.Array, eps: float, neighbours, radius: float) -> jax.Array:
     """(N, K, 3) neighbour points ``x + sign eps e_axis``, clamped to the box [-radius, radius] as the official
     geometry does (the encoding clips to the grid anyway; the clamp also reaches the density bias)."""
-    from dreamcraft_jax.kernels.fd_hashgrid import offsets
-
-    return jnp.clip(x[:, None, :] + jnp.asarray(offsets(neighbours, eps))[None], -radius, radius)
+    return jnp.clip(x[:, None, :] + jnp.asarray(fd_kernel.offsets(neighbours, eps))[None], -radius, radius)
 
 
 def _difference(values: jax.Array, eps: float, center, valid: jax.Array | None) -> jax.Array:
@@ -316,12 +316,11 @@ def _fd_kernel_encodings(table: jax.Array, x: jax.Array, spec: NerfFieldSpec, ma
     block of samples; otherwise each lane adds its own accumulated corners. With ``spec.fd_columns`` the kernel
     writes (and its backward reads) the transposed (L*F, N) layout, whose level rows are contiguous; the encodings
     come as :class:`FeatureColumns`, which the fused MLP kernel reads as they are (other consumers transpose)."""
-    from dreamcraft_jax.kernels.fd_hashgrid import CENTER, fd_encode_pallas
-
-    neighbours = ((CENTER,) if with_center else ()) + fd_neighbours(normal_type)
+    neighbours = ((fd_kernel.CENTER,) if with_center else ()) + fd_neighbours(normal_type)
     pre_reduce = PRE_REDUCE_MAX_SCALE if spec.hashgrid_backward == "reduced" else 0.0
-    encodings = fd_encode_pallas(table, x, spec.grid, spec.radius, spec.finite_difference_eps, mask, valid,
-                                 neighbours=neighbours, pre_reduce_max_scale=pre_reduce, columns=spec.fd_columns)
+    encodings = fd_kernel.fd_encode_pallas(table, x, spec.grid, spec.radius, spec.finite_difference_eps, mask, valid,
+                                           neighbours=neighbours, pre_reduce_max_scale=pre_reduce,
+                                           columns=spec.fd_columns)
     return tuple(FeatureColumns(e) for e in encodings) if spec.fd_columns else encodings
 
 

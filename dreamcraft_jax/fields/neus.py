@@ -42,6 +42,7 @@ from dreamcraft_jax.fields.nerf import (
     scalar_mlp,
     uses_fd_kernel,
 )
+from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
 
 ALPHA_MAX = 1.0 - 1e-6  # keeps -log(1 - alpha) finite
 
@@ -59,18 +60,12 @@ class NeusFieldSpec:
     progressive_band: bool = False  # the official NeuS encoding is a plain HashGrid: all levels on
 
     @classmethod
-    def from_config(cls, cfg, backend: str = "xla", hashgrid_backward: str = "xla",
-                    fused_finite_difference: bool = False, fused_mlp: bool = False,
-                    encoder_per_level: bool = False, fused_mlp_precision: str = "tf32",
-                    fd_columns: bool = False) -> NeusFieldSpec:
-        """cfg: the whole config (``field`` for the shared parts, ``neus`` for these); the rest as
-        :meth:`NerfFieldSpec.from_config`."""
+    def from_config(cls, cfg, kernels: KernelSpec = REFERENCE_KERNELS) -> NeusFieldSpec:
+        """cfg: the whole config (``field`` for the shared parts, ``neus`` for these); kernels: the run's kernel
+        choices, as :meth:`NerfFieldSpec.from_config` (``fused_density`` unused: NeuS has no fused density pass)."""
         if cfg.neus.normal_type not in NORMAL_TYPES:
             raise ValueError(f"neus.normal_type must be one of {NORMAL_TYPES}, got {cfg.neus.normal_type!r}")
-        base = NerfFieldSpec.from_config(cfg.field, backend, hashgrid_backward,
-                                         fused_finite_difference=fused_finite_difference, fused_mlp=fused_mlp,
-                                         encoder_per_level=encoder_per_level,
-                                         fused_mlp_precision=fused_mlp_precision, fd_columns=fd_columns)
+        base = NerfFieldSpec.from_config(cfg.field, kernels)
         return cls(base=base, sphere_radius=float(cfg.neus.sphere_radius),
                    variance_init=float(cfg.neus.variance_init),
                    cos_anneal_end_steps=int(cfg.neus.cos_anneal_end_steps), normal_type=cfg.neus.normal_type,

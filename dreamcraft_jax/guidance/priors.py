@@ -16,7 +16,9 @@ with one PRNG key per view, so a view's noise does not depend on the device it i
   at 256 px.
 
 Weights come from diffusers-format folders or the Hugging Face cache (:mod:`dreamcraft_jax.models`). A missing
-folder raises :class:`PriorUnavailableError` naming what to download and which config key to set.
+folder raises :class:`PriorUnavailableError` naming what to download and which config key to set. The loaders take
+the run's :class:`~dreamcraft_jax.kernels.spec.KernelSpec` (``kernels``) and build the UNets and VAEs with it: it
+decides which Pallas kernels their GroupNorms take (default ``KernelSpec()``: XLA).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dreamcraft_jax.config import schedule_value
 from dreamcraft_jax.guidance import prompts as vd
 from dreamcraft_jax.guidance.sds import images_to_model_input, resize_to_model, sds_loss
 from dreamcraft_jax.guidance.zero123 import zero123_sds_loss
+from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
 from dreamcraft_jax.models import loading
 from dreamcraft_jax.models.clip import (
     clip_preprocess,
@@ -170,17 +173,20 @@ SD_HINT = (f"The 2D prior needs a diffusers-format Stable Diffusion folder (unet
            f"to that folder or hub id (or --config.loss.lambda_sd=0 to run without it).")
 
 
-def load_sd_prior(cfg_sd, prompt: str, mesh=None) -> tuple[StableDiffusionPrior, dict]:
-    """Load SD and embed the view-dependent prompts once. cfg_sd: the ``guidance.sd`` ConfigDict."""
+def load_sd_prior(cfg_sd, prompt: str, mesh=None, kernels: KernelSpec = REFERENCE_KERNELS
+                  ) -> tuple[StableDiffusionPrior, dict]:
+    """Load SD and embed the view-dependent prompts once. cfg_sd: the ``guidance.sd`` ConfigDict; kernels: the
+    GroupNorm kernels of its UNet and VAE."""
     path = str(cfg_sd.pretrained)
     what = "2D prior (Stable Diffusion)"
     key = "guidance.sd.pretrained"
     dtype = _compute_dtype(cfg_sd.precision)
     variant = cfg_sd.variant or None
     unet, unet_params = _load(what, key, path, SD_HINT, load_unet, dtype, variant=variant,
-                              param_dtype=dtype, attention_impl=_attention_impl(), remat=bool(cfg_sd.remat))
+                              param_dtype=dtype, attention_impl=_attention_impl(), remat=bool(cfg_sd.remat),
+                              kernels=kernels)
     vae, vae_params = _load(what, key, path, SD_HINT, load_vae, dtype, variant=variant, param_dtype=dtype,
-                            attention_impl=_attention_impl())
+                            attention_impl=_attention_impl(), kernels=kernels)
     tokenizer = _load(what, key, path, SD_HINT, load_tokenizer)
     text_model, text_params = _load(what, key, path, SD_HINT, load_clip_text, jnp.float32, variant=variant)
     schedule = _load(what, key, path, SD_HINT, load_schedule)
@@ -251,21 +257,22 @@ def reference_rgb_on_white(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return rgb * mask[..., None] + (1.0 - mask[..., None])
 
 
-def load_zero123_prior(cfg_z, reference_rgb: np.ndarray, ref_camera: tuple, mesh=None
-                       ) -> tuple[Zero123Prior, dict]:
+def load_zero123_prior(cfg_z, reference_rgb: np.ndarray, ref_camera: tuple, mesh=None,
+                       kernels: KernelSpec = REFERENCE_KERNELS) -> tuple[Zero123Prior, dict]:
     """Load Zero123 and embed the reference once.
 
     cfg_z: the ``guidance.zero123`` ConfigDict; reference_rgb: (R, R, 3) in [0, 1] on white at the prior's
-    resolution (see :func:`reference_rgb_on_white`); ref_camera: (elevation, azimuth, distance) of the input view.
+    resolution (see :func:`reference_rgb_on_white`); ref_camera: (elevation, azimuth, distance) of the input view;
+    kernels: the GroupNorm kernels of its UNet and VAE.
     """
     path = str(cfg_z.pretrained)
     what = "3D prior (Zero123)"
     key = "guidance.zero123.pretrained"
     dtype = _compute_dtype(cfg_z.precision)
     unet, unet_params = _load(what, key, path, ZERO123_HINT, load_unet, dtype, param_dtype=dtype,
-                              attention_impl=_attention_impl(), remat=bool(cfg_z.remat))
+                              attention_impl=_attention_impl(), remat=bool(cfg_z.remat), kernels=kernels)
     vae, vae_params = _load(what, key, path, ZERO123_HINT, load_vae, dtype, param_dtype=dtype,
-                            attention_impl=_attention_impl())
+                            attention_impl=_attention_impl(), kernels=kernels)
     vision, vision_params = _load(what, key, path, ZERO123_HINT, load_clip_vision, jnp.float32)
     proj, proj_params = _load(what, key, path, ZERO123_HINT, load_camera_projection)
     schedule = _load(what, key, path, ZERO123_HINT, load_schedule)
@@ -364,16 +371,19 @@ class Priors:
         return terms, stats
 
 
-def load_priors(cfg, reference_rgb_256: np.ndarray | None, mesh=None) -> tuple[Priors, dict]:
-    """The priors whose loss weights are not zero. reference_rgb_256: the reference on white at Zero123's size."""
+def load_priors(cfg, reference_rgb_256: np.ndarray | None, mesh=None, kernels: KernelSpec = REFERENCE_KERNELS
+                ) -> tuple[Priors, dict]:
+    """The priors whose loss weights are not zero. reference_rgb_256: the reference on white at Zero123's size;
+    kernels: the run's kernel choices (``KernelSpec.from_config(cfg.kernels)``), given to the priors' models."""
     from dreamcraft_jax.config import schedule_is_zero
 
     priors, params = {}, {}
     if not schedule_is_zero(cfg.loss.lambda_sd):
-        priors["sd"], params["sd"] = load_sd_prior(cfg.guidance.sd, cfg.prompt, mesh)
+        priors["sd"], params["sd"] = load_sd_prior(cfg.guidance.sd, cfg.prompt, mesh, kernels)
     if not schedule_is_zero(cfg.loss.lambda_3d_sd):
         ref = (cfg.camera.elevation_deg, cfg.camera.azimuth_deg, cfg.camera.distance)
-        priors["3d_sd"], params["3d_sd"] = load_zero123_prior(cfg.guidance.zero123, reference_rgb_256, ref, mesh)
+        priors["3d_sd"], params["3d_sd"] = load_zero123_prior(cfg.guidance.zero123, reference_rgb_256, ref, mesh,
+                                                              kernels)
     return Priors(priors), params
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamcraft_jax.config import schedule_is_zero
+from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
 from dreamcraft_jax.models.reference_configs import SD21_BASE_UNET, SD_VAE, ZERO123_UNET
 
 # CPU smoke-test sizes: same code path, tiny widths.
@@ -48,8 +49,9 @@ def random_params(module, *inputs, seed: int = 0, std: float = 0.02, dtype=jnp.f
     return jax.tree_util.tree_map_with_path(make, shapes)
 
 
-def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
-    """(Priors, params) with the real SD 2.1-base / Zero123 shapes (or tiny ones) and random weights."""
+def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16, kernels: KernelSpec = REFERENCE_KERNELS):
+    """(Priors, params) with the real SD 2.1-base / Zero123 shapes (or tiny ones) and random weights; kernels: the
+    run's kernel choices, given to the UNets and the VAE (their GroupNorms)."""
     from dreamcraft_jax.guidance.priors import Priors, StableDiffusionPrior, Zero123Prior
     from dreamcraft_jax.models.clip import Zero123CameraProjection
     from dreamcraft_jax.models.schedules import default_schedule
@@ -59,7 +61,7 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
     gpu = jax.devices()[0].platform == "gpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
     impl = "cudnn" if gpu else None
-    vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=impl)
+    vae = AutoencoderKL.from_config(TINY_VAE if tiny else SD_VAE, dtype=dtype, attention_impl=impl, kernels=kernels)
     vae_params = random_params(vae, jnp.zeros((1, 32, 32, 3)), seed=2, dtype=param_dtype)
     sd_cfg = dict(TINY_UNET if tiny else SD21_BASE_UNET)
     z_cfg = dict(TINY_UNET if tiny else ZERO123_UNET)
@@ -72,7 +74,7 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
                             grad_clip=c.grad_clip)
     keys = jax.random.split(jax.random.PRNGKey(7), 4)
     if not schedule_is_zero(cfg.loss.lambda_sd):
-        unet = UNet2DConditionModel.from_config(sd_cfg, dtype=dtype, attention_impl=impl)
+        unet = UNet2DConditionModel.from_config(sd_cfg, dtype=dtype, attention_impl=impl, kernels=kernels)
         up = random_params(unet, *unet.dummy_inputs(), seed=1, dtype=param_dtype)
         d = sd_cfg["cross_attention_dim"]
         priors["sd"] = StableDiffusionPrior(
@@ -83,7 +85,7 @@ def random_priors(cfg, tiny: bool, param_dtype=jnp.bfloat16):
                         "text": jax.random.normal(keys[1], (77, d), dtype),
                         "uncond": jax.random.normal(keys[2], (77, d), dtype)}
     if not schedule_is_zero(cfg.loss.lambda_3d_sd):
-        unet = UNet2DConditionModel.from_config(z_cfg, dtype=dtype, attention_impl=impl)
+        unet = UNet2DConditionModel.from_config(z_cfg, dtype=dtype, attention_impl=impl, kernels=kernels)
         up = random_params(unet, *unet.dummy_inputs(), seed=3, dtype=param_dtype)
         d = z_cfg["cross_attention_dim"]
         proj = Zero123CameraProjection(in_features=d + 4, out_features=d)

@@ -9,10 +9,11 @@ Numerics:
 * parameters are created in float32 (``param_dtype``); activations are computed in the module's ``dtype``
   (bfloat16 on GPU, float32 in tests);
 * GroupNorm and LayerNorm run in float32 (input cast up, output cast back); GroupNorm has its own VJP and
-  fuses the SiLU that follows it, so that each takes two passes over memory forward and two backward; with
-  :func:`set_groupnorm_kernel` on, the small ones on a GPU run as one Pallas kernel per pass instead
-  (:mod:`dreamcraft_jax.kernels.groupnorm`); otherwise, on a GPU, the per-channel sums of both passes go
-  through split-row Pallas kernels (:mod:`dreamcraft_jax.kernels.channel_sums`, :func:`set_groupnorm_sums_kernel`):
+  fuses the SiLU that follows it, so that each takes two passes over memory forward and two backward. Which
+  kernels a GroupNorm takes is the ``kernels`` (:class:`~dreamcraft_jax.kernels.spec.KernelSpec`) field of the
+  modules (default ``KernelSpec()``: XLA): on a GPU, with ``fused_groupnorm`` the small ones run as one Pallas
+  kernel per pass (:mod:`dreamcraft_jax.kernels.groupnorm`); otherwise, with ``groupnorm_sums_max_rows``, the
+  per-channel sums of both passes go through split-row Pallas kernels (:mod:`dreamcraft_jax.kernels.channel_sums`):
   XLA's column reductions have too little parallelism at these batch sizes;
 * attention goes through :func:`jax.nn.dot_product_attention`: its XLA path accumulates the logits in float32
   and takes the softmax in float32; cuDNN flash attention (``attention_impl="cudnn"``) does the same on chip.
@@ -38,7 +39,9 @@ import numpy as np
 
 from dreamcraft_jax.kernels import channel_sums as channel_sums_kernel
 from dreamcraft_jax.kernels import groupnorm as groupnorm_kernel
-from dreamcraft_jax.kernels.hashgrid import cast_varying, varying_axes
+from dreamcraft_jax.kernels.common import cast_varying
+from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
+from dreamcraft_jax.parallel import varying_axes
 
 Dtype = Any
 
@@ -60,8 +63,8 @@ class Conv2d(nn.Module):
 
     OHWI row-major is the filter layout XLA gives cuDNN for NHWC bfloat16 convolutions: with an HWIO
     parameter every step began with a transpose of each conv kernel (~0.65 ms of the 1-view SD and Zero123 SDS
-    steps on an H200, ``benchmarks/profile_views1_h200.json``); stored this way the kernel is read as it is.
-    Every 4-D ``kernel`` leaf of the models is laid out so (the loaders turn torch's OIHW into it).
+    steps on an H200, ``benchmarks/archive/profile/profile_views1_h200.json``); stored this way the kernel is read as
+    it is. Every 4-D ``kernel`` leaf of the models is laid out so (the loaders turn torch's OIHW into it).
 
     y = conv(x, kernel) + bias: x (B, H, W, I) -> (B, H', W', O), computed in ``dtype``.
     """
@@ -99,7 +102,7 @@ def conv(features: int, name: str | None, dtype: Dtype, kernel_size: int = 3, st
                   name=name)
 
 
-def _group_statistics(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Array, jax.Array]:
+def _group_statistics(x: jax.Array, num_groups: int, eps: float, kernels: KernelSpec) -> tuple[jax.Array, jax.Array]:
     """Per-(batch, group) mean and 1/sqrt(var + eps) of x (B, ..., C), float32, each (B, G).
 
     One read of x: per-channel sums of d = x - x[first pixel] and d^2 (:func:`_shifted_channel_sums`), then
@@ -108,7 +111,7 @@ def _group_statistics(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Ar
     """
     b, c = x.shape[0], x.shape[-1]
     n = int(np.prod(x.shape[1:-1]))
-    shift, sum_d, sum_d2 = _shifted_channel_sums(x)
+    shift, sum_d, sum_d2 = _shifted_channel_sums(x, kernels)
     mean_d = sum_d / n
     var_c = jnp.maximum(sum_d2 / n - mean_d * mean_d, 0.0)
     mean_c = (mean_d + shift).reshape(b, num_groups, c // num_groups)
@@ -117,11 +120,12 @@ def _group_statistics(x: jax.Array, num_groups: int, eps: float) -> tuple[jax.Ar
     return mean_g, jax.lax.rsqrt(var_g + eps)
 
 
-def _shifted_channel_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _shifted_channel_sums(x: jax.Array, kernels: KernelSpec) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x (B, ..., C) -> (shift, sum_d, sum_d2), each (B, C) float32: shift = x[:, first pixel], sums over the
-    spatial axes of d = x - shift and d^2 (one multi-output reduction)."""
-    if _sums_take_kernel(x):
-        return channel_sums_kernel.shifted_channel_sums(x)
+    spatial axes of d = x - shift and d^2 (one multi-output reduction, or the split-row kernel: see
+    :func:`_sums_take_kernel`)."""
+    if _sums_take_kernel(x, kernels):
+        return channel_sums_kernel.shifted_channel_sums(x, **kernels.sums_plan_kw)
     b, c = x.shape[0], x.shape[-1]
     xs = x.reshape(b, -1, c).astype(jnp.float32)
     shift = xs[:, 0, :]
@@ -130,14 +134,15 @@ def _shifted_channel_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
 
 
 def _backward_channel_sums(x: jax.Array, dy: jax.Array, mean_c: jax.Array, rstd_c: jax.Array, scale: jax.Array,
-                           bias: jax.Array, silu: bool) -> tuple[jax.Array, jax.Array]:
+                           bias: jax.Array, silu: bool, kernels: KernelSpec) -> tuple[jax.Array, jax.Array]:
     """(sum_dz, sum_dz_xhat), each (B, C) float32: sums over the spatial axes of dz and dz * xhat, where
     xhat = (x - mean_c) * rstd_c, z = xhat * scale + bias and dz = dy * act'(z).
 
     x, dy (B, ..., C); mean_c, rstd_c (B, 1, ..., 1, C) float32; scale, bias (C,).
     """
-    if _sums_take_kernel(x):
-        return channel_sums_kernel.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu)
+    if _sums_take_kernel(x, kernels):
+        return channel_sums_kernel.backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu,
+                                                         **kernels.sums_plan_kw)
     xhat, dz = _backward_dz(x, dy, mean_c, rstd_c, scale, bias, silu)
     reduce_axes = tuple(range(1, x.ndim - 1))
     return jnp.sum(dz, axis=reduce_axes), jnp.sum(dz * xhat, axis=reduce_axes)
@@ -160,55 +165,25 @@ def _per_channel(v: jax.Array, x: jax.Array, group_size: int) -> jax.Array:
     return v.reshape((v.shape[0],) + (1,) * (x.ndim - 2) + (v.shape[-1],))
 
 
-# Whether small GroupNorms on a GPU take the Pallas kernel (kernels.fused_groupnorm). Read when a step is traced:
-# set once at start-up (runner.train, the benches), before any prior is traced.
-_GROUPNORM_KERNEL = False
-
-
-def set_groupnorm_kernel(enabled: bool) -> None:
-    """Route GroupNorms that suit it (:func:`dreamcraft_jax.kernels.groupnorm.suited`) through the Pallas kernel
-    on GPU backends; takes effect for steps traced afterwards."""
-    global _GROUPNORM_KERNEL
-    _GROUPNORM_KERNEL = bool(enabled)
-
-
-# GroupNorms whose rows (spatial positions) per batch element are at most this many take the split-row Pallas
-# kernels for their per-channel sums on a GPU (kernels.groupnorm_sums_max_rows; 0: none). Read when traced. On by
-# default (every GroupNorm), so that the models used directly, outside runner.train, get them too.
-DEFAULT_GROUPNORM_SUMS_MAX_ROWS = 1 << 20
-_GROUPNORM_SUMS_MAX_ROWS = DEFAULT_GROUPNORM_SUMS_MAX_ROWS
-
-
-def set_groupnorm_sums_kernel(max_rows: int) -> None:
-    """Route the per-channel sums (forward moments, backward dz sums) of GroupNorms with at most ``max_rows``
-    spatial positions per batch element through :mod:`dreamcraft_jax.kernels.channel_sums` on GPU backends
-    (0: none); takes effect for steps traced afterwards."""
-    global _GROUPNORM_SUMS_MAX_ROWS
-    _GROUPNORM_SUMS_MAX_ROWS = int(max_rows)
-
-
-def configure_groupnorm_kernels(kernels_cfg) -> None:
-    """Apply a config's ``kernels.fused_groupnorm`` and ``kernels.groupnorm_sums_max_rows``: call before any
-    prior is traced (runner.train, the benches)."""
-    set_groupnorm_kernel(kernels_cfg.fused_groupnorm)
-    set_groupnorm_sums_kernel(int(kernels_cfg.groupnorm_sums_max_rows))
-
-
-def _sums_take_kernel(x: jax.Array) -> bool:
-    return (_GROUPNORM_SUMS_MAX_ROWS > 0 and _on_gpu() and x.ndim >= 3
-            and int(np.prod(x.shape[1:-1])) <= _GROUPNORM_SUMS_MAX_ROWS)
+def _sums_take_kernel(x: jax.Array, kernels: KernelSpec) -> bool:
+    """Whether the per-channel sums of x (B, ..., C) go through :mod:`dreamcraft_jax.kernels.channel_sums`: on a
+    GPU backend, with at most ``kernels.groupnorm_sums_max_rows`` spatial positions per batch element (0: never)."""
+    rows = kernels.groupnorm_sums_max_rows
+    return rows > 0 and _on_gpu() and x.ndim >= 3 and int(np.prod(x.shape[1:-1])) <= rows
 
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _groupnorm_takes_kernel(x: jax.Array, num_groups: int) -> bool:
-    return _GROUPNORM_KERNEL and _on_gpu() and groupnorm_kernel.suited(x.shape, num_groups)
+def _groupnorm_takes_kernel(x: jax.Array, num_groups: int, kernels: KernelSpec) -> bool:
+    """Whether the whole GroupNorm of x goes through :mod:`dreamcraft_jax.kernels.groupnorm`: on a GPU backend,
+    with ``kernels.fused_groupnorm``, for shapes the kernel suits (:func:`~dreamcraft_jax.kernels.groupnorm.suited`)."""
+    return kernels.fused_groupnorm and _on_gpu() and groupnorm_kernel.suited(x.shape, num_groups)
 
 
 def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int, eps: float,
-                   silu: bool) -> jax.Array:
+                   silu: bool, kernels: KernelSpec = REFERENCE_KERNELS) -> jax.Array:
     """y = act((x - mean_g) / sqrt(var_g + eps) * scale + bias), x (B, ..., C), scale/bias (C,), y in x.dtype.
 
     Groups are contiguous channel ranges as in PyTorch; statistics, affine and the optional SiLU run in float32.
@@ -217,23 +192,25 @@ def group_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: 
     dx = rstd * (dz * scale - mean_g(dz * scale) - xhat * mean_g(dz * scale * xhat)), where dz = dy * act'(z).
     Inside shard_map, scale and bias are first marked varying like x: a custom VJP must return cotangents of
     its inputs' types, and the transpose of that mark sums the per-shard parameter gradients, as autodiff would.
+    ``kernels``: which Pallas kernels may run (on a GPU only; see :func:`_groupnorm_takes_kernel` and
+    :func:`_sums_take_kernel`); the default is XLA throughout.
     """
-    if _groupnorm_takes_kernel(x, num_groups):
+    if _groupnorm_takes_kernel(x, num_groups, kernels):
         return groupnorm_kernel.group_norm_act_pallas(x, scale, bias, num_groups, eps, silu)
     axes = varying_axes(x)
-    return _group_norm_act(x, cast_varying(scale, axes), cast_varying(bias, axes), num_groups, eps, silu)
+    return _group_norm_act(x, cast_varying(scale, axes), cast_varying(bias, axes), num_groups, eps, silu, kernels)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _group_norm_act(x, scale, bias, num_groups, eps, silu):
-    return _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _group_norm_act(x, scale, bias, num_groups, eps, silu, kernels):
+    return _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu, kernels)[0]
 
 
-def _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu):
+def _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu, kernels):
     c = x.shape[-1]
     if c % num_groups:
         raise ValueError(f"GroupNorm: {c} channels do not split into {num_groups} groups")
-    mean, rstd = _group_statistics(x, num_groups, eps)
+    mean, rstd = _group_statistics(x, num_groups, eps, kernels)
     gain = _per_channel(rstd, x, c // num_groups) * scale  # z = x * gain + offset
     offset = bias - _per_channel(mean, x, c // num_groups) * gain
     z = x.astype(jnp.float32) * gain + offset
@@ -241,12 +218,12 @@ def _group_norm_act_fwd(x, scale, bias, num_groups, eps, silu):
     return y.astype(x.dtype), (x, scale, bias, mean, rstd)
 
 
-def _group_norm_act_bwd(num_groups, eps, silu, residuals, dy):
+def _group_norm_act_bwd(num_groups, eps, silu, kernels, residuals, dy):
     x, scale, bias, mean, rstd = residuals
     c = x.shape[-1]
     group_size = c // num_groups
     rstd_c, mean_c = _per_channel(rstd, x, group_size), _per_channel(mean, x, group_size)
-    sum_dz, sum_dz_xhat = _backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu)  # (B, C) each
+    sum_dz, sum_dz_xhat = _backward_channel_sums(x, dy, mean_c, rstd_c, scale, bias, silu, kernels)  # (B, C) each
     count = group_size * int(np.prod(x.shape[1:-1]))
     mean_dxhat = jnp.sum((sum_dz * scale).reshape(-1, num_groups, group_size), axis=-1) / count  # (B, G)
     mean_dxhat_xhat = jnp.sum((sum_dz_xhat * scale).reshape(-1, num_groups, group_size), axis=-1) / count
@@ -261,26 +238,29 @@ _group_norm_act.defvjp(_group_norm_act_fwd, _group_norm_act_bwd)
 
 
 class GroupNorm(nn.Module):
-    """diffusers / PyTorch ``nn.GroupNorm`` (params ``scale``, ``bias``, float32) with an optional fused SiLU."""
+    """diffusers / PyTorch ``nn.GroupNorm`` (params ``scale``, ``bias``, float32) with an optional fused SiLU;
+    ``kernels``: the Pallas kernels it may take (:func:`group_norm_act`)."""
 
     num_groups: int
     eps: float
     silu: bool = False
+    kernels: KernelSpec = REFERENCE_KERNELS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        return group_norm_act(x, scale, bias, self.num_groups, self.eps, self.silu)
+        return group_norm_act(x, scale, bias, self.num_groups, self.eps, self.silu, self.kernels)
 
 
-def group_norm(x: jax.Array, num_groups: int, eps: float, name: str, silu: bool = False) -> jax.Array:
+def group_norm(x: jax.Array, num_groups: int, eps: float, name: str, silu: bool = False,
+               kernels: KernelSpec = REFERENCE_KERNELS) -> jax.Array:
     """GroupNorm (then SiLU when ``silu``) over the channel axis of (..., C); float32 math, result in x.dtype.
 
-    See :func:`group_norm_act` for the formula and the memory passes it takes.
+    See :func:`group_norm_act` for the formula, the memory passes it takes and ``kernels``.
     """
-    return GroupNorm(num_groups, eps, silu, name=name)(x)
+    return GroupNorm(num_groups, eps, silu, kernels, name=name)(x)
 
 
 def layer_norm(x: jax.Array, eps: float, name: str) -> jax.Array:
@@ -390,6 +370,7 @@ class Attention(nn.Module):
     lora_rank: int = 0
     lora_scale: float = 1.0
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorm (see group_norm_act)
 
     def _project(self, name: str, features: int, x: jax.Array, use_bias: bool) -> jax.Array:
         y = dense(features, name, self.dtype, use_bias=use_bias)(x)
@@ -405,7 +386,7 @@ class Attention(nn.Module):
             b, h, w, c = x.shape
             x = x.reshape(b, h * w, c)
         if self.norm_num_groups is not None:
-            x = group_norm(x, self.norm_num_groups, self.norm_eps, "group_norm")
+            x = group_norm(x, self.norm_num_groups, self.norm_eps, "group_norm", kernels=self.kernels)
         context = x if context is None else context.astype(self.dtype)
         inner = self.heads * self.head_dim
         q = self._project("to_q", inner, x, self.qkv_bias)
@@ -466,14 +447,15 @@ class ResnetBlock2D(nn.Module):
     eps: float = 1e-6
     output_scale_factor: float = 1.0
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorms (see group_norm_act)
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = group_norm(x, self.groups, self.eps, "norm1", silu=True)
+        h = group_norm(x, self.groups, self.eps, "norm1", silu=True, kernels=self.kernels)
         h = conv(self.out_channels, "conv1", self.dtype)(h)
         if temb is not None:
             h = h + dense(self.out_channels, "time_emb_proj", self.dtype)(jax.nn.silu(temb))[:, None, None, :]
-        h = group_norm(h, self.groups, self.eps, "norm2", silu=True)
+        h = group_norm(h, self.groups, self.eps, "norm2", silu=True, kernels=self.kernels)
         h = conv(self.out_channels, "conv2", self.dtype)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, "conv_shortcut", self.dtype, kernel_size=1)(x)
@@ -602,13 +584,14 @@ class Transformer2DModel(nn.Module):
     lora_scale: float = 1.0
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorm (see group_norm_act)
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         inner = self.heads * self.head_dim
         residual = x
-        x = group_norm(x, self.norm_num_groups, 1e-6, "norm")
+        x = group_norm(x, self.norm_num_groups, 1e-6, "norm", kernels=self.kernels)
         if self.use_linear_projection:
             x = dense(inner, "proj_in", self.dtype)(x.reshape(b, h * w, c))
         else:

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
+
 from . import loading
 from .layers import (
     LORA_ALLOW_MISSING,
@@ -58,10 +60,12 @@ class _BlockSettings(nn.Module):
     output_scale_factor: float = 1.0
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorms (layers.group_norm_act)
 
     def resnet(self, name: str):
         return resnet_cls(self.remat)(self.out_channels, groups=self.resnet_groups, eps=self.resnet_eps,
-                                      output_scale_factor=self.output_scale_factor, dtype=self.dtype, name=name)
+                                      output_scale_factor=self.output_scale_factor, dtype=self.dtype,
+                                      kernels=self.kernels, name=name)
 
 
 class _AttnSettings(_BlockSettings):
@@ -81,7 +85,7 @@ class _AttnSettings(_BlockSettings):
                                   use_linear_projection=self.use_linear_projection,
                                   upcast_attention=self.upcast_attention, attention_impl=self.attention_impl,
                                   lora_rank=self.lora_rank, lora_scale=self.lora_scale, remat=self.remat,
-                                  dtype=self.dtype, name=name)
+                                  dtype=self.dtype, kernels=self.kernels, name=name)
 
 
 class DownBlock2D(_BlockSettings):
@@ -226,7 +230,8 @@ class UNet2DConditionModel(nn.Module):
 
     sample (B, H, W, in_channels) NHWC; timesteps () or (B,), int or float; encoder_hidden_states (B, S, D);
     class_labels (B, projection_class_embeddings_input_dim) when ``class_embed_type == "projection"`` (e.g. a
-    flattened camera pose), else None. Returns (B, H, W, out_channels) float32. Compute runs in ``dtype``.
+    flattened camera pose), else None. Returns (B, H, W, out_channels) float32. Compute runs in ``dtype``;
+    ``kernels`` says which Pallas kernels its GroupNorms may take (default: none, XLA).
     """
 
     in_channels: int = 4
@@ -259,11 +264,14 @@ class UNet2DConditionModel(nn.Module):
     lora_rank: int = 0
     lora_scale: float = 1.0
     remat: bool = False
+    kernels: KernelSpec = REFERENCE_KERNELS
 
     @classmethod
     def from_config(cls, config: dict, dtype: Dtype = jnp.float32, attention_impl: str | None = None,
-                    lora_rank: int = 0, remat: bool = False, lora_scale: float = 1.0) -> UNet2DConditionModel:
-        """Module from a diffusers ``unet/config.json`` dict; ValueError naming the key of anything unsupported."""
+                    lora_rank: int = 0, remat: bool = False, lora_scale: float = 1.0,
+                    kernels: KernelSpec = REFERENCE_KERNELS) -> UNet2DConditionModel:
+        """Module from a diffusers ``unet/config.json`` dict; ValueError naming the key of anything unsupported.
+        ``kernels``: the GroupNorms' kernel choice (``KernelSpec.from_config(cfg.kernels)`` in a run)."""
         cls_name = config.get("_class_name", "UNet2DConditionModel")
         if cls_name != "UNet2DConditionModel":
             raise ValueError(f"UNet config '_class_name' is {cls_name!r}; only UNet2DConditionModel is supported")
@@ -335,6 +343,7 @@ class UNet2DConditionModel(nn.Module):
             lora_rank=int(lora_rank),
             lora_scale=float(lora_scale),
             remat=bool(remat),
+            kernels=kernels,
         )
 
     def dummy_inputs(self, batch: int = 1) -> tuple:
@@ -360,7 +369,7 @@ class UNet2DConditionModel(nn.Module):
         channels = self.block_out_channels
         n = len(channels)
         common = dict(resnet_groups=self.norm_num_groups, resnet_eps=self.norm_eps, remat=self.remat,
-                      dtype=self.dtype)
+                      dtype=self.dtype, kernels=self.kernels)
 
         # time (+ class) embedding
         t = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps, jnp.float32)), (batch,))
@@ -419,7 +428,7 @@ class UNet2DConditionModel(nn.Module):
                 block = UpBlock2D(**kw)
             x = block(x, res, emb, context, upsample_size)
 
-        x = group_norm(x, self.norm_num_groups, self.norm_eps, "conv_norm_out", silu=True)
+        x = group_norm(x, self.norm_num_groups, self.norm_eps, "conv_norm_out", silu=True, kernels=self.kernels)
         x = conv(self.out_channels, "conv_out", self.dtype, kernel_size=self.conv_out_kernel)(x)
         return x.astype(jnp.float32)
 
@@ -437,7 +446,8 @@ def load_unet(path, dtype: Dtype = jnp.float32, *, variant: str | None = None, m
     bfloat16 for a frozen guidance UNet). variant: e.g. "fp16" for ``diffusion_pytorch_model.fp16.safetensors``.
     mesh: replicate the params over this mesh (else default device). lora_rank > 0 adds LoRA to every attention
     projection, initialised by :func:`init_lora` with ``lora_key`` (default key 0): outputs equal the base model's.
-    module_kwargs: more :meth:`UNet2DConditionModel.from_config` options (attention_impl, remat, lora_scale).
+    module_kwargs: more :meth:`UNet2DConditionModel.from_config` options (attention_impl, remat, lora_scale,
+    kernels).
     Raises :class:`loading.WeightLoadingError` on a missing folder or a config / weights mismatch.
     """
     folder = loading.resolve_component_dir(path, "unet")

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
+
 from . import loading
 from .layers import Attention, Downsample2D, Upsample2D, conv, group_norm, resnet_cls
 
@@ -38,12 +40,13 @@ class DownEncoderBlock2D(nn.Module):
     add_downsample: bool = True
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorms (layers.group_norm_act)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_layers):
             x = resnet_cls(self.remat)(self.out_channels, self.groups, VAE_EPS, dtype=self.dtype,
-                                       name=f"resnets_{i}")(x)
+                                       kernels=self.kernels, name=f"resnets_{i}")(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
         return x
@@ -58,12 +61,13 @@ class UpDecoderBlock2D(nn.Module):
     add_upsample: bool = True
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorms (layers.group_norm_act)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_layers):
             x = resnet_cls(self.remat)(self.out_channels, self.groups, VAE_EPS, dtype=self.dtype,
-                                       name=f"resnets_{i}")(x)
+                                       kernels=self.kernels, name=f"resnets_{i}")(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
         return x
@@ -77,17 +81,18 @@ class UNetMidBlock2D(nn.Module):
     attention_impl: str | None = None
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorms (layers.group_norm_act)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         resnet = resnet_cls(self.remat)
-        x = resnet(c, self.groups, VAE_EPS, dtype=self.dtype, name="resnets_0")(x)
+        x = resnet(c, self.groups, VAE_EPS, dtype=self.dtype, kernels=self.kernels, name="resnets_0")(x)
         if self.add_attention:
             x = Attention(heads=1, head_dim=c, qkv_bias=True, norm_num_groups=self.groups, norm_eps=VAE_EPS,
                           residual_connection=True, attention_impl=self.attention_impl, dtype=self.dtype,
-                          name="attentions_0")(x)
-        return resnet(c, self.groups, VAE_EPS, dtype=self.dtype, name="resnets_1")(x)
+                          kernels=self.kernels, name="attentions_0")(x)
+        return resnet(c, self.groups, VAE_EPS, dtype=self.dtype, kernels=self.kernels, name="resnets_1")(x)
 
 
 class Encoder(nn.Module):
@@ -101,6 +106,7 @@ class Encoder(nn.Module):
     attention_impl: str | None = None
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorms (layers.group_norm_act)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,10 +114,11 @@ class Encoder(nn.Module):
         x = conv(ch[0], "conv_in", self.dtype)(x)
         for i, c in enumerate(ch):
             x = DownEncoderBlock2D(c, self.layers_per_block, self.groups, add_downsample=i < len(ch) - 1,
-                                   remat=self.remat, dtype=self.dtype, name=f"down_blocks_{i}")(x)
+                                   remat=self.remat, dtype=self.dtype, kernels=self.kernels,
+                                   name=f"down_blocks_{i}")(x)
         x = UNetMidBlock2D(self.groups, self.mid_block_add_attention, self.attention_impl, self.remat, self.dtype,
-                           name="mid_block")(x)
-        x = group_norm(x, self.groups, VAE_EPS, "conv_norm_out", silu=True)
+                           kernels=self.kernels, name="mid_block")(x)
+        x = group_norm(x, self.groups, VAE_EPS, "conv_norm_out", silu=True, kernels=self.kernels)
         return conv(2 * self.latent_channels, "conv_out", self.dtype)(x)
 
 
@@ -126,17 +133,18 @@ class Decoder(nn.Module):
     attention_impl: str | None = None
     remat: bool = False
     dtype: Dtype = jnp.float32
+    kernels: KernelSpec = REFERENCE_KERNELS  # of the GroupNorms (layers.group_norm_act)
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         ch = self.block_out_channels[::-1]
         x = conv(ch[0], "conv_in", self.dtype)(z)
         x = UNetMidBlock2D(self.groups, self.mid_block_add_attention, self.attention_impl, self.remat, self.dtype,
-                           name="mid_block")(x)
+                           kernels=self.kernels, name="mid_block")(x)
         for i, c in enumerate(ch):
             x = UpDecoderBlock2D(c, self.layers_per_block + 1, self.groups, add_upsample=i < len(ch) - 1,
-                                 remat=self.remat, dtype=self.dtype, name=f"up_blocks_{i}")(x)
-        x = group_norm(x, self.groups, VAE_EPS, "conv_norm_out", silu=True)
+                                 remat=self.remat, dtype=self.dtype, kernels=self.kernels, name=f"up_blocks_{i}")(x)
+        x = group_norm(x, self.groups, VAE_EPS, "conv_norm_out", silu=True, kernels=self.kernels)
         return conv(self.out_channels, "conv_out", self.dtype)(x)
 
 
@@ -149,7 +157,8 @@ class AutoencoderKL(nn.Module):
     * ``__call__(x, key=None)``: decode(sample or mode of encode(x)) (also what ``init`` traces).
 
     Static helpers (no params): :meth:`sample` (mean + exp(logvar / 2) * N(0, 1)) and :meth:`mode` (the mean).
-    ``scaling_factor`` (and ``shift_factor`` where the config has one) come from the config.
+    ``scaling_factor`` (and ``shift_factor`` where the config has one) come from the config; ``kernels`` says which
+    Pallas kernels its GroupNorms may take (default: none, XLA).
     """
 
     block_out_channels: tuple[int, ...] = (64,)
@@ -166,11 +175,13 @@ class AutoencoderKL(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
     remat: bool = False
+    kernels: KernelSpec = REFERENCE_KERNELS
 
     @classmethod
     def from_config(cls, config: dict, dtype: Dtype = jnp.float32, attention_impl: str | None = None,
-                    remat: bool = False) -> AutoencoderKL:
-        """Module from a diffusers ``vae/config.json`` dict; ValueError naming the key of anything unsupported."""
+                    remat: bool = False, kernels: KernelSpec = REFERENCE_KERNELS) -> AutoencoderKL:
+        """Module from a diffusers ``vae/config.json`` dict; ValueError naming the key of anything unsupported.
+        ``kernels``: the GroupNorms' kernel choice (``KernelSpec.from_config(cfg.kernels)`` in a run)."""
         cls_name = config.get("_class_name", "AutoencoderKL")
         if cls_name != "AutoencoderKL":
             raise ValueError(f"VAE config '_class_name' is {cls_name!r}; only AutoencoderKL is supported")
@@ -196,12 +207,13 @@ class AutoencoderKL(nn.Module):
             dtype=dtype,
             attention_impl=attention_impl,
             remat=bool(remat),
+            kernels=kernels,
         )
 
     def setup(self):
         kw = dict(layers_per_block=self.layers_per_block, groups=self.norm_num_groups,
                   mid_block_add_attention=self.mid_block_add_attention, attention_impl=self.attention_impl,
-                  remat=self.remat, dtype=self.dtype)
+                  remat=self.remat, dtype=self.dtype, kernels=self.kernels)
         self.encoder = Encoder(self.block_out_channels, self.latent_channels, **kw)
         self.decoder = Decoder(self.block_out_channels, self.out_channels, **kw)
         if self.use_quant_conv:
@@ -254,7 +266,7 @@ def load_vae(path, dtype: Dtype = jnp.float32, *, variant: str | None = None, me
     path: a pipeline folder (holding ``vae/``), the ``vae`` folder itself, a hub cache entry or a cached hub id.
     dtype: compute dtype; params are float32 unless ``param_dtype`` says otherwise. variant: e.g. "fp16".
     mesh: replicate the params over this mesh. module_kwargs: :meth:`AutoencoderKL.from_config` options
-    (attention_impl, remat). Raises :class:`loading.WeightLoadingError` on a missing folder or a mismatch.
+    (attention_impl, remat, kernels). Raises :class:`loading.WeightLoadingError` on a missing folder or a mismatch.
     """
     folder = loading.resolve_component_dir(path, "vae")
     config = loading.read_config(folder)

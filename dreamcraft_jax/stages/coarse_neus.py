@@ -1,12 +1,12 @@
-"""Stage 1b, coarse NeuS (dreamcraft3d-coarse-neus): the coarse NeRF's step with an SDF field.
+"""Stage 1b, coarse NeuS (dreamcraft3d-coarse-neus): the volume stage with the NeuS (SDF) field.
 
-Everything but the field is :class:`~dreamcraft_jax.stages.coarse_nerf.CoarseNerf`: views, losses, priors,
-sharding, NaN guard. The field (:mod:`dreamcraft_jax.fields.neus`) starts from stage 1a's hash table and feature
-MLP with a fresh SDF MLP biased to a sphere of radius 0.5; the learned variance sharpens the surface, and the
-cosine annealing ratio follows the stage's step. Optimiser: Adam with per-group learning rates (encoding 0.01,
-SDF / feature MLPs and variance 1e-3; eps 1e-15 from ``overrides.coarse_neus.optimizer``). The occupancy grid
-starts fully occupied and is re-estimated from the SDF (isotropic NeuS alpha) during the warm-up; the same alpha
-prunes the marched samples (below 0.01, or past transmittance 1e-4), as the official NeuS renderer's ``alpha_fn``.
+The field (:mod:`dreamcraft_jax.fields.neus`) starts from stage 1a's hash table and feature MLP with a fresh SDF
+MLP biased to a sphere of radius 0.5; the learned variance sharpens the surface, and the cosine annealing ratio
+follows the stage's step. Optimiser: Adam with per-group learning rates (encoding 0.01, SDF / feature MLPs and
+variance 1e-3; eps 1e-15 from ``overrides.coarse_neus.optimizer``). The occupancy grid starts fully occupied and is
+re-estimated from the SDF (isotropic NeuS alpha) during the warm-up; the same alpha prunes the marched samples
+(below 0.01, or past transmittance 1e-4), as the official NeuS renderer's ``alpha_fn``. Everything else is
+:class:`~dreamcraft_jax.stages.volume_stage.VolumeStage`.
 """
 
 from __future__ import annotations
@@ -17,24 +17,20 @@ import optax
 
 from dreamcraft_jax.config import schedule_is_zero
 from dreamcraft_jax.fields import neus
+from dreamcraft_jax.kernels.spec import KernelSpec
 from dreamcraft_jax.render import volume
-from dreamcraft_jax.stages.coarse_nerf import CoarseNerf
+from dreamcraft_jax.stages.base import register
+from dreamcraft_jax.stages.volume_stage import VolumeStage, build_volume_stage
 
 
 @dataclasses.dataclass(frozen=True)
-class CoarseNeus(CoarseNerf):
-    name = "coarse_neus"
+class NeusField:
+    """The coarse NeuS's field as a :class:`~dreamcraft_jax.stages.volume_stage.FieldModel`."""
 
-    @staticmethod
-    def field_spec(cfg, backend: str = "xla"):
-        return neus.NeusFieldSpec.from_config(cfg, backend, cfg.kernels.hashgrid_backward,
-                                              cfg.kernels.fused_finite_difference, cfg.kernels.fused_mlp,
-                                              cfg.kernels.encoder_per_level, cfg.kernels.fused_mlp_precision,
-                                              cfg.kernels.fd_columns)
+    spec: neus.NeusFieldSpec
 
-    @property
-    def optimizer(self) -> optax.GradientTransformation:
-        o, n = self.cfg.optimizer, self.cfg.neus
+    def optimizer(self, cfg) -> optax.GradientTransformation:
+        o, n = cfg.optimizer, cfg.neus
         lrs = {"encoding": n.lr_encoding, "sdf_net": n.lr_sdf, "feature_net": n.lr_feature,
                "variance": n.lr_variance}
         groups = {name: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps) for name, lr in lrs.items()}
@@ -42,13 +38,13 @@ class CoarseNeus(CoarseNerf):
 
     def init_params(self, key, previous=None):
         """Fresh SDF MLP + variance; hash table and feature MLP from ``previous`` (a coarse-NeRF TrainState)."""
-        return neus.init_field(key, self.field, None if previous is None else previous.params)
+        return neus.init_field(key, self.spec, None if previous is None else previous.params)
 
     def level_mask(self, step):
-        return neus.level_mask(step, self.field)
+        return neus.level_mask(step, self.spec)
 
-    def field_fns(self, params, mask, step=None) -> volume.FieldFns:
-        spec, dt = self.field, self.render.step_size
+    def field_fns(self, params, mask, step, render: volume.RenderSpec) -> volume.FieldFns:
+        spec, dt = self.spec, render.step_size
 
         def radiance_dir(points, dirs, dts, valid=None):
             sigma, albedo, normal, grad = neus.alpha_radiance(params, points, dirs, dts, step, spec, mask, valid)
@@ -61,7 +57,18 @@ class CoarseNeus(CoarseNerf):
             radiance_dir=radiance_dir,
         )
 
-    def extra_terms(self, out: dict, is_ref: bool) -> dict:
-        if schedule_is_zero(self.cfg.loss.lambda_eikonal):
+    def extra_terms(self, cfg, out: dict, is_ref: bool) -> dict:
+        del is_ref
+        if schedule_is_zero(cfg.loss.lambda_eikonal):
             return {}
         return {"eikonal": neus.eikonal(out["sample_sdf_grad"], out["valid"])}
+
+
+def field_model(cfg, kernels: KernelSpec) -> NeusField:
+    return NeusField(neus.NeusFieldSpec.from_config(cfg, kernels))
+
+
+@register("coarse_neus")
+def build(cfg, mesh, priors=None, prior_params=None) -> VolumeStage:
+    kernels = KernelSpec.from_config(cfg.kernels)
+    return build_volume_stage("coarse_neus", field_model(cfg, kernels), cfg, mesh, priors, prior_params, kernels)

@@ -1,16 +1,18 @@
-"""``python -m dreamcraft_jax.bench compile``: what a step's first call costs, split, per set of XLA flags (and
-config overrides).
+"""``bench compile``: what a step's first call costs, split, per set of XLA flags (and config overrides).
+
+    python -m dreamcraft_jax.bench compile [--cases coarse_nerf_128px_random] \
+        [--variants default= no_autotune=--xla_gpu_autotune_level=0 per_level=|kernels.encoder_per_level=True]
 
 A cold run compiles each step program at its first call: 400 s for stage 1's six programs on an H200, as much as
 the training itself. This bench splits that cost into trace + lower (Python, JAX) and the XLA compile (HLO
-passes, code generation, autotuning on the device), and times the compiled step, so XLA flags that cut compile
-time can be weighed against what they cost per step.
+passes, code generation, autotuning on the device), and times the compiled step (pipelined, as the training loop
+issues it), so XLA flags that cut compile time can be weighed against what they cost per step.
 
 Every flag variant runs in a fresh child process (``XLA_FLAGS`` is read once, when the backend starts, and XLA's
 autotuning results are cached in memory per process), with JAX's persistent compilation cache off, so each
 variant compiles from nothing. The steps run at the middle of their phase on the stage's initial state (a
 compile-time measurement; step times compare variants with one another, not with ``bench stage``'s fitted
-scene).
+scene). The parent never starts a backend; a child prints one ``RESULT_TAG`` line with its JSON.
 """
 
 from __future__ import annotations
@@ -22,12 +24,39 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
+
+from dreamcraft_jax import parallel
+from dreamcraft_jax.bench import report as report_lib
+from dreamcraft_jax.bench.harness import pipelined_steps_ms
+from dreamcraft_jax.bench.scenes import phase_mid_step, stage_case
+from dreamcraft_jax.config_file import load_config
+from dreamcraft_jax.guidance.random_priors import random_priors
+from dreamcraft_jax.kernels.spec import KernelSpec
 
 RESULT_TAG = "COMPILE_BENCH_RESULT "
 DEFAULT_CASES = ("coarse_nerf_128px_random",)
 DEFAULT_VARIANTS = ("default=",)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    c = subparsers.add_parser("compile", help="first-call cost of stage steps (trace + lower, XLA compile) and their "
+                                              "step time, per set of XLA flags, each in a fresh process")
+    c.add_argument("--config", default="configs/dreamcraft3d.py")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    c.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
+                   help="<coarse_nerf|coarse_neus>_<R>px_<ref|random>")
+    c.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                   help="name=XLA_FLAGS[|key=value...], each in its own process, e.g. default= "
+                        "no_autotune=--xla_gpu_autotune_level=0 per_level=|kernels.encoder_per_level=True")
+    c.add_argument("--repeats", type=int, default=20)
+    c.add_argument("--timeout_s", type=int, default=900, help="per variant")
+    c.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")
+    c.add_argument("--child", default="", help=argparse.SUPPRESS)  # set by the parent for its children
+    c.add_argument("--out", default="")
+    return c
 
 
 def parse_case(case: str) -> tuple[str, int, str]:
@@ -56,27 +85,26 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
     return name, flags.strip(), sets
 
 
-def _child(args) -> dict:
-    """This process's variant: every case traced, lowered, compiled, run once, then timed."""
-    from dreamcraft_jax import parallel
-    from dreamcraft_jax.bench import _load_config, _phase_mid_step, _pipelined_steps_ms, _stage_case
-    from dreamcraft_jax.guidance.random_priors import random_priors
-    from dreamcraft_jax.stages.coarse_nerf import RANDOM, REF
+def child_result(args) -> dict:
+    """This process's variant: every case traced, lowered, compiled, run once, then timed. Keys: ``device``,
+    ``jax``, ``xla_flags_seen``, ``overrides_seen``, ``setup_s`` and per case ``trace_lower_s``, ``compile_s``,
+    ``first_run_s``, ``pipelined_ms_per_step``, ``repeats``, ``finite_loss``."""
+    from dreamcraft_jax.stages.volume_stage import RANDOM, REF
 
     t_start = time.perf_counter()
-    cfg = _load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
     with cfg.unlocked():
         cfg.parallel.data, cfg.parallel.fsdp = 1, 1
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
-    priors, prior_params = random_priors(cfg, args.tiny)
+    priors, prior_params = random_priors(cfg, args.tiny, kernels=KernelSpec.from_config(cfg.kernels))
     out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
            "xla_flags_seen": os.environ.get("XLA_FLAGS", ""), "overrides_seen": list(args.set),
            "setup_s": time.perf_counter() - t_start, "cases": {}}
     for case in args.cases:
         stage_name, res, kind = parse_case(case)
-        stage, state, targets, pp = _stage_case(cfg, stage_name, res, 1, mesh, priors, prior_params, None,
-                                                _phase_mid_step(cfg, stage_name, res))
-        step = stage.step_fn(REF if kind == "ref" else RANDOM, res, res)
+        stage, state, targets, pp = stage_case(cfg, stage_name, res, 1, mesh, priors, prior_params, None,
+                                               phase_mid_step(cfg, stage_name, res))
+        step = stage.step_fn((REF if kind == "ref" else RANDOM, (res, res)))
         if not hasattr(step, "lower"):
             raise SystemExit(f"error: {case}: the step is not one program (train.separate_guidance?); "
                              "this bench times one-program steps")
@@ -89,7 +117,7 @@ def _child(args) -> dict:
         jax.block_until_ready((state, metrics))
         t3 = time.perf_counter()
         finite = bool(jax.numpy.isfinite(metrics["loss"]))
-        ms = _pipelined_steps_ms((compiled,), state, targets, pp, args.repeats)  # as the training loop issues them
+        ms = pipelined_steps_ms((compiled,), state, targets, pp, args.repeats)  # as the training loop issues them
         out["cases"][case] = {"trace_lower_s": t1 - t0, "compile_s": t2 - t1, "first_run_s": t3 - t2,
                               "pipelined_ms_per_step": ms, "repeats": args.repeats, "finite_loss": finite}
     return out
@@ -105,7 +133,7 @@ def _child_command(args, name: str, sets=()) -> list[str]:
     return cmd + (["--tiny"] if args.tiny else [])
 
 
-def bench_compile(args) -> dict:
+def measure(args) -> dict:
     """Each ``--variants`` entry in its own child process; returns the report (one entry per variant)."""
     for case in args.cases:
         parse_case(case)  # bad names fail here, not in every child
@@ -137,7 +165,7 @@ def bench_compile(args) -> dict:
             print(f"{name:<16} {case:<28} trace+lower {r['trace_lower_s']:6.1f} s  compile {r['compile_s']:6.1f} s"
                   f"  first run {r['first_run_s']:5.1f} s  {r['pipelined_ms_per_step']:8.2f} ms/step", flush=True)
         if args.out:  # partial results survive a time limit
-            _write(args.out, results, args, commands)
+            _write_partial(args.out, results, args, commands)
     return _report(results, args, commands)
 
 
@@ -151,48 +179,18 @@ def _report(results: dict, args, commands: dict) -> dict:
             "commands": {name: shlex.join(["python", *cmd[1:]]) for name, cmd in commands.items() if name in results}}
 
 
-def _write(path: str, results: dict, args, commands: dict) -> None:
-    from pathlib import Path
-
+def _write_partial(path: str, results: dict, args, commands: dict) -> None:
+    # Not harness.write_partial: its header asks the (never started) backend for the device.
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({**_report(results, args, commands), "partial": True}, indent=2))
 
 
-def print_compile_table(report: dict) -> None:
-    print(f"first-call cost per XLA flag set, {report['device']}, jax {report['jax']}"
-          f"{' (TINY priors)' if report['tiny'] else ''}")
-    print(f"{'variant':<16} {'case':<28} {'lower s':>8} {'compile s':>10} {'first run s':>12} {'ms/step':>9}")
-    for name, r in report["results"].items():
-        if "error" in r:
-            print(f"{name:<16} {r['error'][:90]}")
-            continue
-        for case, c in r["cases"].items():
-            print(f"{name:<16} {case:<28} {c['trace_lower_s']:>8.1f} {c['compile_s']:>10.1f} "
-                  f"{c['first_run_s']:>12.1f} {c['pipelined_ms_per_step']:>9.2f}")
-
-
-def add_parser(sub) -> None:
-    c = sub.add_parser("compile", help="first-call cost of stage steps (trace + lower, XLA compile) and their "
-                                       "step time, per set of XLA flags, each in a fresh process")
-    c.add_argument("--config", default="configs/dreamcraft3d.py")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    c.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES),
-                   help="<coarse_nerf|coarse_neus>_<R>px_<ref|random>")
-    c.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                   help="name=XLA_FLAGS[|key=value...], each in its own process, e.g. default= "
-                        "no_autotune=--xla_gpu_autotune_level=0 per_level=|kernels.encoder_per_level=True")
-    c.add_argument("--repeats", type=int, default=20)
-    c.add_argument("--timeout_s", type=int, default=900, help="per variant")
-    c.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")
-    c.add_argument("--child", default="", help=argparse.SUPPRESS)  # set by the parent for its children
-    c.add_argument("--out", default="")
-
-
 def run(args) -> dict | None:
-    """The ``compile`` subcommand: a child prints its tagged result line; the parent returns the report."""
+    """A child prints its tagged result line and returns None; the parent runs the variants, prints the table
+    (:func:`report.print_compile_table`) and returns the report."""
     if args.child:
-        print(RESULT_TAG + json.dumps(_child(args)), flush=True)
+        print(RESULT_TAG + json.dumps(child_result(args)), flush=True)
         return None
-    report = bench_compile(args)
-    print_compile_table(report)
+    report = measure(args)
+    report_lib.print_compile_table(report)
     return report

@@ -1,0 +1,119 @@
+"""What a stage is, and the registry the runner finds stages in.
+
+A stage is built once from its resolved config (:func:`dreamcraft_jax.config.stage_config`), the device mesh and
+the run's priors; the runner (:mod:`dreamcraft_jax.runner`) drives every stage through :class:`Stage` alone:
+
+    stage = build_stage(name, cfg, mesh, priors, prior_params)
+    state = stage.init_state(previous)                       # previous: the stage before's handoff, or None
+    for step in range(start, max_steps):
+        key = stage.step_key(step)                           # hashable: which program runs this step
+        state, metrics = stage.step_fn(key)(state, *stage.step_inputs(key))
+    images = stage.eval_render(h, w)(state, camera)          # {"rgb", "normal", "depth", "opacity"}: (h, w, .)
+    next_start = stage.handoff(state)
+
+Step functions come from :func:`dreamcraft_jax.train_step.build_step` and share its TrainState
+(:class:`dreamcraft_jax.train_step.TrainState`: params, opt_state, extras, step, rng, nonfinite_skips).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from dreamcraft_jax.train_step import TrainState
+
+StepKey = Hashable
+
+
+class Stage(abc.ABC):
+    """The interface the runner uses. Subclasses are frozen dataclasses holding static settings (no arrays but
+    the frozen prior weights and the stage's fixed inputs, which the step functions take as arguments)."""
+
+    name: str
+    cfg: Any
+
+    @abc.abstractmethod
+    def init_state(self, previous: TrainState | None = None) -> TrainState:
+        """The state at step 0, from ``cfg.seed``; ``previous``: the previous stage's :meth:`handoff` (or None)."""
+
+    @abc.abstractmethod
+    def step_key(self, step: int) -> StepKey:
+        """Which compiled step runs at ``step`` (host int), e.g. ("random", (128, 128))."""
+
+    def step_keys(self, start: int, stop: int) -> list[StepKey]:
+        """The distinct :meth:`step_key` values of steps ``start`` .. ``stop - 1``, in first-use order."""
+        keys = []
+        for step in range(int(start), int(stop)):
+            key = self.step_key(step)
+            if key not in keys:
+                keys.append(key)
+        return keys
+
+    @abc.abstractmethod
+    def step_fn(self, key: StepKey) -> Callable:
+        """A new jitted step ``(state, *step_inputs(key)) -> (new state, metrics)`` (``state`` donated)."""
+
+    @abc.abstractmethod
+    def step_inputs(self, key: StepKey) -> tuple:
+        """The device-placed inputs of the step ``key`` besides the state (e.g. targets, prior weights)."""
+
+    @abc.abstractmethod
+    def eval_render(self, height: int, width: int) -> Callable:
+        """A jitted, deterministic render ``(state, camera) -> {"rgb": (h, w, 3), "normal": (h, w, 3) in [0, 1],
+        "depth": (h, w), "opacity": (h, w)}``, replicated (every process can read it)."""
+
+    @abc.abstractmethod
+    def eval_cameras(self) -> dict:
+        """Validation views: {name: camera}; "reference" is the input view when the stage has one."""
+
+    def eval_metrics(self, name: str, images: dict) -> dict:
+        """Metrics of the validation render of view ``name`` (host arrays), e.g. the reference PSNR."""
+        del name, images
+        return {}
+
+    def reference_images(self) -> dict | None:
+        """Images shown next to the validation renders (reference.png), or None."""
+        return None
+
+    def handoff(self, state: TrainState) -> TrainState:
+        """What the next stage starts from (its ``init_state(previous=...)``)."""
+        return state
+
+    def timing_split(self, state: TrainState, compiled_steps: dict | None = None) -> dict | None:
+        """ms of one step split into its parts (``timing.json``), or None when the stage has no split.
+        ``compiled_steps``: {key: step fn} the caller already compiled, reused instead of compiling again."""
+        del state, compiled_steps
+        return None
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.cfg.train.max_steps)
+
+
+_REGISTRY: dict[str, Callable[..., Stage]] = {}
+
+
+def register(name: str):
+    """Decorator: ``@register("coarse_nerf") def build(cfg, mesh, priors=None, prior_params=None) -> Stage``."""
+
+    def wrap(build: Callable[..., Stage]):
+        _REGISTRY[name] = build
+        return build
+
+    return wrap
+
+
+def build_stage(name: str, cfg, mesh, priors=None, prior_params=None) -> Stage:
+    """The stage ``name`` built from its resolved config (``priors``/``prior_params`` as loaded for the run)."""
+    from dreamcraft_jax import stages  # noqa: F401  (registers the stages)
+
+    if name not in _REGISTRY:
+        raise KeyError(f"no stage {name!r}; stages: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](cfg, mesh, priors, prior_params)
+
+
+def registered() -> tuple[str, ...]:
+    from dreamcraft_jax import stages  # noqa: F401
+
+    return tuple(_REGISTRY)
