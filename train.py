@@ -58,9 +58,10 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
 
 def main(argv: list[str]) -> None:
     spec, overrides, progress = parse_args(argv)
-    # Orbax logs every checkpoint step at INFO through absl; keep the console for our own messages.
+    # Orbax logs every checkpoint step at INFO, and a read-only restore of the previous stage with three WARNINGs,
+    # through absl; keep the console for our own messages.
     logging.basicConfig(format="%(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("jax").setLevel(logging.WARNING)
     logging.getLogger("dreamcraft_jax").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")  # imageio-ffmpeg's encoder process

@@ -84,9 +84,10 @@ def pytest_configure(config):
 # The slowest files (seconds of test time on 2 CPU cores), collected first: `pytest -n 2 --dist loadfile` hands
 # whole files to the two workers in collection order, so a heavy file collected last (alphabetically:
 # test_stage1*.py) ran alone at the end while the other worker sat idle. The rest keep their order.
-_HEAVY_FILES_FIRST = ("test_runner.py", "test_kernels_fd_hashgrid.py", "test_parallel_step.py", "test_stage1.py",
-                      "test_stage1_official.py", "test_kernels_hashgrid.py", "test_kernels_mlp.py", "test_bench.py",
-                      "test_priors.py", "test_stage1_programs.py", "test_bench_eval.py", "test_unet_vae.py")
+_HEAVY_FILES_FIRST = ("test_golden.py", "test_runner.py", "test_kernels_fd_hashgrid.py", "test_parallel_step.py",
+                      "test_stage1.py", "test_stage1_official.py", "test_kernels_hashgrid.py", "test_kernels_mlp.py",
+                      "test_bench.py", "test_priors.py", "test_stage1_programs.py", "test_bench_eval.py",
+                      "test_unet_vae.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

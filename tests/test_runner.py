@@ -33,6 +33,13 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     steps = [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[:3] == [1, 2, 3] and steps[-1] == 6
     assert (stage_dir / "config.resume-3.json").exists() and (stage_dir / "DONE").exists()
+    # The same scalars for TensorBoard: one event file per process that wrote (the first run and the resumed one).
+    from test_stages import _read_events
+
+    events = [e for f in sorted(stage_dir.glob("events.out.tfevents.*")) for e in _read_events(f)]
+    records = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted((step, value) for tag, step, value in events if tag == "loss") == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records if "loss" in r]
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path):

@@ -1,5 +1,7 @@
 """Flax Linen building blocks shared by the diffusers-compatible UNet and VAE.
 
+(About 600 lines: one module so that every layer the loaders map diffusers names onto sits in one place.)
+
 Every submodule is named after the diffusers attribute it mirrors, with list indices glued on by "_"
 (``resnets_0``, ``to_out_0``, ``net_2``), so that :func:`dreamcraft_jax.models.loading.convert_state_dict` maps a
 diffusers state dict onto these modules with renames and transposes only. Images are NHWC.
