@@ -110,8 +110,8 @@ def fd_encode_xla(table: jax.Array, x: jax.Array, spec: HashGridSpec, radius: fl
     return tuple(enc[:, j] for j in range(n_nb))
 
 
-def _unit(p, radius: float):
-    """World coordinate -> grid coordinate, the fields' float32 operations (``nerf._unit``)."""
+def unit_coordinates(p, radius: float):
+    """World coordinate -> grid coordinate, the fields' float32 operations (``nerf.unit_coordinates``)."""
     return jnp.clip((p + np.float32(radius)) / np.float32(2.0 * radius), np.float32(0.0), np.float32(1.0))
 
 
@@ -124,7 +124,7 @@ def _geometry(xs, level, radius: float, eps: float, neighbours):
     multipliers are 1, res, res^2 or odd primes mod 2^32), and the unshifted axes reuse the own cell's weights
     and terms, so a corner called shared has exactly the row of the own corner it is matched with.
     """
-    units = [_unit(xs[d], radius) for d in range(3)]
+    units = [unit_coordinates(xs[d], radius) for d in range(3)]
     own_w, own_t = level_geometry(units, level)
     out = []
     for axis, sign in neighbours:
@@ -132,7 +132,7 @@ def _geometry(xs, level, radius: float, eps: float, neighbours):
             out.append((own_w, own_t, None, None))
             continue
         shifted = list(units)
-        shifted[axis] = _unit(xs[axis] + np.float32(sign * np.float32(eps)), radius)
+        shifted[axis] = unit_coordinates(xs[axis] + np.float32(sign * np.float32(eps)), radius)
         w_shift, t_shift = level_geometry(shifted, level)
         w = [w_shift[d] if d == axis else own_w[d] for d in range(3)]
         t = [t_shift[d] if d == axis else own_t[d] for d in range(3)]

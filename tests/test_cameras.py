@@ -138,7 +138,7 @@ def test_look_at_other_target():
 # get_rays
 # ----------------------------------------------------------------------------------------------
 
-def _unit(v):
+def unit_coordinates(v):
     v = np.asarray(v, np.float64)
     return v / np.linalg.norm(v)
 
@@ -150,15 +150,15 @@ def test_get_rays_square_reference_literals():
     o, d = np.asarray(o), np.asarray(d)
     assert o.shape == d.shape == (4, 4, 3)
     # (row 0, col 0): x = -0.75, y = 0.75 -> world (-1, -0.75, 0.75)
-    np.testing.assert_allclose(d[0, 0], _unit([-1.0, -0.75, 0.75]), atol=1e-6)
+    np.testing.assert_allclose(d[0, 0], unit_coordinates([-1.0, -0.75, 0.75]), atol=1e-6)
     # (row 1, col 2): x = 0.25, y = 0.25 -> world (-1, 0.25, 0.25)
-    np.testing.assert_allclose(d[1, 2], _unit([-1.0, 0.25, 0.25]), atol=1e-6)
+    np.testing.assert_allclose(d[1, 2], unit_coordinates([-1.0, 0.25, 0.25]), atol=1e-6)
     # (row 2, col 1): x = -0.25, y = -0.25
-    np.testing.assert_allclose(d[2, 1], _unit([-1.0, -0.25, -0.25]), atol=1e-6)
+    np.testing.assert_allclose(d[2, 1], unit_coordinates([-1.0, -0.25, -0.25]), atol=1e-6)
     # (row 3, col 3): x = 0.75, y = -0.75
-    np.testing.assert_allclose(d[3, 3], _unit([-1.0, 0.75, -0.75]), atol=1e-6)
+    np.testing.assert_allclose(d[3, 3], unit_coordinates([-1.0, 0.75, -0.75]), atol=1e-6)
     # (row 0, col 3): x = 0.75, y = 0.75
-    np.testing.assert_allclose(d[0, 3], _unit([-1.0, 0.75, 0.75]), atol=1e-6)
+    np.testing.assert_allclose(d[0, 3], unit_coordinates([-1.0, 0.75, 0.75]), atol=1e-6)
     np.testing.assert_allclose(o, np.broadcast_to([3.8, 0.0, 0.0], o.shape), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(d, axis=-1), 1.0, atol=1e-6)
     # top row points up (world +z), bottom row down; column 0 is the camera's left (right = world +y)
@@ -196,7 +196,7 @@ def test_get_rays_fovy_sets_focal():
     cam = cameras.make_camera(0.0, 0.0, 3.0, 60.0)
     _, d = cameras.get_rays(cam, 2, 2)
     s = 0.5 / math.sqrt(3.0)
-    np.testing.assert_allclose(np.asarray(d)[0, 0], _unit([-1.0, -s, s]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(d)[0, 0], unit_coordinates([-1.0, -s, s]), atol=1e-6)
 
 
 def test_get_rays_jitter():

@@ -130,7 +130,8 @@ def level_mask(step, spec: NerfFieldSpec) -> jax.Array:
                                            spec.progressive_start_step, spec.progressive_update_steps)
 
 
-def _unit(x: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+def unit_coordinates(x: jax.Array, spec: NerfFieldSpec) -> jax.Array:
+    """World points (..., 3) in the scene box [-radius, radius]^3 -> the hash grid's [0, 1]^3 (clipped)."""
     return jnp.clip((x + spec.radius) / (2.0 * spec.radius), 0.0, 1.0)
 
 
@@ -180,7 +181,7 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
 
 
 def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -> jax.Array:
-    return encode_points(params["encoding"], _unit(x, spec), spec.grid, mask, backend=spec.backend,
+    return encode_points(params["encoding"], unit_coordinates(x, spec), spec.grid, mask, backend=spec.backend,
                          remat=spec.remat_encoding, need_x_grad=spec.normal_type == "analytic", valid=valid,
                          backward=spec.hashgrid_backward, per_level=spec.encoder_per_level)
 
@@ -245,7 +246,7 @@ def density_no_grad(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, 
     fusable = spec.fused_density and spec.mlp_hidden_layers == 1 and not spec.mlp_width & (spec.mlp_width - 1)
     if spec.backend != "pallas" or not fusable:
         return sg(density(params, x, spec, mask, valid, precision=jax.lax.Precision.HIGHEST))
-    raw = density_kernel.density_mlp_pallas(params["encoding"], _unit(sg(x), spec), spec.grid, mask, valid,
+    raw = density_kernel.density_mlp_pallas(params["encoding"], unit_coordinates(sg(x), spec), spec.grid, mask, valid,
                                             net["layers_0"]["kernel"], net["layers_1"]["kernel"], interpret=interpret)
     return sg(_activate(raw + density_bias(sg(x), spec), spec))
 

@@ -33,13 +33,13 @@ from dreamcraft_jax.fields.mlp import MLP, init_mlp
 from dreamcraft_jax.fields.nerf import (
     NORMAL_TYPES,
     NerfFieldSpec,
-    _unit,
     albedo_of_encoding,
     encode_points,
     encoding_and_fd_gradient,
     finite_difference_gradient,
     fused_finite_difference_gradient,
     scalar_mlp,
+    unit_coordinates,
     uses_fd_kernel,
 )
 from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
@@ -112,7 +112,7 @@ def level_mask(step, spec: NeusFieldSpec) -> jax.Array:
 
 
 def _encode(params: dict, x: jax.Array, spec: NeusFieldSpec, mask, valid=None) -> jax.Array:
-    return encode_points(params["encoding"], _unit(x, spec.base), spec.grid, mask, backend=spec.base.backend,
+    return encode_points(params["encoding"], unit_coordinates(x, spec.base), spec.grid, mask, backend=spec.base.backend,
                          remat=spec.base.remat_encoding, need_x_grad=spec.normal_type == "analytic", valid=valid,
                          backward=spec.base.hashgrid_backward, per_level=spec.base.encoder_per_level)
 
