@@ -122,7 +122,8 @@ def apply_update(optimizer: optax.GradientTransformation, state: TrainState, ext
 
 
 def sharded_grads(sd: StepDef, mesh, params, batch, shared, guide, frozen):
-    """(grads, metrics) of one step, both replicated: the per-device loss under shard_map, pmean'd."""
+    """(grads, metrics) of one step: the per-device loss under shard_map; the metrics pmean'd (replicated), the
+    gradients averaged over every view and placed as the params are (``sd.param_specs``)."""
     uses_guidance = sd.guidance is not None and guide is not None
     frozen_specs = sd.frozen_specs if uses_guidance else parallel.REPLICATED
 
