@@ -63,9 +63,8 @@ def test_real_sigint_stops_after_the_step_in_flight(tmp_path, monkeypatch):
 
 
 def test_step_keys_list_each_kind_at_each_resolution_once():
-    """The stage's step keys from a start step, in first-use order; equal to the keys of every step in turn."""
+    """The stage's step keys from a start step, in first-use order."""
     from dreamcraft_jax import parallel
-    from dreamcraft_jax.stages.base import Stage
 
     cfg = tiny_config(**{"train.max_steps": 10, "train.mode": "alternate"})
     with cfg.unlocked():
@@ -76,8 +75,6 @@ def test_step_keys_list_each_kind_at_each_resolution_once():
     assert stage.step_keys(7) == [("random", (32, 32)), ("ref", (32, 32))]
     assert stage.step_keys(9) == [("random", (32, 32))]
     assert stage.step_keys(10) == []
-    for start in range(11):  # the generic walk over every step gives the same list
-        assert Stage.step_keys(stage, start, 10) == stage.step_keys(start)
 
 
 @pytest.mark.slow

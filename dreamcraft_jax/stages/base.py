@@ -41,10 +41,11 @@ class Stage(abc.ABC):
     def step_key(self, step: int) -> StepKey:
         """Which compiled step runs at ``step`` (host int), e.g. ("random", (128, 128))."""
 
-    def step_keys(self, start: int, stop: int) -> list[StepKey]:
-        """The distinct :meth:`step_key` values of steps ``start`` .. ``stop - 1``, in first-use order."""
+    def step_keys(self, start: int, stop: int | None = None) -> list[StepKey]:
+        """The distinct :meth:`step_key` values of steps ``start`` .. ``stop - 1`` (default: to ``max_steps``),
+        in first-use order (a walk over every step: microseconds per step, once per stage)."""
         keys = []
-        for step in range(int(start), int(stop)):
+        for step in range(int(start), self.max_steps if stop is None else int(stop)):
             key = self.step_key(step)
             if key not in keys:
                 keys.append(key)

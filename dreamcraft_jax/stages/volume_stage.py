@@ -141,18 +141,6 @@ class VolumeStage(Stage):
     def step_key(self, step: int):
         return step_kind(self.cfg.train.mode, step), resolution_at(self.cfg, step)
 
-    def step_keys(self, start: int, stop: int | None = None) -> list:
-        """First-use order; the kinds alternate with period 2 at most within each resolution phase."""
-        stop = self.max_steps if stop is None else int(stop)
-        bounds = sorted({int(start), stop, *(int(m) for m in self.cfg.data.resolution_milestones
-                                             if start < int(m) < stop)})
-        keys = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            for step in range(lo, min(lo + 2, hi)):
-                if self.step_key(step) not in keys:
-                    keys.append(self.step_key(step))
-        return keys
-
     def uses_priors(self, kind: str) -> bool:
         return self.priors is not None and kind in (RANDOM, BOTH)
 
