@@ -27,7 +27,6 @@ def get_config():
     config.data.heights = (64,)
     config.data.widths = (64,)
     config.data.resolution_milestones = ()
-    config.data.depth = "example"
     config.camera.progressive_until = 50
     config.render.num_samples_per_ray = 128
     config.render.candidate_samples_per_ray = 24.0

@@ -151,20 +151,28 @@ def pixel_directions_camera(height: int, width: int, fovy) -> jax.Array:
     return jnp.stack([x, y, -jnp.ones_like(x)], axis=-1)
 
 
-def get_rays(camera: Camera, height: int, width: int, key=None, jitter_std: float = 0.0):
+def get_rays(camera: Camera, height: int, width: int, offset: jax.Array | None = None):
     """Rays of one camera (batch shape ()) -> (rays_o, rays_d), each (H, W, 3); rays_d unit length.
 
-    With ``key`` and ``jitter_std > 0`` every direction gets N(0, jitter_std^2) noise before normalisation
-    (the official reference-view ray jitter, 2e-3).
+    ``offset`` (2, 3): the official reference-ray jitter (``threestudio/utils/ops.py: get_rays``): offset[0] is
+    added to every origin and offset[1] to every world direction before it is normalised (directions have
+    camera-space z = -1 there, so a 2e-3 offset turns the camera by about 2e-3 rad): one fixed sub-pixel
+    camera offset, not per-ray noise. See :func:`ray_offset`.
     """
     dirs_cam = pixel_directions_camera(height, width, camera.fovy)
     rot = camera.c2w[:3, :3]
     dirs = dirs_cam @ rot.T
-    dirs = _normalize(dirs)
-    if key is not None and jitter_std > 0:
-        dirs = _normalize(dirs + jitter_std * jax.random.normal(key, dirs.shape, dirs.dtype))
     origins = jnp.broadcast_to(camera.c2w[:3, 3], dirs.shape)
-    return origins, dirs
+    if offset is not None:
+        origins = origins + offset[0]
+        dirs = dirs + offset[1]
+    return origins, _normalize(dirs)
+
+
+def ray_offset(key: jax.Array, std: float) -> jax.Array:
+    """(2, 3) float32: N(0, std^2) offsets of the reference rays' origins (row 0) and directions (row 1), drawn
+    once when the rays are set (the official code draws them at setup and at each resolution change)."""
+    return std * jax.random.normal(key, (2, 3), jnp.float32)
 
 
 def light_directions(key, camera: Camera, n_views: int | None = None, *, distance_range=(0.8, 1.5),

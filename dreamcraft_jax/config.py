@@ -155,13 +155,18 @@ def _data(c) -> None:
     c.data = _section(
         heights=(128, 384), widths=(128, 384),  # training resolution per phase
         resolution_milestones=(3000,),  # the steps where the next phase starts
-        recenter=True, border_ratio=0.2,
+        # False: the image is already framed (python -m dreamcraft_jax.preprocess, or the official
+        # preprocess_image.py --recenter) and is loaded as is; True: frame it at load time, official formula.
+        recenter=False, border_ratio=0.1,  # border 0.1: the object's longer side is 90 % of the frame
         background="alpha",  # "alpha": the image's alpha is the mask; "flat": remove a flat background
-        depth="",  # optional depth map for the depth_rel loss; "example" = the bundled one
-        depth_is_disparity=True)  # True: larger = nearer (MiDaS/DPT-like); False: larger = farther
+        # Depth map for the depth_rel loss: "auto" = <name>_depth.png beside <name>_rgba.png if it exists,
+        # "" = none, or a path.
+        depth="auto",
+        depth_convention="depth",  # "depth": larger = farther (official, Omnidata); "disparity": larger = nearer
+        soft_mask=False)  # False: mask = alpha > 0.5 (official) for rgb compositing, mask loss, depth selection
     c.camera = _section(
         elevation_deg=0.0, azimuth_deg=0.0, distance=3.8, fovy_deg=20.0,  # the reference view
-        ray_jitter=2e-3,  # std of the noise added to the reference rays
+        ray_jitter=2e-3,  # std of the one fixed offset of the reference rays (origins and directions)
         elevation_range=(-10.0, 45.0), azimuth_range=(-180.0, 180.0),  # random views
         distance_range=(3.8, 3.8), fovy_range=(20.0, 20.0),
         progressive_until=200)  # random views widen from the reference azimuth to the full range by this step
@@ -169,7 +174,8 @@ def _data(c) -> None:
 
 def _check_data(cfg) -> None:
     _check_choice(cfg, "data.background", ("alpha", "flat"))
-    _check_number(cfg, "data.border_ratio", low=0, high=0.49)
+    _check_number(cfg, "data.border_ratio", low=0, high=0.99)
+    _check_choice(cfg, "data.depth_convention", ("depth", "disparity"))
     n_phases = len(cfg.data.resolution_milestones) + 1
     for key in ("data.heights", "data.widths"):
         value = _get(cfg, key)
@@ -465,6 +471,7 @@ def _stage_overrides(c) -> None:
     n = c.overrides.coarse_neus = ml_collections.ConfigDict()
     n.name = "coarse_neus"
     n.data = _section(heights=(256,), widths=(256,), resolution_milestones=())
+    n.camera = _section(progressive_until=0)  # random views span the full ranges from the first step
     # None = the shared train.max_steps (so --config.train.max_steps=N shortens both stages); set it to give 1b
     # its own length.
     n.train = _section(max_steps=ml_collections.config_dict.placeholder(int))

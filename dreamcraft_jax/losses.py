@@ -27,17 +27,17 @@ def mask_mse(opacity: jax.Array, gt_mask: jax.Array) -> jax.Array:
     return jnp.mean((gt_mask - opacity) ** 2)
 
 
-def depth_pearson(depth: jax.Array, gt_depth: jax.Array, gt_mask: jax.Array, disparity: bool = True) -> jax.Array:
+def depth_pearson(depth: jax.Array, gt_depth: jax.Array, gt_mask: jax.Array) -> jax.Array:
     """1 - Pearson correlation of depth and gt_depth over pixels with gt_mask > 0.5 (shapes (H, W)).
 
-    Rendered depth is a distance. A disparity-like reference (larger = nearer, what monocular estimators such
-    as MiDaS/DPT give; ``disparity=True``) is negated so that a perfect fit scores 0; a distance-like reference
-    (``disparity=False``) is used as is.
+    As the official loss: no sign flip. Rendered depth is a distance, so gt_depth must be larger = farther
+    (the official convention; :mod:`dreamcraft_jax.data.reference` converts a disparity map when it loads it).
+    A perfect fit scores 0, an inverted relief 2.
     """
     w = (gt_mask > 0.5).astype(depth.dtype)
     n = jnp.maximum(jnp.sum(w), 1.0)
     x = depth
-    y = -gt_depth if disparity else gt_depth
+    y = gt_depth
     mx = jnp.sum(w * x) / n
     my = jnp.sum(w * y) / n
     cov = jnp.sum(w * (x - mx) * (y - my))

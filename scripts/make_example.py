@@ -9,11 +9,15 @@ Outputs (both 256 x 256):
 
 * ``example_rgba.png``  8-bit RGBA, straight (not premultiplied) colour; alpha is the
   pixel coverage from 4 x 4 supersampling, so edges are anti-aliased; background alpha 0.
-* ``example_depth.png`` 16-bit grayscale "estimated depth" in the convention of a
-  monocular depth estimator: disparity-like, larger value = nearer to the camera. Pixels
-  with coverage >= 0.5 are normalised to [1, 65535] (min-max), everything else is 0.
+* ``example_depth.png`` 16-bit grayscale depth in the official DreamCraft3D convention
+  (what Omnidata's model gives and ``preprocess_image.py`` writes): view-space z-depth,
+  larger value = farther from the camera. Pixels with coverage >= 0.5 are normalised to
+  [1, 65535] (min-max), everything else is 0.
 
-Camera: at (0, 0, 3.8) looking at the origin along -z (y up), perspective, fovy 20 degrees.
+Camera: at (0, 0, 3.8) looking at the origin along -z (y up), perspective. The image window is
+framed as the official preprocessing (``preprocess_image.py --recenter``, border ratio 0.1)
+frames an object: the longer side of the object's bounding box is 90 % of the image, centred.
+The window is found by a first, coarse pass over a fovy-20-degree view.
 
 Usage::
 
@@ -31,8 +35,9 @@ from PIL import Image
 
 SIZE = 256  # output resolution (square)
 SUPERSAMPLE = 4  # 4 x 4 rays per pixel
-FOVY_DEG = 20.0
+FOVY_DEG = 20.0  # of the first pass that finds the object's extent
 CAM_DIST = 3.8
+BORDER_RATIO = 0.1  # the official preprocessing default: the object fills 90 % of the frame
 
 # Scene (world units, y up). Cap: upper half of an ellipsoid closed by a flat underside.
 CAP_CENTER_Y = 0.0
@@ -67,17 +72,35 @@ AMBIENT = 0.35
 DIFFUSE = 0.65
 
 
-def _camera_rays(size: int, ss: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ray origin (3,) and unit directions (size*ss, size*ss, 3) of the front camera."""
+def _camera_rays(size: int, ss: int, window=None) -> tuple[np.ndarray, np.ndarray]:
+    """Ray origin (3,) and unit directions (size*ss, size*ss, 3) of the front camera. ``window``
+    (x0, x1, y0, y1): the image plane's extent at z = -1 (x right, y up); default the fovy square."""
     n = size * ss
     coords = (np.arange(n) + 0.5) / n  # sub-pixel centres in (0, 1)
-    tan_half = math.tan(math.radians(FOVY_DEG) / 2)
-    x = (2 * coords - 1) * tan_half  # square image: same extent in x and y
-    y = (1 - 2 * coords) * tan_half  # image rows go down, world y goes up
+    if window is None:
+        tan_half = math.tan(math.radians(FOVY_DEG) / 2)
+        window = (-tan_half, tan_half, -tan_half, tan_half)
+    x0, x1, y0, y1 = window
+    x = x0 + coords * (x1 - x0)
+    y = y1 - coords * (y1 - y0)  # image rows go down, world y goes up
     xx, yy = np.meshgrid(x, y)
     dirs = np.stack([xx, yy, -np.ones_like(xx)], axis=-1)
     dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
     return np.array([0.0, 0.0, CAM_DIST]), dirs
+
+
+def framed_window(probe: int = 1024) -> tuple[float, float, float, float]:
+    """The image-plane window (x0, x1, y0, y1) that frames the object as ``--recenter`` does: a square whose
+    side is the object's longer extent / (1 - BORDER_RATIO), centred on the object's bounding box."""
+    _, d = _camera_rays(probe, 1)
+    hit = _trace(np.array([0.0, 0.0, CAM_DIST]), d)[1]
+    x, y = d[..., 0] / -d[..., 2], d[..., 1] / -d[..., 2]  # back to the z = -1 plane
+    half_px = math.tan(math.radians(FOVY_DEG) / 2) / probe  # half a probe pixel: the extent to the pixel edges
+    xs, ys = x[hit], y[hit]
+    bx0, bx1, by0, by1 = xs.min() - half_px, xs.max() + half_px, ys.min() - half_px, ys.max() + half_px
+    side = max(bx1 - bx0, by1 - by0) / (1.0 - BORDER_RATIO)
+    cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+    return cx - side / 2, cx + side / 2, cy - side / 2, cy + side / 2
 
 
 def _ellipsoid_roots(o, d, center, radii):
@@ -99,15 +122,8 @@ def _positive(t):
     return np.where(t > 1e-6, t, np.inf)
 
 
-def render(size: int = SIZE, ss: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
-    """Ray-cast the example.
-
-    Returns:
-      rgba:  (size, size, 4) uint8, straight colour, alpha = coverage.
-      depth: (size, size) uint16, disparity normalised to [1, 65535] where coverage >= 0.5,
-             0 elsewhere.
-    """
-    o, d = _camera_rays(size, ss)
+def _trace(o: np.ndarray, d: np.ndarray):
+    """Nearest hit of each ray: (t (...,), hit (...,) bool, which primitive (...,) in 0..3)."""
     cap_c = np.array([0.0, CAP_CENTER_Y, 0.0])
 
     # Cap dome: nearest root above the cap's equator (the far root covers rays that enter
@@ -117,8 +133,8 @@ def render(size: int = SIZE, ss: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndar
     above1 = o[1] + t1 * d[..., 1] >= CAP_CENTER_Y
     t_cap = _positive(np.where(above0, t0, np.where(above1, t1, np.inf)))
 
-    # Cap underside: disc in the plane y = CAP_CENTER_Y. No sub-pixel ray is exactly
-    # horizontal (an even number of rows per image), so the division is safe.
+    # Cap underside: disc in the plane y = CAP_CENTER_Y. A ray parallel to it gives inf or nan,
+    # which fails the disc test below: no hit.
     t_plane = (CAP_CENTER_Y - o[1]) / d[..., 1]
     px, pz = o[0] + t_plane * d[..., 0], o[2] + t_plane * d[..., 2]
     t_gills = _positive(np.where(px**2 + pz**2 <= CAP_RADII[0] ** 2, t_plane, np.inf))
@@ -139,6 +155,20 @@ def render(size: int = SIZE, ss: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndar
     t = np.min(ts, axis=0)
     hit = np.isfinite(t)
     t = np.where(hit, t, 0.0)
+    return t, hit, which
+
+
+def render(size: int = SIZE, ss: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """Ray-cast the example, framed by :func:`framed_window`.
+
+    Returns:
+      rgba:  (size, size, 4) uint8, straight colour, alpha = coverage.
+      depth: (size, size) uint16, z-depth (larger = farther) normalised to [1, 65535] where
+             coverage >= 0.5, 0 elsewhere.
+    """
+    o, d = _camera_rays(size, ss, framed_window())
+    cap_c = np.array([0.0, CAP_CENTER_Y, 0.0])
+    t, hit, which = _trace(o, d)
     p = o + t[..., None] * d
 
     # Per-primitive normals and albedo; the argmin picks one per ray.
@@ -165,7 +195,7 @@ def render(size: int = SIZE, ss: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndar
     color = np.clip(albedo * shade[..., None], 0.0, 1.0) * hit[..., None]
 
     # Camera looks along -z, so the view-space depth of a hit is its distance along -z.
-    disparity = np.where(hit, 1.0 / np.maximum(t * -d[..., 2], 1e-6), 0.0)
+    zdepth = np.where(hit, t * -d[..., 2], 0.0)
 
     def pool(x):  # (size*ss, size*ss, ...) -> per-pixel sums over the ss x ss samples
         return x.reshape(size, ss, size, ss, *x.shape[2:]).sum(axis=(1, 3))
@@ -174,16 +204,16 @@ def render(size: int = SIZE, ss: int = SUPERSAMPLE) -> tuple[np.ndarray, np.ndar
     coverage = count / ss**2
     safe = np.maximum(count, 1.0)
     rgb = pool(color) / safe[..., None]  # straight colour: mean over the covered samples
-    disp = pool(disparity) / safe
+    z = pool(zdepth) / safe
 
     rgba = np.zeros((size, size, 4), np.uint8)
     rgba[..., :3] = np.round(rgb * 255).astype(np.uint8)
     rgba[..., 3] = np.round(coverage * 255).astype(np.uint8)
 
     inside = coverage >= 0.5
-    lo, hi = disp[inside].min(), disp[inside].max()
+    lo, hi = z[inside].min(), z[inside].max()
     depth = np.zeros((size, size), np.uint16)
-    depth[inside] = np.round(1 + (disp[inside] - lo) / (hi - lo) * 65534).astype(np.uint16)
+    depth[inside] = np.round(1 + (z[inside] - lo) / (hi - lo) * 65534).astype(np.uint16)
     return rgba, depth
 
 

@@ -87,7 +87,7 @@ def test_no_key_is_both_a_path_and_a_switch():
     ("loss.lambda_rgb", -1.0, "loss.lambda_rgb"),
     ("data.heights", (64, 128), "data.heights"),
     ("render.samples_per_ray", 500.0, "render.samples_per_ray"),
-    ("data.border_ratio", 0.7, "data.border_ratio"),
+    ("data.border_ratio", 1.0, "data.border_ratio"), ("data.depth_convention", "z", "data.depth_convention"),
     ("camera.elevation_range", (45.0, -10.0), "camera.elevation_range"),
     ("optimizer.b2", 1.5, "optimizer.b2"),
     ("guidance.priors", "tiny", "guidance.priors"),

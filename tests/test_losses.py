@@ -64,18 +64,16 @@ def _depth_case(seed=3, h=9, w=8):
 
 
 def test_depth_pearson_perfect_correlations():
-    rng, mask, disp = _depth_case()
+    rng, mask, gt = _depth_case()
     noise_outside = np.where(mask > 0.5, 0.0, rng.uniform(-50, 50, size=mask.shape))  # ignored pixels
-    # rendered depth a decreasing affine function of disparity: perfect fit -> 0
-    depth = 3.0 - 0.7 * disp + noise_outside
-    args = [jnp.asarray(x, jnp.float32) for x in (depth, disp, mask)]
-    assert float(losses.depth_pearson(*args, disparity=True)) == pytest.approx(0.0, abs=1e-5)
-    # increasing with disparity: perfectly wrong -> 2
-    depth_bad = 1.0 + 0.4 * disp + noise_outside
-    args = [jnp.asarray(x, jnp.float32) for x in (depth_bad, disp, mask)]
-    assert float(losses.depth_pearson(*args, disparity=True)) == pytest.approx(2.0, abs=1e-5)
-    # a distance-like reference is used as is
-    assert float(losses.depth_pearson(*args, disparity=False)) == pytest.approx(0.0, abs=1e-5)
+    # rendered depth an increasing affine function of the (larger = farther) reference: perfect fit -> 0
+    depth = 1.0 + 0.4 * gt + noise_outside
+    args = [jnp.asarray(x, jnp.float32) for x in (depth, gt, mask)]
+    assert float(losses.depth_pearson(*args)) == pytest.approx(0.0, abs=1e-5)
+    # decreasing: an inverted relief -> 2 (no sign flip inside the loss)
+    depth_bad = 3.0 - 0.7 * gt + noise_outside
+    args = [jnp.asarray(x, jnp.float32) for x in (depth_bad, gt, mask)]
+    assert float(losses.depth_pearson(*args)) == pytest.approx(2.0, abs=1e-5)
 
 
 def test_depth_pearson_vs_numpy_corrcoef():
@@ -84,10 +82,8 @@ def test_depth_pearson_vs_numpy_corrcoef():
     sel = mask > 0.5
     assert 5 < sel.sum() < sel.size
     args = [jnp.asarray(x, jnp.float32) for x in (depth, gt, mask)]
-    expected = 1.0 - np.corrcoef(depth[sel], -gt[sel])[0, 1]
-    assert float(losses.depth_pearson(*args, disparity=True)) == pytest.approx(expected, abs=1e-5)
     expected = 1.0 - np.corrcoef(depth[sel], gt[sel])[0, 1]
-    assert float(losses.depth_pearson(*args, disparity=False)) == pytest.approx(expected, abs=1e-5)
+    assert float(losses.depth_pearson(*args)) == pytest.approx(expected, abs=1e-5)
     assert 0.05 < expected < 1.95  # a non-degenerate case
 
 
@@ -97,7 +93,7 @@ def test_depth_pearson_gradient_finite_difference():
     sel = mask > 0.5
 
     def ref(dflat):
-        return 1.0 - np.corrcoef(dflat.reshape(gt.shape)[sel], -gt[sel])[0, 1]
+        return 1.0 - np.corrcoef(dflat.reshape(gt.shape)[sel], gt[sel])[0, 1]
 
     g = np.asarray(jax.grad(lambda d: losses.depth_pearson(d, jnp.asarray(gt, jnp.float32),
                                                            jnp.asarray(mask, jnp.float32)))(

@@ -53,39 +53,81 @@ def test_bundled_example_loads(size):
     assert 0.0 <= ref.rgb.min() and ref.rgb.max() <= 1.0
     assert 0.0 <= ref.mask.min() and ref.mask.max() <= 1.0
     fg = ref.mask > 0.5
-    # Default border 0.2: the longer bbox side is 0.6 * size, centred.
+    # The example is framed as preprocessing frames it: the longer bbox side is 90 % of the frame, centred.
     r0, r1, c0, c1 = _bbox(ref.mask)
-    assert abs(max(r1 - r0, c1 - c0) - 0.6 * size) <= 2
+    assert abs(max(r1 - r0, c1 - c0) - 0.9 * size) <= 2
     assert abs((r0 + r1) / 2 - size / 2) <= 1 and abs((c0 + c1) / 2 - size / 2) <= 1
-    # Depth: [0, 1] inside, 0 outside; the nearest point is the cap's front (upper half).
+    # Depth, larger = farther: [0, 1] inside, 0 outside; the nearest point (0) is on the cap (upper half),
+    # the farthest (1) on the mound (lower half).
     assert ref.depth[fg].min() == pytest.approx(0.0) and ref.depth[fg].max() == pytest.approx(1.0)
     assert np.all(ref.depth[~fg] == 0)
-    assert np.unravel_index(np.argmax(ref.depth), ref.depth.shape)[0] < size / 2
+    nearest = np.where(fg, ref.depth, np.inf)
+    assert np.unravel_index(np.argmin(nearest), ref.depth.shape)[0] < size / 2
     # A red mushroom cap: the upper part of the object is mostly red.
     cap = ref.rgb[r0:(r0 + r1) // 2][fg[r0:(r0 + r1) // 2]]
     assert np.mean((cap[:, 0] > 0.4) & (cap[:, 1] < 0.3)) > 0.4
     assert ref.source == example_image_path()
 
 
-@pytest.mark.parametrize("out_hw,border", [((128, 128), 0.2), ((96, 128), 0.1), ((128, 80), 0.25)])
+def _official_region(alpha: np.ndarray, h: int, w: int, border: float) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1) where preprocess_image.py --recenter puts the crop, from its formula (the crop
+    is [min, max) of the rows / columns with alpha > 0, so its last row / column is left out)."""
+    rows, cols = np.nonzero(alpha > 0)
+    hh, ww = rows.max() - rows.min(), cols.max() - cols.min()
+    desired = int(min(h, w) * (1 - border))
+    scale = desired / max(hh, ww)
+    h2, w2 = int(hh * scale), int(ww * scale)
+    return (h - h2) // 2, (h - h2) // 2 + h2, (w - w2) // 2, (w - w2) // 2 + w2
+
+
+@pytest.mark.parametrize("out_hw,border", [((128, 128), 0.1), ((96, 128), 0.2), ((128, 80), 0.25)])
 def test_recenter_geometry(tmp_path, out_hw, border):
     # 40 x 100 rectangle, far off-centre in a 200 x 160 image.
-    path = _save(tmp_path, "rect.png", _rect_rgba(200, 160, 30, 70, 20, 120))
+    img = _rect_rgba(200, 160, 30, 70, 20, 120)
+    path = _save(tmp_path, "rect.png", img)
     h, w = out_hw
-    ref = load_reference(path, h, w, border_ratio=border)
+    ref = load_reference(path, h, w, recenter=True, border_ratio=border)
     assert ref.rgb.shape == (h, w, 3) and ref.mask.shape == (h, w)
     r0, r1, c0, c1 = _bbox(ref.mask)
-    long_side = (1 - 2 * border) * min(h, w)  # the width (100 px) is the longer side
-    short_side = long_side * 40 / 100
-    assert abs((c1 - c0) - long_side) <= 1.5
-    assert abs((r1 - r0) - short_side) <= 1.5
-    assert abs((r0 + r1) / 2 - h / 2) <= 1
-    assert abs((c0 + c1) / 2 - w / 2) <= 1
+    want = _official_region(img[..., 3], h, w, border)
+    assert max(abs(a - b) for a, b in zip((r0, r1, c0, c1), want)) <= 1, ((r0, r1, c0, c1), want)
+    # The longer side (the width, 100 px) is (1 - border) of the frame's shorter side.
+    assert abs((c1 - c0) - (1 - border) * min(h, w)) <= 2
+
+
+def test_framed_image_loads_unchanged(tmp_path):
+    """An RGBA whose object already fills 90 % (as preprocessing writes it) is loaded as is by default, and
+    re-framing it changes it by about one pixel at most."""
+    img = _rect_rgba(100, 100, 30, 70, 5, 95)  # 90 x 40, centred: a 90 % framing
+    path = _save(tmp_path, "framed.png", img)
+    ref = load_reference(path, 100, 100)
+    np.testing.assert_allclose(ref.mask, img[..., 3] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(ref.rgb, img[..., :3] / 255.0, atol=1e-6)
+    again = load_reference(path, 100, 100, recenter=True)
+    r0, r1, c0, c1 = _bbox(again.mask)
+    assert abs((c1 - c0) - 90) <= 1 and abs((r1 - r0) - 40) <= 1
+    assert abs((c0 + c1) / 2 - 50) <= 1 and abs((r0 + r1) / 2 - 50) <= 1
+
+
+def test_small_object_is_reframed_to_90_percent_when_asked(tmp_path):
+    img = _rect_rgba(200, 200, 20, 80, 110, 170)  # 60 x 60 = 30 % of the frame, off-centre
+    path = _save(tmp_path, "small.png", img)
+    plain = load_reference(path, 100, 100)  # recenter=False: the framing is kept
+    r0, r1, c0, c1 = _bbox(plain.mask)
+    assert abs((r1 - r0) - 30) <= 1 and abs((c0 + c1) / 2 - 70) <= 1
+    ref = load_reference(path, 100, 100, recenter=True)
+    r0, r1, c0, c1 = _bbox(ref.mask)
+    assert abs((r1 - r0) - 90) <= 1 and abs((c1 - c0) - 90) <= 1
+    assert abs((c0 + c1) / 2 - 50) <= 1 and abs((r0 + r1) / 2 - 50) <= 1
 
 
 def test_recenter_keeps_colour(tmp_path):
-    path = _save(tmp_path, "rect.png", _rect_rgba(200, 160, 30, 70, 20, 120))
-    ref = load_reference(path, 128, 128)  # downscale 0.768: many partially covered edge pixels
+    img = _rect_rgba(200, 160, 28, 72, 18, 122)
+    img[30:70, 20:120, 3] = 0  # hollow out: the outer 2-pixel ring stays, at partial coverage
+    img[28:72, 18:122, 3] = np.maximum(img[28:72, 18:122, 3], 0) // 3  # ring alpha 85
+    img[30:70, 20:120, 3] = 255
+    path = _save(tmp_path, "rect.png", img)
+    ref = load_reference(path, 128, 128, recenter=True, border_ratio=0.2)  # downscale: soft edge pixels
     want = np.array(COLOR) / 255.0
     interior = ref.mask > 0.999
     assert interior.sum() > 1000
@@ -194,8 +236,8 @@ def test_missing_and_unreadable_files_raise(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(height=4, width=64), dict(height=64, width=7), dict(border_ratio=0.5),
-     dict(border_ratio=-0.1), dict(background="white")],
+    [dict(height=4, width=64), dict(height=64, width=7),
+     dict(border_ratio=-0.1), dict(border_ratio=1.0), dict(background="white"), dict(depth_convention="z")],
 )
 def test_bad_arguments_raise(tmp_path, kwargs):
     path = _save(tmp_path, "rect.png", _rect_rgba(64, 64, 10, 30, 20, 50))
@@ -232,9 +274,9 @@ def test_depth_normalisation(tmp_path, fmt):
     want[r0:r1, c0:c1] = np.linspace(0, 1, c1 - c0)[None, :]  # min-max over the mask
     np.testing.assert_allclose(ref.depth, want, atol=1e-6)
     assert ref.depth[fg].min() == 0.0 and ref.depth[fg].max() == pytest.approx(1.0)
-    # The same map read as larger = farther comes out flipped, still 0 outside.
+    # The same map read as disparity (larger = nearer) comes out flipped to larger = farther, still 0 outside.
     flipped = load_reference(img_path, 64, 64, recenter=False, depth_path=depth_path,
-                             depth_is_disparity=False)
+                             depth_convention="disparity")
     drawn = np.zeros((64, 64), bool)
     drawn[r0:r1, c0:c1] = True
     np.testing.assert_allclose(flipped.depth, np.where(drawn, 1 - want, 0), atol=1e-6)
@@ -244,7 +286,7 @@ def test_depth_recentered(tmp_path):
     r0, r1, c0, c1 = 30, 70, 20, 120
     img_path = _save(tmp_path, "rect.png", _rect_rgba(200, 160, r0, r1, c0, c1))
     depth_path = _save(tmp_path, "d.png", _depth_ramp(200, 160, r0, r1, c0, c1).astype(np.uint16))
-    ref = load_reference(img_path, 96, 96, depth_path=depth_path)
+    ref = load_reference(img_path, 96, 96, recenter=True, depth_path=depth_path)
     fg = ref.mask > 0.5
     assert ref.depth[fg].min() == pytest.approx(0.0) and ref.depth[fg].max() == pytest.approx(1.0)
     assert np.all(ref.depth[~fg] == 0)

@@ -5,12 +5,14 @@ Conventions of the returned :class:`ReferenceImage` (H, W = the requested size):
 * ``rgb``   (H, W, 3) float32 in [0, 1], *straight* (not premultiplied) colour. Where the
   mask is 0 the colour is whatever the image has there (it is not composited onto any
   background); areas of the canvas outside the source image are 0.
-* ``mask``  (H, W) float32 in [0, 1]: the alpha matte, anti-aliased values kept. The binary
-  foreground is ``mask > 0.5``.
-* ``depth`` (H, W) float32 or None: *disparity-like*, as monocular depth estimators output
-  it: larger = nearer to the camera. Min-max normalised to [0, 1] over ``mask > 0.5``
-  (1 = nearest point), 0 outside. Depth maps where larger = farther are flipped to this
-  convention when loaded with ``depth_is_disparity=False``.
+* ``mask``  (H, W) float32 in [0, 1]: the alpha matte, anti-aliased values kept. The stages
+  binarise it at 0.5 as the official code does (``data.soft_mask`` keeps the matte).
+* ``depth`` (H, W) float32 or None, in the official DreamCraft3D convention: *larger =
+  farther* (z-depth-like, what Omnidata's depth model gives and ``preprocess_image.py``
+  writes), min-max normalised to [0, 1] over ``mask > 0.5`` (0 = nearest point), 0 outside.
+  A disparity-like map (larger = nearer, as MiDaS outputs it) is converted to this
+  convention here, once, when loaded with ``depth_convention="disparity"``: the normalised
+  values are flipped (1 - d). The depth_rel loss uses the result as is.
 
 Foreground comes from one of two sources (``background=``):
 
@@ -20,12 +22,18 @@ Foreground comes from one of two sources (``background=``):
   foreground is every pixel whose Euclidean RGB distance (in [0, 1] units) to it exceeds
   ``flat_threshold``. No connected-component cleanup and no softening: the mask is binary.
 
-With ``recenter=True`` the object is re-centred as in DreamCraft3D / threestudio's
-preprocessing: the bounding box of ``mask > 0.5`` is scaled, keeping its aspect, so that its
-longer side is ``(1 - 2 * border_ratio) * min(H, W)``, and centred in an H x W canvas.
-Colour and alpha are resampled premultiplied (so the transparent surroundings cannot bleed
-into the edges) and then un-premultiplied; depth is resampled bilinearly, weighted by the
-binary mask so that the values outside the object do not leak in either.
+Framing. The official pipeline frames the object once, in preprocessing
+(``preprocess_image.py --recenter``, ``python -m dreamcraft_jax.preprocess`` here), and training
+loads that file as is: by default (``recenter=False``) the whole image is resized to (H, W).
+With ``recenter=True`` it is re-framed at load time with the official formula: the bounding
+box of ``alpha > 0`` (rows ``y_min .. y_max``, the crop ``[y_min, y_max)`` as the official
+code takes it, same for columns), ``desired = int(min(H, W) * (1 - border_ratio))``,
+``scale = desired / max(y_max - y_min, x_max - x_min)``, the crop resized to
+``(int(h * scale), int(w * scale))`` and placed at ``((H - h2) // 2, (W - w2) // 2)``;
+the default border_ratio 0.1 makes the longer side 90 % of the frame. Colour and alpha are
+resampled premultiplied (so the transparent surroundings cannot bleed into the edges) and then
+un-premultiplied; depth is resampled bilinearly, weighted by the binary mask so that the
+values outside the object do not leak in either.
 
 Every problem with the input (missing or unreadable file, no alpha, empty mask, bad sizes
 or arguments) raises :class:`ReferenceImageError` with a one-line message saying what was
@@ -46,6 +54,8 @@ from PIL import Image, ImageOps
 __all__ = [
     "ReferenceImage",
     "ReferenceImageError",
+    "depth_beside",
+    "depth_from_config",
     "example_depth_path",
     "example_image_path",
     "load_reference",
@@ -53,6 +63,8 @@ __all__ = [
 
 MIN_SIZE = 8  # smallest accepted output height / width
 BACKGROUNDS = ("alpha", "flat")
+DEPTH_CONVENTIONS = ("depth", "disparity")  # larger = farther (official) / larger = nearer
+DEFAULT_BORDER_RATIO = 0.1  # preprocess_image.py's default: the object's longer side is 90 % of the frame
 
 _FLAT_FRAME_PX = 2  # width of the border frame that estimates a flat background colour
 # A flat background may have a few border pixels off its colour (the object touching the
@@ -80,8 +92,8 @@ class ReferenceImage:
     Attributes:
       rgb:    (H, W, 3) float32 in [0, 1], straight colour.
       mask:   (H, W) float32 in [0, 1], alpha matte; binary foreground is ``mask > 0.5``.
-      depth:  (H, W) float32, disparity-like (larger = nearer), [0, 1] inside the mask and
-              0 outside; None when no depth map was given.
+      depth:  (H, W) float32, larger = farther, [0, 1] inside the mask and 0 outside; None
+              when no depth map was given.
       source: path of the image it was loaded from.
     """
 
@@ -97,7 +109,7 @@ def example_image_path() -> str:
 
 
 def example_depth_path() -> str:
-    """Path of the bundled example's depth map (256 x 256 16-bit PNG, larger = nearer)."""
+    """Path of the bundled example's depth map (256 x 256 16-bit PNG, larger = farther)."""
     return str(importlib.resources.files("dreamcraft_jax") / "assets" / "example_depth.png")
 
 
@@ -106,31 +118,33 @@ def load_reference(
     height: int,
     width: int,
     *,
-    recenter: bool = True,
-    border_ratio: float = 0.2,
+    recenter: bool = False,
+    border_ratio: float = DEFAULT_BORDER_RATIO,
     depth_path: str | Path | None = None,
     background: str = "alpha",
     flat_threshold: float = 0.1,
-    depth_is_disparity: bool = True,
+    depth_convention: str = "depth",
 ) -> ReferenceImage:
     """Loads a reference image (PNG / JPG, any mode pillow opens) and preprocesses it.
 
     Args:
       path: the image file.
       height, width: output size H, W (each >= 8).
-      recenter: re-centre and rescale the object (see the module docstring); if False the
-        whole image is resized to (H, W), aspect not kept.
-      border_ratio: with ``recenter``, the empty margin on each side as a fraction of
-        min(H, W); in [0, 0.5).
+      recenter: re-frame the object with the official formula (see the module docstring);
+        if False (default: the file is already framed, as preprocessing writes it) the whole
+        image is resized to (H, W), aspect not kept.
+      border_ratio: with ``recenter``, the empty part of the frame along the object's longer
+        side, as a fraction of min(H, W) (the official ``--border_ratio``); in [0, 1).
       depth_path: optional depth map of the same size as the image: an 8- or 16-bit
-        grayscale image or a 2-D ``.npy`` float array, disparity-like (larger = nearer).
+        grayscale image or a 2-D ``.npy`` float array, in ``depth_convention``.
       background: ``"alpha"`` (mask from the alpha channel) or ``"flat"`` (mask from a flat
         background colour; the alpha channel, if any, is ignored).
       flat_threshold: with ``background="flat"``, the RGB distance in [0, 1] units from the
         background colour above which a pixel is foreground.
-      depth_is_disparity: True if the depth map is disparity-like (larger = nearer, as
-        MiDaS / DPT output it); False if larger = farther, in which case the normalised
-        values are flipped (1 - d inside the mask) to the disparity-like convention.
+      depth_convention: ``"depth"`` if larger values are farther (the official convention,
+        Omnidata / ``preprocess_image.py``), ``"disparity"`` if larger values are nearer
+        (MiDaS-like); a disparity map is flipped (1 - d inside the mask) to the official
+        convention.
 
     Returns:
       A :class:`ReferenceImage` with rgb (H, W, 3), mask (H, W) and depth (H, W) or None.
@@ -138,11 +152,11 @@ def load_reference(
     Raises:
       ReferenceImageError: on any unusable input, with a message saying what to do.
     """
-    _check_arguments(height, width, border_ratio, background, flat_threshold)
+    _check_arguments(height, width, border_ratio, background, flat_threshold, depth_convention)
     height, width = int(height), int(width)
     rgb, alpha = _read_image(path, background, flat_threshold)  # (h, w, 3), (h, w)
     src_fg = alpha > 0.5
-    if not src_fg.any():
+    if not src_fg.any():  # (checked on > 0.5: an object of nearly transparent pixels only is no object either)
         if background == "alpha":
             raise ReferenceImageError(
                 f"reference image {path} is fully transparent (no pixel with alpha > 0.5); "
@@ -157,7 +171,7 @@ def load_reference(
 
     src_hw = alpha.shape
     if recenter:
-        place = _recenter_placement(src_fg, height, width, border_ratio)
+        place = _recenter_placement(alpha > 0, height, width, border_ratio, path)
         outside = "constant"  # beyond the source image there is nothing: transparent
     else:
         place = _Placement(box=(0.0, 0.0, float(src_hw[1]), float(src_hw[0])),
@@ -186,11 +200,7 @@ def load_reference(
         )
     out_depth = None
     if depth is not None:
-        out_depth = _resample_depth(depth, src_fg, fg, resize)
-        if not depth_is_disparity:
-            # A relative depth map has an unknown shift, so 1/depth is not available;
-            # flipping the order is the convention-preserving approximation.
-            out_depth = np.where(fg, 1.0 - out_depth, 0.0).astype(np.float32)
+        out_depth = _resample_depth(depth, src_fg, fg, resize, flip=depth_convention == "disparity")
 
     return ReferenceImage(
         rgb=np.ascontiguousarray(out_rgb, np.float32),
@@ -203,16 +213,21 @@ def load_reference(
 # ----------------------------------------------------------------------------- checks / IO
 
 
-def _check_arguments(height, width, border_ratio, background, flat_threshold) -> None:
+def _check_arguments(height, width, border_ratio, background, flat_threshold, depth_convention) -> None:
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ReferenceImageError(f"{name} must be an integer, got {value!r}")
         if value < MIN_SIZE:
             raise ReferenceImageError(f"{name} must be at least {MIN_SIZE} pixels, got {value}")
-    if not isinstance(border_ratio, numbers.Real) or not 0.0 <= border_ratio < 0.5:
+    if isinstance(border_ratio, bool) or not isinstance(border_ratio, numbers.Real) or not 0.0 <= border_ratio < 1.0:
         raise ReferenceImageError(
-            f"border_ratio must be in [0, 0.5) (the margin per side as a fraction of the "
-            f"image size), got {border_ratio!r}"
+            f"border_ratio must be in [0, 1) (the empty part of the frame along the object's "
+            f"longer side; 0.1 frames it at 90 %), got {border_ratio!r}"
+        )
+    if depth_convention not in DEPTH_CONVENTIONS:
+        raise ReferenceImageError(
+            f"depth_convention must be one of {DEPTH_CONVENTIONS} (\"depth\": larger = farther, "
+            f"the official maps; \"disparity\": larger = nearer), got {depth_convention!r}"
         )
     if background not in BACKGROUNDS:
         raise ReferenceImageError(
@@ -355,30 +370,28 @@ class _Placement:
     region: tuple[int, int, int, int]
 
 
-def _recenter_placement(fg: np.ndarray, height: int, width: int, border_ratio: float) -> _Placement:
-    """Placement that scales the bbox of ``fg`` (h, w) so its longer side is
-    (1 - 2 * border_ratio) * min(height, width), centred in the canvas."""
+def _recenter_placement(fg: np.ndarray, height: int, width: int, border_ratio: float, path) -> _Placement:
+    """The official re-framing (``preprocess_image.py --recenter``) of the bbox of ``fg`` (h, w).
+
+    Crop [y_min, y_max) x [x_min, x_max) with y_max / x_max the last foreground row / column (the
+    official crop leaves that last one out), longer side scaled to int(min(H, W) * (1 - border_ratio)),
+    truncated to whole pixels, placed at ((H - h2) // 2, (W - w2) // 2); generalised from the official
+    square canvas to H x W by framing in the shorter side.
+    """
     rows = np.flatnonzero(fg.any(axis=1))
     cols = np.flatnonzero(fg.any(axis=0))
-    y0, y1 = rows[0], rows[-1] + 1
-    x0, x1 = cols[0], cols[-1] + 1
-    scale = (1.0 - 2.0 * border_ratio) * min(height, width) / max(y1 - y0, x1 - x0)
-    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
-
-    # The region is the canvas ∩ the footprint of the whole source image, so the soft fringe
-    # around the bbox (alpha <= 0.5) is kept, while the work stays bounded by the source size.
-    h, w = fg.shape
-    X0 = max(0, math.floor((0 - cx) * scale + width / 2))
-    X1 = min(width, math.ceil((w - cx) * scale + width / 2))
-    Y0 = max(0, math.floor((0 - cy) * scale + height / 2))
-    Y1 = min(height, math.ceil((h - cy) * scale + height / 2))
-    box = (
-        (X0 - width / 2) / scale + cx,
-        (Y0 - height / 2) / scale + cy,
-        (X1 - width / 2) / scale + cx,
-        (Y1 - height / 2) / scale + cy,
-    )
-    return _Placement(box=box, region=(X0, Y0, X1, Y1))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    h, w = y1 - y0, x1 - x0
+    desired = int(min(height, width) * (1.0 - border_ratio))
+    if max(h, w) == 0 or desired == 0:
+        raise ReferenceImageError(
+            f"cannot re-frame {path}: its object is {w + 1}x{h + 1} pixels, too small to scale to "
+            f"{desired} pixels; use a larger image or recenter=False"
+        )
+    scale = desired / max(h, w)
+    h2, w2 = int(h * scale), int(w * scale)
+    Y0, X0 = (height - h2) // 2, (width - w2) // 2
+    return _Placement(box=(float(x0), float(y0), float(x1), float(y1)), region=(X0, Y0, X0 + w2, Y0 + h2))
 
 
 def _crop_padded(plane: np.ndarray, y0: int, y1: int, x0: int, x1: int, pad: str) -> np.ndarray:
@@ -411,32 +424,49 @@ def _resize_plane(plane: np.ndarray, place: _Placement, out_hw: tuple[int, int],
     return canvas
 
 
-def _resample_depth(depth: np.ndarray, src_fg: np.ndarray, fg: np.ndarray, resize) -> np.ndarray:
-    """Depth (h, w) -> (H, W) float32 normalised to [0, 1] over ``fg`` (H, W), 0 outside.
+def _resample_depth(depth: np.ndarray, src_fg: np.ndarray, fg: np.ndarray, resize, flip: bool) -> np.ndarray:
+    """Depth (h, w) -> (H, W) float32 normalised to [0, 1] over ``fg`` (H, W), 0 outside, larger = farther.
 
-    Resampled as a mask-weighted average (sum of depth * weight / sum of weight), so that
-    the object's edge takes no values from outside the object.
+    Resampled as a mask-weighted average (sum of depth * weight / sum of weight), so that the object's
+    edge takes no values from outside the object. ``flip``: the file is disparity-like (larger = nearer);
+    a relative map has an unknown shift, so 1 / d is not available and reversing the order (1 - d) is
+    the convention-preserving conversion. This is the only place the convention is converted.
     """
     weight = src_fg.astype(np.float32)
     num = resize(depth * weight, _DEPTH_RESAMPLE, "constant")
     den = resize(weight, _DEPTH_RESAMPLE, "constant")
     valid = fg & (den > 1e-3)
-    out = np.zeros(fg.shape, np.float32)
+    # Mask pixels with no depth support (a sliver of resampled alpha) count as the farthest.
+    out = np.where(fg, 1.0, 0.0).astype(np.float32)
     if not valid.any():  # cannot happen for a non-empty source mask; kept as a safe fallback
         return out
     values = num[valid] / den[valid]
     lo, hi = values.min(), values.max()
-    # Mask pixels with no depth support (a sliver of resampled alpha) count as the farthest.
-    out[valid] = (values - lo) / (hi - lo) if hi > lo else 1.0
+    values = (values - lo) / (hi - lo) if hi > lo else np.ones_like(values)
+    out[valid] = 1.0 - values if flip else values
     return out
+
+
+def depth_beside(image: str | Path) -> Path | None:
+    """The depth map that preprocessing writes beside an image: ``<name>_depth.png`` for ``<name>_rgba.png``
+    (or ``<name>.png``), or None when there is none."""
+    image = Path(image)
+    stem = image.stem[: -len("_rgba")] if image.stem.endswith("_rgba") else image.stem
+    candidate = image.with_name(f"{stem}_depth.png")
+    return candidate if candidate.is_file() else None
+
+
+def depth_from_config(cfg) -> str | None:
+    """The depth map a config names: ``data.depth`` = "auto" (the file beside the image, if any), "" (none) or a
+    path."""
+    if cfg.data.depth == "auto":
+        found = depth_beside(cfg.image or example_image_path())
+        return None if found is None else str(found)
+    return cfg.data.depth or None
 
 
 def reference_from_config(cfg, height: int, width: int) -> ReferenceImage:
     """The reference image (and depth map) a config names (``image``, ``data.*``), at one resolution."""
-    image = cfg.image or example_image_path()
-    depth = cfg.data.depth
-    if depth == "example":
-        depth = example_depth_path()
-    return load_reference(image, height, width, recenter=cfg.data.recenter, border_ratio=cfg.data.border_ratio,
-                          depth_path=depth or None, background=cfg.data.background,
-                          depth_is_disparity=cfg.data.depth_is_disparity)
+    return load_reference(cfg.image or example_image_path(), height, width, recenter=cfg.data.recenter,
+                          border_ratio=cfg.data.border_ratio, depth_path=depth_from_config(cfg),
+                          background=cfg.data.background, depth_convention=cfg.data.depth_convention)

@@ -1,4 +1,4 @@
-"""Small MLPs for the fields (tiny-cuda-nn style: no biases, ReLU hidden layers, linear output)."""
+"""Small MLPs for the fields (the official VanillaMLP: no biases, ReLU hidden layers, linear output)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# PyTorch's nn.Linear default (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), which the
+# official fields' VanillaMLP keeps (threestudio/models/networks.py); variance_scaling's uniform bound is
+# sqrt(3 * scale / fan_in), so scale = 1/3.
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
 
 class MLP(nn.Module):
-    """x (N, in) -> (N, out): ``n_hidden_layers`` Dense(width) + ReLU, then Dense(out), all without bias.
+    """x (N, in) -> (N, out): ``n_hidden_layers`` Dense(width) + ReLU, then Dense(out), all without bias,
+    weights initialised U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's nn.Linear.
 
     Parameter paths: ``layers_0/kernel`` ... ``layers_{n_hidden_layers}/kernel``.
     """
@@ -25,8 +31,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         sizes: Sequence[int] = [self.width] * self.n_hidden_layers + [self.out_dim]
         for i, size in enumerate(sizes):
-            # Xavier-uniform like tiny-cuda-nn's fully fused MLP initialisation.
-            x = nn.Dense(size, use_bias=self.use_bias, kernel_init=nn.initializers.xavier_uniform(),
+            x = nn.Dense(size, use_bias=self.use_bias, kernel_init=TORCH_LINEAR_INIT,
                          precision=self.precision, name=f"layers_{i}")(x)
             if i < len(sizes) - 1:
                 x = nn.relu(x)

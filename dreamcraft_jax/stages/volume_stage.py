@@ -6,7 +6,7 @@ The stage is the same for both; what differs is the field, a :class:`FieldModel`
 Data path of one step (built by :func:`dreamcraft_jax.train_step.build_step`):
   step_key = fold_in(rng, step)
   grid     = occupancy-grid update (every N steps, replicated)
-  views    = reference cameras (ray jitter per view) and/or random cameras, split along the view axes
+  views    = reference cameras (one fixed ray offset per resolution) and/or random cameras, split along the view axes
   per device: render its views, losses; the random views' renders, resized to each prior's input size, scored
               by the priors (``lambda_sd``: the 2D prior, ``lambda_3d_sd``: Zero123) as one batch per device
   grads and metrics pmean'd; Adam (skipped, and counted, when the loss or a gradient is not finite)
@@ -53,16 +53,37 @@ BOTH = "both"
 
 @flax.struct.dataclass
 class Targets:
-    """Reference-view supervision at one resolution: rgb (H, W, 3), mask (H, W), depth (H, W) (zeros if none)."""
+    """Reference-view supervision at one resolution: rgb (H, W, 3), mask (H, W), depth (H, W) (zeros if none,
+    larger = farther), ray_offset (2, 3): the fixed jitter of the reference rays' origins and directions
+    (:func:`dreamcraft_jax.cameras.get_rays`)."""
 
     rgb: jax.Array
     mask: jax.Array
     depth: jax.Array
+    ray_offset: jax.Array
 
 
-def targets_from_reference(ref) -> Targets:
+def targets_from_reference(ref, soft_mask: bool = False, ray_offset=None) -> Targets:
+    """Targets of a :class:`~dreamcraft_jax.data.reference.ReferenceImage`. The mask is binarised at 0.5 as the
+    official code does (``rgba[..., 3:] > 0.5`` in ``threestudio/data/image.py``), for the rgb compositing, the
+    mask loss and the depth selection alike, unless ``soft_mask``. ``ray_offset`` (2, 3): zeros if None."""
     depth = ref.depth if ref.depth is not None else np.zeros_like(ref.mask)
-    return Targets(rgb=jnp.asarray(ref.rgb), mask=jnp.asarray(ref.mask), depth=jnp.asarray(depth))
+    mask = ref.mask if soft_mask else (ref.mask > 0.5).astype(np.float32)
+    offset = np.zeros((2, 3), np.float32) if ray_offset is None else ray_offset
+    return Targets(rgb=jnp.asarray(ref.rgb), mask=jnp.asarray(mask), depth=jnp.asarray(depth),
+                   ray_offset=jnp.asarray(offset, jnp.float32))
+
+
+def stage_targets(cfg, references: dict, mesh) -> dict:
+    """{(h, w): Targets} replicated on ``mesh``, one per training resolution. Each resolution's reference rays
+    get their own fixed offset, drawn from the seed (the official code redraws it when the rays are set: at
+    setup and at each resolution change)."""
+    out = {}
+    phases = sorted(hw for hw in references if hw != "eval")
+    for i, hw in enumerate(phases):
+        offset = cam.ray_offset(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1 << 20 | i), cfg.camera.ray_jitter)
+        out[hw] = parallel.replicate(targets_from_reference(references[hw], bool(cfg.data.soft_mask), offset), mesh)
+    return out
 
 
 def load_references(cfg) -> dict:
@@ -126,9 +147,19 @@ class VolumeStage(Stage):
         if previous is not None:
             # Carried-over leaves would alias ``previous``'s buffers, which the first (donating) step deletes.
             params = jax.tree.map(jnp.copy, params)
-        return init_train_state(params, self.optimizer, {"grid": volume.init_occupancy_grid(self.render)}, k_run,
+        return init_train_state(params, self.optimizer, {"grid": self.initial_grid(previous)}, k_run,
                                 self.mesh, parallel.rules_from_config(self.cfg.parallel),
                                 int(self.cfg.parallel.fsdp_min_size))
+
+    def initial_grid(self, previous: TrainState | None) -> volume.OccupancyGrid:
+        """The previous volume stage's occupancy grid (EMA occupancies and binary mask) when it has one of this
+        stage's size, as the official 1b loads 1a's ``estimator.occs`` / ``binaries`` and then keeps updating
+        it with max(decay * occ, alpha); otherwise a fresh, fully occupied grid."""
+        fresh = volume.init_occupancy_grid(self.render)
+        grid = None if previous is None else previous.extras.get("grid")
+        if grid is None or grid.occs.shape != fresh.occs.shape:
+            return fresh
+        return volume.OccupancyGrid(occs=jnp.array(grid.occs, jnp.float32), binary=jnp.array(grid.binary, bool))
 
     def level_mask(self, step):
         return self.field.level_mask(step)
@@ -140,6 +171,11 @@ class VolumeStage(Stage):
 
     def step_key(self, step: int):
         return step_kind(self.cfg.train.mode, step), resolution_at(self.cfg, step)
+
+    @property
+    def has_depth(self) -> bool:
+        """Whether the reference comes with a depth map (``data.depth``), i.e. whether depth_rel applies."""
+        return self.references is not None and self.references["eval"].depth is not None
 
     def uses_priors(self, kind: str) -> bool:
         return self.priors is not None and kind in (RANDOM, BOTH)
@@ -241,9 +277,8 @@ class VolumeStage(Stage):
 
     def view_terms(self, params, grid, camera, key, step, targets: Targets, is_ref: bool, height: int, width: int):
         """Render one view: ({loss name: unweighted value}, {stat: value}, rgb (H, W, 3))."""
-        k_rays, k_render, k_light = jax.random.split(key, 3)
-        jitter = self.cfg.camera.ray_jitter if is_ref else 0.0
-        rays_o, rays_d = cam.get_rays(camera, height, width, k_rays, jitter)
+        k_render, k_light = jax.random.split(key)
+        rays_o, rays_d = cam.get_rays(camera, height, width, targets.ray_offset if is_ref else None)
         need_normals, need_perturb = self._needs()
         mask = self.level_mask(step)
         light = cam.light_directions(k_light, camera) if self.cfg.render.shading != "albedo" else None
@@ -258,9 +293,9 @@ class VolumeStage(Stage):
         if is_ref:
             terms["rgb"] = losses.rgb_mse(rgb, targets.rgb, targets.mask, self.render.background)
             terms["mask"] = losses.mask_mse(opacity, targets.mask)
-            if self.cfg.data.depth and not schedule_is_zero(w.lambda_depth_rel):
+            if self.has_depth and not schedule_is_zero(w.lambda_depth_rel):
                 terms["depth_rel"] = losses.depth_pearson(out["depth"].reshape(height, width), targets.depth,
-                                                          targets.mask, self.cfg.data.depth_is_disparity)
+                                                          targets.mask)
         if not schedule_is_zero(w.lambda_normal_smooth):
             terms["normal_smooth"] = losses.normal_smooth_2d(out["normal"].reshape(height, width, 3))
         if need_perturb:
@@ -449,7 +484,7 @@ def build_volume_stage(name: str, field: FieldModel, cfg, mesh, priors=None, pri
     """A volume stage with ``field``: loads the reference views (every training resolution and the eval one),
     places the targets and the prior params (by the config's sharding rules, ``parallel.rules``)."""
     references = load_references(cfg)
-    targets = {hw: parallel.replicate(targets_from_reference(r), mesh) for hw, r in references.items() if hw != "eval"}
+    targets = stage_targets(cfg, references, mesh)
     stage_priors = priors.configured(cfg) if priors is not None and priors.priors else None
     specs, placed = None, {}
     if stage_priors is not None and prior_params is not None:
