@@ -13,7 +13,9 @@ with one PRNG key per view, so a view's noise does not depend on the device it i
   (front / side / back / overhead) and optionally Perp-Neg, classifier-free guidance, SDS through the VAE
   encoder at 512 px. (DeepFloyd IF, the official 2D prior, is a later issue.)
 * :class:`Zero123Prior` (the 3D prior): Zero123 or Stable Zero123 conditioned on the reference image, CFG 5,
-  at 256 px.
+  at 256 px. The reference's CLIP embedding follows the official Zero123 guidance: bicubic resize to 224 x 224 with
+  ``align_corners=True``, no antialias, no crop, then the CLIP mean / std
+  (:func:`~dreamcraft_jax.models.clip.zero123_clip_preprocess`).
 
 Weights come from diffusers-format folders or the Hugging Face cache (:mod:`dreamcraft_jax.models`). A missing
 folder raises :class:`PriorUnavailableError` naming what to download and which config key to set. The loaders take
@@ -40,12 +42,12 @@ from dreamcraft_jax.guidance.zero123 import zero123_sds_loss
 from dreamcraft_jax.kernels.spec import REFERENCE_KERNELS, KernelSpec
 from dreamcraft_jax.models import loading
 from dreamcraft_jax.models.clip import (
-    clip_preprocess,
     load_camera_projection,
     load_clip_text,
     load_clip_vision,
     load_tokenizer,
     tokenize,
+    zero123_clip_preprocess,
 )
 from dreamcraft_jax.models.demo_priors import WARNING as RANDOM_WARNING
 from dreamcraft_jax.models.demo_priors import is_random_demo
@@ -264,6 +266,12 @@ def load_zero123_prior(cfg_z, reference_rgb: np.ndarray, ref_camera: tuple, mesh
     cfg_z: the ``guidance.zero123`` ConfigDict; reference_rgb: (R, R, 3) in [0, 1] on white at the prior's
     resolution (see :func:`reference_rgb_on_white`); ref_camera: (elevation, azimuth, distance) of the input view;
     kernels: the GroupNorm kernels of its UNet and VAE.
+
+    The reference embedding is ``image_embeds`` of the CLIP image encoder on
+    :func:`~dreamcraft_jax.models.clip.zero123_clip_preprocess` (reference), the official Zero123 guidance's
+    ``get_learned_conditioning(2 * rgb - 1)``: torch-style bicubic resize with ``align_corners=True`` (a = -0.75, no
+    antialias, no crop) to the encoder's ``image_size`` (224), then CLIP mean / std. The reference latent is the VAE
+    posterior mean of the reference at ``cfg_z.resolution``.
     """
     path = str(cfg_z.pretrained)
     what = "3D prior (Zero123)"
@@ -280,7 +288,7 @@ def load_zero123_prior(cfg_z, reference_rgb: np.ndarray, ref_camera: tuple, mesh
         raise PriorUnavailableError(f"{what}: {path} has a UNet with {unet.in_channels} input channels; Zero123 "
                                     f"needs 8 (noisy latent + reference latent). {ZERO123_HINT}")
     image = jnp.asarray(reference_rgb, jnp.float32)[None]
-    pixels = clip_preprocess(image, size=int(vision.config.image_size))
+    pixels = zero123_clip_preprocess(image, size=int(vision.config.image_size))
     embedding = vision.apply({"params": vision_params}, pixels).image_embeds  # (1, D)
     x = images_to_model_input(image, int(cfg_z.resolution))
     mean, _ = vae.apply({"params": vae_params}, x, method=AutoencoderKL.encode)

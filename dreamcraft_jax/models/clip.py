@@ -5,6 +5,11 @@
   ``StableDiffusionPipeline`` feeds to the UNet, the EOS-pooled vector, and optionally diffusers' ``clip_skip``.
 * :class:`CLIPVisionModelWithProjection`: the Zero123 image encoder (ViT-L/14 with ``visual_projection``).
 * :class:`Zero123CameraProjection`: Linear(image embedding + 4 camera numbers -> cross-attention width).
+* Image preprocessing: :func:`clip_preprocess` (transformers' ``CLIPImageProcessor`` geometry: shortest side, centre
+  crop) and :func:`zero123_clip_preprocess`, the official Zero123 conditioning path (``FrozenCLIPImageEmbedder``:
+  a plain bicubic resize to 224 x 224 with ``align_corners=True``, no antialias, no crop) built on
+  :func:`bicubic_resize_align_corners`, which reproduces ``torch.nn.functional.interpolate(mode="bicubic",
+  align_corners=True)``.
 
 Parameter paths mirror the transformers attribute names (``text_model/encoder/layers_0/self_attn/q_proj/kernel``)
 so that :func:`dreamcraft_jax.models.loading.convert_state_dict` maps checkpoints onto them. Parameters are
@@ -349,8 +354,8 @@ class CLIPVisionModelWithProjection(nn.Module):
     """transformers ``CLIPVisionModelWithProjection`` (params ``vision_model/``, ``visual_projection/``).
 
     __call__(pixel_values (B, image_size, image_size, C) NHWC, already CLIP-normalised, see
-    :func:`clip_preprocess`) -> CLIPVisionOutput(image_embeds (B, projection_dim), last_hidden_state
-    (B, 1 + N, D)) in ``dtype``. Zero123 uses ``image_embeds`` unnormalised.
+    :func:`clip_preprocess` and :func:`zero123_clip_preprocess`) -> CLIPVisionOutput(image_embeds
+    (B, projection_dim), last_hidden_state (B, 1 + N, D)) in ``dtype``. Zero123 uses ``image_embeds`` unnormalised.
     """
 
     config: CLIPVisionConfig
@@ -389,7 +394,8 @@ def clip_preprocess(images: jax.Array, size: int = 224, *, antialias: bool = Tru
     Resizes the shortest side to ``size`` (bicubic, antialiased when shrinking), center-crops ``size`` x ``size``,
     clips to [0, 1] (PIL's uint8 output cannot overshoot) and normalises with the CLIP mean / std. This
     approximates transformers' PIL-based ``CLIPImageProcessor`` (same geometry; for square inputs a plain resize);
-    the values differ by the uint8 rounding and PIL's filter details, up to a few 1/255. Differentiable.
+    the values differ by the uint8 rounding and PIL's filter details, up to a few 1/255. Differentiable. (Zero123's
+    reference embedding uses :func:`zero123_clip_preprocess` instead, the official path.)
     """
     b, h, w, c = images.shape
     # CLIPImageProcessor's get_resize_output_image_size: short side -> size, long side -> int(size * long / short).
@@ -399,6 +405,75 @@ def clip_preprocess(images: jax.Array, size: int = 224, *, antialias: bool = Tru
         x = jax.image.resize(x, (b, new_h, new_w, c), method="bicubic", antialias=antialias)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     x = jnp.clip(x[:, top:top + size, left:left + size], 0.0, 1.0)
+    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
+BICUBIC_A = -0.75  # torch's cubic convolution coefficient (PIL and jax.image.resize use Keys' -0.5)
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Cubic convolution kernel k(x): (a+2)|x|^3 - (a+3)|x|^2 + 1 on |x| <= 1, a|x|^3 - 5a|x|^2 + 8a|x| - 4a on
+    1 < |x| < 2, 0 beyond."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def bicubic_align_corners_matrix(n_in: int, n_out: int, a: float = BICUBIC_A) -> np.ndarray:
+    """(n_out, n_in) float32 matrix M with resize(x) = M @ x along one axis, torch's bicubic ``align_corners=True``.
+
+    Output i reads the source position s_i = i (n_in - 1) / (n_out - 1) (s = 0 when n_out = 1; float32 as in
+    torch), so the corner samples map onto each other. With j = floor(s_i) and t = s_i - j it mixes the inputs
+    j-1, j, j+1, j+2 with the weights k(1 + t), k(t), k(1 - t), k(2 - t) (:func:`_cubic`, a = -0.75); indices
+    outside [0, n_in - 1] are clamped to the border, so a border pixel can collect two weights. Every row sums to 1
+    (constants are kept); linear ramps are not (that needs a = -0.5): in the interior a ramp comes out as
+    s + 0.5 t (1 - t) (1 - 2t). No antialiasing: when shrinking, each output still reads only 4 inputs (as torch's
+    ``interpolate`` with ``antialias=False``). Works for up- and downscaling and any sizes >= 1.
+    """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"sizes must be >= 1, got n_in={n_in}, n_out={n_out}")
+    # Source positions in float32, computed as torch does (scale rounded first): across a 256-px axis the exact
+    # positions differ from torch's by up to ~1e-5 px, which moves the output by as much on busy images.
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0.0)
+    s = np.arange(n_out, dtype=np.float32) * scale
+    j = np.minimum(np.floor(s), n_in - 1)
+    t = np.clip(s - j, 0.0, 1.0).astype(np.float64)
+    m = np.zeros((n_out, n_in), np.float64)
+    rows = np.arange(n_out)
+    for offset in (-1, 0, 1, 2):
+        cols = np.clip(j.astype(np.int64) + offset, 0, n_in - 1)
+        np.add.at(m, (rows, cols), _cubic(t - offset, a))  # add.at: clamped taps may land on the same column
+    return m.astype(np.float32)
+
+
+def bicubic_resize_align_corners(images: jax.Array, out_h: int, out_w: int) -> jax.Array:
+    """(B, H, W, C) -> (B, out_h, out_w, C) float32: ``F.interpolate(x, (out_h, out_w), mode="bicubic",
+    align_corners=True)`` (no antialias) in NHWC.
+
+    Separable: y = M_h x M_w^T per image and channel, with M_h = bicubic_align_corners_matrix(H, out_h) and
+    M_w likewise, two small constant matmuls. Linear in ``images``, hence differentiable (the gradient is the
+    transposed resize). No clipping: bicubic overshoot near edges is kept, as in torch.
+    """
+    _, h, w, _ = images.shape
+    m_h = jnp.asarray(bicubic_align_corners_matrix(h, out_h))
+    m_w = jnp.asarray(bicubic_align_corners_matrix(w, out_w))
+    hp = jax.lax.Precision.HIGHEST  # full float32 on GPUs too (TF32 would cost ~1e-3)
+    x = jnp.einsum("oh,bhwc->bowc", m_h, images.astype(jnp.float32), precision=hp)
+    return jnp.einsum("pw,bowc->bopc", m_w, x, precision=hp)
+
+
+def zero123_clip_preprocess(images: jax.Array, size: int = 224) -> jax.Array:
+    """RGB images (B, H, W, 3) in [0, 1] -> CLIP pixel values (B, size, size, 3) NHWC float32, as Zero123 does.
+
+    The official path (``FrozenCLIPImageEmbedder.preprocess`` of the Zero123 LDM code, reached through
+    ``get_learned_conditioning(image * 2 - 1)``): x = 2 * images - 1; kornia ``resize(x, (224, 224),
+    interpolation="bicubic", align_corners=True, antialias=False)`` (:func:`bicubic_resize_align_corners`; the whole
+    image is resized to a square, no aspect-preserving resize and no centre crop); x = (x + 1) / 2; then
+    (x - CLIP_MEAN) / CLIP_STD. No clipping to [0, 1] after the resize. Differentiable.
+    """
+    x = images.astype(jnp.float32) * 2.0 - 1.0  # the conditioning image lives in [-1, 1] there
+    x = (bicubic_resize_align_corners(x, size, size) + 1.0) / 2.0
     return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
 
 
