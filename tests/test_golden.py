@@ -1,6 +1,6 @@
 """Refactors move no number: 20 demo steps of stage 1a and 20 of stage 1b (one CPU device, seed 0, tiny random
-priors) reproduce the losses and parameter checksums recorded before the stage-interface refactor
-(tests/fixtures/stage1_golden.json, written by tests/fixtures/make_stage1_golden.py)."""
+priors) reproduce the recorded losses and parameter checksums (tests/fixtures/stage1_golden.json, written by
+tests/fixtures/make_stage1_golden.py; last re-recorded for issue [8]'s intended changes)."""
 
 import json
 from pathlib import Path

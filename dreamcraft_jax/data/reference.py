@@ -181,15 +181,7 @@ def load_reference(
     def resize(plane, resample=_RGB_RESAMPLE, pad=outside):
         return _resize_plane(plane, place, (height, width), resample, pad)
 
-    # Premultiplied resampling: colour is weighted by coverage, so transparent pixels (of
-    # any stored colour) contribute nothing to the edges.
-    alpha_raw = resize(alpha)
-    premult = np.stack([resize(rgb[..., c] * alpha) for c in range(3)], axis=-1)
-    straight = np.stack([resize(rgb[..., c], pad="edge") for c in range(3)], axis=-1)
-    covered = alpha_raw > _ALPHA_EPS
-    ratio = premult / np.where(covered, alpha_raw, 1.0)[..., None]
-    out_rgb = np.clip(np.where(covered[..., None], ratio, straight), 0.0, 1.0)
-    out_mask = np.clip(alpha_raw, 0.0, 1.0)
+    out_rgb, out_mask = _resample_rgba(rgb, alpha, resize)
 
     fg = out_mask > 0.5
     if not fg.any():
@@ -424,6 +416,22 @@ def _resize_plane(plane: np.ndarray, place: _Placement, out_hw: tuple[int, int],
     return canvas
 
 
+def _resample_rgba(rgb: np.ndarray, alpha: np.ndarray, resize) -> tuple[np.ndarray, np.ndarray]:
+    """Straight rgb (h, w, 3) and alpha (h, w) -> (H, W, 3), (H, W) float32 through ``resize`` (one plane).
+
+    Premultiplied resampling: colour is weighted by coverage, so transparent pixels (of any stored colour)
+    contribute nothing to the edges; un-premultiplied after, with the straight-resampled colour where the
+    resampled alpha is too small to divide by.
+    """
+    alpha_raw = resize(alpha)
+    premult = np.stack([resize(rgb[..., c] * alpha) for c in range(3)], axis=-1)
+    straight = np.stack([resize(rgb[..., c], pad="edge") for c in range(3)], axis=-1)
+    covered = alpha_raw > _ALPHA_EPS
+    ratio = premult / np.where(covered, alpha_raw, 1.0)[..., None]
+    out_rgb = np.clip(np.where(covered[..., None], ratio, straight), 0.0, 1.0).astype(np.float32)
+    return out_rgb, np.clip(alpha_raw, 0.0, 1.0).astype(np.float32)
+
+
 def _resample_depth(depth: np.ndarray, src_fg: np.ndarray, fg: np.ndarray, resize, flip: bool) -> np.ndarray:
     """Depth (h, w) -> (H, W) float32 normalised to [0, 1] over ``fg`` (H, W), 0 outside, larger = farther.
 
@@ -470,3 +478,82 @@ def reference_from_config(cfg, height: int, width: int) -> ReferenceImage:
     return load_reference(cfg.image or example_image_path(), height, width, recenter=cfg.data.recenter,
                           border_ratio=cfg.data.border_ratio, depth_path=depth_from_config(cfg),
                           background=cfg.data.background, depth_convention=cfg.data.depth_convention)
+
+
+# ---------------------------------------------------------------- framing for preprocessing (public)
+
+__all__ += ["frame_cutout"]
+
+
+def frame_cutout(
+    rgb: np.ndarray,
+    alpha: np.ndarray,
+    height: int,
+    width: int,
+    border_ratio: float = DEFAULT_BORDER_RATIO,
+    *,
+    depth: np.ndarray | None = None,
+    normal: np.ndarray | None = None,
+    path: str | Path = "image",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Re-frames a cut-out and its per-pixel maps once, as ``preprocess_image.py --recenter`` does.
+
+    The placement is the loader's (:func:`_recenter_placement`: bbox of ``alpha > 0``, longer side
+    ``int(min(H, W) * (1 - border_ratio))``, centred), and colour / alpha are resampled as
+    ``load_reference(recenter=True)`` resamples them (premultiplied bicubic, then un-premultiplied), so a file
+    written from this output and loaded with ``recenter=False`` matches loading the original with
+    ``recenter=True``.
+
+    Args:
+      rgb: (h, w, 3) float in [0, 1], straight colour.
+      alpha: (h, w) float in [0, 1]; the object is ``alpha > 0`` (the official mask).
+      height, width: canvas size H, W (each >= 8).
+      border_ratio: the empty part of the frame along the object's longer side, in [0, 1).
+      depth: optional (h, w), larger = farther; only its values where ``alpha > 0`` are used.
+      normal: optional (h, w, C); only its values where ``alpha > 0`` are used.
+      path: names the image in error messages.
+
+    Returns:
+      (rgb (H, W, 3), alpha (H, W), depth (H, W) or None, normal (H, W, C) or None), float32. The new mask is
+      ``alpha > 0.5 / 255`` (nonzero once written at 8 bits). Depth is resampled mask-weighted (as the loader:
+      sum(d * m) / sum(m), bilinear) and min-max normalised to [0, 1] over the new mask, so 0 = nearest and
+      1 = farthest exactly; normal is the same mask-weighted average, not re-normalised. Both are 0 outside.
+
+    Raises:
+      ReferenceImageError: empty alpha, bad sizes or border_ratio, mismatched shapes.
+    """
+    _check_arguments(height, width, border_ratio, BACKGROUNDS[0], 1.0, DEPTH_CONVENTIONS[0])
+    height, width = int(height), int(width)
+    rgb = np.asarray(rgb, np.float32)
+    alpha = np.asarray(alpha, np.float32)
+    shapes = [("rgb", rgb, 3), ("alpha", alpha, 2), ("depth", depth, 2), ("normal", normal, 3)]
+    for name, plane, ndim in shapes:
+        if plane is not None and (np.ndim(plane) != ndim or np.shape(plane)[:2] != alpha.shape):
+            raise ReferenceImageError(
+                f"{name} of {path} has shape {np.shape(plane)}, expected {ndim}-D with (h, w) = {alpha.shape}"
+            )
+    src_fg = alpha > 0
+    if not src_fg.any():
+        raise ReferenceImageError(f"cannot frame {path}: its alpha is 0 everywhere (no object)")
+    place = _recenter_placement(src_fg, height, width, border_ratio, path)
+
+    def resize(plane, resample=_RGB_RESAMPLE, pad="constant"):
+        return _resize_plane(plane, place, (height, width), resample, pad)
+
+    out_rgb, out_alpha = _resample_rgba(rgb, alpha, resize)
+    covered = out_alpha > _ALPHA_EPS
+
+    out_depth = None
+    if depth is not None:
+        clean = np.where(src_fg, np.asarray(depth, np.float64), 0.0)  # NaN / inf outside must not reach the sums
+        out_depth = _resample_depth(clean, src_fg, covered, resize, flip=False)
+    out_normal = None
+    if normal is not None:
+        weight = src_fg.astype(np.float32)
+        den = resize(weight, _DEPTH_RESAMPLE, "constant")
+        valid = covered & (den > 1e-3)
+        safe = np.where(valid, den, 1.0)
+        channels = [resize(np.where(src_fg, normal[..., c], 0.0) * weight, _DEPTH_RESAMPLE, "constant")
+                    for c in range(normal.shape[-1])]
+        out_normal = np.stack([np.where(valid, ch / safe, 0.0) for ch in channels], axis=-1).astype(np.float32)
+    return out_rgb, out_alpha, out_depth, out_normal
