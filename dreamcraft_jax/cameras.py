@@ -32,6 +32,8 @@ class Camera:
     fovy: (...) vertical field of view in radians.
     elevation, azimuth: (...) degrees (kept for view-dependent prompts and Zero123 camera deltas).
     distance: (...) distance to the origin.
+    ray_offset: (..., 2, 3) the fixed offset of its rays' origins (row 0) and unnormalised world directions
+      (row 1), :func:`get_rays`; zeros except for the reference view, which the official code jitters once.
     """
 
     c2w: jax.Array
@@ -39,6 +41,7 @@ class Camera:
     elevation: jax.Array
     azimuth: jax.Array
     distance: jax.Array
+    ray_offset: jax.Array
 
     @property
     def position(self) -> jax.Array:
@@ -82,7 +85,8 @@ def make_camera(elevation_deg, azimuth_deg, distance, fovy_deg) -> Camera:
         *(jnp.asarray(v, jnp.float32) for v in (elevation_deg, azimuth_deg, distance, fovy_deg))
     )
     c2w = look_at(spherical_to_position(elevation, azimuth, distance))
-    return Camera(c2w=c2w, fovy=jnp.deg2rad(fovy_deg), elevation=elevation, azimuth=azimuth, distance=distance)
+    return Camera(c2w=c2w, fovy=jnp.deg2rad(fovy_deg), elevation=elevation, azimuth=azimuth, distance=distance,
+                  ray_offset=jnp.zeros(elevation.shape + (2, 3), jnp.float32))
 
 
 def reference_camera(cfg) -> Camera:
@@ -151,21 +155,18 @@ def pixel_directions_camera(height: int, width: int, fovy) -> jax.Array:
     return jnp.stack([x, y, -jnp.ones_like(x)], axis=-1)
 
 
-def get_rays(camera: Camera, height: int, width: int, offset: jax.Array | None = None):
+def get_rays(camera: Camera, height: int, width: int):
     """Rays of one camera (batch shape ()) -> (rays_o, rays_d), each (H, W, 3); rays_d unit length.
 
-    ``offset`` (2, 3): the official reference-ray jitter (``threestudio/utils/ops.py: get_rays``): offset[0] is
-    added to every origin and offset[1] to every world direction before it is normalised (directions have
-    camera-space z = -1 there, so a 2e-3 offset turns the camera by about 2e-3 rad): one fixed sub-pixel
-    camera offset, not per-ray noise. See :func:`ray_offset`.
+    ``camera.ray_offset`` (2, 3) is the official reference-ray jitter (``threestudio/utils/ops.py: get_rays``): row
+    0 is added to every origin and row 1 to every world direction before it is normalised (directions have
+    camera-space z = -1 there, so a 2e-3 offset turns the camera by about 2e-3 rad): one fixed sub-pixel camera
+    offset, not per-ray noise. See :func:`ray_offset`.
     """
     dirs_cam = pixel_directions_camera(height, width, camera.fovy)
     rot = camera.c2w[:3, :3]
-    dirs = dirs_cam @ rot.T
-    origins = jnp.broadcast_to(camera.c2w[:3, 3], dirs.shape)
-    if offset is not None:
-        origins = origins + offset[0]
-        dirs = dirs + offset[1]
+    dirs = dirs_cam @ rot.T + camera.ray_offset[1]
+    origins = jnp.broadcast_to(camera.c2w[:3, 3] + camera.ray_offset[0], dirs.shape)
     return origins, _normalize(dirs)
 
 

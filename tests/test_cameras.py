@@ -204,7 +204,7 @@ def test_get_rays_offset_is_one_fixed_camera_shift():
     cam = cameras.make_camera(20.0, 30.0, 3.8, 40.0)
     h, w = 6, 5
     offset = np.array([[0.01, -0.02, 0.03], [0.004, 0.002, -0.003]], np.float32)
-    o, d = (np.asarray(x, np.float64) for x in cameras.get_rays(cam, h, w, jnp.asarray(offset)))
+    o, d = (np.asarray(x, np.float64) for x in cameras.get_rays(cam.replace(ray_offset=jnp.asarray(offset)), h, w))
     c2w = np.asarray(cam.c2w, np.float64)
     np.testing.assert_allclose(o, np.broadcast_to(c2w[:3, 3] + offset[0], (h, w, 3)), atol=1e-6)
     # Independent pixel directions: focal from fovy, pixel centres, camera frame x right / y up / z = -1.

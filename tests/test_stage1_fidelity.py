@@ -110,6 +110,8 @@ def test_reference_rays_are_the_same_at_every_step(monkeypatch):
     np.testing.assert_array_equal(seen[0], seen[1])
     plain = np.asarray(real(camera, *hw)[1])
     assert np.abs(seen[0] - plain).max() > 1e-5
+    # the reference PSNR is measured with the rays the losses fit
+    np.testing.assert_array_equal(np.asarray(stage.eval_cameras()["reference"].ray_offset), offset)
     # the same seed gives the same offset (a resumed run keeps its camera)
     again = make_stage(cfg, parallel.make_mesh(1, 1))
     np.testing.assert_array_equal(np.asarray(again.targets[hw].ray_offset), offset)

@@ -114,7 +114,7 @@ class NerfFieldSpec:
 
 
 def init_field(key, spec: NerfFieldSpec) -> dict:
-    """Fresh parameters: hash table U(-1e-4, 1e-4), Xavier-uniform MLPs."""
+    """Fresh parameters: hash table U(-1e-4, 1e-4), MLPs U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch nn.Linear)."""
     k_grid, k_density, k_feature = jax.random.split(key, 3)
     in_dim = spec.grid.output_dim
     return {

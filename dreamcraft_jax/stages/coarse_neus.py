@@ -3,9 +3,11 @@
 The field (:mod:`dreamcraft_jax.fields.neus`) starts from stage 1a's hash table and feature MLP with a fresh SDF
 MLP biased to a sphere of radius 0.5; the learned variance sharpens the surface, and the cosine annealing ratio
 follows the stage's step. Optimiser: Adam with per-group learning rates (encoding 0.01, SDF / feature MLPs and
-variance 1e-3; eps 1e-15 from ``overrides.coarse_neus.optimizer``). The occupancy grid starts fully occupied and is
-re-estimated from the SDF (isotropic NeuS alpha) during the warm-up; the same alpha prunes the marched samples
-(below 0.01, or past transmittance 1e-4), as the official NeuS renderer's ``alpha_fn``. Everything else is
+variance 1e-3; eps 1e-15 from ``overrides.coarse_neus.optimizer``). The occupancy grid is stage 1a's (its EMA
+occupancies and binary mask, as the official 1b loads ``estimator.occs`` / ``binaries``; fully occupied when there is
+no 1a state) and keeps being updated with max(0.95 * occ, alpha), alpha the isotropic NeuS alpha of the SDF; the same
+alpha prunes the marched samples (below 0.01, or past transmittance 1e-4), as the official NeuS renderer's
+``alpha_fn``. Random views span the full ranges from step 0 (``progressive_until`` 0). Everything else is
 :class:`~dreamcraft_jax.stages.volume_stage.VolumeStage`.
 """
 
