@@ -14,6 +14,9 @@ def get_config():
     config = base_config()
     config.name = "demo"
     config.stage = "all"
+    # Stage 1 only: the geometry stage (1024 px rasterised views) is sized for a GPU; on CPU run it alone, small:
+    # --config.stage=geometry --config.init_from=<this run> with smaller geometry.* / overrides.geometry.* values.
+    config.stages = ("coarse_nerf", "coarse_neus")
     config.prompt = "a small toy figure"
     config.guidance.priors = "demo"  # RANDOM weights, see the module doc
     config.guidance.sd.resolution = 64

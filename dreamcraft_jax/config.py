@@ -28,10 +28,10 @@ from dreamcraft_jax.parallel import DEFAULT_RULES, check_rules
 from dreamcraft_jax.render.volume import SHADING_MODES
 from dreamcraft_jax.xla_flags import DEFAULT_XLA_FLAGS, flag_names
 
-STAGES = ("coarse_nerf", "coarse_neus")  # every stage, in the order stage="all" runs them
+STAGES = ("coarse_nerf", "coarse_neus", "geometry")  # every stage, in the order stage="all" runs them
 TRAIN_MODES = ("alternate", "accumulate", "reference_only")
 LOSS_NAMES = ("rgb", "mask", "depth_rel", "normal_smooth", "3d_normal_smooth", "orient", "sparsity", "opaque",
-              "sd", "3d_sd", "eikonal")
+              "sd", "3d_sd", "eikonal", "normal_consistency")
 SDS_WEIGHTINGS = ("sds", "uniform", "fantasia3d")
 PRECISIONS = ("auto", "bf16", "fp32")
 ZERO123_VARIANTS = ("zero123", "stable_zero123")
@@ -286,7 +286,8 @@ def _loss(c) -> None:
         lambda_opaque=schedule((2000, 0.1, 10.0, 2001)),
         lambda_sd=schedule(0.1),  # the 2D prior's SDS (random-view steps)
         lambda_3d_sd=schedule(0.1),  # Zero123's SDS (random-view steps)
-        lambda_eikonal=schedule(0.0))  # NeuS only
+        lambda_eikonal=schedule(0.0),  # NeuS only
+        lambda_normal_consistency=schedule(0.0))  # DMTet only: mean over the mesh edges of 1 - cos(n_a, n_b)
 
 
 def _check_loss(cfg) -> None:
@@ -345,6 +346,31 @@ def _check_guidance(cfg) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- training
+
+
+def _geometry(c) -> None:
+    # Stage 2 (DMTet). The tet grid: tet_resolution cubes per side, (r + 1)^3 vertices (64: 274,625, about the
+    # official 128_tets.npz), cached as .npz in tet_cache_dir ("" = $XDG_CACHE_HOME/dreamcraft_jax/tets).
+    c.geometry = _section(
+        tet_resolution=64, tet_cache_dir="",
+        # Static budgets of the extracted surface (marching tets): faces / vertices beyond them are dropped and
+        # reported (metrics mesh_overflow), never silently wrong. A sphere filling the tight box needs ~80k faces.
+        max_faces=200_000, max_vertices=100_000,
+        n_rgb=4,  # every n_rgb-th step the 2D prior sees the rgb render and the reference losses apply
+        near_ref=0.01, far_ref=100.0, near_random=0.1, far_random=1000.0,  # the official projections' planes
+        lr=0.005,  # Adam on every parameter (sdf, deformation, hash grid, feature MLP)
+        min_component_fraction=0.01)  # at export: components with fewer faces than this x the largest go
+
+
+def _check_geometry(cfg) -> None:
+    for key in ("geometry.tet_resolution", "geometry.max_faces", "geometry.max_vertices", "geometry.n_rgb"):
+        _check_number(cfg, key, low=1, integer=True)
+    for key in ("geometry.near_ref", "geometry.near_random", "geometry.lr"):
+        _check_number(cfg, key, low=0, low_open=True)
+    if not cfg.geometry.near_ref < cfg.geometry.far_ref or not cfg.geometry.near_random < cfg.geometry.far_random:
+        _fail("geometry.far_ref / far_random", (cfg.geometry.far_ref, cfg.geometry.far_random),
+              "far planes beyond their near planes")
+    _check_number(cfg, "geometry.min_component_fraction", low=0, high=1)
 
 
 def _train(c) -> None:
@@ -489,13 +515,29 @@ def _stage_overrides(c) -> None:
     n.guidance.zero123 = _section(min_step_percent=schedule(0.2), max_step_percent=schedule(0.5))
     n.optimizer = _section(eps=1e-15)
     n.eval = _section(height=512, width=512)
+    # Stage 2 (dreamcraft3d-geometry): what differs from stage 1a.
+    g = c.overrides.geometry = ml_collections.ConfigDict()
+    g.name = "geometry"
+    g.data = _section(heights=(1024,), widths=(1024,), resolution_milestones=())
+    g.camera = _section(progressive_until=0)
+    g.train = _section(max_steps=ml_collections.config_dict.placeholder(int), mode="accumulate")
+    g.loss = _section(
+        lambda_depth_rel=schedule(0.0), lambda_normal_smooth=schedule(0.0), lambda_3d_normal_smooth=schedule(0.0),
+        lambda_orient=schedule(0.0), lambda_sparsity=schedule(0.0), lambda_opaque=schedule(0.0),
+        lambda_normal_consistency=schedule((1000, 10.0, 1.0, 2000)))
+    g.guidance = ml_collections.ConfigDict()
+    g.guidance.sd = _section(min_step_percent=schedule(0.02), max_step_percent=schedule(0.5))
+    g.guidance.zero123 = _section(min_step_percent=schedule(0.2), max_step_percent=schedule(0.5))
+    g.optimizer = _section(eps=1e-15)
+    g.eval = _section(height=1024, width=1024)
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults: the official coarse-NeRF (stage 1a) settings at the top level, later stages' differences in
     ``overrides.<stage>`` (see configs/dreamcraft3d.py)."""
     c = ml_collections.ConfigDict()
-    for section in (_run, _data, _field, _render, _loss, _guidance, _train, _parallel, _kernels, _stage_overrides):
+    for section in (_run, _data, _field, _render, _loss, _guidance, _geometry, _train, _parallel, _kernels,
+                    _stage_overrides):
         section(c)
     c.lock()
     return c
@@ -552,8 +594,8 @@ def resolution_at(cfg, step: int) -> tuple[int, int]:
     return int(cfg.data.heights[phase]), int(cfg.data.widths[phase])
 
 
-_STAGE_CHECKS = (_check_data, _check_field, _check_render, _check_loss, _check_guidance, _check_train,
-                 _check_parallel, _check_kernels)
+_STAGE_CHECKS = (_check_data, _check_field, _check_render, _check_loss, _check_guidance, _check_geometry,
+                 _check_train, _check_parallel, _check_kernels)
 
 
 def validate(cfg) -> None:

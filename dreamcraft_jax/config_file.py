@@ -75,3 +75,34 @@ def load_config(spec: str, overrides: Sequence[str] = (), check: bool = True):
     if check:
         validate(cfg)
     return cfg
+
+
+def load_stage_config(stage_folder: str | Path):
+    """The resolved config a finished stage ran with, from ``<stage folder>/config.json`` (the last
+    ``config.resume-<step>.json`` when it was resumed): today's defaults with every value the file holds laid over
+    them (lists back to tuples where the default is one), so a key added since still has its default."""
+    import json
+
+    from dreamcraft_jax.config import base_config, stage_config
+
+    folder = Path(stage_folder)
+    files = sorted(folder.glob("config.resume-*.json"), key=lambda p: int(p.stem.split("-")[-1]))
+    path = files[-1] if files else folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no config.json: not a stage folder of a run (e.g. <run>/geometry)")
+    saved = json.loads(path.read_text())
+    cfg = stage_config(base_config(), saved.get("stage", "coarse_nerf")).unlock()
+
+    def overlay(node, values, prefix=""):
+        for key, value in values.items():
+            if key not in node:
+                continue  # a key this version no longer has
+            current = node[key]
+            if hasattr(current, "keys") and isinstance(value, dict):
+                overlay(current, value, f"{prefix}{key}.")
+            else:
+                node[key] = tuple(value) if isinstance(value, list) else value
+
+    overlay(cfg, saved)
+    cfg.lock()
+    return cfg

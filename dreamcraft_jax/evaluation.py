@@ -48,17 +48,17 @@ def validate_views(stage, render, state, folder: Path, step: int, writer,
     return metrics
 
 
-def write_turntable(cfg, render, state, path: Path) -> str | None:
-    """The orbit video (``eval.n_video_views`` frames at ``eval.elevation_deg``); each frame's panel is made on a
-    host thread while the device renders the next frame."""
+def write_turntable(cfg, render, state, path: Path, panels=("rgb", "normal", "depth", "opacity")) -> str | None:
+    """The orbit video (``eval.n_video_views`` frames at ``eval.elevation_deg``), each frame the ``panels`` side by
+    side; a frame's panel is made on a host thread while the device renders the next frame."""
     cams = cam.orbit_cameras(cfg.eval.n_video_views, cfg.eval.elevation_deg, cfg.camera.distance,
                              cfg.camera.fovy_deg)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        panels = []
+        futures = []
         for i in range(cfg.eval.n_video_views):
             camera = jax.tree.map(lambda a: a[i], cams)
             out = render(state, camera)
             if is_writer():
-                panels.append(pool.submit(media.panel, jax.device_get(out)))
-        frames = [f.result() for f in panels]
+                futures.append(pool.submit(media.panel, jax.device_get(out), tuple(panels)))
+        frames = [f.result() for f in futures]
     return media.write_video(path, frames, fps=cfg.eval.fps) if is_writer() else None

@@ -384,9 +384,13 @@ def run_stage(stage, folder: Path, previous=None, progress: bool = True) -> Path
             (folder / "timing.json").write_text(json.dumps(timing, indent=2))
             log.info("%s ms/step split: %s", stage.name, {k: round(v, 2) for k, v in timing.items()
                                                            if isinstance(v, float)})
+    with clock.part("outputs"):  # every process: the outputs may be computed from sharded arrays
+        written = stage.finish(state, folder)
+    for kind, path in (written or {}).items():
+        log.info("%s: wrote %s %s", stage.name, kind, path)
     if cfg.eval.video and cfg.eval.n_video_views > 0:
         with clock.part("video"):
-            write_turntable(cfg, render, state, folder / "video" / "turntable.mp4")
+            write_turntable(cfg, render, state, folder / "video" / "turntable.mp4", stage.video_panels)
     if is_writer():
         wall = clock.report(loop_s, max_steps - start)
         (folder / "wall_time.json").write_text(json.dumps(wall, indent=2))

@@ -65,6 +65,15 @@ def tiny_config(**overrides):
     c.overrides.coarse_neus.data.widths = (16,)
     c.overrides.coarse_neus.render.samples_per_ray = 24.0
     c.overrides.coarse_neus.render.candidate_samples_per_ray = 24.0
+    c.stages = ("coarse_nerf", "coarse_neus")  # stage=all runs 1a -> 1b unless a test adds the geometry stage
+    c.geometry.tet_resolution = 12
+    c.geometry.max_faces = 4000
+    c.geometry.max_vertices = 2000
+    c.geometry.tet_cache_dir = os.path.join(os.environ[_CACHE_ENV], "tets")
+    c.overrides.geometry.data.heights = (24,)
+    c.overrides.geometry.data.widths = (24,)
+    c.overrides.geometry.eval.height = 24
+    c.overrides.geometry.eval.width = 24
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")

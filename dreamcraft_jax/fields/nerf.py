@@ -180,7 +180,8 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
     return encode(table, unit, level_mask=mask, valid=valid)
 
 
-def _encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -> jax.Array:
+def encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -> jax.Array:
+    """(N, 3) scene points -> (N, L * F) hash-grid features of ``params["encoding"]`` (level ``mask`` (L,))."""
     return encode_points(params["encoding"], unit_coordinates(x, spec), spec.grid, mask, backend=spec.backend,
                          remat=spec.remat_encoding, need_x_grad=spec.normal_type == "analytic", valid=valid,
                          backward=spec.hashgrid_backward, per_level=spec.encoder_per_level)
@@ -226,7 +227,7 @@ def density(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=No
             precision: jax.lax.Precision | None = None) -> jax.Array:
     """(N, 3) world points -> (N,) density sigma >= 0 (``valid`` (N,) bool: see :func:`encode_points`;
     ``precision``: of the density MLP's matmuls, None for XLA's default)."""
-    enc = _encode(params, x, spec, mask, valid)
+    enc = encode(params, x, spec, mask, valid)
     raw = scalar_mlp(spec.density_net.clone(precision=precision), params["density_net"], enc, spec, valid)
     return _activate(raw + density_bias(x, spec), spec)
 
@@ -253,7 +254,7 @@ def density_no_grad(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, 
 
 def density_and_albedo(params: dict, x: jax.Array, spec: NerfFieldSpec, mask=None, valid=None):
     """(N, 3) -> (sigma (N,), albedo (N, 3) in (0, 1)); one shared encoding."""
-    enc = _encode(params, x, spec, mask, valid)
+    enc = encode(params, x, spec, mask, valid)
     raw = scalar_mlp(spec.density_net, params["density_net"], enc, spec, valid)
     sigma = _activate(raw + density_bias(x, spec), spec)
     return sigma, albedo_of_encoding(params, enc, spec, valid)

@@ -77,6 +77,14 @@ class Stage(abc.ABC):
         """Images shown next to the validation renders (reference.png), or None."""
         return None
 
+    video_panels: tuple[str, ...] = ("rgb", "normal", "depth", "opacity")  # the turntable's panels, left to right
+
+    def finish(self, state: TrainState, folder) -> dict | None:
+        """Outputs written once the stage's last step is done (e.g. the geometry stage's mesh files); returns
+        {kind: path} or None. Runs on every process; only process 0 writes files (the runner checks)."""
+        del state, folder
+        return None
+
     def handoff(self, state: TrainState) -> TrainState:
         """What the next stage starts from (its ``init_state(previous=...)``)."""
         return state

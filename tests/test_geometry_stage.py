@@ -1,0 +1,215 @@
+"""Stage 2 (DMTet geometry): init from a NeuS sphere, what each prior sees, 8 devices vs 1, the mesh export.
+Tiny sizes (tet grid 12 cubes per side, 24 px views; tests/conftest.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_stage, tiny_config
+from dreamcraft_jax import parallel
+from dreamcraft_jax.export.mesh import load_mesh
+from dreamcraft_jax.fields import dmtet, neus
+from dreamcraft_jax.render import raster
+from dreamcraft_jax.stages import geometry
+from dreamcraft_jax.train_step import TrainState
+
+
+def _neus_sphere_state(cfg, stage) -> TrainState:
+    """A coarse-NeuS state whose SDF is exactly |x| - 0.5 (SDF MLP zeroed: the sphere bias alone)."""
+    params = neus.init_field(jax.random.PRNGKey(1), stage.neus_spec)
+    params["sdf_net"] = jax.tree.map(jnp.zeros_like, params["sdf_net"])
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(params=params, opt_state=(), extras={}, step=zero, rng=jax.random.PRNGKey(0),
+                      nonfinite_skips=zero)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    cfg = tiny_config()
+    return cfg, make_stage(cfg, parallel.make_mesh(1, 1), "geometry")
+
+
+def test_init_from_a_neus_sphere_gives_that_sphere(one_device):
+    cfg, stage = one_device
+    previous = _neus_sphere_state(cfg, stage)
+    state = stage.init_state(previous)
+    r = 0.5
+    # Official box: the sphere's mesh box (extent ~2r, vertices inside the sphere) padded by 10 % of it per side.
+    box = np.asarray(state.extras["box"])
+    h = 2 * cfg.field.radius / cfg.geometry.tet_resolution  # first-pass cell size
+    extent = box[1] - box[0]
+    np.testing.assert_allclose(box[0], -box[1], atol=1e-6)  # symmetric
+    assert np.all(extent <= 1.2 * 2 * r + 1e-5) and np.all(extent >= 1.2 * 2 * (r - h)), extent
+    # Per-vertex SDF = the NeuS SDF at the tight box's grid vertices, not clamped.
+    grid = stage.grid
+    points = box[0] + grid.vertices * extent
+    np.testing.assert_allclose(np.asarray(state.params["sdf"]), np.linalg.norm(points, axis=-1) - r, atol=1e-5)
+    assert np.asarray(state.params["sdf"]).max() > 0.05  # corners of the box: outside, unclamped
+    np.testing.assert_array_equal(np.asarray(state.params["deformation"]), 0.0)
+    # The texture is inherited.
+    np.testing.assert_array_equal(np.asarray(state.params["encoding"]), np.asarray(previous.params["encoding"]))
+    # Its surface is that sphere: every vertex within the chord error of radius r, area ~ 4 pi r^2.
+    surf = jax.jit(stage.surface)(state.params, state.extras["box"], stage.device_grid)
+    vertices, faces = dmtet.compact_mesh(jax.device_get(surf["mesh"]))
+    radii = np.linalg.norm(vertices, axis=-1)
+    cell = extent.max() / cfg.geometry.tet_resolution
+    assert np.abs(radii - r).max() < 0.5 * cell
+    tri = vertices[faces]
+    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=-1).sum()
+    assert area == pytest.approx(4 * math.pi * r**2, rel=0.08)
+
+
+def test_each_prior_sees_what_the_official_system_gives_it(one_device):
+    """rgb steps: the 2D prior scores the rgb renders; normal steps: the normal renders; Zero123 always rgb."""
+    cfg, stage = one_device
+
+    @dataclasses.dataclass(frozen=True)
+    class FakePrior:
+        resolution: int = 24
+
+    class FakePriors:
+        priors = {"sd": FakePrior(), "3d_sd": FakePrior()}
+
+    with_priors = dataclasses.replace(stage, priors=FakePriors())
+    state = stage.init_state()
+    hw = (24, 24)
+    g = cfg.geometry
+
+    @jax.jit
+    def everything(state):
+        batch = with_priors.view_batches(state)
+        shared = ((stage.targets[hw], stage.device_grid), state.step, state.extras["box"])
+        surf = stage.surface(state.params, state.extras["box"], stage.device_grid)
+        want = stage.render_view(state.params, surf, jax.tree.map(lambda a: a[0], batch[1][0]), *hw,
+                                 g.near_random, g.far_random)
+        outs = {kind: with_priors.render_loss(state.params, batch, shared, kind, *hw)
+                for kind in (geometry.RGB, geometry.NORMAL)}
+        return want, {kind: (m, images) for kind, (_, m, images) in outs.items()}
+
+    want, outs = everything(state)
+    assert float(jnp.mean(want["opacity"])) > 0.05  # the sphere is in view
+    for kind, sd_sees in ((geometry.RGB, "rgb"), (geometry.NORMAL, "normal")):
+        images = outs[kind][1]
+        np.testing.assert_allclose(np.asarray(images["sd"][0]), np.asarray(want[sd_sees]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(images["3d_sd"][0]), np.asarray(want["rgb"]), atol=1e-6)
+    # The reference losses apply on rgb steps only; normal consistency (x2) on both.
+    m_rgb, m_normal = outs[geometry.RGB][0], outs[geometry.NORMAL][0]
+    assert "ref/rgb" in m_rgb and "ref/mask" in m_rgb and "ref/rgb" not in m_normal
+    assert float(m_rgb["normal_consistency"]) > 0
+
+
+def test_normal_consistency_is_the_edge_mean_of_one_minus_cos():
+    # A tetrahedron's four faces; vertex normals chosen by hand, so every edge's 1 - cos is known.
+    faces = jnp.asarray([[0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 3, 2]], jnp.int32)
+    normals = jnp.asarray([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])
+    edges = {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)}
+    n = np.asarray(normals)
+    want = np.mean([1 - n[a] @ n[b] for a, b in edges])  # 1, 1, 0, 1, 1, 1 -> 5/6
+    got = geometry.normal_consistency(normals, faces, jnp.ones((4,), bool))
+    assert float(got) == pytest.approx(want, abs=1e-6) and want == pytest.approx(5 / 6)
+
+
+def test_step_on_8_devices_equals_the_1_device_step():
+    cfg = tiny_config()
+    cfg.train.ref_views_per_device = 8
+    one = make_stage(cfg, parallel.make_mesh(1, 1), "geometry")
+    cfg8 = tiny_config()
+    eight = make_stage(cfg8, parallel.make_mesh(8, 1), "geometry")
+    key = one.step_key(0)
+    s1, m1 = one.step_fn(key)(one.init_state(), *one.step_inputs(key))
+    s8, m8 = eight.step_fn(key)(eight.init_state(), *eight.step_inputs(key))
+    assert float(m1["loss"]) == pytest.approx(float(m8["loss"]), rel=1e-5)
+    for name in ("sdf", "deformation", "encoding"):
+        np.testing.assert_allclose(np.asarray(s8.params[name]), np.asarray(s1.params[name]), atol=1e-6, rtol=1e-5,
+                                   err_msg=name)
+
+
+def test_exported_mesh_loads_back_and_renders_as_the_stage(one_device, tmp_path):
+    cfg, stage = one_device
+    state = stage.init_state(_neus_sphere_state(cfg, stage))
+    paths = stage.finish(state, tmp_path)
+    camera = stage.eval_cameras()["side"]
+    h = w = 24
+    near, far = cfg.geometry.near_random, cfg.geometry.far_random
+    own = stage.eval_render(h, w)(state, camera)
+    surf = stage.surface_fn(state.params, state.extras["box"], stage.device_grid)
+    n_faces = int(surf["mesh"].n_faces)  # one sphere: no component is removed
+
+    @jax.jit
+    def render_file(v, f):
+        valid = jnp.ones((f.shape[0],), bool)
+        clip = raster.clip_positions(v, camera, h, w, near, far)
+        rast = raster.rasterize(clip, f, valid, h, w)
+        cover = (rast.tri_id >= 0).astype(jnp.float32)[..., None]
+        n = raster.interpolate(raster.vertex_normals(v, f, valid), rast, f, clip)
+        n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
+        topo = raster.edge_topology(f, valid)
+        return raster.antialias(cover, rast, clip, f, topo)[..., 0], raster.antialias((n + 1) * 0.5 * cover, rast,
+                                                                                     clip, f, topo)
+
+    shapes = []
+    for kind in ("glb", "obj"):
+        loaded = load_mesh(paths[kind])
+        shapes.append((loaded.vertices.shape, loaded.faces.shape))
+        assert loaded.faces.shape == (n_faces, 3)
+        assert len(np.unique(loaded.faces)) == len(loaded.vertices)  # compact: every vertex used
+        # The file's mesh through the rasteriser: same coverage and normals as the stage's render.
+        opacity, normal = render_file(jnp.asarray(loaded.vertices, jnp.float32), jnp.asarray(loaded.faces, jnp.int32))
+        np.testing.assert_allclose(np.asarray(opacity), np.asarray(own["opacity"]), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(normal), np.asarray(own["normal"]), atol=2e-3)
+    assert shapes[0] == shapes[1]
+
+
+def _geometry_run(tmp_path, full: bool):
+    from dreamcraft_jax.checkpoints import Checkpointer
+    from dreamcraft_jax.runner import train
+
+    cfg = tiny_config()
+    cfg.workdir = str(tmp_path / "run")
+    cfg.parallel.data = 1
+    cfg.train.max_steps = 2
+    cfg.train.save_every = 2
+    cfg.geometry.n_rgb = 1  # one step kind: one compile
+    if full:
+        cfg.stage = "all"
+        cfg.stages = ("coarse_nerf", "coarse_neus", "geometry")
+    else:  # a stand-in NeuS run: its initial state (a sphere-biased SDF) saved as its last checkpoint
+        neus_dir = tmp_path / "neus_run" / "coarse_neus"
+        checkpointer = Checkpointer(neus_dir / "checkpoints", 1)
+        checkpointer.save(make_stage(cfg, parallel.make_mesh(1, 1), "coarse_neus").init_state(), force=True)
+        checkpointer.wait()
+        checkpointer.close()
+        cfg.stage = "geometry"
+        cfg.init_from = str(tmp_path / "neus_run")
+    return train(cfg, progress=False)
+
+
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_geometry_run_ends_in_a_mesh_and_the_export_command_rewrites_it(tmp_path, capsys, full):
+    """A geometry run from a NeuS checkpoint (``--config.init_from``; slow variant: stage=all, 1a -> 1b -> geometry,
+    two tiny steps each, no priors) writes its mesh, and ``python -m dreamcraft_jax.export RUN`` rebuilds the
+    stage from its folder and writes the same mesh."""
+    from dreamcraft_jax.export.__main__ import main as export_main
+
+    workdir = _geometry_run(tmp_path, full)
+    folder = workdir / "geometry"
+    assert (folder / "DONE").exists()
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert all(r["n_faces"] > 0 and r["mesh_overflow"] == 0 for r in records if "loss" in r)
+    first = load_mesh(folder / "mesh" / "model.glb")
+    assert export_main([str(workdir), "--out", str(tmp_path / "again")]) == 0
+    assert "wrote glb" in capsys.readouterr().out
+    again = load_mesh(tmp_path / "again" / "mesh" / "model.glb")
+    assert again.faces.shape == first.faces.shape and again.vertices.shape == first.vertices.shape
+    np.testing.assert_allclose(again.vertices, first.vertices, atol=1e-6)
+    # A folder that is not a geometry stage: one error line, no traceback.
+    assert export_main([str(workdir / "coarse_nerf")]) == 2
+    assert "geometry" in capsys.readouterr().err
