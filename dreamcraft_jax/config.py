@@ -471,6 +471,9 @@ def _kernels(c) -> None:
         # With an atomic hash-grid backward: the encoder with one level per program (a 16x smaller Triton
         # program than the unrolled one). Not yet timed on a GPU.
         encoder_per_level=False,
+        # The rasteriser's per-tile z-buffer (geometry stage) as one Pallas program per screen tile, each running
+        # its own face list (the XLA reference advances all tiles in lockstep).
+        raster_zbuffer=True,
         # The priors' small GroupNorm (+ SiLU) layers (<= 128 x 128 positions) as one Pallas kernel per pass.
         fused_groupnorm=False,
         # The per-channel sums of every prior GroupNorm with at most this many positions per batch element as

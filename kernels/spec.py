@@ -33,7 +33,7 @@ FUSED_MLP_PRECISIONS = ("tf32", "tf32x3", "ieee")
 SUMS_PLAN_KEYS = ("chunk", "num_warps", "num_stages", "target_programs", "fold")
 
 _BOOL_KEYS = ("fused_density", "fused_finite_difference", "fused_mlp", "encoder_per_level", "fd_columns",
-              "fused_groupnorm")
+              "fused_groupnorm", "raster_zbuffer")
 
 
 class KernelConfigError(ValueError):
@@ -89,7 +89,8 @@ class KernelSpec:
     ``fused_finite_difference`` (the finite-difference neighbours' encodings in one kernel), ``fused_mlp`` (the
     density / SDF and albedo MLPs, forward and backward one kernel each) at ``fused_mlp_precision``
     (:data:`FUSED_MLP_PRECISIONS`), ``fd_columns`` (that kernel's transposed (L*F, N) layout),
-    ``encoder_per_level`` (the encoder with one level per program).
+    ``encoder_per_level`` (the encoder with one level per program), ``raster_zbuffer`` (the rasteriser's per-tile
+    z-buffer as one program per tile, :mod:`dreamcraft_jax.kernels.raster`).
 
     Diffusion priors' GroupNorms (on a GPU backend, whatever ``backend`` says, as the config keys always did):
     ``fused_groupnorm`` (small GroupNorms as one kernel per pass), ``groupnorm_sums_max_rows`` (the per-channel
@@ -108,6 +109,7 @@ class KernelSpec:
     fused_mlp_precision: str = "tf32"
     fd_columns: bool = False
     encoder_per_level: bool = False
+    raster_zbuffer: bool = False
     fused_groupnorm: bool = False
     groupnorm_sums_max_rows: int = 0
     groupnorm_sums_plan: tuple[tuple[str, Any], ...] = ()

@@ -38,7 +38,7 @@ def setup(n_devices: int, per_device: int, x64: bool, prune: bool = True):
     from dreamcraft_jax.train_step import TrainState
 
     cfg = conftest.tiny_config(**{"train.ref_views_per_device": per_device,
-                                  "train.random_views_per_device": per_device, "data.depth": "example",
+                                  "train.random_views_per_device": per_device, "data.depth": "auto",
                                   "loss.lambda_3d_normal_smooth": 0.0, "loss.lambda_orient": 0.0,
                                   **({} if prune else {"render.alpha_threshold": 0.0, "render.early_stop_eps": 0.0})})
     mesh = parallel.make_mesh(n_devices, 1, devices=jax.devices()[:n_devices])

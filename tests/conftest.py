@@ -93,8 +93,9 @@ def pytest_configure(config):
 # The slowest files (seconds of test time on 2 CPU cores), collected first: `pytest -n 2 --dist loadfile` hands
 # whole files to the two workers in collection order, so a heavy file collected last (alphabetically:
 # test_stage1*.py) ran alone at the end while the other worker sat idle. The rest keep their order.
-_HEAVY_FILES_FIRST = ("test_golden.py", "test_runner.py", "test_kernels_fd_hashgrid.py", "test_parallel_step.py",
-                      "test_stage1.py", "test_stage1_official.py", "test_kernels_hashgrid.py", "test_kernels_mlp.py",
+_HEAVY_FILES_FIRST = ("test_golden.py", "test_runner.py", "test_geometry_stage.py", "test_kernels_fd_hashgrid.py",
+                      "test_parallel_step.py", "test_stage1.py", "test_stage1_official.py", "test_stage1_fidelity.py",
+                      "test_raster.py", "test_kernels_raster.py", "test_kernels_hashgrid.py", "test_kernels_mlp.py",
                       "test_bench.py", "test_priors.py", "test_stage1_programs.py", "test_bench_eval.py",
                       "test_unet_vae.py")
 

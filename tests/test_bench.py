@@ -360,7 +360,7 @@ def test_bench_modules_import_no_private_names_and_form_no_cycle():
     for name in sorted(names - {"__main__"}):
         importlib.import_module(f"dreamcraft_jax.bench.{name}" if name != "__init__" else "dreamcraft_jax.bench")
     assert set(cli.BENCHES) == {"render", "sds", "stage", "eval", "hashgrid", "gn_sums", "fd", "project", "scaling",
-                                "profile", "compile"}
+                                "profile", "compile", "raster"}
     for module in cli.BENCHES.values():
         assert callable(module.add_parser) and callable(module.run) and module.__doc__
 
@@ -572,3 +572,22 @@ def test_fd_bench_packs_ray_samples_as_the_renderer_and_compares_launch_shapes(t
                      "--repeats", "1", "--out", str(out)]) == 0
     columns = json.loads(out.read_text())["results"]["columns block16 warps4 prereduce128"]
     assert columns["max_abs_feature_diff_vs_first"] < 1e-6 and "forward_backward" not in columns
+
+
+def test_raster_bench_writes_json_on_a_closed_outward_mesh(tmp_path):
+    import numpy as np
+    import trimesh
+
+    from dreamcraft_jax.bench import raster as raster_bench
+
+    vertices, faces = raster_bench.bumpy_sphere(2000)
+    mesh = trimesh.Trimesh(np.asarray(vertices), np.asarray(faces), process=False)
+    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0
+    assert abs(len(faces) - 2000) < 0.05 * 2000
+    out = tmp_path / "raster.json"
+    assert cli.main(["raster", "--faces", "300", "--resolution", "32", "--views", "1", "--tet_resolution", "4",
+                     "--zbuffers", "xla", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    r = report["results"]["xla 1 view"]
+    assert r["overflow"] == 0 and r["forward_backward"]["n"] == 1 and r["forward_backward_ms_per_view"] > 0
+    assert report["results"]["marching tets r4"]["faces"] > 0

@@ -116,12 +116,18 @@ def test_normal_consistency_is_the_edge_mean_of_one_minus_cos():
     assert float(got) == pytest.approx(want, abs=1e-6) and want == pytest.approx(5 / 6)
 
 
-def test_step_on_8_devices_equals_the_1_device_step():
+def _small_geometry_config():
     cfg = tiny_config()
+    cfg.geometry.tet_resolution = 8
+    cfg.overrides.geometry.data.heights = cfg.overrides.geometry.data.widths = (16,)
+    return cfg
+
+
+def test_step_on_8_devices_equals_the_1_device_step():
+    cfg = _small_geometry_config()
     cfg.train.ref_views_per_device = 8
     one = make_stage(cfg, parallel.make_mesh(1, 1), "geometry")
-    cfg8 = tiny_config()
-    eight = make_stage(cfg8, parallel.make_mesh(8, 1), "geometry")
+    eight = make_stage(_small_geometry_config(), parallel.make_mesh(8, 1), "geometry")
     key = one.step_key(0)
     s1, m1 = one.step_fn(key)(one.init_state(), *one.step_inputs(key))
     s8, m8 = eight.step_fn(key)(eight.init_state(), *eight.step_inputs(key))

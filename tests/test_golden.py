@@ -7,12 +7,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from fixtures.make_stage1_golden import STEPS, run
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "stage1_golden.json"
 
 
+@pytest.mark.slow  # ~3 min on CI's 2 cores (compiling 1a / 1b with both priors): `make test-all` runs it
 def test_stage1_demo_steps_match_the_recorded_losses_and_params(tmp_path):
     """With the jax the fixture was recorded with (the lock's), every number at rtol 1e-5: same programs, same
     order of operations, a few ulps per step compounding over 20 Adam steps. Another jax (another XLA) sums in

@@ -14,7 +14,7 @@ N_DEV = 8
 
 def _setup(n_devices, per_device, cfg_overrides=()):
     cfg = tiny_config(**{"train.ref_views_per_device": per_device, "train.random_views_per_device": per_device,
-                         "data.depth": "example", **dict(cfg_overrides)})
+                         "data.depth": "auto", **dict(cfg_overrides)})
     mesh = parallel.make_mesh(n_devices, 1, devices=jax.devices()[:n_devices])
     stage = make_stage(cfg, mesh)
     ref = load_reference(example_image_path(), 16, 16, depth_path=example_depth_path())

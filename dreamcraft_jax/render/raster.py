@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreamcraft_jax.cameras import Camera
+from dreamcraft_jax.kernels import raster as raster_kernel
 
 __all__ = ["Raster", "projection_matrix", "world_to_camera", "clip_positions", "pixel_homogeneous",
            "default_budgets", "triangle_setup", "bin_triangles", "tile_zbuffer", "rasterize", "barycentrics",
@@ -353,12 +354,15 @@ def _pixel_centres(height: int, width: int):
 
 
 def rasterize(clip: jax.Array, faces: jax.Array, face_valid: jax.Array, height: int, width: int, *, tile: int = 16,
-              pair_budget: int | None = None, max_per_tile: int | None = None, chunk: int = 8) -> Raster:
+              pair_budget: int | None = None, max_per_tile: int | None = None, chunk: int = 8,
+              zbuffer: str = "xla") -> Raster:
     """Rasterise one view: clip (V, 4), faces (F, 3) int32, face_valid (F,) bool -> :class:`Raster` (H, W).
 
     See the module doc for coverage, fill rule, near/far clipping, tie-break and depth. Budgets (static):
     ``pair_budget`` (tile, face) pairs and ``max_per_tile`` faces per tile list, defaults
-    :func:`default_budgets`; ``chunk`` faces tested per loop step. No gradients (use :func:`interpolate`).
+    :func:`default_budgets`; ``chunk`` faces tested per loop step. ``zbuffer``: "xla" (:func:`tile_zbuffer`) or
+    "pallas" (:func:`dreamcraft_jax.kernels.raster.tile_zbuffer_pallas`, one program per tile; same outputs).
+    No gradients (use :func:`interpolate`).
     """
     clip = jax.lax.stop_gradient(clip.astype(jnp.float32))
     faces = faces.astype(jnp.int32)
@@ -371,7 +375,12 @@ def rasterize(clip: jax.Array, faces: jax.Array, face_valid: jax.Array, height: 
     faces_sorted, start, count, overflow_pairs = bin_triangles(bbox, live, height, width, tile, pair_budget)
     capped = jnp.minimum(count, max_per_tile)
     overflow_tiles = jnp.sum(count - capped).astype(jnp.int32)
-    best, _ = tile_zbuffer(setup[faces_sorted], start, capped, height, width, tile, chunk)
+    if zbuffer == "pallas":
+        best, _ = raster_kernel.tile_zbuffer_pallas(setup[faces_sorted], start, capped, height, width, tile)
+    elif zbuffer == "xla":
+        best, _ = tile_zbuffer(setup[faces_sorted], start, capped, height, width, tile, chunk)
+    else:
+        raise ValueError(f"zbuffer must be 'xla' or 'pallas', got {zbuffer!r}")
     best = best[:height, :width]
     fg = best >= 0
     tri_id = jnp.where(fg, faces_sorted[jnp.maximum(best, 0)], -1)

@@ -91,6 +91,7 @@ class GeometryStage(Stage):
     references: Any = None
     targets: Any = None
     device_grid: Any = None  # the tet grid placed on the mesh (replicated), an input of every step
+    zbuffer: str = "xla"  # the rasteriser's per-tile z-buffer: "xla" reference or "pallas" kernel
 
     # ------------------------------------------------------------------ state
 
@@ -181,7 +182,7 @@ class GeometryStage(Stage):
         "depth" (H, W) view depth (0 on background), "overflow" ()}."""
         mesh = surf["mesh"]
         clip = raster.clip_positions(mesh.vertices, camera, height, width, near, far)
-        rast = raster.rasterize(clip, mesh.faces, mesh.face_valid, height, width)
+        rast = raster.rasterize(clip, mesh.faces, mesh.face_valid, height, width, zbuffer=self.zbuffer)
         cover = (rast.tri_id >= 0).astype(jnp.float32)[..., None]
 
         def aa(color):
@@ -388,4 +389,5 @@ def build(cfg, mesh, priors=None, prior_params=None) -> GeometryStage:
                                        int(cfg.parallel.fsdp_min_size))
     return GeometryStage(name="geometry", cfg=cfg, texture=neus_spec.base, neus_spec=neus_spec, grid=grid,
                          mesh=mesh, priors=stage_priors, prior_specs=specs, prior_params=placed,
-                         references=references, targets=targets, device_grid=parallel.replicate(grid, mesh))
+                         references=references, targets=targets, device_grid=parallel.replicate(grid, mesh),
+                         zbuffer="pallas" if kernels.backend == "pallas" and kernels.raster_zbuffer else "xla")

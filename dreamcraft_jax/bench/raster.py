@@ -1,0 +1,138 @@
+"""``bench raster``: the geometry stage's rasterisation path, forward and forward+backward, and marching tets.
+
+    python -m dreamcraft_jax.bench raster [--faces 150000] [--resolution 1024] [--views 1 4] [--out raster.json]
+
+Mesh: a bumpy UV sphere of about ``--faces`` faces filling most of the frame (fovy 20 at distance 3.8, as the
+stage's cameras). Per view count: ``rasterize`` alone; the stage's render (opacity, normal and albedo maps, each
+antialiased; two interpolations) forward + backward w.r.t. the vertices and the vertex colours, including the
+rasterisation; ms per view. Also marching tets of a sphere SDF on the stage's tet grid (``--tet_resolution``),
+forward and with its gradient. The stage's goal: rasterise + interpolate + antialias forward + backward <= 3 ms per
+1024 x 1024 view for a 150k-face mesh on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreamcraft_jax import cameras
+from dreamcraft_jax.bench.harness import error_record, record_variant, time_calls
+from dreamcraft_jax.fields import dmtet
+from dreamcraft_jax.render import raster
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    r = subparsers.add_parser("raster", help="rasterise / interpolate / antialias fwd+bwd, marching tets")
+    r.add_argument("--faces", type=int, default=150_000)
+    r.add_argument("--resolution", type=int, default=1024)
+    r.add_argument("--views", type=int, nargs="+", default=[1, 4])
+    r.add_argument("--zbuffers", nargs="+", default=["xla", "pallas"], choices=["xla", "pallas"],
+                   help="the z-buffer paths to time (pallas off a GPU: interpret mode, slow)")
+    r.add_argument("--tet_resolution", type=int, default=64, help="0: skip marching tets")
+    r.add_argument("--repeats", type=int, default=10)
+    r.add_argument("--out", default="")
+    return r
+
+
+def bumpy_sphere(n_faces: int, radius: float = 0.55) -> tuple[jax.Array, jax.Array]:
+    """A closed UV sphere of ~n_faces faces (2 n_lat n_lon), its radius modulated by a smooth bump pattern so the
+    silhouette is not a circle: vertices (V, 3) float32, faces (F, 3) int32, outward winding."""
+    n = max(int(round((n_faces / 2) ** 0.5)), 4)
+    theta = np.linspace(0.0, np.pi, n + 1)[1:-1]
+    phi = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
+    t, p = np.meshgrid(theta, phi, indexing="ij")
+    unit = np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], -1).reshape(-1, 3)
+    unit = np.concatenate([unit, [[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]]])
+    rows = n - 1
+    r_ = np.arange(rows - 1)[:, None]
+    c = np.arange(n)[None, :]
+    a, b = r_ * n + c, r_ * n + (c + 1) % n
+    quads = [np.stack([a, a + n, b + n], -1).reshape(-1, 3), np.stack([a, b + n, b], -1).reshape(-1, 3)]
+    top, bottom, cc = len(unit) - 2, len(unit) - 1, np.arange(n)
+    last = (rows - 1) * n
+    caps = [np.stack([np.full(n, top), cc, (cc + 1) % n], -1),
+            np.stack([np.full(n, bottom), last + (cc + 1) % n, last + cc], -1)]
+    faces = np.concatenate(quads + caps)
+    bump = 1.0 + 0.08 * np.sin(5 * unit[:, :1]) * np.cos(4 * unit[:, 1:2]) * np.sin(3 * unit[:, 2:])
+    vertices = radius * unit * bump
+    tri = vertices[faces]
+    outward = np.einsum("fi,fi->f", np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), tri.mean(1)) > 0
+    faces = np.where(outward[:, None], faces, faces[:, ::-1])
+    return jnp.asarray(vertices, jnp.float32), jnp.asarray(faces, jnp.int32)
+
+
+def render_loss(vertices, colors, faces, valid, topology, camera_batch, height, width, zbuffer="xla"):
+    """Sum of the stage's three antialiased maps over the views (a scalar to differentiate)."""
+    normals = raster.vertex_normals(vertices, faces, valid)
+
+    def one(camera):
+        clip = raster.clip_positions(vertices, camera, height, width, 0.1, 1000.0)
+        rast = raster.rasterize(clip, faces, valid, height, width, zbuffer=zbuffer)
+        cover = (rast.tri_id >= 0).astype(jnp.float32)[..., None]
+        opacity = raster.antialias(cover, rast, clip, faces, topology)
+        n = raster.interpolate(normals, rast, faces, clip)
+        n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
+        normal = raster.antialias((n + 1.0) * 0.5 * cover, rast, clip, faces, topology)
+        rgb = raster.antialias(1.0 + (raster.interpolate(colors, rast, faces, clip) - 1.0) * cover, rast, clip,
+                               faces, topology)
+        return jnp.sum(opacity) + 0.3 * jnp.sum(normal) + 0.7 * jnp.sum(rgb), rast.overflow_pairs + rast.overflow_tiles
+
+    totals, overflow = jax.lax.map(one, camera_batch)
+    return jnp.sum(totals), jnp.sum(overflow)
+
+
+def run(args) -> dict:
+    vertices, faces = bumpy_sphere(args.faces)
+    n_faces = int(faces.shape[0])
+    valid = jnp.ones((n_faces,), bool)
+    topology = jax.jit(raster.edge_topology)(faces, valid)
+    colors = jax.random.uniform(jax.random.PRNGKey(0), vertices.shape)
+    h = w = args.resolution
+    mesh_info = {"faces": n_faces, "vertices": int(vertices.shape[0]), "resolution": h}
+    results = {}
+    print(f"mesh: {n_faces} faces, {vertices.shape[0]} vertices, {h}x{w}")
+    reference_ids = {}  # views -> the XLA path's face ids
+    for zbuffer in args.zbuffers:
+        for views in args.views:
+            cams = cameras.make_camera(10.0, jnp.linspace(0.0, 90.0, views), 3.8, 20.0)
+            key = f"{zbuffer} {views} view" + ("s" if views > 1 else "")
+            try:
+                rasterize = jax.jit(lambda v, cams=cams, zbuffer=zbuffer: jax.lax.map(
+                    lambda c: raster.rasterize(raster.clip_positions(v, c, h, w, 0.1, 1000.0), faces, valid, h, w,
+                                               zbuffer=zbuffer), cams))
+                loss = functools.partial(render_loss, faces=faces, valid=valid, topology=topology, camera_batch=cams,
+                                         height=h, width=w, zbuffer=zbuffer)
+                fwd = jax.jit(lambda v, c, loss=loss: loss(v, c))
+                fwd_bwd = jax.jit(jax.value_and_grad(lambda v, c, loss=loss: loss(v, c)[0], argnums=(0, 1)))
+                overflow = int(fwd(vertices, colors)[1])
+                r = {"rasterize": time_calls(rasterize, vertices, repeats=args.repeats),
+                     "forward": time_calls(fwd, vertices, colors, repeats=args.repeats),
+                     "forward_backward": time_calls(fwd_bwd, vertices, colors, repeats=args.repeats)}
+                r["forward_backward_ms_per_view"] = r["forward_backward"]["median_ms"] / views
+                r["overflow"] = overflow
+                ids = np.asarray(rasterize(vertices).tri_id)
+                if zbuffer == "xla":
+                    reference_ids[views] = ids
+                elif views in reference_ids:  # the kernel's face ids against the reference's, pixel for pixel
+                    r["tri_id_mismatch_fraction"] = float(np.mean(ids != reference_ids[views]))
+            except Exception as e:  # noqa: BLE001 - a variant out of memory is recorded, the others still run
+                r = error_record(e)
+            record_variant(results, key, r, args.out, "raster")
+    if args.tet_resolution > 0:
+        try:
+            grid = jax.device_put(dmtet.make_tet_grid(args.tet_resolution))
+            sdf = jnp.linalg.norm(grid.vertices - 0.5, axis=-1) - 0.4
+            extract = jax.jit(lambda p, s: dmtet.marching_tets(p, s, grid, 200_000, 100_000).n_faces)
+            grad = jax.jit(jax.grad(lambda p, s: jnp.sum(dmtet.marching_tets(p, s, grid, 200_000, 100_000).vertices),
+                                    argnums=(0, 1)))
+            r = {"forward": time_calls(extract, grid.vertices, sdf, repeats=args.repeats),
+                 "forward_backward": time_calls(grad, grid.vertices, sdf, repeats=args.repeats),
+                 "faces": int(extract(grid.vertices, sdf))}
+        except Exception as e:  # noqa: BLE001
+            r = error_record(e)
+        record_variant(results, f"marching tets r{args.tet_resolution}", r, args.out, "raster")
+    return {"mesh": mesh_info, "results": results}
