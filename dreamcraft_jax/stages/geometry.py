@@ -46,6 +46,7 @@ from dreamcraft_jax.fields import dmtet, nerf, neus
 from dreamcraft_jax.guidance.sds import resize_to_model
 from dreamcraft_jax.kernels.spec import KernelSpec
 from dreamcraft_jax.render import raster
+from dreamcraft_jax.stages import views
 from dreamcraft_jax.stages.base import Stage, register
 from dreamcraft_jax.stages.volume_stage import load_references, stage_targets
 from dreamcraft_jax.train_step import StepDef, TrainState, build_step, init_train_state
@@ -208,15 +209,8 @@ class GeometryStage(Stage):
         return (self.targets[hw], self.device_grid), (self.prior_params if self.priors is not None else {})
 
     def view_batches(self, state: TrainState):
-        n_dev = parallel.view_shards(self.mesh)
-        t = self.cfg.train
-        step_key = jax.random.fold_in(state.rng, state.step)
-        k_ref, k_cams, k_rand = jax.random.split(jax.random.fold_in(step_key, 1), 3)
-        n = n_dev * t.ref_views_per_device
-        ref_cam = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), cam.reference_camera(self.cfg.camera))
-        m = n_dev * t.random_views_per_device
-        return (ref_cam, jax.random.split(k_ref, n)), (cam.sample_cameras(k_cams, m, state.step, self.cfg.camera),
-                                                       jax.random.split(k_rand, m))
+        """(ref, random) view batches: both every step (mode accumulate)."""
+        return views.view_batches(self.cfg, self.mesh, state, True, True)
 
     def render_loss(self, params, batch, shared, kind: str, height: int, width: int):
         (targets, grid), step, box = shared
@@ -260,42 +254,29 @@ class GeometryStage(Stage):
         metrics["random/loss"] = jnp.zeros((), jnp.float32)
         return total, metrics, images
 
-    def guidance_schedules(self, step) -> dict:
-        return {"priors": self.priors.schedules_at(step),
-                "weights": {name: jnp.asarray(schedule_value(self.cfg.loss[f"lambda_{name}"], step), jnp.float32)
-                            for name in self.priors.priors}}
-
     def step_def(self, kind: str, height: int, width: int) -> StepDef:
         uses_priors = self.priors is not None
-        separate = bool(self.cfg.train.separate_guidance)
 
         def prepare(state: TrainState, data):
             guide = None
             if uses_priors:
-                guide = {"step": state.step, "schedules": self.guidance_schedules(state.step)}
+                guide = {"step": state.step, "schedules": views.guidance_schedules(self.priors, self.cfg, state.step)}
             return state.extras, self.view_batches(state), (data, state.step, state.extras["box"]), guide
 
         def render(params, batch, shared):
             return self.render_loss(params, batch, shared, kind, height, width)
 
         def guidance(prior_params, images, rand_views, guide):
-            cams, keys = rand_views
-            guide_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys)
-            g_terms, g_stats = self.priors.losses(prior_params, images, cams, guide_keys, guide["step"],
-                                                  guide["schedules"]["priors"])
-            loss = sum(guide["schedules"]["weights"][name] * value for name, value in g_terms.items())
-            return loss, {f"random/{k}": v for k, v in {**g_terms, **g_stats}.items()}
-
-        def merge(metrics, g_loss, g_metrics):
-            return {**metrics, **g_metrics, "random/loss": metrics["random/loss"] + g_loss}
+            g_terms, metrics = views.prior_terms(self.priors, prior_params, images, rand_views, guide["step"],
+                                                 guide["schedules"]["priors"])
+            return sum(guide["schedules"]["weights"][name] * value for name, value in g_terms.items()), metrics
 
         def summary(state: TrainState, extras):
             del state
             return {"box_extent": jnp.max(extras["box"][1] - extras["box"][0])}
 
-        del separate  # the guidance program's schedules are inputs either way
         return StepDef(prepare=prepare, render=render, guidance=guidance if uses_priors else None,
-                       guide_views=lambda batch: batch[1], merge=merge, summary=summary,
+                       guide_views=lambda batch: batch[1], merge=views.merge_random_loss, summary=summary,
                        frozen_specs=self.prior_specs if uses_priors else parallel.REPLICATED,
                        param_specs=self.param_specs)
 

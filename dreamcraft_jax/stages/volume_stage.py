@@ -36,6 +36,7 @@ from dreamcraft_jax import losses, parallel
 from dreamcraft_jax.config import resolution_at, schedule_is_zero, schedule_value
 from dreamcraft_jax.data.reference import reference_from_config
 from dreamcraft_jax.render import volume
+from dreamcraft_jax.stages import views
 from dreamcraft_jax.stages.base import Stage
 from dreamcraft_jax.train_step import (
     StepDef,
@@ -209,15 +210,12 @@ class VolumeStage(Stage):
         def guidance(prior_params, images, rand_views, guide):
             return self.guidance_loss(prior_params, images, rand_views, guide["step"], guide["schedules"])
 
-        def merge(metrics, g_loss, g_metrics):
-            return {**metrics, **g_metrics, "random/loss": metrics["random/loss"] + g_loss}
-
         def summary(state: TrainState, extras):
             return {"active_levels": jnp.sum(self.level_mask(state.step)),
                     "grid_occupancy": jnp.mean(extras["grid"].binary.astype(jnp.float32))}
 
         return StepDef(prepare=prepare, render=render, guidance=guidance if uses_priors else None,
-                       guide_views=lambda batch: batch[1], merge=merge, summary=summary,
+                       guide_views=lambda batch: batch[1], merge=views.merge_random_loss, summary=summary,
                        frozen_specs=self.prior_specs if uses_priors else parallel.REPLICATED,
                        param_specs=self.param_specs)
 
@@ -251,19 +249,7 @@ class VolumeStage(Stage):
 
     def view_batches(self, state: TrainState, kind: str):
         """Global view batches (ref, random) for this step: cameras + per-view keys, or None."""
-        n_dev = parallel.view_shards(self.mesh)
-        t = self.cfg.train
-        step_key = jax.random.fold_in(state.rng, state.step)
-        k_ref, k_cams, k_rand = jax.random.split(jax.random.fold_in(step_key, 1), 3)
-        ref = rand = None
-        if kind in (REF, BOTH):
-            n = n_dev * t.ref_views_per_device
-            camera = jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), cam.reference_camera(self.cfg.camera))
-            ref = (camera, jax.random.split(k_ref, n))
-        if kind in (RANDOM, BOTH):
-            n = n_dev * t.random_views_per_device
-            rand = (cam.sample_cameras(k_cams, n, state.step, self.cfg.camera), jax.random.split(k_rand, n))
-        return ref, rand
+        return views.view_batches(self.cfg, self.mesh, state, kind in (REF, BOTH), kind in (RANDOM, BOTH))
 
     # ------------------------------------------------------------------ losses
 
@@ -330,10 +316,10 @@ class VolumeStage(Stage):
         Reference and random parts are each averaged over their views, then added."""
         total = 0.0
         metrics, rand_rgbs = {}, None
-        for is_ref, views, prefix in ((True, ref_views, "ref"), (False, rand_views, "random")):
-            if views is None:
+        for is_ref, batch, prefix in ((True, ref_views, "ref"), (False, rand_views, "random")):
+            if batch is None:
                 continue
-            cams, keys = views
+            cams, keys = batch
 
             def one(args, is_ref=is_ref):
                 camera, key = args
@@ -353,22 +339,16 @@ class VolumeStage(Stage):
         return total, metrics, rand_rgbs
 
     def guidance_schedules(self, step) -> dict:
-        """The step-dependent numbers of the priors' loss at ``step`` (float32 scalars): each prior's
-        :meth:`Priors.schedules_at` under "priors" and its loss weight lambda_<name> under "weights"."""
-        return {"priors": self.priors.schedules_at(step),
-                "weights": {name: jnp.asarray(schedule_value(self.cfg.loss[f"lambda_{name}"], step), jnp.float32)
-                            for name in self.priors.priors}}
+        """:func:`dreamcraft_jax.stages.views.guidance_schedules` of this stage's priors and loss weights."""
+        return views.guidance_schedules(self.priors, self.cfg, step)
 
     def guidance_loss(self, prior_params, images, rand_views, step, schedules: dict | None = None):
-        """(weighted prior loss, metrics) of this device's random views, scored as one batch per prior; each
-        prior's loss is already the mean over the batch. ``images``: per prior the renders resized to its input
-        size (:meth:`Priors.resized`). ``schedules``: :meth:`guidance_schedules` (then no number of this stage's
-        config is a constant of the trace), or None to read the config."""
-        cams, keys = rand_views
-        guide_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys)
-        g_terms, g_stats = self.priors.losses(prior_params, images, cams, guide_keys, step,
-                                              None if schedules is None else schedules["priors"])
-        metrics = {f"random/{k}": v for k, v in {**g_terms, **g_stats}.items()}
+        """(weighted prior loss, metrics) of this device's random views (:func:`views.prior_terms`). ``images``:
+        per prior the renders resized to its input size (:meth:`Priors.resized`). ``schedules``:
+        :meth:`guidance_schedules` (then no number of this stage's config is a constant of the trace), or None to
+        read the config."""
+        g_terms, metrics = views.prior_terms(self.priors, prior_params, images, rand_views, step,
+                                             None if schedules is None else schedules["priors"])
         if schedules is None:
             return self.weighted_total(g_terms, step), metrics
         return sum(schedules["weights"][name] * value for name, value in g_terms.items()), metrics
