@@ -360,7 +360,7 @@ def test_bench_modules_import_no_private_names_and_form_no_cycle():
     for name in sorted(names - {"__main__"}):
         importlib.import_module(f"dreamcraft_jax.bench.{name}" if name != "__init__" else "dreamcraft_jax.bench")
     assert set(cli.BENCHES) == {"render", "sds", "stage", "eval", "hashgrid", "gn_sums", "fd", "project", "scaling",
-                                "profile", "compile", "raster"}
+                                "profile", "compile", "raster", "geometry"}
     for module in cli.BENCHES.values():
         assert callable(module.add_parser) and callable(module.run) and module.__doc__
 
@@ -591,3 +591,17 @@ def test_raster_bench_writes_json_on_a_closed_outward_mesh(tmp_path):
     r = report["results"]["xla 1 view"]
     assert r["overflow"] == 0 and r["forward_backward"]["n"] == 1 and r["forward_backward_ms_per_view"] > 0
     assert report["mesh"]["faces"] == len(raster_bench.bumpy_sphere(300)[1])
+
+
+@pytest.mark.slow
+def test_geometry_bench_projects_the_stage_from_its_cycle(tmp_path):
+    """`bench geometry` on tiny priors: the projection is 5000 x the pipelined cycle time, the mesh is reported."""
+    out = tmp_path / "geometry.json"
+    assert cli.main(["geometry", "--tiny", "--resolution", "16", "--tet_resolutions", "6", "--zbuffers", "xla",
+                     "--repeats", "1", "--no_split", "--set", "geometry.max_faces=2000",
+                     "--set", "geometry.max_vertices=1000", "--set", "overrides.geometry.eval.height=16",
+                     "--set", "overrides.geometry.eval.width=16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    r = report["results"]["tet6_16px_xla_views1"]
+    assert r["projection"]["minutes"] == pytest.approx(5000 * r["cycle_pipelined_ms_per_step"] / 60e3)
+    assert r["mesh"]["faces"] > 0 and r["mesh"]["mesh_overflow"] == 0 and r["normal_step"]["step_ms"] > 0

@@ -59,14 +59,14 @@ def test_time_split_parts_and_the_state_survive(tiny_cfg, monkeypatch):
     step is the one timed as the full step, and the caller's state is still usable afterwards (the timed steps
     donate their input). The three programs really run; their timings are replaced by fixed numbers, so the
     expected parts are exact (measured ones would only bound each other)."""
-    from dreamcraft_jax.stages import volume_stage
+    from dreamcraft_jax.stages import timing, volume_stage
 
     tiny_cfg.parallel.data = 1
     stage = make_stage(tiny_cfg, parallel.mesh_from_config(tiny_cfg))
     state = stage.init_state()
     key = (volume_stage.RANDOM, (16, 16))
     compiled = stage.step_fn(key)
-    real_latency = volume_stage.step_latency_ms
+    real_latency = timing.step_latency_ms
     fake_ms = {}
 
     def latency(step, s, *inputs, repeats):
@@ -76,7 +76,7 @@ def test_time_split_parts_and_the_state_survive(tiny_cfg, monkeypatch):
         fake_ms[part] = {"update": 3.0, "plain": 2.0, "full": 7.0}[part]
         return fake_ms[part]
 
-    monkeypatch.setattr(volume_stage, "step_latency_ms", latency)
+    monkeypatch.setattr(timing, "step_latency_ms", latency)
     split = stage.timing_split(state, {key: compiled}, repeats=1)
     assert set(fake_ms) == {"update", "plain", "full"}
     # step = full 7; render = max(plain 2 - update 3, 0) = 0 (clipped); guidance = full 7 - plain 2 = 5.

@@ -1,9 +1,9 @@
 """The command line of the benches: ``python -m dreamcraft_jax.bench [--xla_flags FLAGS] <bench> [options]``.
 
 Benches (one module each, ``--help`` on each lists its options): render, sds, stage, eval, hashgrid, gn_sums,
-fd, project, scaling, profile, compile, raster. Each module has ``add_parser(subparsers)`` and ``run(args) -> dict``
-(the report; it prints its own table); this module parses, sets the process-wide XLA environment before the
-backend starts, runs the bench and writes its report as JSON to ``--out``.
+fd, project, scaling, profile, compile, raster, geometry. Each module has ``add_parser(subparsers)`` and
+``run(args) -> dict`` (the report; it prints its own table); this module parses, sets the process-wide XLA
+environment before the backend starts, runs the bench and writes its report as JSON to ``--out``.
 
 Values that start with ``--`` (XLA flags) are accepted after ``--xla_flags`` in both forms:
 ``--xla_flags=--xla_gpu_enable_command_buffer=`` and ``--xla_flags "--xla_gpu_enable_command_buffer="``.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dreamcraft_jax.bench import compile as compile_bench
 from dreamcraft_jax.bench import eval as eval_bench
-from dreamcraft_jax.bench import fd, gn_sums, hashgrid, project, raster, render, scaling, sds, stage
+from dreamcraft_jax.bench import fd, geometry, gn_sums, hashgrid, project, raster, render, scaling, sds, stage
 from dreamcraft_jax.bench import profile as profile_bench
 from dreamcraft_jax.config import ConfigError
 from dreamcraft_jax.xla_flags import DEFAULT_XLA_FLAGS, apply_xla_flags
@@ -29,7 +29,7 @@ from dreamcraft_jax.xla_flags import DEFAULT_XLA_FLAGS, apply_xla_flags
 # In the order `--help` lists them.
 BENCHES = {"render": render, "sds": sds, "stage": stage, "eval": eval_bench, "hashgrid": hashgrid,
            "gn_sums": gn_sums, "fd": fd, "project": project, "scaling": scaling, "profile": profile_bench,
-           "compile": compile_bench, "raster": raster}
+           "compile": compile_bench, "raster": raster, "geometry": geometry}
 
 # Top-level options whose value may itself start with "--" (argparse would take it for an option).
 DASH_VALUE_OPTIONS = ("--xla_flags",)

@@ -3,9 +3,10 @@
     python -m dreamcraft_jax.bench raster [--faces 150000] [--resolution 1024] [--views 1 4] [--out raster.json]
 
 Mesh: a bumpy UV sphere of about ``--faces`` faces filling most of the frame (fovy 20 at distance 3.8, as the
-stage's cameras). Per view count: ``rasterize`` alone; the stage's render (opacity, normal and albedo maps, each
-antialiased; two interpolations) forward + backward w.r.t. the vertices and the vertex colours, including the
-rasterisation; ms per view. Also marching tets of a sphere SDF on the stage's tet grid (``--tet_resolution``),
+stage's cameras). Per view count: ``rasterize`` alone; the stage's render (one interpolation of normals | colours, one
+antialias of the opacity, normal and albedo maps) forward + backward w.r.t. the vertices and the vertex colours,
+including the rasterisation; ms per view; for 1 view also ``interpolate`` and ``antialias`` alone, forward +
+backward on a fixed rasterisation. Also marching tets of a sphere SDF on the stage's tet grid (``--tet_resolution``),
 forward and with its gradient. The stage's goal: rasterise + interpolate + antialias forward + backward <= 3 ms per
 1024 x 1024 view for a 150k-face mesh on an H100.
 """
@@ -66,23 +67,45 @@ def bumpy_sphere(n_faces: int, radius: float = 0.55) -> tuple[jax.Array, jax.Arr
 
 
 def render_loss(vertices, colors, faces, valid, topology, camera_batch, height, width, zbuffer="xla"):
-    """Sum of the stage's three antialiased maps over the views (a scalar to differentiate)."""
+    """Sum of the stage's antialiased maps (opacity, normal, albedo on white: one interpolation of normals |
+    colours, one antialias of the seven channels, as ``GeometryStage.render_view``) over the views."""
     normals = raster.vertex_normals(vertices, faces, valid)
 
     def one(camera):
         clip = raster.clip_positions(vertices, camera, height, width, 0.1, 1000.0)
         rast = raster.rasterize(clip, faces, valid, height, width, zbuffer=zbuffer)
-        cover = (rast.tri_id >= 0).astype(jnp.float32)[..., None]
-        opacity = raster.antialias(cover, rast, clip, faces, topology)
-        n = raster.interpolate(normals, rast, faces, clip)
-        n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-        normal = raster.antialias((n + 1.0) * 0.5 * cover, rast, clip, faces, topology)
-        rgb = raster.antialias(1.0 + (raster.interpolate(colors, rast, faces, clip) - 1.0) * cover, rast, clip,
-                               faces, topology)
-        return jnp.sum(opacity) + 0.3 * jnp.sum(normal) + 0.7 * jnp.sum(rgb), rast.overflow_pairs + rast.overflow_tiles
+        return jnp.sum(shade(rast, clip, normals, colors, faces, topology) * _WEIGHTS), (rast.overflow_pairs
+                                                                                        + rast.overflow_tiles)
 
     totals, overflow = jax.lax.map(one, camera_batch)
     return jnp.sum(totals), jnp.sum(overflow)
+
+
+_WEIGHTS = jnp.asarray([0.7] * 3 + [0.3] * 3 + [1.0])  # rgb, normal, opacity
+
+
+def shade(rast, clip, normals, colors, faces, topology):
+    """(H, W, 7) antialiased albedo on white | (n + 1) / 2 on black | opacity of one rasterised view."""
+    cover = (rast.tri_id >= 0).astype(jnp.float32)[..., None]
+    attrs = raster.interpolate(jnp.concatenate([normals, colors], -1), rast, faces, clip)
+    n = raster.safe_normalize(attrs[..., :3])
+    maps = jnp.concatenate([1.0 + (attrs[..., 3:] - 1.0) * cover, (n + 1.0) * 0.5 * cover, cover], -1)
+    return raster.antialias(maps, rast, clip, faces, topology)
+
+
+def component_times(vertices, colors, faces, valid, topology, camera, h, w, zbuffer, repeats) -> dict:
+    """One view's parts, each forward + backward w.r.t. the vertices (and colours) on a fixed rasterisation:
+    ``interpolate`` (normals | colours), ``antialias`` (7 channels), and the rest of the shading around them."""
+    normals = raster.vertex_normals(vertices, faces, valid)
+    clip = raster.clip_positions(vertices, camera, h, w, 0.1, 1000.0)
+    rast = jax.jit(lambda c: raster.rasterize(c, faces, valid, h, w, zbuffer=zbuffer))(clip)
+    attr = jnp.concatenate([normals, colors], -1)
+    maps = jax.random.uniform(jax.random.PRNGKey(1), (h, w, 7))
+    interp = jax.jit(jax.grad(lambda c, a: jnp.sum(raster.interpolate(a, rast, faces, c) ** 2), argnums=(0, 1)))
+    aa = jax.jit(jax.grad(lambda c, m: jnp.sum(raster.antialias(m, rast, c, faces, topology) ** 2),
+                          argnums=(0, 1)))
+    return {"interpolate_fwd_bwd": time_calls(interp, clip, attr, repeats=repeats),
+            "antialias_fwd_bwd": time_calls(aa, clip, maps, repeats=repeats)}
 
 
 def run(args) -> dict:
@@ -113,6 +136,9 @@ def run(args) -> dict:
                      "forward": time_calls(fwd, vertices, colors, repeats=args.repeats),
                      "forward_backward": time_calls(fwd_bwd, vertices, colors, repeats=args.repeats)}
                 r["forward_backward_ms_per_view"] = r["forward_backward"]["median_ms"] / views
+                if views == 1:
+                    r.update(component_times(vertices, colors, faces, valid, topology, jax.tree.map(
+                        lambda x: x[0], cams), h, w, zbuffer, args.repeats))
                 r["overflow"] = overflow
                 ids = np.asarray(rasterize(vertices).tri_id)
                 if zbuffer == "xla":

@@ -66,7 +66,8 @@ def eval_view_ms(stage, state, repeats: int) -> tuple[float, float]:
 
 def _time_case(args, stage_name, res, views, cfg, mesh, priors, prior_params, fitted) -> dict:
     """One (stage, resolution, views) case's result entry."""
-    from dreamcraft_jax.stages.volume_stage import RANDOM, REF, step_latency_ms
+    from dreamcraft_jax.stages.timing import step_latency_ms
+    from dreamcraft_jax.stages.volume_stage import RANDOM, REF
 
     at_step = args.at_step if args.at_step >= 0 else phase_mid_step(cfg, stage_name, res)
     stage, state, targets, pp = stage_case(cfg, stage_name, res, views, mesh, priors, prior_params, fitted, at_step)

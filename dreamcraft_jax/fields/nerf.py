@@ -153,7 +153,7 @@ def _activate(raw: jax.Array, spec: NerfFieldSpec) -> jax.Array:
 
 def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec, mask, *, backend: str,
                   remat: bool, need_x_grad: bool, valid: jax.Array | None = None,
-                  backward: str = "xla", per_level: bool = False) -> jax.Array:
+                  backward: str = "xla", per_level: bool = False, first_order_x_grad: bool = False) -> jax.Array:
     """Hash-grid features of points in [0, 1]^3 through the chosen backend.
 
     The Pallas kernel keeps only (table, x, mask) for its backward, so it needs no remat; its backward skips the
@@ -163,8 +163,14 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
     or the atomic kernel with a per-block pre-reduction of the coarse levels (``PRE_REDUCE_MAX_SCALE``).
     ``per_level`` (with an atomic backward): the encoder with one level per program
     (:mod:`dreamcraft_jax.kernels.hashgrid_levels`, a 16x smaller Triton program).
+    ``need_x_grad`` takes the jnp path, which any order of derivative goes through (analytic normals are a
+    gradient that is differentiated again); ``first_order_x_grad`` keeps the Pallas kernel with its backward's
+    gradient w.r.t. x (a surface point's texture lookup, differentiated once).
     """
     pre_reduce = PRE_REDUCE_MAX_SCALE if backward == "reduced" else 0.0
+    if backend == "pallas" and first_order_x_grad and not need_x_grad:
+        return hashgrid_kernel.encode_pallas(table, unit, grid, mask, grad_table_only=False, block_points=128,
+                                             xla_backward=backward == "xla", valid=valid)
     if backend == "pallas" and not need_x_grad and per_level and backward != "xla":
         return levels_kernel.encode_levels_pallas(table, unit, grid, mask, valid, pre_reduce_max_scale=pre_reduce)
     if backend == "pallas" and not need_x_grad:

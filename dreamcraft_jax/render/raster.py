@@ -75,6 +75,9 @@ _X, _Y, _W, _Z, _S, _INCL = slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12),
 
 # nvdiffrast's tolerance on the silhouette crossing: up to 1/16 pixel past the neighbour's centre still counts.
 _AA_EPS = 1.0 / 16.0
+# The far vertex of the face across an edge must be this fraction of our own det off the eye-edge plane for the edge
+# to be a silhouette (antialias); closer, the face across is flat or degenerate and the surface continues.
+_AA_FLAT = 1e-3
 
 # Pixel-bbox margin (pixels): bbox corners come from X/w, coverage from edge functions; a centre within float
 # error of a vertex must not be left out of the bbox.
@@ -492,7 +495,10 @@ def _pair_blend(tri_p, tri_q, dep_p, dep_q, cp, cq, centres_p, centres_q, Xv, Yv
     axis_ok = (jnp.abs(A) >= jnp.abs(B)) if horizontal else (jnp.abs(B) > jnp.abs(A))
 
     # Silhouette: no face across the edge, or that face's far vertex o on the same side of the plane through the
-    # eye and the edge as our own third vertex (det with o in place of vertex k has our det's sign, or is 0).
+    # eye and the edge as our own third vertex (det with o in place of vertex k has our det's sign), by more than
+    # _AA_FLAT of our det. o on the plane (a face of zero area: marching tets puts several vertices on a grid
+    # vertex where the SDF is 0 there) counts as the surface continuing: blending there drew false edges inside
+    # the silhouette, and the sign of a det that is 0 up to rounding is noise.
     opp = pick(topology[jnp.maximum(tri, 0)])
     o = jnp.maximum(opp, 0)
     a_o, b_o, w_o = Xv[o] - bx[..., 0] * Wv[o], Yv[o] - by[..., 0] * Wv[o], Wv[o]
@@ -500,7 +506,8 @@ def _pair_blend(tri_p, tri_q, dep_p, dep_q, cp, cq, centres_p, centres_q, Xv, Yv
     bj, bk = pick(jnp.roll(b, -1, axis=-1)), pick(jnp.roll(b, -2, axis=-1))
     wj_, wk_ = pick(wj), pick(wk)
     det_o = a_o * (bj * wk_ - bk * wj_) - b_o * (aj * wk_ - ak * wj_) + w_o * (aj * bk - ak * bj)
-    silhouette = (opp < 0) | (s[..., 0] * det_o >= 0)
+    own = jnp.sum(e_b * w, axis=-1)  # our det (X, Y, w rows of the three vertices, base-relative)
+    silhouette = (opp < 0) | (s[..., 0] * det_o > _AA_FLAT * jnp.abs(own))
 
     valid = active & jnp.isfinite(t_raw) & (t_raw <= 1.0 + _AA_EPS) & axis_ok & silhouette
     # Crossing, differentiable in the edge's two vertices: t = se_b / (se_b - se_o) of edge k.
@@ -529,7 +536,8 @@ def antialias(color: jax.Array, raster: Raster, clip: jax.Array, faces: jax.Arra
       * the edge is a **silhouette edge**: no other face shares it in ``topology`` (:func:`edge_topology`: open
         boundary or non-manifold), or the face across it lies on the same side of the plane through the eye and
         the edge as the chosen face (the surface folds away: one of the two faces is front-, the other
-        back-facing). Edges between two faces continuing across (smooth interior edges) are never blended.
+        back-facing). Edges between two faces continuing across (smooth interior edges) are never blended, nor
+        edges whose face across is flat (its far vertex within 1e-3 of our det of that plane).
     Blend (1-D box filter of the pixel footprint along the pair's axis): with ``delta = c_other - c_base``, if
     ``t < 1/2`` the base pixel gets ``+(1/2 - t) delta``, else the other pixel gets ``-(t - 1/2) delta``.
     Gradients: w.r.t. colours, and w.r.t. the two vertices of the edge through ``t`` (zero when clamped).
@@ -555,6 +563,13 @@ def antialias(color: jax.Array, raster: Raster, clip: jax.Array, faces: jax.Arra
 # ----------------------------------------------------------------------------------------------------------------
 # Normals
 # ----------------------------------------------------------------------------------------------------------------
+
+def safe_normalize(v: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """v / max(|v|, eps) over the last axis, with a finite gradient at v = 0 (background pixels interpolate to 0,
+    where ``jnp.linalg.norm``'s gradient is 0/0: NaN, which a zero cotangent does not cancel)."""
+    sq = jnp.sum(v * v, axis=-1, keepdims=True)
+    return v * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
 
 def vertex_normals(vertices: jax.Array, faces: jax.Array, face_valid: jax.Array | None = None) -> jax.Array:
     """(V, 3) area-weighted unit vertex normals: n_v = normalize(sum over valid faces at v of

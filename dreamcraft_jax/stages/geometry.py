@@ -21,8 +21,9 @@ One step (``train.mode`` accumulate, both substeps every step, as the official s
            Zero123 always scores the rgb renders.
   normal consistency (mean over the mesh's edges of 1 - cos of its two vertex normals) x lambda_normal_consistency,
            counted twice (the official code adds it in the reference and in the guidance substep).
-The texture is queried at the interpolated surface points under stop_gradient: geometry moves through the
-silhouettes (antialias), the normals and the consistency term, not through the hash grid's spatial derivative.
+The texture is queried at the interpolated surface points, and its spatial derivative is passed back to the
+vertices, as the official renderer does (its tcnn hash grid computes d/dx): the rgb losses move the geometry through
+the silhouettes (antialias), the normals and the texture lookup.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ from dreamcraft_jax.fields import dmtet, nerf, neus
 from dreamcraft_jax.guidance.sds import resize_to_model
 from dreamcraft_jax.kernels.spec import KernelSpec
 from dreamcraft_jax.render import raster
-from dreamcraft_jax.stages import views
+from dreamcraft_jax.stages import timing, views
 from dreamcraft_jax.stages.base import Stage, register
 from dreamcraft_jax.stages.volume_stage import load_references, stage_targets
-from dreamcraft_jax.train_step import StepDef, TrainState, build_step, init_train_state
+from dreamcraft_jax.train_step import StepDef, TrainState, build_step, build_update, init_train_state
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,14 @@ class GeometryStage(Stage):
         return jax.jit(self.surface)
 
     def albedo(self, params, points, valid):
-        """(N, 3) scene points -> (N, 3) albedo of the inherited texture field (all hash levels on)."""
-        mask = jnp.ones((self.texture.grid.n_levels,), jnp.float32)
-        enc = nerf.encode(params, points, self.texture, mask, valid)
-        return nerf.albedo_of_encoding(params, enc, self.texture, valid)
+        """(N, 3) scene points -> (N, 3) albedo of the inherited texture field (all hash levels on),
+        differentiable w.r.t. the points (the official tcnn grid passes d/dx back to the mesh's vertices)."""
+        t = self.texture
+        mask = jnp.ones((t.grid.n_levels,), jnp.float32)
+        enc = nerf.encode_points(params["encoding"], nerf.unit_coordinates(points, t), t.grid, mask,
+                                 backend=t.backend, remat=t.remat_encoding, need_x_grad=False, valid=valid,
+                                 backward=t.hashgrid_backward, first_order_x_grad=True)
+        return nerf.albedo_of_encoding(params, enc, t, valid)
 
     def render_view(self, params, surf: dict, camera, height: int, width: int, near: float, far: float) -> dict:
         """One view: {"rgb" (H, W, 3) on white, "normal" (H, W, 3) (n + 1) / 2 on black, "opacity" (H, W),
@@ -185,17 +190,15 @@ class GeometryStage(Stage):
         clip = raster.clip_positions(mesh.vertices, camera, height, width, near, far)
         rast = raster.rasterize(clip, mesh.faces, mesh.face_valid, height, width, zbuffer=self.zbuffer)
         cover = (rast.tri_id >= 0).astype(jnp.float32)[..., None]
-
-        def aa(color):
-            return raster.antialias(color, rast, clip, mesh.faces, surf["topology"])
-
-        n = raster.interpolate(surf["normals"], rast, mesh.faces, clip)
-        n = n / jnp.maximum(jnp.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-        points = jax.lax.stop_gradient(raster.interpolate(mesh.vertices, rast, mesh.faces, clip))
-        albedo = self.albedo(params, points.reshape(-1, 3), cover.reshape(-1) > 0).reshape(height, width, 3)
+        # One interpolation (normals | positions) and one antialias of all seven channels: both recompute the
+        # per-pixel geometry, which is their whole cost, and blend each channel independently.
+        attrs = raster.interpolate(jnp.concatenate([surf["normals"], mesh.vertices], -1), rast, mesh.faces, clip)
+        n = raster.safe_normalize(attrs[..., :3])
+        albedo = self.albedo(params, attrs[..., 3:].reshape(-1, 3), cover.reshape(-1) > 0).reshape(height, width, 3)
         white = jnp.asarray(WHITE, jnp.float32)
-        return {"rgb": aa(white + (albedo - white) * cover), "normal": aa((n + 1.0) * 0.5 * cover),
-                "opacity": aa(cover)[..., 0], "depth": rast.depth,
+        maps = jnp.concatenate([white + (albedo - white) * cover, (n + 1.0) * 0.5 * cover, cover], -1)
+        maps = raster.antialias(maps, rast, clip, mesh.faces, surf["topology"])
+        return {"rgb": maps[..., :3], "normal": maps[..., 3:6], "opacity": maps[..., 6], "depth": rast.depth,
                 "overflow": (rast.overflow_pairs + rast.overflow_tiles).astype(jnp.float32)}
 
     # ------------------------------------------------------------------ steps
@@ -296,6 +299,18 @@ class GeometryStage(Stage):
         kind, (height, width) = key
         return build_step(self.step_def(kind, height, width), self.optimizer, self.mesh,
                           separate_guidance=bool(self.cfg.train.separate_guidance))
+
+    def update_fn(self, key):
+        """jit (state, grads, data) -> (new state, metrics): the step's update alone on given gradients."""
+        kind, (height, width) = key
+        return build_update(self.step_def(kind, height, width), self.optimizer)
+
+    def timing_split(self, state: TrainState, compiled_steps: dict | None = None, repeats: int = 5) -> dict:
+        """ms of one normal-kind step (3 of every 4) at the last resolution split into render / guidance / update
+        (:func:`stages.timing.split_step_ms`)."""
+        hw = resolution_at(self.cfg, self.max_steps)
+        return {"kind": NORMAL, "height": hw[0], "width": hw[1],
+                **timing.split_step_ms(self, state, (NORMAL, hw), compiled_steps, repeats)}
 
     # ------------------------------------------------------------------ evaluation and outputs
 

@@ -21,8 +21,6 @@ along ``fsdp`` and all-gathered just before use.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from typing import Any, Protocol
 
 import flax.struct
@@ -36,7 +34,7 @@ from dreamcraft_jax import losses, parallel
 from dreamcraft_jax.config import resolution_at, schedule_is_zero, schedule_value
 from dreamcraft_jax.data.reference import reference_from_config
 from dreamcraft_jax.render import volume
-from dreamcraft_jax.stages import views
+from dreamcraft_jax.stages import timing, views
 from dreamcraft_jax.stages.base import Stage
 from dreamcraft_jax.train_step import (
     StepDef,
@@ -439,32 +437,8 @@ class VolumeStage(Stage):
         caller's compiled steps by key; the timed key's is reused instead of compiling it again."""
         kind = RANDOM if self.cfg.train.mode != "reference_only" else REF
         hw = resolution_at(self.cfg, self.max_steps)
-        key = (kind, hw)
-        no_priors = dataclasses.replace(self, priors=None, prior_specs=None, prior_params={})
-        state = jax.tree.map(lambda x: x.copy(), state)
-        update = self.update_fn(key)
-        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        update_ms = step_latency_ms(update, state, zero_grads, self.targets[hw], repeats=repeats)
-        plain_ms = step_latency_ms(no_priors.step_fn(key), state, *no_priors.step_inputs(key), repeats=repeats)
-        full_step = (compiled_steps or {}).get(key) or self.step_fn(key)
-        full_ms = step_latency_ms(full_step, state, *self.step_inputs(key), repeats=repeats)
-        return {"kind": kind, "height": hw[0], "width": hw[1], "step_ms": full_ms,
-                "render_ms": max(plain_ms - update_ms, 0.0), "guidance_ms": max(full_ms - plain_ms, 0.0),
-                "update_ms": update_ms}
-
-
-def step_latency_ms(step, state, *inputs, repeats: int = 5) -> float:
-    """Median ms of ``repeats`` calls of a donating step (after one warm-up), each on a fresh copy of ``state``
-    made and finished before its clock starts, so the copy is not counted as the step's time."""
-
-    def once():
-        fresh = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(fresh, *inputs))
-        return 1000.0 * (time.perf_counter() - t0)
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
+        return {"kind": kind, "height": hw[0], "width": hw[1],
+                **timing.split_step_ms(self, state, (kind, hw), compiled_steps, repeats)}
 
 
 def build_volume_stage(name: str, field: FieldModel, cfg, mesh, priors=None, prior_params=None,

@@ -1,0 +1,139 @@
+"""``bench geometry``: full stage-2 (DMTet geometry) steps with real-size random priors, split into render /
+guidance / update, and the official 5000-step stage projected from them.
+
+    python -m dreamcraft_jax.bench geometry [--resolution 1024] [--tet_resolutions 64] [--zbuffers xla pallas]
+        [--views 1] [--out geometry.json]
+
+Per (tet resolution, z-buffer, views) case, on the stage's sphere init (``neus.sphere_radius``; the face count is
+reported, a real object has more surface than a sphere in the same box) at ``--at_step``: the normal-kind step's
+latency split into render / guidance / update (:func:`stages.timing.split_step_ms`), the rgb-kind step's latency,
+the pipelined ms per step of the official cycle (one rgb step, ``geometry.n_rgb - 1`` normal steps), one
+evaluation render, the first calls' compile times, the mesh's size and the budgets' overflow, the device-memory
+peak so far. The projection: 5000 steps x the cycle's ms per step, and with the first calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dreamcraft_jax import cameras as cam
+from dreamcraft_jax import parallel
+from dreamcraft_jax.bench.harness import (
+    device_kind,
+    error_record,
+    peak_memory_bytes,
+    pipelined_steps_ms,
+    time_calls,
+    write_partial,
+)
+from dreamcraft_jax.config_file import load_config
+from dreamcraft_jax.guidance.random_priors import random_priors
+from dreamcraft_jax.kernels.spec import KernelSpec
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    g = subparsers.add_parser("geometry", help="stage-2 (DMTet) steps with real-size random priors, projection")
+    g.add_argument("--config", default="configs/dreamcraft3d.py")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    g.add_argument("--resolution", type=int, default=1024, help="train resolution (the official 1024)")
+    g.add_argument("--tet_resolutions", nargs="+", type=int, default=[64])
+    g.add_argument("--zbuffers", nargs="+", default=["xla", "pallas"], choices=["xla", "pallas"])
+    g.add_argument("--views", nargs="+", type=int, default=[1], help="random views per device")
+    g.add_argument("--at_step", type=int, default=2500, help="training step the timed steps run at")
+    g.add_argument("--tiny", action="store_true", help="tiny priors (CPU smoke test of the same code path)")
+    g.add_argument("--repeats", type=int, default=5)
+    g.add_argument("--no_split", action="store_true", help="time the normal step whole, without its split")
+    g.add_argument("--out", default="")
+    return g
+
+
+def _case(cfg, res: int, tet: int, zbuffer: str, views: int, mesh, priors, prior_params, args) -> dict:
+    from dreamcraft_jax.config import stage_config
+    from dreamcraft_jax.stages.base import build_stage
+    from dreamcraft_jax.stages.geometry import NORMAL, RGB
+    from dreamcraft_jax.stages.timing import split_step_ms, step_latency_ms
+
+    scfg = stage_config(cfg, "geometry")
+    with scfg.unlocked():
+        scfg.geometry.tet_resolution = tet
+        scfg.kernels.raster_zbuffer = zbuffer == "pallas"
+        scfg.train.random_views_per_device = views
+        scfg.train.ref_views_per_device = 1
+        scfg.data.heights, scfg.data.widths, scfg.data.resolution_milestones = (res,), (res,), ()
+    t0 = time.perf_counter()
+    stage = build_stage("geometry", scfg, mesh, priors, prior_params)
+    state = stage.init_state()
+    state = state.replace(step=parallel.replicate(jnp.asarray(args.at_step, jnp.int32), mesh))
+    init_s = time.perf_counter() - t0
+    inputs = stage.step_inputs((RGB, (res, res)))
+    steps, first_call_s = {}, {}
+    for kind in (RGB, NORMAL):
+        steps[kind] = stage.step_fn((kind, (res, res)))
+        t1 = time.perf_counter()
+        _, metrics = jax.block_until_ready(steps[kind](jax.tree.map(lambda x: x.copy(), state), *inputs))
+        first_call_s[kind] = time.perf_counter() - t1
+    if args.no_split:
+        split = {"step_ms": step_latency_ms(steps[NORMAL], state, *inputs, repeats=args.repeats)}
+    else:
+        split = split_step_ms(stage, state, (NORMAL, (res, res)), {(NORMAL, (res, res)): steps[NORMAL]},
+                              repeats=args.repeats)
+    rgb_ms = step_latency_ms(steps[RGB], state, *inputs, repeats=args.repeats)
+    cycle = (steps[RGB],) + (steps[NORMAL],) * (int(scfg.geometry.n_rgb) - 1)
+    cycle_ms = pipelined_steps_ms(cycle, state, *inputs, args.repeats)
+    render = stage.eval_render(int(scfg.eval.height), int(scfg.eval.width))
+    camera = cam.reference_camera(scfg.camera)
+    t2 = time.perf_counter()
+    jax.block_until_ready(render(state, camera))
+    first_call_s["eval_view"] = time.perf_counter() - t2
+    eval_ms = time_calls(lambda s: render(s, camera), state, repeats=args.repeats)["median_ms"]
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    steps_total = int(scfg.train.max_steps)
+    return {"normal_step": split, "rgb_step_ms": rgb_ms, "cycle_pipelined_ms_per_step": cycle_ms,
+            "eval_view_ms": eval_ms, "first_call_s": first_call_s, "init_s": init_s,
+            "mesh": {"faces": m.get("n_faces"), "vertices": m.get("n_vertices"),
+                     "max_faces": int(scfg.geometry.max_faces), "tet_vertices": int(stage.grid.vertices.shape[0]),
+                     "mesh_overflow": m.get("mesh_overflow"), "raster_overflow_ref": m.get("ref/raster_overflow"),
+                     "raster_overflow_random": m.get("random/raster_overflow")},
+            "views_per_step": {"ref": parallel.view_shards(mesh), "random": views * parallel.view_shards(mesh)},
+            "projection": {"steps": steps_total, "minutes": steps_total * cycle_ms / 60e3,
+                           "minutes_with_first_calls": (steps_total * cycle_ms / 1e3 + sum(first_call_s.values())
+                                                        + init_s) / 60.0},
+            "peak_memory_bytes_so_far": peak_memory_bytes()}
+
+
+def run(args) -> dict:
+    cfg = load_config(args.config, args.set)
+    with cfg.unlocked():
+        cfg.parallel.fsdp = 1
+    mesh = parallel.mesh_from_config(cfg)
+    priors, prior_params = random_priors(cfg, args.tiny, kernels=KernelSpec.from_config(cfg.kernels))
+    results = {}
+    for tet in args.tet_resolutions:
+        for zbuffer in args.zbuffers:
+            for views in args.views:
+                name = f"tet{tet}_{args.resolution}px_{zbuffer}_views{views}"
+                try:
+                    results[name] = r = _case(cfg, args.resolution, tet, zbuffer, views, mesh, priors,
+                                              prior_params, args)
+                    s = r["normal_step"]
+                    parts = "" if args.no_split else (f" (render {s['render_ms']:.1f}, guidance "
+                                                      f"{s['guidance_ms']:.1f}, update {s['update_ms']:.1f})")
+                    print(f"{name:<30} normal {s['step_ms']:8.1f} ms{parts}  rgb {r['rgb_step_ms']:8.1f} ms  cycle "
+                          f"{r['cycle_pipelined_ms_per_step']:8.1f} ms/step  eval {r['eval_view_ms']:.1f} ms  "
+                          f"faces {r['mesh']['faces']:.0f}  5000 steps {r['projection']['minutes']:.2f} min",
+                          flush=True)
+                except Exception as e:  # noqa: BLE001 - out of memory etc.: recorded, the other cases still run
+                    results[name] = error_record(e)
+                    print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
+                if args.out:
+                    write_partial(args.out, "geometry", results)
+    return {"benchmark": "geometry", "device": device_kind(), "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": len(jax.devices()), "tiny": args.tiny,
+            "config": args.config, "overrides": list(args.set), "resolution": args.resolution,
+            "at_step": args.at_step, "results": results, "peak_memory_bytes": peak_memory_bytes()}
