@@ -20,10 +20,11 @@ log = logging.getLogger("dreamcraft_jax")
 
 def validate_views(stage, render, state, folder: Path, step: int, writer,
                    image_writer: concurrent.futures.Executor | None = None) -> dict:
-    """Render the stage's validation views at eval resolution, log their metrics (e.g. the reference PSNR) and
-    write one panel PNG (a row per view) to ``folder/val/step_<n>.png``. The PNG (~0.4 s of host work at 512 px)
-    is made by ``image_writer`` when given, so training goes on meanwhile; the caller shuts it down (waiting)
-    before the stage ends. Returns the metrics ({} on processes other than 0)."""
+    """Render the stage's validation views at eval resolution (``state``: what ``render`` takes, the stage's
+    ``eval_inputs``), log their metrics (e.g. the reference PSNR) and write one panel PNG (a row per view) to
+    ``folder/val/step_<n>.png``. The PNG (~0.4 s of host work at 512 px) is made by ``image_writer`` when given,
+    so training goes on meanwhile; the caller shuts it down (waiting) before the stage ends. Returns the metrics
+    ({} on processes other than 0)."""
     outs = {name: render(state, camera) for name, camera in stage.eval_cameras().items()}
     if not is_writer():
         return {}
@@ -49,8 +50,9 @@ def validate_views(stage, render, state, folder: Path, step: int, writer,
 
 
 def write_turntable(cfg, render, state, path: Path, panels=("rgb", "normal", "depth", "opacity")) -> str | None:
-    """The orbit video (``eval.n_video_views`` frames at ``eval.elevation_deg``), each frame the ``panels`` side by
-    side; a frame's panel is made on a host thread while the device renders the next frame."""
+    """The orbit video (``eval.n_video_views`` frames at ``eval.elevation_deg``) of ``render(state, camera)``
+    (``state``: the stage's ``eval_inputs``), each frame the ``panels`` side by side; a frame's panel is made on a
+    host thread while the device renders the next frame."""
     cams = cam.orbit_cameras(cfg.eval.n_video_views, cfg.eval.elevation_deg, cfg.camera.distance,
                              cfg.camera.fovy_deg)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:

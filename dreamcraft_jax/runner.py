@@ -303,7 +303,7 @@ def run_stage(stage, folder: Path, previous=None, progress: bool = True) -> Path
                 jobs = {_step_name(key): (fn, (state, *inputs[key])) for key, fn in steps_fns.items()
                         # a three-program step (train.separate_guidance) compiles at first call
                         if hasattr(fn, "lower")}
-                jobs["eval_render"] = (render, (state, next(iter(stage.eval_cameras().values()))))
+                jobs["eval_render"] = (render, (stage.eval_inputs(state), next(iter(stage.eval_cameras().values()))))
                 with clock.part("compile"):
                     compiled, clock.compile_s = precompile(jobs, int(cfg.train.compile_workers))
                 log.info("%s: compiled %d programs in %.1f s (%d at a time)", stage.name, len(jobs),
@@ -343,7 +343,8 @@ def run_stage(stage, folder: Path, previous=None, progress: bool = True) -> Path
                     bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
                 if step % cfg.train.val_every == 0 or step == max_steps:
                     with clock.part("validation"):
-                        validate_views(stage, render, state, folder, step, metrics_writer, image_writer)
+                        validate_views(stage, render, stage.eval_inputs(state), folder, step, metrics_writer,
+                                       image_writer)
                 if step % cfg.train.save_every == 0:
                     with clock.part("checkpoints_in_loop"):
                         checkpointer.save(state)
@@ -390,7 +391,8 @@ def run_stage(stage, folder: Path, previous=None, progress: bool = True) -> Path
         log.info("%s: wrote %s %s", stage.name, kind, path)
     if cfg.eval.video and cfg.eval.n_video_views > 0:
         with clock.part("video"):
-            write_turntable(cfg, render, state, folder / "video" / "turntable.mp4", stage.video_panels)
+            write_turntable(cfg, render, stage.eval_inputs(state), folder / "video" / "turntable.mp4",
+                            stage.video_panels)
     if is_writer():
         wall = clock.report(loop_s, max_steps - start)
         (folder / "wall_time.json").write_text(json.dumps(wall, indent=2))

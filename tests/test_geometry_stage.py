@@ -200,7 +200,7 @@ def test_exported_mesh_loads_back_and_renders_as_the_stage(one_device, tmp_path)
     camera = stage.eval_cameras()["side"]
     h = w = 24
     near, far = cfg.geometry.near_random, cfg.geometry.far_random
-    own = stage.eval_render(h, w)(state, camera)
+    own = stage.eval_render(h, w)(stage.eval_inputs(state), camera)
     surf = stage.surface_fn(state.params, state.extras["box"], stage.device_grid)
     n_faces = int(surf["mesh"].n_faces)  # one sphere: no component is removed
 
@@ -239,6 +239,7 @@ def _geometry_run(tmp_path, full: bool):
     cfg.train.max_steps = 2
     cfg.train.save_every = 2
     cfg.geometry.n_rgb = 1  # one step kind: one compile
+    cfg.eval.video, cfg.eval.n_video_views = True, 3
     if full:
         cfg.stage = "all"
         cfg.stages = ("coarse_nerf", "coarse_neus", "geometry")
@@ -254,15 +255,21 @@ def _geometry_run(tmp_path, full: bool):
 
 
 @pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_geometry_run_ends_in_a_mesh_and_the_export_command_rewrites_it(tmp_path, capsys, full):
+def test_geometry_run_ends_in_a_mesh_and_the_export_command_rewrites_it(tmp_path, capsys, monkeypatch, full):
     """A geometry run from a NeuS checkpoint (``--config.init_from``; slow variant: stage=all, 1a -> 1b -> geometry,
     two tiny steps each, no priors) writes its mesh, and ``python -m dreamcraft_jax.export RUN`` rebuilds the
     stage from its folder and writes the same mesh."""
     from dreamcraft_jax.export.__main__ import main as export_main
 
+    extractions = []  # the evaluation's mesh extractions: one per state, not one per rendered view
+    own_inputs = geometry.GeometryStage.eval_inputs
+    monkeypatch.setattr(geometry.GeometryStage, "eval_inputs",
+                        lambda self, state: extractions.append(int(state.step)) or own_inputs(self, state))
     workdir = _geometry_run(tmp_path, full)
     folder = workdir / "geometry"
     assert (folder / "DONE").exists()
+    assert (folder / "video" / "turntable.mp4").exists()
+    assert extractions == [2, 2]  # the last step's validation (2 views), the turntable (3 frames)
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert all(r["n_faces"] > 0 and r["mesh_overflow"] == 0 for r in records if "loss" in r)

@@ -8,7 +8,8 @@ the run's priors; the runner (:mod:`dreamcraft_jax.runner`) drives every stage t
     for step in range(start, max_steps):
         key = stage.step_key(step)                           # hashable: which program runs this step
         state, metrics = stage.step_fn(key)(state, *stage.step_inputs(key))
-    images = stage.eval_render(h, w)(state, camera)          # {"rgb", "normal", "depth", "opacity"}: (h, w, .)
+    view = stage.eval_inputs(state)                          # once per state (e.g. the geometry stage's mesh)
+    images = stage.eval_render(h, w)(view, camera)           # {"rgb", "normal", "depth", "opacity"}: (h, w, .)
     next_start = stage.handoff(state)
 
 Step functions come from :func:`dreamcraft_jax.train_step.build_step` and share its TrainState
@@ -61,8 +62,13 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def eval_render(self, height: int, width: int) -> Callable:
-        """A jitted, deterministic render ``(state, camera) -> {"rgb": (h, w, 3), "normal": (h, w, 3) in [0, 1],
-        "depth": (h, w), "opacity": (h, w)}``, replicated (every process can read it)."""
+        """A jitted, deterministic render ``(eval_inputs(state), camera) -> {"rgb": (h, w, 3), "normal": (h, w, 3)
+        in [0, 1], "depth": (h, w), "opacity": (h, w)}``, replicated (every process can read it)."""
+
+    def eval_inputs(self, state: TrainState) -> Any:
+        """What :meth:`eval_render` renders from, computed once per state for all its views (a turntable renders
+        120): the state itself, or e.g. the geometry stage's extracted mesh."""
+        return state
 
     @abc.abstractmethod
     def eval_cameras(self) -> dict:

@@ -314,13 +314,17 @@ class GeometryStage(Stage):
 
     # ------------------------------------------------------------------ evaluation and outputs
 
+    def eval_inputs(self, state: TrainState) -> dict:
+        """{"params", "surface"}: the mesh is extracted once per state, not once per rendered view."""
+        return {"params": state.params,
+                "surface": self.surface_fn(state.params, state.extras["box"], self.device_grid)}
+
     def eval_render(self, height: int, width: int):
-        """jit (state, camera) -> {rgb, normal, depth, opacity} at (height, width), replicated."""
+        """jit (eval_inputs(state), camera) -> {rgb, normal, depth, opacity} at (height, width), replicated."""
         near, far = float(self.geo.near_random), float(self.geo.far_random)
 
-        def render(state: TrainState, camera):
-            surf = self.surface(state.params, state.extras["box"], self.device_grid)
-            out = self.render_view(state.params, surf, camera, height, width, near, far)
+        def render(inputs: dict, camera):
+            out = self.render_view(inputs["params"], inputs["surface"], camera, height, width, near, far)
             return {k: out[k] for k in ("rgb", "normal", "depth", "opacity")}
 
         return jax.jit(render)
