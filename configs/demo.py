@@ -1,7 +1,9 @@
-"""CPU demo: stage 1 end to end (coarse NeRF then coarse NeuS) on the bundled example in a few minutes on 2 cores.
+"""CPU demo: stages 1a -> 1b -> 2 (coarse NeRF, coarse NeuS, DMTet geometry ending in a mesh) on the bundled
+example in about 11 minutes on 2 cores.
 
-Same code path as configs/dreamcraft3d.py, sized down: 8-level hash grid with a 2^15 table, 64 px training
-renders, 128 steps per ray, alternate reference / guidance steps, and TINY RANDOM-WEIGHT PRIORS (written once to
+Same code path as configs/dreamcraft3d.py, sized down: 8-level hash grid with a 2^15 table, 64 px volume renders
+with 128 steps per ray, alternate reference / guidance steps; the geometry stage on a 32-cube tet grid at 128 px
+for 150 steps (the official: 128 cubes, 1024 px, 5000 steps); and TINY RANDOM-WEIGHT PRIORS (written once to
 guidance.demo_dir by dreamcraft_jax.models.demo_priors): their "guidance" is noise, so the unseen sides are not
 meaningful and the logs, the run folder (RANDOM_PRIORS.txt) and this note say so. Real priors: set
 guidance.priors=pretrained with guidance.sd.pretrained / guidance.zero123.pretrained.
@@ -14,9 +16,6 @@ def get_config():
     config = base_config()
     config.name = "demo"
     config.stage = "all"
-    # Stage 1 only: the geometry stage (1024 px rasterised views) is sized for a GPU; on CPU run it alone, small:
-    # --config.stage=geometry --config.init_from=<this run> with smaller geometry.* / overrides.geometry.* values.
-    config.stages = ("coarse_nerf", "coarse_neus")
     config.prompt = "a small toy figure"
     config.guidance.priors = "demo"  # RANDOM weights, see the module doc
     config.guidance.sd.resolution = 64
@@ -60,4 +59,13 @@ def get_config():
     n.eval.height = 128
     n.eval.width = 128
     config.neus.cos_anneal_end_steps = 100
+    config.geometry.tet_resolution = 32
+    config.geometry.max_faces = 60_000
+    config.geometry.max_vertices = 30_000
+    g = config.overrides.geometry
+    g.data.heights = (128,)
+    g.data.widths = (128,)
+    g.train.max_steps = 150
+    g.eval.height = 128
+    g.eval.width = 128
     return config

@@ -181,8 +181,8 @@ def test_random_real_size_priors_are_built_and_labelled(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.optimized
-def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_root):
-    """The CPU demo config, shortened: coarse NeRF then NeuS with the tiny RANDOM priors; the NeRF's
+def test_demo_pipeline_runs_all_stages_with_random_priors(tmp_path, demo_prior_root):
+    """The CPU demo config, shortened: coarse NeRF, NeuS, geometry with the tiny RANDOM priors; the NeRF's
     reference-view PSNR (eval render, no jitter) reaches 24 dB (32.8 dB at 80 steps, 26.2 at 40, when this was
     written: compilation, not the steps, is most of this test's time), NeuS starts from it and keeps the object."""
     from dreamcraft_jax.config_file import load_config
@@ -199,6 +199,8 @@ def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_
     cfg.eval.height = cfg.eval.width = 64
     cfg.overrides.coarse_neus.eval.height = cfg.overrides.coarse_neus.eval.width = 64
     cfg.overrides.coarse_neus.train.max_steps = 20
+    cfg.overrides.geometry.train.max_steps = 8
+    cfg.overrides.geometry.eval.height = cfg.overrides.geometry.eval.width = 64
     cfg.train.log_every = 10
     workdir = train(cfg, progress=False)
     nerf_dir, neus_dir = workdir / "coarse_nerf", workdir / "coarse_neus"
@@ -219,3 +221,7 @@ def test_demo_pipeline_runs_both_stages_with_random_priors(tmp_path, demo_prior_
     neus_psnr = [r["eval/ref_psnr"] for r in neus_records if "eval/ref_psnr" in r]
     # The SDF starts as a sphere but keeps stage 1a's colours; 20 steps already pull it towards the object.
     assert neus_psnr[-1] >= 15.0, neus_psnr
+    # The geometry stage starts from that NeuS, trains without a skipped step and ends in a mesh.
+    geo_records = [json.loads(line) for line in (workdir / "geometry" / "metrics.jsonl").read_text().splitlines()]
+    assert geo_records and all(r.get("skipped_nonfinite", 0) == 0 for r in geo_records)
+    assert (workdir / "geometry" / "mesh" / "model.glb").exists()
