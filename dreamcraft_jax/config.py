@@ -359,6 +359,9 @@ def _geometry(c) -> None:
         n_rgb=4,  # every n_rgb-th step the 2D prior sees the rgb render and the reference losses apply
         near_ref=0.01, far_ref=100.0, near_random=0.1, far_random=1000.0,  # the official projections' planes
         lr=0.005,  # Adam on every parameter (sdf, deformation, hash grid, feature MLP)
+        # Silhouette pixel pairs blended (and differentiated) per view by the antialias; past it, pairs are left
+        # unblended and counted in the views' raster_overflow. 0: 16 (H + W), ~4x an outline filling the frame.
+        antialias_budget=0,
         min_component_fraction=0.01)  # at export: components with fewer faces than this x the largest go
 
 
@@ -371,6 +374,7 @@ def _check_geometry(cfg) -> None:
         _fail("geometry.far_ref / far_random", (cfg.geometry.far_ref, cfg.geometry.far_random),
               "far planes beyond their near planes")
     _check_number(cfg, "geometry.min_component_fraction", low=0, high=1)
+    _check_number(cfg, "geometry.antialias_budget", low=0, integer=True)
 
 
 def _train(c) -> None:

@@ -3,12 +3,13 @@
     python -m dreamcraft_jax.bench raster [--faces 150000] [--resolution 1024] [--views 1 4] [--out raster.json]
 
 Mesh: a bumpy UV sphere of about ``--faces`` faces filling most of the frame (fovy 20 at distance 3.8, as the
-stage's cameras). Per view count: ``rasterize`` alone; the stage's render (one interpolation of normals | colours, one
-antialias of the opacity, normal and albedo maps) forward + backward w.r.t. the vertices and the vertex colours,
-including the rasterisation; ms per view; for 1 view also ``interpolate`` and ``antialias`` alone, forward +
-backward on a fixed rasterisation. Also marching tets of a sphere SDF on the stage's tet grid (``--tet_resolution``),
-forward and with its gradient. The stage's goal: rasterise + interpolate + antialias forward + backward <= 3 ms per
-1024 x 1024 view for a 150k-face mesh on an H100.
+stage's cameras). Per view count: ``rasterize`` alone; the stage's render (one interpolation of normals |
+colours, one sparse antialias of the opacity, normal and albedo maps) forward + backward w.r.t. the vertices and
+the vertex colours, including the rasterisation; ms per view; for 1 view also ``interpolate``, ``antialias``
+(every pixel pair differentiated) and ``antialias_sparse`` (the blended pairs only) alone, forward + backward on
+a fixed rasterisation, and the number of blended pairs. Also marching tets of a sphere SDF on the stage's tet
+grid (``--tet_resolution``), forward and with its gradient. The stage's goal: rasterise + interpolate +
+antialias forward + backward <= 3 ms per 1024 x 1024 view for a 150k-face mesh on an H100.
 """
 
 from __future__ import annotations
@@ -68,14 +69,15 @@ def bumpy_sphere(n_faces: int, radius: float = 0.55) -> tuple[jax.Array, jax.Arr
 
 def render_loss(vertices, colors, faces, valid, topology, camera_batch, height, width, zbuffer="xla"):
     """Sum of the stage's antialiased maps (opacity, normal, albedo on white: one interpolation of normals |
-    colours, one antialias of the seven channels, as ``GeometryStage.render_view``) over the views."""
+    colours, one sparse antialias of the seven channels, as ``GeometryStage.render_view``) over the views, and
+    what the budgets dropped."""
     normals = raster.vertex_normals(vertices, faces, valid)
 
     def one(camera):
         clip = raster.clip_positions(vertices, camera, height, width, 0.1, 1000.0)
         rast = raster.rasterize(clip, faces, valid, height, width, zbuffer=zbuffer)
-        return jnp.sum(shade(rast, clip, normals, colors, faces, topology) * _WEIGHTS), (rast.overflow_pairs
-                                                                                        + rast.overflow_tiles)
+        maps, aa_overflow = shade(rast, clip, normals, colors, faces, topology)
+        return jnp.sum(maps * _WEIGHTS), rast.overflow_pairs + rast.overflow_tiles + aa_overflow
 
     totals, overflow = jax.lax.map(one, camera_batch)
     return jnp.sum(totals), jnp.sum(overflow)
@@ -85,12 +87,13 @@ _WEIGHTS = jnp.asarray([0.7] * 3 + [0.3] * 3 + [1.0])  # rgb, normal, opacity
 
 
 def shade(rast, clip, normals, colors, faces, topology):
-    """(H, W, 7) antialiased albedo on white | (n + 1) / 2 on black | opacity of one rasterised view."""
+    """((H, W, 7) antialiased albedo on white | (n + 1) / 2 on black | opacity of one rasterised view, the
+    antialias's dropped pairs)."""
     cover = (rast.tri_id >= 0).astype(jnp.float32)[..., None]
     attrs = raster.interpolate(jnp.concatenate([normals, colors], -1), rast, faces, clip)
     n = raster.safe_normalize(attrs[..., :3])
     maps = jnp.concatenate([1.0 + (attrs[..., 3:] - 1.0) * cover, (n + 1.0) * 0.5 * cover, cover], -1)
-    return raster.antialias(maps, rast, clip, faces, topology)
+    return raster.antialias_sparse(maps, rast, clip, faces, topology)
 
 
 def component_times(vertices, colors, faces, valid, topology, camera, h, w, zbuffer, repeats) -> dict:
@@ -104,8 +107,13 @@ def component_times(vertices, colors, faces, valid, topology, camera, h, w, zbuf
     interp = jax.jit(jax.grad(lambda c, a: jnp.sum(raster.interpolate(a, rast, faces, c) ** 2), argnums=(0, 1)))
     aa = jax.jit(jax.grad(lambda c, m: jnp.sum(raster.antialias(m, rast, c, faces, topology) ** 2),
                           argnums=(0, 1)))
+    aa_sparse = jax.jit(jax.grad(lambda c, m: jnp.sum(
+        raster.antialias_sparse(m, rast, c, faces, topology)[0] ** 2), argnums=(0, 1)))
+    pairs = int(raster.antialias_sparse(maps, rast, clip, faces, topology, max_pairs=0)[1])
     return {"interpolate_fwd_bwd": time_calls(interp, clip, attr, repeats=repeats),
-            "antialias_fwd_bwd": time_calls(aa, clip, maps, repeats=repeats)}
+            "antialias_fwd_bwd": time_calls(aa, clip, maps, repeats=repeats),
+            "antialias_sparse_fwd_bwd": time_calls(aa_sparse, clip, maps, repeats=repeats),
+            "antialias_blended_pairs": pairs, "antialias_budget": raster.default_antialias_budget(h, w)}
 
 
 def run(args) -> dict:

@@ -67,7 +67,8 @@ from dreamcraft_jax.kernels import raster as raster_kernel
 
 __all__ = ["Raster", "projection_matrix", "world_to_camera", "clip_positions", "pixel_homogeneous",
            "default_budgets", "triangle_setup", "bin_triangles", "tile_zbuffer", "rasterize", "barycentrics",
-           "interpolate", "edge_topology", "antialias", "vertex_normals", "SETUP_WIDTH"]
+           "interpolate", "edge_topology", "antialias", "antialias_sparse", "default_antialias_budget",
+           "vertex_normals", "safe_normalize", "SETUP_WIDTH"]
 
 # Columns of a face's setup row (triangle_setup): X(3) Y(3) w(3) z(3) orientation s(1) fill-rule flags(3).
 SETUP_WIDTH = 16
@@ -458,10 +459,12 @@ def edge_topology(faces: jax.Array, face_valid: jax.Array | None = None) -> jax.
     return jnp.zeros((3 * n_faces,), jnp.int32).at[h_s].set(opposite).reshape(n_faces, 3)
 
 
-def _pair_blend(tri_p, tri_q, dep_p, dep_q, cp, cq, centres_p, centres_q, Xv, Yv, Wv, faces, topology,
-                horizontal: bool):
-    """Antialiasing of one set of adjacent pixel pairs (p left of / above q): (delta_p, delta_q), each (..., C),
-    to add to the colours of p and q. See :func:`antialias`."""
+def _pair_select(tri_p, tri_q, dep_p, dep_q, centres_p, centres_q, Xv, Yv, Wv, faces, topology, horizontal: bool):
+    """Which adjacent pixel pairs (p left of / above q) are blended, and how (no gradient flows through any of it).
+
+    Returns (valid, tri, k, use_p, s), each (...): the pair is blended; the chosen face; its exit edge (the edge
+    opposite vertex k); whether p is the base pixel; the sign s of the face's det. See :func:`antialias`."""
+    Xv, Yv, Wv = (jax.lax.stop_gradient(q) for q in (Xv, Yv, Wv))
     differ = tri_p != tri_q
     use_p = (tri_p >= 0) & ((tri_q < 0) | (dep_p <= dep_q))
     tri = jnp.where(use_p, tri_p, tri_q)
@@ -475,12 +478,13 @@ def _pair_blend(tri_p, tri_q, dep_p, dep_q, cp, cq, centres_p, centres_q, Xv, Yv
     a, b = X - bx * w, Y - by * w  # local to the base pixel (the chosen face's own pixel)
     e_b = _edge_functions(a, b)
     e_o = _edge_functions(X - ox * w, Y - oy * w)
-    s = jnp.sign(jnp.sum(e_b * w, axis=-1, keepdims=True))
+    own = jnp.sum(e_b * w, axis=-1)  # our det (X, Y, w rows of the three vertices, base-relative)
+    s = jnp.sign(own)[..., None]
     se_b, se_o = s * e_b, s * e_o
 
-    # Exit edge: first zero crossing of a decreasing edge function along base -> other (selection: no gradient).
-    dec = jax.lax.stop_gradient(se_o < se_b)
-    t_all = jax.lax.stop_gradient(jnp.where(dec, se_b / jnp.where(dec, se_b - se_o, 1.0), jnp.inf))
+    # Exit edge: first zero crossing of a decreasing edge function along base -> other.
+    dec = se_o < se_b
+    t_all = jnp.where(dec, se_b / jnp.where(dec, se_b - se_o, 1.0), jnp.inf)
     k = jnp.argmin(t_all, axis=-1)[..., None]
     t_raw = jnp.take_along_axis(t_all, k, axis=-1)[..., 0]
 
@@ -506,19 +510,57 @@ def _pair_blend(tri_p, tri_q, dep_p, dep_q, cp, cq, centres_p, centres_q, Xv, Yv
     bj, bk = pick(jnp.roll(b, -1, axis=-1)), pick(jnp.roll(b, -2, axis=-1))
     wj_, wk_ = pick(wj), pick(wk)
     det_o = a_o * (bj * wk_ - bk * wj_) - b_o * (aj * wk_ - ak * wj_) + w_o * (aj * bk - ak * bj)
-    own = jnp.sum(e_b * w, axis=-1)  # our det (X, Y, w rows of the three vertices, base-relative)
     silhouette = (opp < 0) | (s[..., 0] * det_o > _AA_FLAT * jnp.abs(own))
 
     valid = active & jnp.isfinite(t_raw) & (t_raw <= 1.0 + _AA_EPS) & axis_ok & silhouette
-    # Crossing, differentiable in the edge's two vertices: t = se_b / (se_b - se_o) of edge k.
-    num, den = pick(se_b), pick(se_b) - pick(se_o)
-    t = jnp.clip(num / jnp.where(valid, den, 1.0), 0.0, 1.0)
+    return valid, jnp.maximum(tri, 0), k[..., 0], use_p, s[..., 0]
+
+
+def _pair_weights(valid, tri, k, use_p, s, base, other, Xv, Yv, Wv, faces):
+    """Blend weights (wp, wq), each (...), of selected pairs (:func:`_pair_select`), differentiable in the two
+    vertices of the exit edge k through the crossing t = se_b / (se_b - se_o) of that edge's function (se: the
+    function times s at the base / other pixel centre): the base pixel gets max(1/2 - t, 0), the face's reach
+    into the other pixel is max(t - 1/2, 0); t is clamped to [0, 1] (no gradient when clamped)."""
+    vid = faces[tri]  # (..., 3)
+    vj = jnp.take_along_axis(vid, ((k + 1) % 3)[..., None], axis=-1)[..., 0]
+    vl = jnp.take_along_axis(vid, ((k + 2) % 3)[..., None], axis=-1)[..., 0]
+
+    def edge_function(cx, cy):  # e_k = a_j b_l - a_l b_j, relative to the centre (cx, cy)
+        aj, bj = Xv[vj] - cx * Wv[vj], Yv[vj] - cy * Wv[vj]
+        al, bl = Xv[vl] - cx * Wv[vl], Yv[vl] - cy * Wv[vl]
+        return s * (aj * bl - al * bj)
+
+    se_b, se_o = edge_function(*base), edge_function(*other)
+    t = jnp.clip(se_b / jnp.where(valid, se_b - se_o, 1.0), 0.0, 1.0)
     near_half = jnp.maximum(0.5 - t, 0.0)  # base pixel's area (1-D) beyond the edge
     far_half = jnp.maximum(t - 0.5, 0.0)  # the face's reach into the other pixel
-    wp = jnp.where(valid, jnp.where(use_p, near_half, far_half), 0.0)[..., None]
-    wq = jnp.where(valid, jnp.where(use_p, far_half, near_half), 0.0)[..., None]
-    delta = cq - cp
-    return wp * delta, -wq * delta
+    wp = jnp.where(valid, jnp.where(use_p, near_half, far_half), 0.0)
+    wq = jnp.where(valid, jnp.where(use_p, far_half, near_half), 0.0)
+    return wp, wq
+
+
+# (p, q) slices of the horizontal pairs (q right of p) and the vertical pairs (q below p) of an (H, W) image.
+_PAIR_SLICES = ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1], np.s_[1:]))
+
+
+def _pair_sets(raster: Raster, clip: jax.Array, faces: jax.Array, topology: jax.Array):
+    """The horizontal and vertical pixel-pair sets of one view, each a dict of (..., ) arrays: the selection
+    (:func:`_pair_select`), the base / other centres, and the flat pixel indices of p and q."""
+    height, width = raster.tri_id.shape
+    Xv, Yv, Wv = pixel_homogeneous(clip, height, width)
+    px, py = _pixel_centres(height, width)
+    idx = jnp.arange(height * width, dtype=jnp.int32).reshape(height, width)
+    tri, dep = raster.tri_id, raster.depth
+    sets = []
+    for horizontal, (P, Q) in zip((True, False), _PAIR_SLICES):
+        cp, cq = (px[P], py[P]), (px[Q], py[Q])
+        valid, t, k, use_p, s = _pair_select(tri[P], tri[Q], dep[P], dep[Q], cp, cq, Xv, Yv, Wv, faces, topology,
+                                             horizontal)
+        base = (jnp.where(use_p, cp[0], cq[0]), jnp.where(use_p, cp[1], cq[1]))
+        other = (jnp.where(use_p, cq[0], cp[0]), jnp.where(use_p, cq[1], cp[1]))
+        sets.append({"valid": valid, "tri": t, "k": k, "use_p": use_p, "s": s, "base": base, "other": other,
+                     "p": idx[P], "q": idx[Q]})
+    return sets, (Xv, Yv, Wv)
 
 
 def antialias(color: jax.Array, raster: Raster, clip: jax.Array, faces: jax.Array,
@@ -542,22 +584,55 @@ def antialias(color: jax.Array, raster: Raster, clip: jax.Array, faces: jax.Arra
     ``t < 1/2`` the base pixel gets ``+(1/2 - t) delta``, else the other pixel gets ``-(t - 1/2) delta``.
     Gradients: w.r.t. colours, and w.r.t. the two vertices of the edge through ``t`` (zero when clamped).
     ``topology`` defaults to ``edge_topology(faces, face_valid)``; pass it precomputed when rendering many views.
+    Every pair is differentiated; :func:`antialias_sparse` differentiates only the blended ones.
     """
+    if topology is None:
+        topology = edge_topology(faces, face_valid)
+    sets, (Xv, Yv, Wv) = _pair_sets(raster, clip, faces, topology)
+    out = color
+    for q, (P, Q) in zip(sets, _PAIR_SLICES):
+        wp, wq = _pair_weights(q["valid"], q["tri"], q["k"], q["use_p"], q["s"], q["base"], q["other"], Xv, Yv, Wv,
+                               faces)
+        delta = color[Q] - color[P]
+        out = out.at[P].add(wp[..., None] * delta).at[Q].add(-wq[..., None] * delta)
+    return out
+
+
+def default_antialias_budget(height: int, width: int) -> int:
+    """Blended pairs :func:`antialias_sparse` keeps by default: 16 (H + W), about 4x the pairs along the outline
+    of an object that fills the frame (each silhouette pixel blends about one pair)."""
+    return 16 * (height + width)
+
+
+def antialias_sparse(color: jax.Array, raster: Raster, clip: jax.Array, faces: jax.Array,
+                     topology: jax.Array | None = None, face_valid: jax.Array | None = None,
+                     max_pairs: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """:func:`antialias` with the blended pairs compacted first: (color (H, W, C), overflow () int32).
+
+    The selection runs on every pixel pair without a gradient; the blend and its gradient run on the selected
+    pairs only, at most ``max_pairs`` (static; default :func:`default_antialias_budget`). Silhouettes are a line
+    through the image, so the backward pass scatters O(H + W) gradients instead of O(H W). Pairs past the budget
+    are not blended and counted in ``overflow`` (0: the result equals :func:`antialias`)."""
     height, width = raster.tri_id.shape
     if topology is None:
         topology = edge_topology(faces, face_valid)
-    Xv, Yv, Wv = pixel_homogeneous(clip, height, width)
-    px, py = _pixel_centres(height, width)
-    tri, dep = raster.tri_id, raster.depth
-    out = color
-    # horizontal pairs: p = (j, i), q = (j, i + 1)
-    dp, dq = _pair_blend(tri[:, :-1], tri[:, 1:], dep[:, :-1], dep[:, 1:], color[:, :-1], color[:, 1:],
-                         (px[:, :-1], py[:, :-1]), (px[:, 1:], py[:, 1:]), Xv, Yv, Wv, faces, topology, True)
-    out = out.at[:, :-1].add(dp).at[:, 1:].add(dq)
-    # vertical pairs: p = (j, i), q = (j + 1, i)
-    dp, dq = _pair_blend(tri[:-1], tri[1:], dep[:-1], dep[1:], color[:-1], color[1:],
-                         (px[:-1], py[:-1]), (px[1:], py[1:]), Xv, Yv, Wv, faces, topology, False)
-    return out.at[:-1].add(dp).at[1:].add(dq)
+    max_pairs = default_antialias_budget(height, width) if max_pairs is None else int(max_pairs)
+    sets, (Xv, Yv, Wv) = _pair_sets(raster, clip, faces, topology)
+    cat = {key: jnp.concatenate([q[key].reshape(-1) for q in sets])
+           for key in ("valid", "tri", "k", "use_p", "s", "p", "q")}
+    for key in ("base", "other"):
+        cat[key] = tuple(jnp.concatenate([q[key][i].reshape(-1) for q in sets]) for i in range(2))
+    count = jnp.sum(cat["valid"], dtype=jnp.int32)
+    (sel,) = jnp.nonzero(cat["valid"], size=max_pairs, fill_value=0)
+    live = jnp.arange(max_pairs) < count
+    pick = {key: (tuple(v[sel] for v in value) if isinstance(value, tuple) else value[sel])
+            for key, value in cat.items()}
+    wp, wq = _pair_weights(live, pick["tri"], pick["k"], pick["use_p"], pick["s"], pick["base"], pick["other"], Xv,
+                           Yv, Wv, faces)
+    flat = color.reshape(height * width, -1)
+    delta = flat[pick["q"]] - flat[pick["p"]]
+    out = flat.at[pick["p"]].add(wp[:, None] * delta).at[pick["q"]].add(-wq[:, None] * delta)
+    return out.reshape(color.shape), jnp.maximum(count - max_pairs, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

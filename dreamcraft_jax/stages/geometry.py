@@ -185,7 +185,8 @@ class GeometryStage(Stage):
 
     def render_view(self, params, surf: dict, camera, height: int, width: int, near: float, far: float) -> dict:
         """One view: {"rgb" (H, W, 3) on white, "normal" (H, W, 3) (n + 1) / 2 on black, "opacity" (H, W),
-        "depth" (H, W) view depth (0 on background), "overflow" ()}."""
+        "depth" (H, W) view depth (0 on background), "overflow" () what any budget dropped: (tile, face) pairs
+        of the rasteriser and silhouette pairs of the antialias (``geometry.antialias_budget``)}."""
         mesh = surf["mesh"]
         clip = raster.clip_positions(mesh.vertices, camera, height, width, near, far)
         rast = raster.rasterize(clip, mesh.faces, mesh.face_valid, height, width, zbuffer=self.zbuffer)
@@ -197,9 +198,10 @@ class GeometryStage(Stage):
         albedo = self.albedo(params, attrs[..., 3:].reshape(-1, 3), cover.reshape(-1) > 0).reshape(height, width, 3)
         white = jnp.asarray(WHITE, jnp.float32)
         maps = jnp.concatenate([white + (albedo - white) * cover, (n + 1.0) * 0.5 * cover, cover], -1)
-        maps = raster.antialias(maps, rast, clip, mesh.faces, surf["topology"])
+        budget = int(self.geo.antialias_budget) or raster.default_antialias_budget(height, width)
+        maps, aa_overflow = raster.antialias_sparse(maps, rast, clip, mesh.faces, surf["topology"], max_pairs=budget)
         return {"rgb": maps[..., :3], "normal": maps[..., 3:6], "opacity": maps[..., 6], "depth": rast.depth,
-                "overflow": (rast.overflow_pairs + rast.overflow_tiles).astype(jnp.float32)}
+                "overflow": (rast.overflow_pairs + rast.overflow_tiles + aa_overflow).astype(jnp.float32)}
 
     # ------------------------------------------------------------------ steps
 
