@@ -22,7 +22,7 @@ import abc
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from dreamcraft_jax.train_step import TrainState
+from dreamcraft_jax.train_step import TrainState, build_step, build_update
 
 StepKey = Hashable
 
@@ -104,6 +104,21 @@ class Stage(abc.ABC):
     @property
     def max_steps(self) -> int:
         return int(self.cfg.train.max_steps)
+
+
+class StepDefStage(Stage):
+    """A stage whose step keys are ``(kind, (height, width))`` and whose steps are built from
+    ``step_def(kind, height, width)`` (:class:`dreamcraft_jax.train_step.StepDef`) and ``optimizer``."""
+
+    def step_fn(self, key: StepKey) -> Callable:
+        kind, (height, width) = key
+        return build_step(self.step_def(kind, height, width), self.optimizer, self.mesh,
+                          separate_guidance=bool(self.cfg.train.separate_guidance))
+
+    def update_fn(self, key: StepKey) -> Callable:
+        """jit (state, grads, data) -> (new state, metrics): the step's update alone on given gradients."""
+        kind, (height, width) = key
+        return build_update(self.step_def(kind, height, width), self.optimizer)
 
 
 _REGISTRY: dict[str, Callable[..., Stage]] = {}

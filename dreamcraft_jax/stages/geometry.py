@@ -48,9 +48,9 @@ from dreamcraft_jax.guidance.sds import resize_to_model
 from dreamcraft_jax.kernels.spec import KernelSpec
 from dreamcraft_jax.render import raster
 from dreamcraft_jax.stages import timing, views
-from dreamcraft_jax.stages.base import Stage, register
+from dreamcraft_jax.stages.base import StepDefStage, register
 from dreamcraft_jax.stages.volume_stage import load_references, stage_targets
-from dreamcraft_jax.train_step import StepDef, TrainState, build_step, build_update, init_train_state
+from dreamcraft_jax.train_step import StepDef, TrainState, init_train_state
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def normal_consistency(normals: jax.Array, faces: jax.Array, face_valid: jax.Arr
 
 
 @dataclasses.dataclass(frozen=True)
-class GeometryStage(Stage):
+class GeometryStage(StepDefStage):
     """The DMTet stage, built once from its config; its methods build pure jitted functions."""
 
     name: str
@@ -296,16 +296,6 @@ class GeometryStage(Stage):
         fresh = neus.init_field(jax.random.PRNGKey(0), self.neus_spec)
         return {"sdf": jnp.zeros((n,), jnp.float32), "deformation": jnp.zeros((n, 3), jnp.float32),
                 "encoding": fresh["encoding"], "feature_net": fresh["feature_net"]}
-
-    def step_fn(self, key):
-        kind, (height, width) = key
-        return build_step(self.step_def(kind, height, width), self.optimizer, self.mesh,
-                          separate_guidance=bool(self.cfg.train.separate_guidance))
-
-    def update_fn(self, key):
-        """jit (state, grads, data) -> (new state, metrics): the step's update alone on given gradients."""
-        kind, (height, width) = key
-        return build_update(self.step_def(kind, height, width), self.optimizer)
 
     def timing_split(self, state: TrainState, compiled_steps: dict | None = None, repeats: int = 5) -> dict:
         """ms of one normal-kind step (3 of every 4) at the last resolution split into render / guidance / update

@@ -35,13 +35,11 @@ from dreamcraft_jax.config import resolution_at, schedule_is_zero, schedule_valu
 from dreamcraft_jax.data.reference import reference_from_config
 from dreamcraft_jax.render import volume
 from dreamcraft_jax.stages import timing, views
-from dreamcraft_jax.stages.base import Stage
+from dreamcraft_jax.stages.base import StepDefStage
 from dreamcraft_jax.train_step import (
     StepDef,
     TrainState,
     build_grads,
-    build_step,
-    build_update,
     init_train_state,
 )
 
@@ -119,7 +117,7 @@ class FieldModel(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class VolumeStage(Stage):
+class VolumeStage(StepDefStage):
     """A volume-rendered stage, built once from its config; its methods build pure jitted functions."""
 
     name: str
@@ -224,20 +222,10 @@ class VolumeStage(Stage):
         return parallel.rule_specs(shapes, "params", self.mesh, parallel.rules_from_config(self.cfg.parallel),
                                    int(self.cfg.parallel.fsdp_min_size))
 
-    def step_fn(self, key):
-        kind, (height, width) = key
-        return build_step(self.step_def(kind, height, width), self.optimizer, self.mesh,
-                          separate_guidance=bool(self.cfg.train.separate_guidance))
-
     def grads_fn(self, key):
         """jit (state, targets, prior_params) -> (grads, metrics): the sharded gradient of step ``key`` alone."""
         kind, (height, width) = key
         return build_grads(self.step_def(kind, height, width), self.mesh)
-
-    def update_fn(self, key):
-        """jit (state, grads, targets) -> (new state, metrics): the step's update alone on given gradients."""
-        kind, (height, width) = key
-        return build_update(self.step_def(kind, height, width), self.optimizer)
 
     def update_grid(self, state: TrainState) -> volume.OccupancyGrid:
         mask = self.level_mask(state.step)
