@@ -180,9 +180,10 @@ def _small_geometry_config():
 
 
 def test_step_on_8_devices_equals_the_1_device_step():
-    """8 devices (a reference view each) give the 1-device step's loss and gradients, and neither step is
-    skipped. Parameters after the step are not compared: Adam with the official eps 1e-15 turns any gradient
-    element, even one at rounding level whose sign the reduction order decides, into a full +-lr step."""
+    """8 devices (a reference view each) give the 1-device step's loss and gradients, finite (a NaN would make
+    the finite guard skip the step). Parameters after the step are not compared: Adam with the official eps
+    1e-15 turns any gradient element, even one at rounding level whose sign the reduction order decides, into a
+    full +-lr step."""
     from dreamcraft_jax.train_step import build_grads
 
     cfg = _small_geometry_config()
@@ -196,11 +197,8 @@ def test_step_on_8_devices_equals_the_1_device_step():
     assert float(m1["loss"]) == pytest.approx(float(m8["loss"]), rel=1e-5)
     for name in ("sdf", "deformation", "encoding"):
         a, b = np.asarray(g1[name]), np.asarray(g8[name])
-        assert np.abs(a).max() > 0, name
+        assert np.isfinite(a).all() and np.isfinite(b).all() and np.abs(a).max() > 0, name
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max(), err_msg=name)
-    s1, _ = one.step_fn(key)(one.init_state(), *one.step_inputs(key))
-    s8, _ = eight.step_fn(key)(eight.init_state(), *eight.step_inputs(key))
-    assert int(s1.nonfinite_skips) == 0 and int(s8.nonfinite_skips) == 0
 
 
 def test_exported_mesh_loads_back_and_renders_as_the_stage(one_device, tmp_path):
@@ -303,8 +301,9 @@ def test_reference_steps_pull_the_sphere_towards_the_reference_mask():
     """Stage 2 trains: 40 reference steps (no priors) from the sphere lower the mask and rgb errors against the
     example and skip no step (a NaN gradient would skip every one and leave both unchanged). The sphere is far
     from the example: the silhouette moves by a fraction of a pixel per step (at 24 px: mask 0.256 -> 0.245,
-    rgb 0.114 -> 0.052 with jax 0.12.1 and 0.11.2 alike when this was written). Adam's eps is 1e-8 here, not the official 1e-15, which turns
-    rounding-level gradients into full steps and makes 40 steps depend on the jax version's reduction order."""
+    rgb 0.114 -> 0.052 with jax 0.12.1 and 0.11.2 alike when this was written). Adam's eps is 1e-8 here, not
+    the official 1e-15, which turns rounding-level gradients into full steps and makes 40 steps depend on the
+    jax version's reduction order."""
     cfg = tiny_config()
     cfg.overrides.geometry.optimizer.eps = 1e-8
     stage = make_stage(cfg, parallel.make_mesh(1, 1), "geometry")
