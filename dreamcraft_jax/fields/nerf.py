@@ -186,11 +186,14 @@ def encode_points(table: jax.Array, unit: jax.Array, grid: hashgrid.HashGridSpec
     return encode(table, unit, level_mask=mask, valid=valid)
 
 
-def encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None) -> jax.Array:
-    """(N, 3) scene points -> (N, L * F) hash-grid features of ``params["encoding"]`` (level ``mask`` (L,))."""
+def encode(params: dict, x: jax.Array, spec: NerfFieldSpec, mask, valid=None,
+           first_order_x_grad: bool = False) -> jax.Array:
+    """(N, 3) scene points -> (N, L * F) hash-grid features of ``params["encoding"]`` (level ``mask`` (L,));
+    ``first_order_x_grad``: see :func:`encode_points`."""
     return encode_points(params["encoding"], unit_coordinates(x, spec), spec.grid, mask, backend=spec.backend,
                          remat=spec.remat_encoding, need_x_grad=spec.normal_type == "analytic", valid=valid,
-                         backward=spec.hashgrid_backward, per_level=spec.encoder_per_level)
+                         backward=spec.hashgrid_backward, per_level=spec.encoder_per_level,
+                         first_order_x_grad=first_order_x_grad)
 
 
 class FeatureColumns(NamedTuple):

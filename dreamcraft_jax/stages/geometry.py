@@ -176,12 +176,9 @@ class GeometryStage(StepDefStage):
     def albedo(self, params, points, valid):
         """(N, 3) scene points -> (N, 3) albedo of the inherited texture field (all hash levels on),
         differentiable w.r.t. the points (the official tcnn grid passes d/dx back to the mesh's vertices)."""
-        t = self.texture
-        mask = jnp.ones((t.grid.n_levels,), jnp.float32)
-        enc = nerf.encode_points(params["encoding"], nerf.unit_coordinates(points, t), t.grid, mask,
-                                 backend=t.backend, remat=t.remat_encoding, need_x_grad=False, valid=valid,
-                                 backward=t.hashgrid_backward, first_order_x_grad=True)
-        return nerf.albedo_of_encoding(params, enc, t, valid)
+        mask = jnp.ones((self.texture.grid.n_levels,), jnp.float32)
+        enc = nerf.encode(params, points, self.texture, mask, valid, first_order_x_grad=True)
+        return nerf.albedo_of_encoding(params, enc, self.texture, valid)
 
     def render_view(self, params, surf: dict, camera, height: int, width: int, near: float, far: float) -> dict:
         """One view: {"rgb" (H, W, 3) on white, "normal" (H, W, 3) (n + 1) / 2 on black, "opacity" (H, W),
