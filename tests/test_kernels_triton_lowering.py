@@ -257,3 +257,40 @@ def test_the_fields_gpu_path_needs_no_separate_encoder_kernel(monkeypatch, fd_co
     transposes = re.findall(r"stablehlo.transpose .*", text)
     encoding_shapes = ("tensor<32x4096xf32>", "tensor<4096x32xf32>")  # L*F = 32 features of 4096 points
     assert not any(shape in t for t in transposes for shape in encoding_shapes) or not fd_columns, transposes
+
+
+@pytest.mark.parametrize("tile", [8, 16, 32])
+def test_raster_zbuffer_kernel_lowers_at_1024_px(tile):
+    """kernels.raster: one program per tile of a 1024 x 1024 view (a loop of traced length over the tile's list,
+    broadcast gathers of the setup rows) lowers for the GPU; a 150k-face mesh's setup rows as input."""
+    from dreamcraft_jax.kernels import raster as rk
+
+    n_tiles = (1024 // tile) ** 2
+    setup = jax.ShapeDtypeStruct((150_000, rk.SETUP_WIDTH), jnp.float32)
+    per_tile = jax.ShapeDtypeStruct((n_tiles,), jnp.int32)
+    sizes = _lower_for_gpu(lambda s, a, c: rk.tile_zbuffer_pallas(s, a, c, 1024, 1024, tile, interpret=False),
+                           setup, per_tile, per_tile)
+    assert len(sizes) == 1
+
+
+def test_the_geometry_stages_gpu_render_lowers_to_the_raster_and_hash_grid_kernels(monkeypatch):
+    """Stage 2's render (mesh extraction, rasterise, interpolate, texture, antialias) differentiated w.r.t. every
+    parameter, built as on a GPU: the z-buffer is the Pallas kernel and the texture lookup the hash-grid kernels
+    with their first-order input gradient; no other kernel, and the program lowers for the GPU."""
+    from conftest import make_stage, tiny_config
+    from dreamcraft_jax import parallel
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels pick Triton, not interpret mode
+    stage = make_stage(tiny_config(), parallel.make_mesh(1, 1), "geometry")
+    assert stage.zbuffer == "pallas"
+    params = jax.eval_shape(stage.init_params_shapes)
+    box = jax.ShapeDtypeStruct((2, 3), jnp.float32)
+    camera = stage.eval_cameras()["side"]
+
+    def loss(p, box, grid):
+        out = stage.render_view(p, stage.surface(p, box, grid), camera, 64, 64, 0.1, 1000.0)
+        return sum(jnp.sum(out[k]) for k in ("rgb", "normal", "opacity"))
+
+    text = lowered_for_gpu(jax.grad(loss), params, box, stage.device_grid)
+    names = sorted(re.findall(r'ir = ".*?", name = "(\w+)"', text))
+    assert names == ["hashgrid_encode_bwd", "hashgrid_encode_fwd", "raster_tile_zbuffer"], names
