@@ -283,7 +283,7 @@ def test_the_geometry_stages_gpu_render_lowers_to_the_raster_and_hash_grid_kerne
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels pick Triton, not interpret mode
     stage = make_stage(tiny_config(), parallel.make_mesh(1, 1), "geometry")
     assert stage.zbuffer == "pallas"
-    params = jax.eval_shape(stage.init_params_shapes)
+    params = stage.param_shapes()
     box = jax.ShapeDtypeStruct((2, 3), jnp.float32)
     camera = stage.eval_cameras()["side"]
 

@@ -22,7 +22,9 @@ import abc
 from collections.abc import Callable, Hashable
 from typing import Any
 
-from dreamcraft_jax.train_step import TrainState, build_step, build_update
+from dreamcraft_jax import parallel
+from dreamcraft_jax.stages import views
+from dreamcraft_jax.train_step import StepDef, TrainState, build_step, build_update
 
 StepKey = Hashable
 
@@ -119,6 +121,25 @@ class StepDefStage(Stage):
         """jit (state, grads, data) -> (new state, metrics): the step's update alone on given gradients."""
         kind, (height, width) = key
         return build_update(self.step_def(kind, height, width), self.optimizer)
+
+    @abc.abstractmethod
+    def param_shapes(self) -> Any:
+        """The params pytree as ``jax.ShapeDtypeStruct`` leaves (what :meth:`init_state` puts in ``params``)."""
+
+    @property
+    def param_specs(self):
+        """PartitionSpecs of the params as the sharding rules place them (``params/...``)."""
+        return parallel.rule_specs(self.param_shapes(), "params", self.mesh,
+                                   parallel.rules_from_config(self.cfg.parallel), int(self.cfg.parallel.fsdp_min_size))
+
+    def reference_and_random_step_def(self, prepare, render, guidance, summary) -> StepDef:
+        """The :class:`StepDef` of a step whose batch is (reference views, random views): the priors (``guidance``,
+        None on steps without them) score the random views, and the random-view loss merges as
+        :func:`dreamcraft_jax.stages.views.merge_random_loss`."""
+        return StepDef(prepare=prepare, render=render, guidance=guidance, guide_views=lambda batch: batch[1],
+                       merge=views.merge_random_loss, summary=summary,
+                       frozen_specs=self.prior_specs if guidance is not None else parallel.REPLICATED,
+                       param_specs=self.param_specs)
 
 
 _REGISTRY: dict[str, Callable[..., Stage]] = {}

@@ -277,22 +277,14 @@ class GeometryStage(StepDefStage):
             del state
             return {"box_extent": jnp.max(extras["box"][1] - extras["box"][0])}
 
-        return StepDef(prepare=prepare, render=render, guidance=guidance if uses_priors else None,
-                       guide_views=lambda batch: batch[1], merge=views.merge_random_loss, summary=summary,
-                       frozen_specs=self.prior_specs if uses_priors else parallel.REPLICATED,
-                       param_specs=self.param_specs)
+        return self.reference_and_random_step_def(prepare, render, guidance if uses_priors else None, summary)
 
-    @property
-    def param_specs(self):
-        shapes = jax.eval_shape(lambda: self.init_params_shapes())
-        return parallel.rule_specs(shapes, "params", self.mesh, parallel.rules_from_config(self.cfg.parallel),
-                                   int(self.cfg.parallel.fsdp_min_size))
-
-    def init_params_shapes(self):
+    def param_shapes(self):
         n = self.grid.vertices.shape[0]
-        fresh = neus.init_field(jax.random.PRNGKey(0), self.neus_spec)
-        return {"sdf": jnp.zeros((n,), jnp.float32), "deformation": jnp.zeros((n, 3), jnp.float32),
-                "encoding": fresh["encoding"], "feature_net": fresh["feature_net"]}
+        texture = jax.eval_shape(lambda: neus.init_field(jax.random.PRNGKey(0), self.neus_spec))
+        return {"sdf": jax.ShapeDtypeStruct((n,), jnp.float32),
+                "deformation": jax.ShapeDtypeStruct((n, 3), jnp.float32),
+                "encoding": texture["encoding"], "feature_net": texture["feature_net"]}
 
     def timing_split(self, state: TrainState, compiled_steps: dict | None = None, repeats: int = 5) -> dict:
         """ms of one normal-kind step (3 of every 4) at the last resolution split into render / guidance / update

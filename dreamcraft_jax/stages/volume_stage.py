@@ -210,17 +210,10 @@ class VolumeStage(StepDefStage):
             return {"active_levels": jnp.sum(self.level_mask(state.step)),
                     "grid_occupancy": jnp.mean(extras["grid"].binary.astype(jnp.float32))}
 
-        return StepDef(prepare=prepare, render=render, guidance=guidance if uses_priors else None,
-                       guide_views=lambda batch: batch[1], merge=views.merge_random_loss, summary=summary,
-                       frozen_specs=self.prior_specs if uses_priors else parallel.REPLICATED,
-                       param_specs=self.param_specs)
+        return self.reference_and_random_step_def(prepare, render, guidance if uses_priors else None, summary)
 
-    @property
-    def param_specs(self):
-        """PartitionSpecs of the field's params as the sharding rules place them (``params/...``)."""
-        shapes = jax.eval_shape(lambda: self.field.init_params(jax.random.PRNGKey(0), None))
-        return parallel.rule_specs(shapes, "params", self.mesh, parallel.rules_from_config(self.cfg.parallel),
-                                   int(self.cfg.parallel.fsdp_min_size))
+    def param_shapes(self):
+        return jax.eval_shape(lambda: self.field.init_params(jax.random.PRNGKey(0), None))
 
     def grads_fn(self, key):
         """jit (state, targets, prior_params) -> (grads, metrics): the sharded gradient of step ``key`` alone."""
