@@ -594,8 +594,21 @@ def test_raster_bench_writes_json_on_a_closed_outward_mesh(tmp_path):
 
 
 @pytest.mark.slow
-def test_geometry_bench_projects_the_stage_from_its_cycle(tmp_path):
-    """`bench geometry` on tiny priors: the projection is 5000 x the pipelined cycle time, the mesh is reported."""
+def test_geometry_bench_projects_the_stage_from_its_cycle(tmp_path, monkeypatch):
+    """`bench geometry` on tiny priors: the projection is 5000 x the pipelined cycle time, the mesh is reported;
+    a case failing midway (here its second latency timing, the rgb step's) keeps the parts measured before."""
+    from dreamcraft_jax.stages import timing
+
+    calls = []
+    real = timing.step_latency_ms
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timing, "step_latency_ms", fail_second)
     out = tmp_path / "geometry.json"
     assert cli.main(["geometry", "--tiny", "--resolution", "16", "--tet_resolutions", "6", "--zbuffers", "xla",
                      "--repeats", "1", "--no_split", "--set", "geometry.max_faces=2000",
@@ -605,3 +618,5 @@ def test_geometry_bench_projects_the_stage_from_its_cycle(tmp_path):
     r = report["results"]["tet6_16px_xla_views1"]
     assert r["projection"]["minutes"] == pytest.approx(5000 * r["cycle_pipelined_ms_per_step"] / 60e3)
     assert r["mesh"]["faces"] > 0 and r["mesh"]["mesh_overflow"] == 0 and r["normal_step"]["step_ms"] > 0
+    assert r["error"].startswith("RuntimeError: RESOURCE_EXHAUSTED") and "rgb_step_ms" not in r
+    assert set(r["first_call_s"]) == {"rgb", "normal"}

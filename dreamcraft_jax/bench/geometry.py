@@ -10,7 +10,9 @@ latency split into render / guidance / update (:func:`stages.timing.split_step_m
 the pipelined ms per step of the official cycle (one rgb step, ``geometry.n_rgb - 1`` normal steps), one
 evaluation render, the first calls' compile times, the mesh's size and the budgets' overflow, the device-memory
 peak so far. An evaluation render is split into the mesh extraction (once per state) and the view. The
-projection: 5000 steps x the cycle's ms per step, and with the first calls.
+projection: 5000 steps x the cycle's ms per step, and with the first calls. With ``--out`` each part is written
+as soon as it is measured (first calls, then the cycle and the projection, the split, the rgb step, evaluation):
+a case cut off by a time limit or failing midway keeps what it measured, beside its ``error``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return g
 
 
-def _case(cfg, res: int, tet: int, zbuffer: str, views: int, mesh, priors, prior_params, args) -> dict:
+def _case(cfg, res: int, tet: int, zbuffer: str, views: int, mesh, priors, prior_params, args, r: dict,
+          save) -> dict:
+    """Fill ``r`` with the case's numbers, most wanted first (the cycle and the projection, then the split, the
+    rgb step, evaluation), calling ``save()`` after each part: a run cut off by its time limit keeps what it
+    measured."""
     from dreamcraft_jax.config import stage_config
     from dreamcraft_jax.stages.base import build_stage
     from dreamcraft_jax.stages.geometry import NORMAL, RGB
@@ -71,22 +77,35 @@ def _case(cfg, res: int, tet: int, zbuffer: str, views: int, mesh, priors, prior
     stage = build_stage("geometry", scfg, mesh, priors, prior_params)
     state = stage.init_state()
     state = state.replace(step=parallel.replicate(jnp.asarray(args.at_step, jnp.int32), mesh))
-    init_s = time.perf_counter() - t0
+    r["init_s"] = time.perf_counter() - t0
+    r["views_per_step"] = {"ref": parallel.view_shards(mesh), "random": views * parallel.view_shards(mesh)}
     inputs = stage.step_inputs((RGB, (res, res)))
-    steps, first_call_s = {}, {}
+    steps, first_call_s = {}, r.setdefault("first_call_s", {})
     for kind in (RGB, NORMAL):
         steps[kind] = stage.step_fn((kind, (res, res)))
         t1 = time.perf_counter()
         _, metrics = jax.block_until_ready(steps[kind](jax.tree.map(lambda x: x.copy(), state), *inputs))
         first_call_s[kind] = time.perf_counter() - t1
-    if args.no_split:
-        split = {"step_ms": step_latency_ms(steps[NORMAL], state, *inputs, repeats=args.repeats)}
-    else:
-        split = split_step_ms(stage, state, (NORMAL, (res, res)), {(NORMAL, (res, res)): steps[NORMAL]},
-                              repeats=args.repeats)
-    rgb_ms = step_latency_ms(steps[RGB], state, *inputs, repeats=args.repeats)
+        save()
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    r["mesh"] = {"faces": m.get("n_faces"), "vertices": m.get("n_vertices"), "max_faces": int(scfg.geometry.max_faces),
+                 "tet_vertices": int(stage.grid.vertices.shape[0]), "mesh_overflow": m.get("mesh_overflow"),
+                 "raster_overflow_ref": m.get("ref/raster_overflow"),
+                 "raster_overflow_random": m.get("random/raster_overflow")}
     cycle = (steps[RGB],) + (steps[NORMAL],) * (int(scfg.geometry.n_rgb) - 1)
-    cycle_ms = pipelined_steps_ms(cycle, state, *inputs, args.repeats)
+    r["cycle_pipelined_ms_per_step"] = cycle_ms = pipelined_steps_ms(cycle, state, *inputs, args.repeats)
+    steps_total = int(scfg.train.max_steps)
+    r["projection"] = {"steps": steps_total, "minutes": steps_total * cycle_ms / 60e3,
+                       "minutes_with_first_calls": (steps_total * cycle_ms / 1e3 + sum(first_call_s.values())
+                                                    + r["init_s"]) / 60.0}
+    save()
+    if args.no_split:
+        r["normal_step"] = {"step_ms": step_latency_ms(steps[NORMAL], state, *inputs, repeats=args.repeats)}
+    else:
+        r["normal_step"] = split_step_ms(stage, state, (NORMAL, (res, res)), {(NORMAL, (res, res)): steps[NORMAL]},
+                                         repeats=args.repeats)
+    r["rgb_step_ms"] = step_latency_ms(steps[RGB], state, *inputs, repeats=args.repeats)
+    save()
     render = stage.eval_render(int(scfg.eval.height), int(scfg.eval.width))
     camera = cam.reference_camera(scfg.camera)
     t2 = time.perf_counter()
@@ -95,21 +114,12 @@ def _case(cfg, res: int, tet: int, zbuffer: str, views: int, mesh, priors, prior
     t2 = time.perf_counter()
     jax.block_until_ready(render(view, camera))
     first_call_s["eval_view"] = time.perf_counter() - t2
-    eval_ms = time_calls(lambda s: render(s, camera), view, repeats=args.repeats)["median_ms"]
-    eval_mesh_ms = time_calls(stage.eval_inputs, state, repeats=args.repeats)["median_ms"]
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    steps_total = int(scfg.train.max_steps)
-    return {"normal_step": split, "rgb_step_ms": rgb_ms, "cycle_pipelined_ms_per_step": cycle_ms,
-            "eval_view_ms": eval_ms, "eval_mesh_ms": eval_mesh_ms, "first_call_s": first_call_s, "init_s": init_s,
-            "mesh": {"faces": m.get("n_faces"), "vertices": m.get("n_vertices"),
-                     "max_faces": int(scfg.geometry.max_faces), "tet_vertices": int(stage.grid.vertices.shape[0]),
-                     "mesh_overflow": m.get("mesh_overflow"), "raster_overflow_ref": m.get("ref/raster_overflow"),
-                     "raster_overflow_random": m.get("random/raster_overflow")},
-            "views_per_step": {"ref": parallel.view_shards(mesh), "random": views * parallel.view_shards(mesh)},
-            "projection": {"steps": steps_total, "minutes": steps_total * cycle_ms / 60e3,
-                           "minutes_with_first_calls": (steps_total * cycle_ms / 1e3 + sum(first_call_s.values())
-                                                        + init_s) / 60.0},
-            "peak_memory_bytes_so_far": peak_memory_bytes()}
+    r["eval_view_ms"] = time_calls(lambda s: render(s, camera), view, repeats=args.repeats)["median_ms"]
+    r["eval_mesh_ms"] = time_calls(stage.eval_inputs, state, repeats=args.repeats)["median_ms"]
+    r["projection"]["minutes_with_first_calls"] = (steps_total * cycle_ms / 1e3 + sum(first_call_s.values())
+                                                   + r["init_s"]) / 60.0
+    r["peak_memory_bytes_so_far"] = peak_memory_bytes()
+    return r
 
 
 def run(args) -> dict:
@@ -119,13 +129,18 @@ def run(args) -> dict:
     mesh = parallel.mesh_from_config(cfg)
     priors, prior_params = random_priors(cfg, args.tiny, kernels=KernelSpec.from_config(cfg.kernels))
     results = {}
+
+    def save():
+        if args.out:
+            write_partial(args.out, "geometry", results)
+
     for tet in args.tet_resolutions:
         for zbuffer in args.zbuffers:
             for views in args.views:
                 name = f"tet{tet}_{args.resolution}px_{zbuffer}_views{views}"
+                results[name] = r = {}
                 try:
-                    results[name] = r = _case(cfg, args.resolution, tet, zbuffer, views, mesh, priors,
-                                              prior_params, args)
+                    _case(cfg, args.resolution, tet, zbuffer, views, mesh, priors, prior_params, args, r, save)
                     s = r["normal_step"]
                     parts = "" if args.no_split else (f" (render {s['render_ms']:.1f}, guidance "
                                                       f"{s['guidance_ms']:.1f}, update {s['update_ms']:.1f})")
@@ -134,10 +149,9 @@ def run(args) -> dict:
                           f"faces {r['mesh']['faces']:.0f}  5000 steps {r['projection']['minutes']:.2f} min",
                           flush=True)
                 except Exception as e:  # noqa: BLE001 - out of memory etc.: recorded, the other cases still run
-                    results[name] = error_record(e)
-                    print(f"{name}: {results[name]['error']}", file=sys.stderr, flush=True)
-                if args.out:
-                    write_partial(args.out, "geometry", results)
+                    r.update(error_record(e))  # with what the case measured before the error
+                    print(f"{name}: {r['error']}", file=sys.stderr, flush=True)
+                save()
     return {"benchmark": "geometry", "device": device_kind(), "jax": jax.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": len(jax.devices()), "tiny": args.tiny,
             "config": args.config, "overrides": list(args.set), "resolution": args.resolution,
