@@ -95,9 +95,12 @@ def _case(cfg, res: int, tet: int, zbuffer: str, views: int, mesh, priors, prior
     cycle = (steps[RGB],) + (steps[NORMAL],) * (int(scfg.geometry.n_rgb) - 1)
     r["cycle_pipelined_ms_per_step"] = cycle_ms = pipelined_steps_ms(cycle, state, *inputs, args.repeats)
     steps_total = int(scfg.train.max_steps)
+
+    def with_first_calls():  # minutes: the steps plus every first call timed so far and the init
+        return (steps_total * cycle_ms / 1e3 + sum(first_call_s.values()) + r["init_s"]) / 60.0
+
     r["projection"] = {"steps": steps_total, "minutes": steps_total * cycle_ms / 60e3,
-                       "minutes_with_first_calls": (steps_total * cycle_ms / 1e3 + sum(first_call_s.values())
-                                                    + r["init_s"]) / 60.0}
+                       "minutes_with_first_calls": with_first_calls()}
     save()
     if args.no_split:
         r["normal_step"] = {"step_ms": step_latency_ms(steps[NORMAL], state, *inputs, repeats=args.repeats)}
@@ -116,8 +119,7 @@ def _case(cfg, res: int, tet: int, zbuffer: str, views: int, mesh, priors, prior
     first_call_s["eval_view"] = time.perf_counter() - t2
     r["eval_view_ms"] = time_calls(lambda s: render(s, camera), view, repeats=args.repeats)["median_ms"]
     r["eval_mesh_ms"] = time_calls(stage.eval_inputs, state, repeats=args.repeats)["median_ms"]
-    r["projection"]["minutes_with_first_calls"] = (steps_total * cycle_ms / 1e3 + sum(first_call_s.values())
-                                                   + r["init_s"]) / 60.0
+    r["projection"]["minutes_with_first_calls"] = with_first_calls()  # now with evaluation's first calls
     r["peak_memory_bytes_so_far"] = peak_memory_bytes()
     return r
 
